@@ -1,0 +1,1 @@
+"""edgeadapt.converters: Keras -> TFLite/ONNX export, quantization, bundle writing."""

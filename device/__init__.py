@@ -1,0 +1,42 @@
+"""edgeadapt.device: the TensorFlow-free device runtime.
+
+Needs only numpy (+ Pillow for image files) and one interpreter: ai-edge-litert,
+tflite-runtime or onnxruntime. Never imports TensorFlow, Keras or tf2onnx.
+Public names are imported lazily so that ``import edgeadapt.device`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "EdgeAdaptError": "edgeadapt.device.errors",
+    "BundleError": "edgeadapt.device.errors",
+    "InputError": "edgeadapt.device.errors",
+    "IncompatibleModelError": "edgeadapt.device.errors",
+    "DatasetError": "edgeadapt.device.errors",
+    "ConversionError": "edgeadapt.device.errors",
+    "BackendUnavailableError": "edgeadapt.device.errors",
+    "UpdateError": "edgeadapt.device.errors",
+    "ConcurrentUpdateError": "edgeadapt.device.errors",
+    "InputSpec": "edgeadapt.device.manifest",
+    "Manifest": "edgeadapt.device.manifest",
+    "ClassInfo": "edgeadapt.device.manifest",
+    "Head": "edgeadapt.device.head",
+    "ClassStats": "edgeadapt.device.head",
+    "Bundle": "edgeadapt.device.bundle",
+    "pack_bundle": "edgeadapt.device.bundle",
+    "unpack_bundle": "edgeadapt.device.bundle",
+    "Runtime": "edgeadapt.device.runtime",
+    "Prediction": "edgeadapt.device.runtime",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'edgeadapt.device' has no attribute {name!r}")
+    return getattr(importlib.import_module(module_name), name)

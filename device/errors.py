@@ -1,0 +1,43 @@
+"""Error types shared by every layer of edgeadapt.
+
+All errors derive from :class:`EdgeAdaptError`, so callers can catch one type.
+Messages say what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class EdgeAdaptError(Exception):
+    """Base class of every error raised by edgeadapt."""
+
+
+class BundleError(EdgeAdaptError):
+    """A bundle is missing, corrupted, tampered with, or of an unknown schema."""
+
+
+class InputError(EdgeAdaptError, ValueError):
+    """An image or argument given by the caller is unusable (shape, dtype, mode, value)."""
+
+
+class IncompatibleModelError(EdgeAdaptError):
+    """A model or head does not fit the operation (wrong backbone, shape, structure)."""
+
+
+class DatasetError(EdgeAdaptError, ValueError):
+    """A dataset folder is empty, unreadable, or too small to split."""
+
+
+class ConversionError(EdgeAdaptError):
+    """Exporting or importing a model failed (unsupported ops, quantization failure)."""
+
+
+class BackendUnavailableError(EdgeAdaptError):
+    """No interpreter backend that can run the bundle is installed."""
+
+
+class UpdateError(EdgeAdaptError):
+    """A head update was refused or could not be committed; nothing was changed."""
+
+
+class ConcurrentUpdateError(UpdateError):
+    """Another writer holds the bundle's lock."""
