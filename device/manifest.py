@@ -186,3 +186,48 @@ def check_relative_path(relative_path: str) -> None:
         raise BundleError(f"bundle path {relative_path!r} escapes the bundle directory; refusing it")
     if not relative_path or relative_path in (".",):
         raise BundleError("empty path in bundle file list")
+
+
+def utc_timestamp() -> str:
+    """Current UTC time, ISO 8601, seconds precision."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def new_manifest(
+    *,
+    name: str,
+    input_spec: InputSpec,
+    embedding_size: int,
+    classes: list[ClassInfo],
+    backbone_fingerprint: str,
+    models: list[dict[str, Any]],
+    head: dict[str, Any],
+    created_by: dict[str, str],
+    parity: dict[str, Any] | None = None,
+    version: int = 1,
+    parent_version: int | None = None,
+    bundle_id: str | None = None,
+) -> Manifest:
+    """Assemble a schema-1 manifest (the ``files`` table is filled in by the writer)."""
+    import uuid
+
+    return Manifest(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "bundle_id": bundle_id or str(uuid.uuid4()),
+            "name": name,
+            "version": version,
+            "parent_version": parent_version,
+            "created_at": utc_timestamp(),
+            "created_by": created_by,
+            "input": input_spec.to_dict(),
+            "embedding_size": int(embedding_size),
+            "classes": [info.to_dict() for info in classes],
+            "backbone": {"fingerprint": backbone_fingerprint, "models": models},
+            "head": head,
+            "parity": parity or {},
+            "files": {},
+        }
+    )

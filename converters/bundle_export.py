@@ -1,0 +1,159 @@
+"""Export a backbone + head as a bundle: int8 TFLite and/or int8 ONNX, manifest, parity."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from edgeadapt.converters.fingerprint import backbone_fingerprint as fingerprint_backbone
+from edgeadapt.converters.calibration import select_calibration_images
+from edgeadapt.converters.model_info import ExportedModel
+from edgeadapt.converters.parity import ParityReport, measure_parity
+from edgeadapt.device.bundle import head_payload, write_bundle
+from edgeadapt.device.errors import InputError
+from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.manifest import ClassInfo, InputSpec, new_manifest, utc_timestamp
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+logger = logging.getLogger(__name__)
+FORMATS = ("tflite", "onnx")
+
+
+@dataclass(frozen=True)
+class BundleExportOptions:
+    """What :func:`export_bundle` writes.
+
+    ``quantize`` writes full-integer int8 backbones (float32 otherwise); ``tflite_input_type``
+    is the int8 TFLite input tensor type ("int8" or "uint8").
+    """
+
+    formats: tuple[str, ...] = FORMATS
+    quantize: bool = True
+    tflite_input_type: str = "int8"
+    calibration_samples: int = 200
+    name: str = "model"
+    overwrite: bool = False
+    measure_parity: bool = True
+
+
+@dataclass
+class BundleExport:
+    """Result of an export: where the bundle is and what was measured."""
+
+    path: Path
+    parity: dict[str, ParityReport] = field(default_factory=dict)
+    float_sizes: dict[str, int] = field(default_factory=dict)
+    quantized_sizes: dict[str, int] = field(default_factory=dict)
+
+
+def created_by() -> dict[str, str]:
+    """Versions of the tools that produced a bundle."""
+    from importlib import metadata
+
+    versions = {}
+    for package in ("edgeadapt", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _export_format(model_format: str, backbone, spec: InputSpec, calibration: np.ndarray, options: BundleExportOptions, quantize: bool) -> ExportedModel:
+    if model_format == "tflite":
+        from edgeadapt.converters.tflite_export import TFLiteExportOptions, export_tflite
+
+        return export_tflite(
+            backbone, spec, calibration,
+            TFLiteExportOptions(quantize=quantize, input_type=options.tflite_input_type if quantize else "float32",
+                                calibration_samples=options.calibration_samples),
+        )
+    if model_format == "onnx":
+        from edgeadapt.converters.onnx_export import OnnxExportOptions, export_onnx
+
+        return export_onnx(backbone, spec, calibration,
+                           OnnxExportOptions(quantize=quantize, calibration_samples=options.calibration_samples))
+    raise InputError(f"unknown export format {model_format!r}; choose from {FORMATS}")
+
+
+def export_bundle(
+    output: str | Path,
+    *,
+    backbone: "keras.Model",
+    head: Head,
+    input_spec: InputSpec,
+    class_names: Sequence[str],
+    calibration_images: np.ndarray,
+    calibration_labels: np.ndarray | None = None,
+    evaluation_images: np.ndarray | None = None,
+    evaluation_labels: np.ndarray | None = None,
+    class_stats: ClassStats | None = None,
+    backbone_fingerprint: str | None = None,
+    class_infos: Sequence[ClassInfo] | None = None,
+    options: BundleExportOptions = BundleExportOptions(),
+) -> BundleExport:
+    """Convert ``backbone`` to each format, measure parity on the evaluation split, write the bundle.
+
+    Calibration uses real training images (``calibration_images``, uint8). Parity compares
+    the float and the quantized file of each format, both run by the device interpreters,
+    on ``evaluation_images`` with the same head.
+    """
+    if len(set(class_names)) != len(class_names):
+        raise InputError(f"duplicate class names in {list(class_names)}")
+    if len(class_names) != head.num_classes:
+        raise InputError(f"{len(class_names)} class names for a head with {head.num_classes} classes")
+    if head.embedding_size != int(backbone.output.shape[-1]):
+        raise InputError(
+            f"head expects {head.embedding_size}-d embeddings, backbone gives {int(backbone.output.shape[-1])}"
+        )
+    for model_format in options.formats:
+        if model_format not in FORMATS:
+            raise InputError(f"unknown export format {model_format!r}; choose from {FORMATS}")
+    fingerprint = backbone_fingerprint or fingerprint_backbone(backbone)
+    calibration = select_calibration_images(
+        calibration_images, calibration_labels, count=options.calibration_samples, seed=0
+    )
+    result = BundleExport(path=Path(output))
+    files: dict[str, bytes | np.ndarray] = {}
+    models = []
+    mode = "int8" if options.quantize else "float32"
+    for model_format in options.formats:
+        logger.info("exporting %s backbone (%s)", model_format, mode)
+        exported = _export_format(model_format, backbone, input_spec, calibration, options, options.quantize)
+        file_name = f"backbone.{mode}.{model_format}"
+        files[file_name] = exported.content
+        models.append({"file": file_name, **exported.describe()})
+        result.quantized_sizes[model_format] = len(exported.content)
+        if options.quantize and options.measure_parity and evaluation_images is not None:
+            float_model = _export_format(model_format, backbone, input_spec, calibration, options, quantize=False)
+            result.float_sizes[model_format] = len(float_model.content)
+            result.parity[model_format] = measure_parity(
+                model_format, float_model.content, exported.content, input_spec, head,
+                evaluation_images, np.asarray(evaluation_labels),
+            )
+    head_section, head_files = head_payload(head, class_stats, version=1, backbone_fingerprint=fingerprint)
+    files.update(head_files)
+    infos = list(class_infos) if class_infos is not None else [
+        ClassInfo(name=name, index=index, origin="base", added_at=utc_timestamp(),
+                  examples=int(class_stats.counts[index]) if class_stats is not None else None)
+        for index, name in enumerate(class_names)
+    ]
+    manifest = new_manifest(
+        name=options.name,
+        input_spec=input_spec,
+        embedding_size=head.embedding_size,
+        classes=infos,
+        backbone_fingerprint=fingerprint,
+        models=models,
+        head=head_section,
+        created_by=created_by(),
+        parity={name: report.to_dict() for name, report in result.parity.items()},
+    )
+    write_bundle(output, manifest, files, overwrite=options.overwrite)
+    return result

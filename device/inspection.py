@@ -1,0 +1,76 @@
+"""A readable, plain-text summary of a bundle (``edgeadapt inspect``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from edgeadapt.device.bundle import Bundle
+
+
+def _kib(size: int) -> str:
+    return f"{size / 1024:,.1f} KiB" if size < 1 << 20 else f"{size / (1 << 20):,.2f} MiB"
+
+
+def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
+    """Summarise a verified bundle: identity, input, backbone files, head, classes, parity."""
+    data = bundle.manifest.data
+    spec = bundle.manifest.input_spec
+    lines = [
+        f"bundle     {bundle.path}",
+        f"name       {data.get('name', '?')}   version {data.get('version')}   parent {data.get('parent_version')}",
+        f"id         {data.get('bundle_id')}",
+        f"created    {data.get('created_at')}   schema {data.get('schema_version')}   checksums OK",
+        f"made by    " + ", ".join(f"{name} {version}" for name, version in data.get("created_by", {}).items()),
+        f"input      {spec.height}x{spec.width}x{spec.channels} {spec.color_order} uint8, resize={spec.resize}, "
+        f"float = pixel*{spec.scale:.6g} + {spec.offset:.6g}",
+        f"embedding  {bundle.manifest.embedding_size} floats",
+        f"backbone   fingerprint {bundle.manifest.backbone_fingerprint[:23]}...",
+    ]
+    for model in bundle.manifest.models:
+        tensor = model.get("input", {})
+        quant = f" scale={tensor['scale']:.6g} zero_point={tensor['zero_point']}" if tensor.get("scale") else ""
+        size = bundle.manifest.files.get(model["file"], {}).get("size", 0)
+        lines.append(
+            f"  {model['file']:<28} {model['format']:<7} {model.get('quantization', '?'):<8} "
+            f"{_kib(size):>12}  input {tensor.get('dtype', '?')}{quant}"
+        )
+    head = data["head"]
+    normalisation = []
+    if head.get("feature_mean"):
+        normalisation.append("centered")
+    if head.get("l2_normalize"):
+        normalisation.append("L2-normalised")
+    if head.get("temperature", 1.0) != 1.0:
+        normalisation.append(f"temperature {head['temperature']:g}")
+    lines.append(
+        f"head       version {head.get('version')}, float32 {bundle.manifest.embedding_size} x {len(data['classes'])}"
+        f"{', ' + ', '.join(normalisation) if normalisation else ''}"
+    )
+    statistics = head.get("statistics")
+    if statistics:
+        shared = statistics.get("bytes_shared", 0)
+        lines.append(
+            f"statistics {statistics.get('examples')} examples; {statistics.get('bytes_per_class')} bytes per class"
+            + (f" + {_kib(shared)} shared Gram matrix" if shared else "")
+        )
+    else:
+        lines.append("statistics none (updates that need class statistics will ask for examples of the old classes)")
+    classes = data["classes"]
+    origins = Counter(entry.get("origin", "base") for entry in classes)
+    lines.append(f"classes    {len(classes)} (" + ", ".join(f"{count} {origin}" for origin, count in origins.items()) + ")")
+    for entry in classes[:max_classes]:
+        extra = f"  {entry['examples']} examples" if entry.get("examples") is not None else ""
+        lines.append(f"  {entry['index']:>4}  {entry['name']:<24} {entry.get('origin', 'base'):<13}{extra}")
+    if len(classes) > max_classes:
+        lines.append(f"  ... {len(classes) - max_classes} more")
+    parity = data.get("parity") or {}
+    if parity:
+        lines.append("parity     format   float acc  int8 acc  top-1 agreement  samples")
+        for model_format, figures in parity.items():
+            lines.append(
+                f"           {model_format:<8} {figures.get('float_accuracy', float('nan')):>9.3f} "
+                f"{figures.get('quantized_accuracy', float('nan')):>9.3f} {figures.get('top1_agreement', float('nan')):>16.3f}"
+                f"  {figures.get('samples')}"
+            )
+    lines.append(f"total size {_kib(bundle.total_size())}")
+    return "\n".join(lines)

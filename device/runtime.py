@@ -1,0 +1,136 @@
+"""The device runtime: open a bundle, classify images, compute embeddings."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from edgeadapt.device.backends import create_backend
+from edgeadapt.device.bundle import Bundle
+from edgeadapt.device.errors import BundleError
+from edgeadapt.device.head import Head, softmax
+from edgeadapt.device.manifest import InputSpec
+from edgeadapt.device.preprocessing import InputQuantizer, is_single_image, prepare_batch
+
+logger = logging.getLogger(__name__)
+
+
+class Prediction(NamedTuple):
+    """One ranked class: its label, softmax score and index in the head."""
+
+    label: str
+    score: float
+    index: int
+
+
+class Runtime:
+    """Classifies images with a bundle's backbone (LiteRT / tflite-runtime / ONNX Runtime) and head.
+
+    Use :meth:`open`. Images are paths, PIL images, or uint8 arrays (H, W[, C]); a list of
+    them or a 4-D uint8 array is a batch.
+    """
+
+    def __init__(self, bundle: Bundle, backend: str = "auto", num_threads: int | None = None, batch_size: int = 32):
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.input_spec: InputSpec = bundle.manifest.input_spec
+        self.head: Head = bundle.load_head()
+        self.class_names: list[str] = bundle.manifest.class_names
+        self.batch_size = batch_size
+        self._backend, self._model_entry = create_backend(bundle, backend, num_threads=num_threads)
+        self.backend_name: str = self._backend.name
+        self._check_model_shapes()
+        info = self._backend.input
+        self._quantizer = InputQuantizer(self.input_spec, info.dtype, info.scale, info.zero_point)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        backend: str = "auto",
+        num_threads: int | None = None,
+        verify: bool = True,
+        batch_size: int = 32,
+    ) -> "Runtime":
+        """Verify and open a bundle directory or packed bundle.
+
+        ``backend`` is "auto" (LiteRT, else tflite-runtime, else ONNX Runtime), or one name.
+        """
+        return cls(Bundle.open(path, verify=verify), backend=backend, num_threads=num_threads, batch_size=batch_size)
+
+    def _check_model_shapes(self) -> None:
+        recorded = self._model_entry.get("input", {})
+        if recorded.get("dtype") and recorded["dtype"] != self._backend.input.dtype:
+            raise BundleError(
+                f"{self._model_entry['file']} takes {self._backend.input.dtype} input but the manifest records "
+                f"{recorded['dtype']}; the bundle is inconsistent: re-export it"
+            )
+
+    # ------------------------------------------------------------------ inference
+    def model_input(self, images: Any) -> np.ndarray:
+        """The backbone input tensor for ``images`` (prepared, normalised, quantized)."""
+        return self._quantizer(prepare_batch(images, self.input_spec))
+
+    def embed(self, images: Any) -> np.ndarray:
+        """Embeddings (N, D) float32 of one image or a batch."""
+        batch = prepare_batch(images, self.input_spec)
+        if batch.shape[0] <= self.batch_size:
+            return self._backend.run(self._quantizer(batch))
+        parts = [
+            self._backend.run(self._quantizer(batch[start : start + self.batch_size]))
+            for start in range(0, batch.shape[0], self.batch_size)
+        ]
+        return np.concatenate(parts)
+
+    def logits(self, images: Any) -> np.ndarray:
+        """Head logits (N, C) of one image or a batch."""
+        return self.head.logits(self.embed(images))
+
+    def probabilities(self, images: Any) -> np.ndarray:
+        """Softmax scores (N, C)."""
+        return softmax(self.logits(images))
+
+    def predict(self, images: Any, top_k: int = 5) -> list[Prediction] | list[list[Prediction]]:
+        """Top-k predictions: a list for one image, a list of lists for a batch."""
+        scores = self.probabilities(images)
+        ranked = self.rank(scores, top_k)
+        return ranked[0] if is_single_image(images) else ranked
+
+    def rank(self, scores: np.ndarray, top_k: int = 5) -> list[list[Prediction]]:
+        """Turn (N, C) scores into ranked predictions."""
+        top_k = max(1, min(int(top_k), scores.shape[1]))
+        if top_k == 1:
+            order = scores.argmax(axis=1)[:, None]
+        else:
+            part = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
+            part_scores = np.take_along_axis(scores, part, axis=1)
+            order = np.take_along_axis(part, np.argsort(-part_scores, axis=1, kind="stable"), axis=1)
+        names = self.class_names
+        return [
+            [Prediction(names[index], float(row[index]), int(index)) for index in indices]
+            for row, indices in zip(scores, order)
+        ]
+
+    # ------------------------------------------------------------------ housekeeping
+    def describe(self) -> dict[str, Any]:
+        """A short JSON-ready description: backend, model file, input, classes."""
+        return {
+            "bundle": str(self.bundle.path),
+            "backend": self.backend_name,
+            "model_file": self._model_entry["file"],
+            "input": self.input_spec.to_dict(),
+            "embedding_size": self.head.embedding_size,
+            "classes": len(self.class_names),
+        }
+
+    def close(self) -> None:
+        self._backend = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
