@@ -32,7 +32,7 @@ class ClassifierTrainingOptions:
 
 
 def augmentation_layers(seed: int):
-    """Random flip, crop-and-resize (zoom) and brightness/contrast jitter, as Keras layers."""
+    """Random flip, zoom, shift and brightness/contrast jitter on float pixels in 0..255."""
     import keras
     from keras import layers
 
@@ -41,8 +41,8 @@ def augmentation_layers(seed: int):
             layers.RandomFlip("horizontal", seed=seed),
             layers.RandomZoom((-0.15, 0.0), seed=seed + 1),
             layers.RandomTranslation(0.08, 0.08, seed=seed + 2),
-            layers.RandomBrightness(0.15, value_range=(-1.0, 1.0), seed=seed + 3),
-            layers.RandomContrast(0.15, seed=seed + 4),
+            layers.RandomBrightness(0.15, value_range=(0.0, 255.0), seed=seed + 3),
+            layers.RandomContrast(0.15, value_range=(0.0, 255.0), seed=seed + 4),
         ],
         name="augmentation",
     )
@@ -50,18 +50,21 @@ def augmentation_layers(seed: int):
 
 def make_tf_dataset(images: np.ndarray, labels: np.ndarray, spec: InputSpec, batch_size: int,
                     shuffle: bool, seed: int, augment=None):
-    """A tf.data pipeline: uint8 -> normalised float, optional augmentation, batched, prefetched."""
+    """A tf.data pipeline: uint8 batches -> (augmented) float pixels -> normalised input, prefetched.
+
+    Augmentation works on pixel values 0..255, before normalisation, so it is the same
+    whatever normalisation the input spec asks for.
+    """
     import tensorflow as tf
 
     dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int64)))
     if shuffle:
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     scale, offset = np.float32(spec.scale), np.float32(spec.offset)
-    dataset = dataset.batch(batch_size).map(
-        lambda x, y: (tf.cast(x, tf.float32) * scale + offset, y), num_parallel_calls=tf.data.AUTOTUNE
-    )
+    dataset = dataset.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None:
         dataset = dataset.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(lambda x, y: (x * scale + offset, y), num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 

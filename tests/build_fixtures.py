@@ -1,0 +1,81 @@
+"""Build the real test bundle that device tests use (needs TensorFlow; run on the host).
+
+    python tests/build_fixtures.py OUT_DIR
+
+writes OUT_DIR/tiny.eab (int8 TFLite + int8 ONNX backbones, head, class statistics),
+OUT_DIR/images/<class>/*.png (held-out test images) and OUT_DIR/info.json. The device
+test environment (no TensorFlow) reads them through EDGEADAPT_TEST_FIXTURES=OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+FIXTURE_VERSION = 1
+
+
+def build_fixtures(output: Path, seed: int = 0) -> Path:
+    """Train a tiny classifier on the built-in data and export it as a bundle with test images."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+
+    from edgeadapt.backbones import BackboneOptions
+    from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
+    from edgeadapt.data import SplitOptions, write_image_folder
+    from edgeadapt.device.head import ClassStats
+    from edgeadapt.embeddings import compute_embeddings
+    from edgeadapt.model_split import backbone_fingerprint, split_classifier
+    from edgeadapt.synthetic import SyntheticOptions, synthetic_dataset
+    from edgeadapt.training import ClassifierTrainingOptions, train_classifier
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    dataset = synthetic_dataset(SyntheticOptions(num_classes=5, images_per_class=120, image_size=32, seed=seed),
+                                SplitOptions(seed=seed))
+    backbone_options = BackboneOptions(
+        stem_filters=16,
+        blocks=(("conv", 16, 1), ("conv", 16, 2), ("conv", 32, 1), ("conv", 32, 2), ("separable", 64, 1)),
+    )
+    model = train_classifier(dataset, ClassifierTrainingOptions(epochs=20, patience=6, seed=seed, verbose=0, backbone=backbone_options))
+    split = split_classifier(model)
+    train_embeddings = compute_embeddings(split.backbone, dataset.train.images, dataset.spec, progress=False)
+    stats = ClassStats.from_embeddings(train_embeddings, dataset.train.labels, len(dataset.class_names))
+    fingerprint = backbone_fingerprint(split.backbone)
+    export = export_bundle(
+        output / "tiny.eab",
+        backbone=split.backbone,
+        head=split.head,
+        input_spec=dataset.spec,
+        class_names=dataset.class_names,
+        calibration_images=dataset.train.images,
+        calibration_labels=dataset.train.labels,
+        evaluation_images=dataset.test.images,
+        evaluation_labels=dataset.test.labels,
+        class_stats=stats,
+        backbone_fingerprint=fingerprint,
+        options=BundleExportOptions(name="tiny", overwrite=True, calibration_samples=100),
+    )
+    write_image_folder(output / "images", dataset.class_names, dataset.test.images, dataset.test.labels)
+    np.save(output / "test_images.npy", dataset.test.images)
+    np.save(output / "test_labels.npy", dataset.test.labels)
+    np.save(output / "train_images.npy", dataset.train.images)
+    np.save(output / "train_labels.npy", dataset.train.labels)
+    test_embeddings = compute_embeddings(split.backbone, dataset.test.images, dataset.spec, progress=False)
+    keras_accuracy = float(np.mean(split.head.logits(test_embeddings).argmax(1) == dataset.test.labels))
+    info = {
+        "fixture_version": FIXTURE_VERSION,
+        "class_names": dataset.class_names,
+        "keras_test_accuracy": keras_accuracy,
+        "parity": {name: report.to_dict() for name, report in export.parity.items()},
+    }
+    (output / "info.json").write_text(json.dumps(info, indent=2))
+    return output
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/build_fixtures.py OUT_DIR")
+    print(json.dumps(json.loads((build_fixtures(Path(sys.argv[1])) / "info.json").read_text()), indent=2))
