@@ -95,5 +95,6 @@ def train_classifier(dataset, options: ClassifierTrainingOptions = ClassifierTra
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience,
                                                        restore_best_weights=True,
                                                        start_from_epoch=max(1, options.epochs // 3)))
-    model.fit(train, validation_data=validation, epochs=options.epochs, callbacks=callbacks, verbose=options.verbose)
+    model.fit(train, validation_data=validation, epochs=options.epochs, callbacks=callbacks, verbose=options.verbose,
+              shuffle=False)  # the tf.data pipeline already shuffles
     return model
