@@ -100,19 +100,21 @@ class Runtime:
         return ranked[0] if is_single_image(images) else ranked
 
     def rank(self, scores: np.ndarray, top_k: int = 5) -> list[list[Prediction]]:
-        """Turn (N, C) scores into ranked predictions."""
-        top_k = max(1, min(int(top_k), scores.shape[1]))
-        if top_k == 1:
-            order = scores.argmax(axis=1)[:, None]
-        else:
-            part = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
-            part_scores = np.take_along_axis(scores, part, axis=1)
-            order = np.take_along_axis(part, np.argsort(-part_scores, axis=1, kind="stable"), axis=1)
+        """Turn (N, C) scores into ranked predictions (highest first, ties by class index)."""
+        count = scores.shape[1]
+        top_k = max(1, min(int(top_k), count))
         names = self.class_names
-        return [
-            [Prediction(names[index], float(row[index]), int(index)) for index in indices]
-            for row, indices in zip(scores, order)
-        ]
+        ranked = []
+        for row in scores:
+            if top_k == 1:
+                order = (int(row.argmax()),)
+            elif count <= 256:
+                order = np.argsort(-row, kind="stable")[:top_k].tolist()
+            else:
+                part = np.argpartition(-row, top_k - 1)[:top_k]
+                order = part[np.argsort(-row[part], kind="stable")].tolist()
+            ranked.append([Prediction(names[index], float(row[index]), index) for index in order])
+        return ranked
 
     # ------------------------------------------------------------------ housekeeping
     def describe(self) -> dict[str, Any]:

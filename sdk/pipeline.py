@@ -93,7 +93,7 @@ def load_demo_dataset(options: DemoOptions):
     if options.data is None:
         size = options.image_size or 32
         return synthetic_dataset(SyntheticOptions(image_size=size, images_per_class=200, seed=options.seed), split)
-    size = options.image_size or 96
+    size = options.image_size or 64
     return load_image_folder(options.data, InputSpec(height=size, width=size), split)
 
 
@@ -122,7 +122,7 @@ def run_demo(options: DemoOptions) -> DemoReport:
     dataset = load_demo_dataset(options)
     logger.info("dataset: %d classes, %d/%d/%d images", len(dataset.class_names), len(dataset.train),
                 len(dataset.validation), len(dataset.test))
-    epochs = options.epochs or (15 if options.data is None else 25)
+    epochs = options.epochs or 15
     start = time.perf_counter()
     model = train_classifier(dataset, ClassifierTrainingOptions(epochs=epochs, seed=options.seed, verbose=options.verbose))
     train_seconds = time.perf_counter() - start
