@@ -17,6 +17,7 @@ from edgeadapt.device.errors import BundleError, InputError
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 RESIZE_POLICIES = ("stretch", "center_crop")
+RESAMPLE_FILTERS = ("bilinear", "bicubic", "lanczos", "nearest")
 CLASS_ORIGINS = ("base", "host-added", "device-added", "imported")
 
 
@@ -26,7 +27,8 @@ class InputSpec:
 
     The float input the backbone was trained on is ``pixel * scale + offset`` where
     ``pixel`` is the uint8 value after resizing to ``height`` x ``width`` and converting
-    to ``channels`` (1 = grayscale, 3 = RGB in ``color_order``).
+    to ``channels`` (1 = grayscale, 3 = RGB in ``color_order``). ``resample`` is the
+    interpolation filter used when an image has another size (Pillow's filters).
     """
 
     height: int
@@ -37,6 +39,7 @@ class InputSpec:
     resize: str = "stretch"
     scale: float = 1.0 / 127.5
     offset: float = -1.0
+    resample: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
@@ -52,6 +55,8 @@ class InputSpec:
             )
         if self.resize not in RESIZE_POLICIES:
             raise InputError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise InputError(f"resample must be one of {RESAMPLE_FILTERS}, got {self.resample!r}")
         if self.dtype != "uint8":
             raise InputError(f"only uint8 pixel input is supported, got {self.dtype!r}")
 
@@ -81,6 +86,10 @@ class ClassInfo:
     origin: str = "base"
     added_at: str | None = None
     examples: int | None = None
+    #: bundle version that introduced the class (device and host updates set it)
+    added_in_version: int | None = None
+    #: where a device-added class came from when it was merged on the host (device bundle id, delta file)
+    source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if value is not None}

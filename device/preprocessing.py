@@ -109,7 +109,7 @@ def _convert_channels(array: np.ndarray, channels: int, color_order: str) -> np.
     return array
 
 
-def _resize(array: np.ndarray, height: int, width: int, policy: str) -> np.ndarray:
+def _resize(array: np.ndarray, height: int, width: int, policy: str, resample: str = "bilinear") -> np.ndarray:
     source_height, source_width = array.shape[:2]
     if (source_height, source_width) == (height, width):
         return array
@@ -127,7 +127,8 @@ def _resize(array: np.ndarray, height: int, width: int, policy: str) -> np.ndarr
             new_height = max(1, round(source_width / target_ratio))
             top = (source_height - new_height) // 2
             image = image.crop((0, top, source_width, top + new_height))
-    resized = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.uint8)
+    filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS, "nearest": Image.NEAREST}
+    resized = np.asarray(image.resize((width, height), filters[resample]), dtype=np.uint8)
     return resized[:, :, None] if squeeze else resized
 
 
@@ -135,13 +136,13 @@ def prepare_image(source: ImageSource, spec: InputSpec) -> np.ndarray:
     """Decode ``source`` and return a (H, W, C) uint8 array exactly as ``spec`` asks.
 
     Channels are converted first (gray <-> RGB, BGR order), then the image is resized
-    with ``spec.resize`` ("stretch" or "center_crop"), bilinear.
+    with ``spec.resize`` ("stretch" or "center_crop") and the ``spec.resample`` filter.
     """
     array = load_image(source)
     # Resize before channel conversion when reducing to gray would lose nothing either way;
     # converting first keeps the resize on the smallest array for gray targets.
     array = _convert_channels(array, spec.channels, spec.color_order)
-    return _resize(array, spec.height, spec.width, spec.resize)
+    return _resize(array, spec.height, spec.width, spec.resize, spec.resample)
 
 
 def prepare_batch(sources: Any, spec: InputSpec) -> np.ndarray:
