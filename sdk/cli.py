@@ -13,6 +13,7 @@ from edgeadapt.device.errors import EdgeAdaptError
 #: Modules that add sub-commands; each defines ``register(subparsers)``.
 COMMAND_MODULES = (
     "edgeadapt.cli_demo",
+    "edgeadapt.cli_import",
 )
 
 
