@@ -92,3 +92,33 @@ def build_classifier(
         x = layers.Dropout(options.dropout, name="head_dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name=CLASSIFIER_LAYER_NAME)(x)
     return keras.Model(backbone.input, outputs, name="edgeadapt_classifier")
+
+
+def block_names(model: "keras.Model") -> list[str]:
+    """The built-in backbone's blocks present in ``model``, input side first: "stem", "block1", ...
+
+    Layer names of the built-in backbone start with their block ("stem_conv_bn",
+    "block3_conv", "block6_pointwise_relu"); a model with no such names gives [].
+    """
+    names: list[str] = []
+    for layer in model.layers:
+        block = _block_of(layer.name)
+        if block is not None and block not in names:
+            names.append(block)
+    return names
+
+
+def block_layer_names(model: "keras.Model", blocks: int) -> list[str]:
+    """Names of the layers in the last ``blocks`` blocks of a built-in backbone (for "top n blocks")."""
+    if blocks < 0:
+        raise ValueError(f"blocks must be non-negative, got {blocks}")
+    present = block_names(model)
+    chosen = set(present[len(present) - blocks:]) if blocks else set()
+    return [layer.name for layer in model.layers if _block_of(layer.name) in chosen]
+
+
+def _block_of(layer_name: str) -> str | None:
+    import re
+
+    match = re.match(r"^(stem|block\d+)_", layer_name)
+    return match.group(1) if match else None

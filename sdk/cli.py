@@ -14,6 +14,7 @@ from edgeadapt.device.errors import EdgeAdaptError
 COMMAND_MODULES = (
     "edgeadapt.cli_demo",
     "edgeadapt.cli_import",
+    "edgeadapt.cli_finetune",
 )
 
 

@@ -68,11 +68,13 @@ def make_tf_dataset(images: np.ndarray, labels: np.ndarray, spec: InputSpec, bat
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def train_classifier(dataset, options: ClassifierTrainingOptions = ClassifierTrainingOptions()) -> "keras.Model":
+def train_classifier(dataset, options: ClassifierTrainingOptions = ClassifierTrainingOptions(),
+                     callbacks=()) -> "keras.Model":
     """Train the built-in backbone + softmax head on ``dataset`` (an :class:`edgeadapt.data.Dataset`).
 
     Early stopping on validation loss restores the best weights. Keras prints its progress
-    bar when ``options.verbose`` is 1 (one line per epoch with 2).
+    bar when ``options.verbose`` is 1 (one line per epoch with 2). ``callbacks`` are extra
+    Keras callbacks (e.g. :func:`edgeadapt.finetune.time_budget` for a wall-time limit).
     """
     import keras
 
@@ -86,7 +88,7 @@ def train_classifier(dataset, options: ClassifierTrainingOptions = ClassifierTra
     )
     augment = augmentation_layers(options.seed) if options.augment else None
     train = make_tf_dataset(dataset.train.images, dataset.train.labels, spec, options.batch_size, True, options.seed, augment)
-    callbacks = []
+    callbacks = list(callbacks)
     validation = None
     if len(dataset.validation):
         validation = make_tf_dataset(dataset.validation.images, dataset.validation.labels, spec, 128, False, options.seed)

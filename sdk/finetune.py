@@ -1,0 +1,738 @@
+"""Fine-tune a pretrained classifier on a new dataset: ``head_only``, ``top_layers(n)`` or ``full``.
+
+One trainer, :func:`fine_tune`, with its settings in :class:`FineTuneOptions`:
+
+- ``head_only`` — the backbone is frozen: embeddings are computed once (optionally
+  cached on disk) and a linear head is trained on them. Fast; the backbone fingerprint,
+  and so every existing head bound to it, stays valid.
+- ``top_layers`` (n blocks) — staged: the head is trained first on cached embeddings,
+  then the top n blocks of the backbone are unfrozen and trained together with the head,
+  the backbone at a learning rate about 10x below the head's. BatchNorm layers stay in
+  inference mode (moving statistics and scale/offset frozen).
+- ``full`` — the same two stages with every backbone layer unfrozen (BatchNorm keeps
+  learning its statistics unless ``batch_norm="inference"``).
+
+Training uses tf.data pipelines (augmentation from :mod:`edgeadapt.training` as an
+option), a validation split with early stopping on validation loss and best-weights
+restore (the head-only result counts as a candidate, so fine-tuning never ends worse on
+validation than its first stage), Keras progress output, and a seed. A ``tf.distribute``
+strategy (MirroredStrategy, MultiWorkerMirroredStrategy) can be passed: the same code
+then trains on several devices or machines.
+
+After the backbone has changed, the class statistics are recomputed with the new
+backbone and the result carries a new backbone fingerprint: heads, class statistics and
+device-added classes bound to the old backbone are no longer compatible with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgeadapt.device.errors import IncompatibleModelError, InputError
+from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.manifest import InputSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+    from edgeadapt.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("head_only", "top_layers", "full")
+BATCH_NORM_MODES = ("auto", "inference", "train")
+
+
+@dataclass(frozen=True)
+class FineTuneOptions:
+    """Settings of :func:`fine_tune`.
+
+    ``strategy`` is "head_only", "top_layers" (with ``unfreeze_blocks`` = n) or "full";
+    :meth:`from_string` reads the CLI form "top_layers:2". ``backbone_learning_rate``
+    defaults to ``head_learning_rate / 10``. ``head_epochs`` bound the first stage (head on
+    cached embeddings), ``epochs`` the backbone stage; both stop early on validation loss
+    (``head_patience`` / ``patience`` epochs without improvement) and restore the best
+    weights. ``max_seconds`` caps the backbone stage's wall time. ``batch_norm`` "auto"
+    keeps BatchNorm in inference mode for head_only/top_layers and lets it learn in full.
+    ``validation_fraction`` of the training split is held out when the dataset has no
+    validation split. ``verbose`` is Keras' progress output (0 silent, 1 bar, 2 one line
+    per epoch).
+    """
+
+    strategy: str = "head_only"
+    unfreeze_blocks: int = 2
+    head_learning_rate: float = 1e-3
+    backbone_learning_rate: float | None = None
+    head_epochs: int = 40
+    epochs: int = 10
+    batch_size: int = 32
+    validation_fraction: float = 0.15
+    head_patience: int = 8
+    patience: int = 3
+    augment: bool = False
+    head_dropout: float = 0.2
+    head_weight_decay: float = 1e-4
+    batch_norm: str = "auto"
+    max_seconds: float | None = None
+    embedding_layer: str | None = None
+    embedding_cache: str | Path | None = None
+    seed: int = 0
+    verbose: int = 2
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"strategy must be one of {STRATEGIES} (or 'top_layers:N'), got {self.strategy!r}")
+        if self.strategy == "top_layers" and self.unfreeze_blocks < 1:
+            raise InputError(f"top_layers needs at least 1 block to unfreeze, got {self.unfreeze_blocks}")
+        for name in ("head_learning_rate",):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.backbone_learning_rate is not None and not self.backbone_learning_rate > 0:
+            raise InputError(f"backbone_learning_rate must be positive, got {self.backbone_learning_rate}")
+        for name in ("head_epochs", "epochs", "head_patience", "patience", "seed"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise InputError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise InputError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        if self.batch_norm not in BATCH_NORM_MODES:
+            raise InputError(f"batch_norm must be one of {BATCH_NORM_MODES}, got {self.batch_norm!r}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise InputError(f"max_seconds must be positive, got {self.max_seconds}")
+
+    # -- constructors -----------------------------------------------------------------
+    @classmethod
+    def from_string(cls, text: str, **overrides: Any) -> "FineTuneOptions":
+        """Options from "head_only", "full", "top_layers" or "top_layers:N" plus keyword overrides."""
+        name, _, count = text.strip().partition(":")
+        if name == "top_layers" and count:
+            try:
+                overrides["unfreeze_blocks"] = int(count)
+            except ValueError:
+                raise InputError(f"'top_layers:N' needs a whole number N, got {text!r}") from None
+        elif count:
+            raise InputError(f"only top_layers takes a block count (top_layers:N), got {text!r}")
+        return cls(strategy=name, **overrides)
+
+    @classmethod
+    def head_only(cls, **overrides: Any) -> "FineTuneOptions":
+        return cls(strategy="head_only", **overrides)
+
+    @classmethod
+    def top_layers(cls, blocks: int, **overrides: Any) -> "FineTuneOptions":
+        return cls(strategy="top_layers", unfreeze_blocks=blocks, **overrides)
+
+    @classmethod
+    def full(cls, **overrides: Any) -> "FineTuneOptions":
+        return cls(strategy="full", **overrides)
+
+    # -- derived values ---------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        """The strategy as the CLI spells it: head_only, top_layers:N or full."""
+        return f"top_layers:{self.unfreeze_blocks}" if self.strategy == "top_layers" else self.strategy
+
+    @property
+    def effective_backbone_learning_rate(self) -> float:
+        return self.backbone_learning_rate if self.backbone_learning_rate is not None else self.head_learning_rate / 10
+
+    @property
+    def batch_norm_inference(self) -> bool:
+        if self.batch_norm == "auto":
+            return self.strategy != "full"
+        return self.batch_norm == "inference"
+
+
+@dataclass
+class FineTuneResult:
+    """What :func:`fine_tune` produced.
+
+    ``model`` is a plain Keras classifier (image -> softmax scores); ``backbone`` (image ->
+    embedding) and ``head`` are its two halves, ready for :meth:`export_bundle`.
+    ``class_stats`` were computed with the final backbone on the training images.
+    """
+
+    model: "keras.Model"
+    backbone: "keras.Model"
+    head: Head
+    class_names: list[str]
+    input_spec: InputSpec
+    class_stats: ClassStats
+    backbone_fingerprint: str
+    previous_backbone_fingerprint: str
+    options: FineTuneOptions
+    trainable_layers: list[str] = field(default_factory=list)
+    history: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def backbone_changed(self) -> bool:
+        """True when the backbone's weights changed: old heads no longer fit it."""
+        return self.backbone_fingerprint != self.previous_backbone_fingerprint
+
+    @property
+    def total_seconds(self) -> float:
+        return float(sum(self.seconds.values()))
+
+    def embeddings(self, images: np.ndarray) -> np.ndarray:
+        from edgeadapt.embeddings import compute_embeddings
+
+        return compute_embeddings(self.backbone, images, self.input_spec, progress=False)
+
+    def evaluate(self, images: np.ndarray, labels: np.ndarray) -> float:
+        """Top-1 accuracy of backbone + head on uint8 images prepared for ``input_spec``."""
+        if len(labels) == 0:
+            return float("nan")
+        predictions = self.head.logits(self.embeddings(images)).argmax(axis=1)
+        return float(np.mean(predictions == np.asarray(labels)))
+
+    def save_model(self, path: str | Path) -> Path:
+        """Save the classifier as a ``.keras`` file (no optimizer state)."""
+        path = Path(path)
+        if path.suffix != ".keras":
+            raise InputError(f"a Keras model file must end in .keras, got {path.name}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.model.save(path)
+        return path
+
+    def export_bundle(self, output: str | Path, dataset: "Dataset", options=None):
+        """Write a bundle (int8 TFLite/ONNX backbone, this head, class statistics, new fingerprint).
+
+        ``dataset`` gives calibration images (train split) and parity images (test split).
+        Returns :class:`edgeadapt.converters.bundle_export.BundleExport`.
+        """
+        from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
+
+        has_test = len(dataset.test) > 0
+        return export_bundle(
+            output,
+            backbone=self.backbone,
+            head=self.head,
+            input_spec=self.input_spec,
+            class_names=self.class_names,
+            calibration_images=dataset.train.images,
+            calibration_labels=dataset.train.labels,
+            evaluation_images=dataset.test.images if has_test else None,
+            evaluation_labels=dataset.test.labels if has_test else None,
+            class_stats=self.class_stats,
+            backbone_fingerprint=self.backbone_fingerprint,
+            options=options or BundleExportOptions(),
+        )
+
+
+# ----------------------------------------------------------------------------- helpers
+def time_budget(seconds: float):
+    """A Keras callback that stops training once ``seconds`` of wall time have passed (checked every batch)."""
+    import keras
+
+    class TimeBudget(keras.callbacks.Callback):
+        def __init__(self, limit: float):
+            super().__init__()
+            self.limit = float(limit)
+            self.started = 0.0
+            self.stopped = False
+
+        def on_train_begin(self, logs=None):
+            self.started = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if time.perf_counter() - self.started > self.limit:
+                self.model.stop_training = True
+                self.stopped = True
+
+    return TimeBudget(seconds)
+
+
+def _scaled_adam(learning_rate: float, slow_variable_ids: set[int], factor: float):
+    """Adam in which the variables in ``slow_variable_ids`` learn at ``learning_rate * factor``.
+
+    Keras 3 has no per-variable learning rate; scaling gradients would not work with Adam
+    (it is invariant to gradient scale), so the learning rate itself is scaled in update_step.
+    """
+    import keras
+
+    class BackboneScaledAdam(keras.optimizers.Adam):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._slow_ids = frozenset(slow_variable_ids)
+            self._factor = float(factor)
+            self._multipliers: list[float] = []
+
+        def build(self, variables):
+            super().build(variables)
+            self._multipliers = [self._factor if id(variable) in self._slow_ids else 1.0 for variable in variables]
+
+        def update_step(self, gradient, variable, learning_rate):
+            multiplier = self._multipliers[self._get_variable_index(variable)]
+            if multiplier != 1.0:
+                learning_rate = learning_rate * multiplier
+            return super().update_step(gradient, variable, learning_rate)
+
+    return BackboneScaledAdam(learning_rate=learning_rate)
+
+
+def _early_stopping(patience: int, initial_loss: float | None = None):
+    """EarlyStopping on val_loss with best-weights restore; ``initial_loss`` makes the starting
+    weights a candidate, so training never ends worse on validation than it began."""
+    import keras
+
+    class EarlyStoppingFromStart(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            if initial_loss is not None and np.isfinite(initial_loss):
+                self.best = float(initial_loss)
+                self.best_weights = self.model.get_weights()
+                self.best_epoch = -1
+
+    return EarlyStoppingFromStart(monitor="val_loss", patience=patience, restore_best_weights=True)
+
+
+def _copy_model(model: "keras.Model") -> "keras.Model":
+    """A new model with the same architecture and weights (created in the current strategy scope)."""
+    import keras
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _backbone_of(model: "keras.Model", embedding_layer: str | None) -> tuple["keras.Model", Head | None]:
+    """(backbone, linear head or None): split a classifier, or take a model that outputs embeddings."""
+    from edgeadapt.model_split import split_classifier
+
+    try:
+        split = split_classifier(model, embedding_layer)
+        return _without_trailing_dropout(split.backbone), split.head
+    except IncompatibleModelError:
+        if embedding_layer is None and len(model.outputs) == 1 and len(model.outputs[0].shape) == 2:
+            logger.info("%s does not end in a Dense classifier; using its whole output (%d-d) as the embedding",
+                        model.name, model.outputs[0].shape[-1])
+            return model, None
+        raise
+
+
+def _without_trailing_dropout(backbone: "keras.Model") -> "keras.Model":
+    """Cut Dropout layers off the end of a backbone: they would add a second dropout in training and
+    change nothing at inference (no weights, so the fingerprint is the same)."""
+    import keras
+
+    while True:
+        history = getattr(backbone.outputs[0], "_keras_history", None)
+        layer = history[0] if history is not None else None
+        if not isinstance(layer, keras.layers.Dropout):
+            return backbone
+        backbone = keras.Model(backbone.inputs, layer.input, name=backbone.name)
+
+
+def backbone_blocks(backbone: "keras.Model") -> list[list[str]]:
+    """The backbone's blocks, input side first, each a list of layer paths.
+
+    The built-in backbone's named blocks (stem, block1, ...) are used when present;
+    otherwise a block starts at every layer with weights other than BatchNorm (a
+    convolution or Dense) and takes the BatchNorm/weightless layers after it.
+    """
+    from edgeadapt.backbones import block_names, block_layer_names
+    from edgeadapt.input_adaptation import _leaf_layers
+
+    names = block_names(backbone)
+    if names:
+        blocks = []
+        for index in range(len(names)):
+            members = set(block_layer_names(backbone, len(names) - index)) - set(
+                block_layer_names(backbone, len(names) - index - 1))
+            blocks.append([layer.name for layer in backbone.layers if layer.name in members])
+        return blocks
+    blocks: list[list[str]] = []
+    for path, layer in _leaf_layers(backbone):
+        if layer.weights and not _is_batch_norm(layer):
+            blocks.append([path])
+        elif blocks:
+            blocks[-1].append(path)
+    return blocks
+
+
+def _is_batch_norm(layer) -> bool:
+    return "BatchNormalization" in type(layer).__name__
+
+
+def _set_trainable(backbone: "keras.Model", trainable_paths: set[str] | None, batch_norm_inference: bool) -> list[str]:
+    """Freeze the backbone except ``trainable_paths`` (None: everything); returns the trainable layer paths."""
+    from edgeadapt.input_adaptation import _leaf_layers
+
+    backbone.trainable = True
+    trainable = []
+    for path, layer in _leaf_layers(backbone):
+        wanted = trainable_paths is None or path in trainable_paths
+        if _is_batch_norm(layer) and batch_norm_inference:
+            wanted = False  # a frozen BatchNorm layer runs in inference mode (moving statistics kept)
+        layer.trainable = wanted
+        if wanted and layer.weights:
+            trainable.append(path)
+    return trainable
+
+
+def _distribute_options(dataset, distribution_strategy):
+    """Shard by element under a distribution strategy (the data come from memory, not files)."""
+    if distribution_strategy is None:
+        return dataset
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def _is_multi_worker(distribution_strategy) -> bool:
+    if distribution_strategy is None:
+        return False
+    import tensorflow as tf
+
+    kinds = (tf.distribute.MultiWorkerMirroredStrategy, tf.distribute.experimental.MultiWorkerMirroredStrategy)
+    return isinstance(distribution_strategy, kinds)
+
+
+def _scope(distribution_strategy):
+    import contextlib
+
+    return distribution_strategy.scope() if distribution_strategy is not None else contextlib.nullcontext()
+
+
+def _validation_split(dataset: "Dataset", fraction: float, seed: int):
+    """(train ImageSet, validation ImageSet): the dataset's own validation split, or a stratified carve-out."""
+    from edgeadapt.data import SplitOptions, split_entries
+
+    if len(dataset.validation) or fraction == 0.0:
+        return dataset.train, dataset.validation
+    train, validation, rest = split_entries(dataset.train.labels, SplitOptions(validation_fraction=fraction,
+                                                                                 test_fraction=0.0, seed=seed))
+    train = np.sort(np.concatenate([train, rest]))  # split_entries keeps one "test" image per class: train on it
+    logger.info("no validation split in the dataset: holding out %d of %d training images", len(validation),
+                len(dataset.train))
+    return dataset.train.subset(train), dataset.train.subset(validation)
+
+
+def _history(history) -> dict[str, list[float]]:
+    return {key: [float(value) for value in values] for key, values in (history.history or {}).items()}
+
+
+def _train_head(train_embeddings, train_labels, validation_embeddings, validation_labels, num_classes: int,
+                options: FineTuneOptions, distribution_strategy) -> tuple[Head, dict]:
+    """Stage 1: a linear softmax head on cached embeddings (Keras, early stopping, best weights)."""
+    import keras
+    import tensorflow as tf
+
+    with _scope(distribution_strategy):
+        model = keras.Sequential([
+            keras.Input((train_embeddings.shape[1],), name="embedding"),
+            keras.layers.Dense(num_classes, name="classifier",
+                               kernel_regularizer=keras.regularizers.l2(options.head_weight_decay)),
+        ], name="head")
+        model.compile(optimizer=keras.optimizers.Adam(options.head_learning_rate),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    train = (tf.data.Dataset.from_tensor_slices((train_embeddings, train_labels.astype(np.int64)))
+             .shuffle(len(train_labels), seed=options.seed, reshuffle_each_iteration=True)
+             .batch(options.batch_size).prefetch(tf.data.AUTOTUNE))
+    train = _distribute_options(train, distribution_strategy)
+    validation = None
+    if len(validation_labels):
+        validation = tf.data.Dataset.from_tensor_slices(
+            (validation_embeddings, validation_labels.astype(np.int64))).batch(256)
+        validation = _distribute_options(validation, distribution_strategy)
+    history = _fit(model, train, validation, epochs=options.head_epochs, patience=options.head_patience,
+                   verbose=options.verbose, distribution_strategy=distribution_strategy)
+    kernel, bias = model.layers[-1].get_weights()
+    return Head(weights=kernel, bias=bias), history
+
+
+def _fit(model, train, validation, *, epochs: int, patience: int, verbose: int, distribution_strategy,
+         start_is_candidate: bool = False, max_seconds: float | None = None) -> dict[str, list[float]]:
+    """Train a compiled classifier (logits, sparse labels) with early stopping on val_loss and best weights.
+
+    Keras ``fit`` does the work, except under MultiWorkerMirroredStrategy, which Keras 3's
+    ``fit`` does not support (keras-team/keras#20585): there :func:`_fit_multi_worker`
+    runs an equivalent custom loop. With ``start_is_candidate`` the weights before training
+    compete with every epoch's, so training never ends worse on validation than it began.
+    """
+    if _is_multi_worker(distribution_strategy):
+        return _fit_multi_worker(model, train, validation, epochs=epochs, patience=patience, verbose=verbose,
+                                 strategy=distribution_strategy, start_is_candidate=start_is_candidate)
+    callbacks = []
+    if validation is not None:
+        initial = None
+        if start_is_candidate:
+            initial = model.evaluate(validation, verbose=0, return_dict=True)["loss"]
+        callbacks.append(_early_stopping(patience, initial_loss=initial))
+    if max_seconds is not None:
+        callbacks.append(time_budget(max_seconds))
+    fitted = model.fit(train, validation_data=validation, epochs=epochs, callbacks=callbacks,
+                       shuffle=False, verbose=verbose)  # the tf.data pipeline shuffles
+    return _history(fitted)
+
+
+def _fit_multi_worker(model, train, validation, *, epochs: int, patience: int, verbose: int, strategy,
+                      start_is_candidate: bool) -> dict[str, list[float]]:
+    """A synchronous data-parallel loop for MultiWorkerMirroredStrategy with Keras-style progress output.
+
+    Every worker runs this with the same model, data and settings; per-example losses are
+    summed across all replicas, gradients are all-reduced by the optimizer, and early
+    stopping decides on the global validation loss, so all workers stop at the same epoch.
+    """
+    import keras
+    import tensorflow as tf
+
+    optimizer = model.optimizer
+    replicas = strategy.num_replicas_in_sync
+    if not optimizer.built:
+        with strategy.scope():  # slot variables are created in cross-replica context, before the loop
+            optimizer.build(model.trainable_variables)
+
+    def per_example_loss(labels, logits):
+        return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+    def train_replica(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            losses = per_example_loss(labels, logits)
+            # mean over the global batch: each replica's share, summed by the all-reduce
+            loss = tf.reduce_sum(losses) / tf.cast(tf.shape(labels)[0] * replicas, losses.dtype)
+            if model.losses:
+                loss += tf.add_n(model.losses) / replicas
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels),
+                                        tf.float32))
+        return tf.reduce_sum(losses), correct, tf.cast(tf.shape(labels)[0], tf.float32)
+
+    def evaluate_replica(images, labels):
+        logits = model(images, training=False)
+        losses = per_example_loss(labels, logits)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels),
+                                        tf.float32))
+        return tf.reduce_sum(losses), correct, tf.cast(tf.shape(labels)[0], tf.float32)
+
+    def summed(values):
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in values]
+
+    @tf.function
+    def train_step(batch):
+        return summed(strategy.run(train_replica, args=batch))
+
+    @tf.function
+    def evaluate_step(batch):
+        return summed(strategy.run(evaluate_replica, args=batch))
+
+    def run_epoch(dataset, step, progress=None):
+        totals = np.zeros(3)
+        for number, batch in enumerate(strategy.experimental_distribute_dataset(dataset), start=1):
+            totals += np.array([float(value) for value in step(batch)])
+            if progress is not None:
+                progress.update(number, [("loss", totals[0] / totals[2]), ("accuracy", totals[1] / totals[2])])
+        return totals[0] / max(totals[2], 1.0), totals[1] / max(totals[2], 1.0)
+
+    history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
+    best_loss, best_weights, waited = np.inf, None, 0
+    if validation is not None and start_is_candidate:
+        best_loss, _ = run_epoch(validation, evaluate_step)
+        best_weights = model.get_weights()
+    steps = int(train.cardinality())
+    for epoch in range(epochs):
+        if verbose:
+            print(f"Epoch {epoch + 1}/{epochs}")
+        progress = keras.utils.Progbar(steps if steps > 0 else None, verbose=verbose, stateful_metrics=["loss", "accuracy"]) if verbose else None
+        loss, accuracy = run_epoch(train, train_step, progress)
+        history["loss"].append(loss)
+        history["accuracy"].append(accuracy)
+        if validation is None:
+            continue
+        validation_loss, validation_accuracy = run_epoch(validation, evaluate_step)
+        history["val_loss"].append(validation_loss)
+        history["val_accuracy"].append(validation_accuracy)
+        if verbose:
+            print(f"val_loss: {validation_loss:.4f} - val_accuracy: {validation_accuracy:.4f}")
+        if validation_loss < best_loss:
+            best_loss, best_weights, waited = validation_loss, model.get_weights(), 0
+        else:
+            waited += 1
+            if waited >= patience:  # as keras.callbacks.EarlyStopping
+                break
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    return {key: values for key, values in history.items() if values}
+
+
+def _classifier(backbone: "keras.Model", head: Head) -> "keras.Model":
+    """backbone -> Dense "classifier" (the head, linear) -> Softmax: a plain Keras classifier."""
+    import keras
+
+    dense = keras.layers.Dense(head.num_classes, name="classifier")
+    logits = dense(backbone.output)
+    scores = keras.layers.Softmax(name="probabilities")(logits)
+    model = keras.Model(backbone.input, scores, name="edgeadapt_finetuned")
+    dense.set_weights([head.weights, head.bias])
+    return model
+
+
+# ----------------------------------------------------------------------------- the trainer
+def fine_tune(
+    model: Any,
+    dataset: "Dataset",
+    options: FineTuneOptions = FineTuneOptions(),
+    distribution_strategy: Any = None,
+) -> FineTuneResult:
+    """Adapt a pretrained ``model`` (Keras classifier, backbone, or ``.keras`` file) to ``dataset``.
+
+    ``dataset`` is an :class:`edgeadapt.data.Dataset` prepared at the model's input size
+    (see :func:`edgeadapt.input_adaptation.adapt_input` to change it). The head is new
+    (one row per class of ``dataset``). ``distribution_strategy`` is an optional
+    ``tf.distribute.Strategy``; with MultiWorkerMirroredStrategy every worker runs this same
+    call. ``model`` is never modified.
+    """
+    import keras
+
+    from edgeadapt.converters.fingerprint import backbone_fingerprint
+    from edgeadapt.embeddings import EmbeddingCache, compute_embeddings
+    from edgeadapt.model_split import load_keras_model
+
+    if isinstance(options, str):
+        options = FineTuneOptions.from_string(options)
+    if options.max_seconds is not None and _is_multi_worker(distribution_strategy):
+        raise InputError("max_seconds cannot be used with a multi-worker strategy: workers would stop after "
+                         "different numbers of steps and wait for each other forever; bound epochs instead")
+    keras.utils.set_random_seed(options.seed)
+    source = load_keras_model(model)
+    backbone, _ = _backbone_of(source, options.embedding_layer)
+    backbone = _copy_model(backbone)  # a private copy: the caller's model is never touched
+    spec = dataset.spec
+    model_shape = tuple(int(value) for value in backbone.inputs[0].shape[1:])
+    if model_shape != spec.shape:
+        raise IncompatibleModelError(
+            f"the dataset is prepared at {spec.shape} but {source.name} takes {model_shape} images: load the data "
+            f"at the model's size, or adapt the model first (adapt_input / edgeadapt adapt-input)"
+        )
+    num_classes = len(dataset.class_names)
+    if num_classes < 2:
+        raise InputError(f"fine-tuning needs at least 2 classes, got {dataset.class_names}")
+    train_set, validation_set = _validation_split(dataset, options.validation_fraction, options.seed)
+    missing = sorted(set(range(num_classes)) - set(np.unique(train_set.labels).tolist()))
+    if missing:
+        raise InputError(f"classes {[dataset.class_names[i] for i in missing]} have no training images")
+    if options.strategy == "top_layers":
+        available = len(backbone_blocks(backbone))
+        if options.unfreeze_blocks > available:
+            raise InputError(f"top_layers:{options.unfreeze_blocks} asks for more blocks than the backbone has "
+                             f"({available}); use top_layers:1..{available} or full")
+    if options.augment and options.strategy == "head_only":
+        logger.warning("augment=True has no effect with head_only: the head trains on cached embeddings of the "
+                       "original images (use top_layers:N or full to train on augmented images)")
+    previous_fingerprint = backbone_fingerprint(backbone)
+    seconds: dict[str, float] = {}
+    history: dict[str, dict] = {}
+    logger.info("fine-tuning %s with strategy %s: %d classes, %d train / %d validation images", source.name,
+                options.label, num_classes, len(train_set), len(validation_set))
+
+    # Stage 1: the head on embeddings of the frozen backbone (computed once, cached if asked).
+    start = time.perf_counter()
+    progress = options.verbose == 1
+    if options.embedding_cache is not None:
+        cache = EmbeddingCache(options.embedding_cache)
+        embed = lambda images: cache.embeddings(backbone, previous_fingerprint, images, spec, progress=progress)  # noqa: E731
+    else:
+        embed = lambda images: compute_embeddings(backbone, images, spec, progress=progress)  # noqa: E731
+    train_embeddings = embed(train_set.images)
+    validation_embeddings = embed(validation_set.images)
+    seconds["embeddings"] = time.perf_counter() - start
+    start = time.perf_counter()
+    head, history["head"] = _train_head(train_embeddings, train_set.labels, validation_embeddings,
+                                        validation_set.labels, num_classes, options, distribution_strategy)
+    seconds["head"] = time.perf_counter() - start
+    trainable_layers: list[str] = []
+
+    if options.strategy != "head_only" and options.epochs > 0:
+        start = time.perf_counter()
+        backbone, head, trainable_layers, history["backbone"] = _train_backbone(
+            backbone, head, train_set, validation_set, spec, options, distribution_strategy)
+        seconds["backbone"] = time.perf_counter() - start
+        start = time.perf_counter()
+        train_embeddings = compute_embeddings(backbone, train_set.images, spec, progress=progress)
+        seconds["statistics"] = time.perf_counter() - start
+
+    class_stats = ClassStats.from_embeddings(train_embeddings, train_set.labels, num_classes)
+    fingerprint = backbone_fingerprint(backbone)
+    if fingerprint != previous_fingerprint:
+        logger.warning(
+            "the backbone changed (%s): new fingerprint %s (was %s). Heads, class statistics and device-added "
+            "classes bound to the old backbone are no longer compatible: export a new bundle from this result "
+            "(class statistics were recomputed with the new backbone)",
+            options.label, fingerprint[:19], previous_fingerprint[:19])
+    return FineTuneResult(
+        model=_classifier(backbone, head),
+        backbone=backbone,
+        head=head,
+        class_names=list(dataset.class_names),
+        input_spec=spec,
+        class_stats=class_stats,
+        backbone_fingerprint=fingerprint,
+        previous_backbone_fingerprint=previous_fingerprint,
+        options=options,
+        trainable_layers=trainable_layers,
+        history=history,
+        seconds=seconds,
+    )
+
+
+def _train_backbone(backbone, head: Head, train_set, validation_set, spec: InputSpec, options: FineTuneOptions,
+                    distribution_strategy):
+    """Stage 2: unfreeze the top blocks (or all), train them with the head; returns a plain copy."""
+    import keras
+
+    from edgeadapt.training import augmentation_layers, make_tf_dataset
+
+    if options.strategy == "top_layers":
+        blocks = backbone_blocks(backbone)
+        trainable_paths = {path for block in blocks[-options.unfreeze_blocks:] for path in block}
+    else:
+        trainable_paths = None
+    backbone_rate = options.effective_backbone_learning_rate
+    with _scope(distribution_strategy):
+        network = _copy_model(backbone)
+        trainable = _set_trainable(network, trainable_paths, options.batch_norm_inference)
+        inputs = keras.Input(spec.shape, name="image")
+        features = network(inputs)
+        if options.head_dropout:
+            features = keras.layers.Dropout(options.head_dropout, seed=options.seed, name="head_dropout")(features)
+        dense = keras.layers.Dense(head.num_classes, name="classifier")
+        training_model = keras.Model(inputs, dense(features), name="fine_tuning")
+        dense.set_weights([head.weights, head.bias])
+        slow = {id(variable) for variable in network.trainable_variables}
+        training_model.compile(
+            optimizer=_scaled_adam(options.head_learning_rate, slow, backbone_rate / options.head_learning_rate),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+    logger.info("backbone stage: %d layer(s) with weights trainable (%s), head lr %g, backbone lr %g, "
+                "BatchNorm in %s mode", len(trainable), ", ".join(trainable[:6]) + (" ..." if len(trainable) > 6 else ""),
+                options.head_learning_rate, backbone_rate, "inference" if options.batch_norm_inference else "training")
+    augment = augmentation_layers(options.seed) if options.augment else None
+    train = make_tf_dataset(train_set.images, train_set.labels, spec, options.batch_size, True, options.seed, augment)
+    train = _distribute_options(train, distribution_strategy)
+    validation = None
+    if len(validation_set):
+        validation = make_tf_dataset(validation_set.images, validation_set.labels, spec,
+                                     max(options.batch_size, 64), False, options.seed)
+        validation = _distribute_options(validation, distribution_strategy)
+    history = _fit(training_model, train, validation, epochs=options.epochs, patience=options.patience,
+                   verbose=options.verbose, distribution_strategy=distribution_strategy,
+                   start_is_candidate=True, max_seconds=options.max_seconds)
+    kernel, bias = dense.get_weights()
+    plain = _copy_model(network)  # outside the strategy scope: ordinary variables, exportable
+    plain.trainable = True
+    return plain, replace(head, weights=kernel, bias=bias), trainable, history
