@@ -13,7 +13,7 @@ from edgeadapt.converters.fingerprint import backbone_fingerprint as fingerprint
 from edgeadapt.converters.calibration import select_calibration_images
 from edgeadapt.converters.model_info import ExportedModel
 from edgeadapt.converters.parity import ParityReport, measure_parity
-from edgeadapt.device.bundle import head_payload, write_bundle
+from edgeadapt.device.bundle import ReferenceEmbeddings, head_payload, write_bundle
 from edgeadapt.device.errors import InputError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.manifest import ClassInfo, InputSpec, new_manifest, utc_timestamp
@@ -96,13 +96,15 @@ def export_bundle(
     class_stats: ClassStats | None = None,
     backbone_fingerprint: str | None = None,
     class_infos: Sequence[ClassInfo] | None = None,
+    reference_embeddings: ReferenceEmbeddings | None = None,
     options: BundleExportOptions = BundleExportOptions(),
 ) -> BundleExport:
     """Convert ``backbone`` to each format, measure parity on the evaluation split, write the bundle.
 
     Calibration uses real training images (``calibration_images``, uint8). Parity compares
     the float and the quantized file of each format, both run by the device interpreters,
-    on ``evaluation_images`` with the same head.
+    on ``evaluation_images`` with the same head. ``reference_embeddings`` (a few per class,
+    see :meth:`ReferenceEmbeddings.select`) let the device's update gate check old classes.
     """
     if len(set(class_names)) != len(class_names):
         raise InputError(f"duplicate class names in {list(class_names)}")
@@ -137,7 +139,8 @@ def export_bundle(
                 model_format, float_model.content, exported.content, input_spec, head,
                 evaluation_images, np.asarray(evaluation_labels),
             )
-    head_section, head_files = head_payload(head, class_stats, version=1, backbone_fingerprint=fingerprint)
+    head_section, head_files = head_payload(head, class_stats, version=1, backbone_fingerprint=fingerprint,
+                                            reference_embeddings=reference_embeddings)
     files.update(head_files)
     infos = list(class_infos) if class_infos is not None else [
         ClassInfo(name=name, index=index, origin="base", added_at=utc_timestamp(),

@@ -29,6 +29,10 @@ _EXPORTS = {
     "pack_bundle": "edgeadapt.device.bundle",
     "unpack_bundle": "edgeadapt.device.bundle",
     "Runtime": "edgeadapt.device.runtime",
+    "HeadUpdater": "edgeadapt.device.updater",
+    "UpdateGateError": "edgeadapt.device.updater",
+    "ReferenceEmbeddings": "edgeadapt.device.bundle",
+    "UnknownAwareClassifier": "edgeadapt.device.unknown",
     "Prediction": "edgeadapt.device.runtime",
 }
 

@@ -14,6 +14,8 @@ Layout::
       heads/v1/class_sums.npy       C x D float64
       heads/v1/class_counts.npy     C int64
       heads/v1/gram.npy             D x D float64 (optional)
+      heads/v1/reference_embeddings.npy  K x D float16/float32 (optional, update gate)
+      heads/v1/reference_labels.npy      K int64 class indices (optional, update gate)
 
 Every file is listed in the manifest with its sha256 and size; readers verify them
 before use. Writers build the new directory next to the target, fsync it and rename.
@@ -30,7 +32,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Iterable, Mapping, Union
 
 import numpy as np
 
@@ -110,13 +112,83 @@ def head_file_names(version: int) -> dict[str, str]:
         "class_sums": f"{base}/class_sums.npy",
         "class_counts": f"{base}/class_counts.npy",
         "gram": f"{base}/gram.npy",
+        "reference_embeddings": f"{base}/reference_embeddings.npy",
+        "reference_labels": f"{base}/reference_labels.npy",
     }
 
 
+@dataclass
+class ReferenceEmbeddings:
+    """A few raw embeddings per class, kept in the bundle for the device update gate.
+
+    Before the device commits a head update it checks that the updated head still
+    predicts these old-class embeddings as before (see docs/DEVICE_UPDATES.md).
+    ``embeddings`` is (K, D) float16 or float32 (float16 halves the size and is plenty for
+    the gate), ``labels`` is (K,) int64 class indices into the head.
+    """
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        embeddings = np.asarray(self.embeddings)
+        if embeddings.dtype not in (np.float16, np.float32):
+            embeddings = embeddings.astype(np.float32)
+        self.embeddings = np.ascontiguousarray(embeddings)
+        self.labels = np.ascontiguousarray(np.asarray(self.labels, dtype=np.int64).reshape(-1))
+        if self.embeddings.ndim != 2 or self.embeddings.shape[0] != self.labels.shape[0]:
+            raise IncompatibleModelError(
+                f"reference embeddings {self.embeddings.shape} and labels {self.labels.shape} do not match"
+            )
+        if not np.all(np.isfinite(self.embeddings)):
+            raise IncompatibleModelError("reference embeddings contain NaN or infinite values")
+        if self.labels.size and self.labels.min() < 0:
+            raise IncompatibleModelError("reference labels must be non-negative class indices")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def as_float32(self) -> np.ndarray:
+        """The embeddings as float32 (converted once and cached: float16 conversion is slow in numpy)."""
+        cached = self.__dict__.get("_float32")
+        if cached is None:
+            cached = np.asarray(self.embeddings, dtype=np.float32)
+            self.__dict__["_float32"] = cached
+        return cached
+
+    @classmethod
+    def select(
+        cls, embeddings: np.ndarray, labels: np.ndarray, per_class: int = 5, seed: int = 0, dtype: str = "float16"
+    ) -> "ReferenceEmbeddings":
+        """Pick at most ``per_class`` embeddings of each class (deterministic in ``seed``)."""
+        embeddings = np.asarray(embeddings)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if embeddings.ndim != 2 or embeddings.shape[0] != labels.shape[0]:
+            raise IncompatibleModelError(f"embeddings {embeddings.shape} and labels {labels.shape} do not match")
+        if per_class < 1:
+            raise IncompatibleModelError(f"per_class must be at least 1, got {per_class}")
+        chosen = []
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
+            if len(members) > per_class:
+                members = np.sort(np.random.default_rng([int(seed), int(label)]).choice(members, per_class, replace=False))
+            chosen.append(members)
+        indices = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+        return cls(embeddings[indices].astype(np.dtype(dtype)), labels[indices])
+
+    def per_class_count(self) -> int:
+        """The largest number of references held for one class (0 when empty)."""
+        return int(np.bincount(self.labels).max()) if self.labels.size else 0
+
+
 def head_payload(
-    head: Head, stats: ClassStats | None, version: int, backbone_fingerprint: str
+    head: Head,
+    stats: ClassStats | None,
+    version: int,
+    backbone_fingerprint: str,
+    reference_embeddings: ReferenceEmbeddings | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """Manifest ``head`` section and the files that hold ``head`` and ``stats``."""
+    """Manifest ``head`` section and the files that hold ``head``, ``stats`` and the references."""
     names = head_file_names(version)
     files: dict[str, np.ndarray] = {names["weights"]: head.weights, names["bias"]: head.bias}
     section: dict = {
@@ -153,6 +225,26 @@ def head_payload(
             files[names["gram"]] = stats.gram
             statistics["gram"] = names["gram"]
         section["statistics"] = statistics
+    if reference_embeddings is not None and len(reference_embeddings):
+        references = reference_embeddings
+        if references.embeddings.shape[1] != head.embedding_size:
+            raise IncompatibleModelError(
+                f"reference embeddings are {references.embeddings.shape[1]}-d but the head takes "
+                f"{head.embedding_size}-d embeddings"
+            )
+        if references.labels.max() >= head.num_classes:
+            raise IncompatibleModelError(
+                f"reference labels go up to {int(references.labels.max())} but the head has {head.num_classes} classes"
+            )
+        files[names["reference_embeddings"]] = references.embeddings
+        files[names["reference_labels"]] = references.labels
+        section["references"] = {
+            "embeddings": names["reference_embeddings"],
+            "labels": names["reference_labels"],
+            "count": len(references),
+            "per_class": references.per_class_count(),
+            "dtype": references.embeddings.dtype.name,
+        }
     return section, files
 
 
@@ -235,9 +327,16 @@ class Bundle:
         bundle._check_head_binding()
         return bundle
 
-    def verify(self) -> None:
-        """Check every file listed in the manifest: present, right size, right sha256."""
-        for relative_path, entry in self.manifest.files.items():
+    def verify(self, only: Iterable[str] | None = None) -> None:
+        """Check every file listed in the manifest (or just ``only``): present, right size, right sha256."""
+        files = self.manifest.files
+        if only is not None:
+            wanted = list(only)
+            for relative_path in wanted:
+                if relative_path not in files:
+                    raise BundleError(f"{relative_path!r} is not listed in the bundle manifest of {self.path}")
+            files = {relative_path: files[relative_path] for relative_path in wanted}
+        for relative_path, entry in files.items():
             file_path = self.path / relative_path
             if not file_path.is_file():
                 raise BundleError(
@@ -310,6 +409,15 @@ class Bundle:
             sums=self._load_array(statistics["class_sums"]),
             counts=self._load_array(statistics["class_counts"]),
             gram=gram,
+        )
+
+    def load_reference_embeddings(self) -> ReferenceEmbeddings | None:
+        """The update-gate reference embeddings of the current version, or None if the bundle has none."""
+        section = self.manifest.data["head"].get("references")
+        if not section:
+            return None
+        return ReferenceEmbeddings(
+            embeddings=self._load_array(section["embeddings"]), labels=self._load_array(section["labels"])
         )
 
     def model_entry(self, model_format: str) -> dict | None:

@@ -12,7 +12,9 @@ from pathlib import Path
 from edgeadapt.device.errors import EdgeAdaptError
 
 #: Modules that add sub-commands; each defines ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "edgeadapt.device.cli_update",
+)
 
 
 def _predict(arguments: argparse.Namespace) -> int:

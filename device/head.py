@@ -88,8 +88,13 @@ class Head:
         return features
 
     def logits(self, embeddings: np.ndarray) -> np.ndarray:
-        """Class logits, (N, C) float32."""
-        logits = self.features(embeddings) @ self.weights
+        """Class logits, (N, C) float32.
+
+        The product runs in fixed-width column blocks (:func:`column_stable_matmul`), so
+        the logit of a class does not depend on how many classes follow it: appending
+        classes leaves every old logit bit-identical.
+        """
+        logits = column_stable_matmul(self.features(embeddings), self.weights)
         logits += self.bias
         if self.temperature != 1.0:
             logits /= np.float32(self.temperature)
@@ -102,6 +107,35 @@ class Head:
     def with_columns(self, weights: np.ndarray, bias: np.ndarray) -> "Head":
         """A copy with the same normalisation and new weights/bias."""
         return replace(self, weights=weights, bias=bias)
+
+
+#: Width of the column blocks of :func:`column_stable_matmul`.
+COLUMN_BLOCK = 64
+
+
+def column_stable_matmul(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``features @ weights`` computed so that column j depends only on column j of ``weights``.
+
+    A BLAS matrix product may pick a different kernel (and so a different summation
+    order) when the number of columns changes: appending a class to the head would then
+    change old logits in their last bits. Here the columns are multiplied in blocks of
+    :data:`COLUMN_BLOCK`, the last block zero-padded to full width, so every block has
+    the same shape whatever the class count and a column's result is the same before and
+    after classes are appended. (N, D) x (D, C) -> (N, C) float32.
+    """
+    features = np.asarray(features, dtype=np.float32)
+    weights = np.asarray(weights, dtype=np.float32)
+    rows, columns = features.shape[0], weights.shape[1]
+    result = np.empty((rows, columns), dtype=np.float32)
+    for start in range(0, columns, COLUMN_BLOCK):
+        block = weights[:, start : start + COLUMN_BLOCK]
+        width = block.shape[1]
+        if width < COLUMN_BLOCK:
+            padded = np.zeros((weights.shape[0], COLUMN_BLOCK), dtype=np.float32)
+            padded[:, :width] = block
+            block = padded
+        result[:, start : start + width] = (features @ block)[:, :width]
+    return result
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -37,8 +37,9 @@ class Runtime:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.input_spec: InputSpec = bundle.manifest.input_spec
-        self.head: Head = bundle.load_head()
-        self.class_names: list[str] = bundle.manifest.class_names
+        # The head and its class names change together (device updates): keep them as one
+        # snapshot so a prediction never pairs one version's scores with another's labels.
+        self._snapshot: tuple[Head, list[str]] = (bundle.load_head(), bundle.manifest.class_names)
         self.batch_size = batch_size
         self._backend, self._model_entry = create_backend(bundle, backend, num_threads=num_threads)
         self.backend_name: str = self._backend.name
@@ -60,6 +61,21 @@ class Runtime:
         ``backend`` is "auto" (LiteRT, else tflite-runtime, else ONNX Runtime), or one name.
         """
         return cls(Bundle.open(path, verify=verify), backend=backend, num_threads=num_threads, batch_size=batch_size)
+
+    @property
+    def head(self) -> Head:
+        """The current head (replaced atomically with the class names by :meth:`set_head`)."""
+        return self._snapshot[0]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._snapshot[1]
+
+    def set_head(self, head: Head, class_names: list[str]) -> None:
+        """Swap in a new head and its class names as one step (used by the head updater)."""
+        if head.num_classes != len(class_names):
+            raise BundleError(f"head has {head.num_classes} classes but {len(class_names)} names were given")
+        self._snapshot = (head, list(class_names))
 
     def _check_model_shapes(self) -> None:
         recorded = self._model_entry.get("input", {})
@@ -95,15 +111,16 @@ class Runtime:
 
     def predict(self, images: Any, top_k: int = 5) -> list[Prediction] | list[list[Prediction]]:
         """Top-k predictions: a list for one image, a list of lists for a batch."""
-        scores = self.probabilities(images)
-        ranked = self.rank(scores, top_k)
+        head, names = self._snapshot
+        scores = softmax(head.logits(self.embed(images)))
+        ranked = self.rank(scores, top_k, names)
         return ranked[0] if is_single_image(images) else ranked
 
-    def rank(self, scores: np.ndarray, top_k: int = 5) -> list[list[Prediction]]:
+    def rank(self, scores: np.ndarray, top_k: int = 5, class_names: list[str] | None = None) -> list[list[Prediction]]:
         """Turn (N, C) scores into ranked predictions (highest first, ties by class index)."""
         count = scores.shape[1]
         top_k = max(1, min(int(top_k), count))
-        names = self.class_names
+        names = self.class_names if class_names is None else class_names
         ranked = []
         for row in scores:
             if top_k == 1:

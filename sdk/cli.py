@@ -13,8 +13,10 @@ from edgeadapt.device.errors import EdgeAdaptError
 #: Modules that add sub-commands; each defines ``register(subparsers)``.
 COMMAND_MODULES = (
     "edgeadapt.cli_demo",
+    "edgeadapt.cli_deltas",
     "edgeadapt.cli_import",
     "edgeadapt.cli_finetune",
+    "edgeadapt.cli_incremental",
 )
 
 

@@ -18,9 +18,24 @@ from edgeadapt.device.head import Head, softmax
 logger = logging.getLogger(__name__)
 
 
+#: Feature normalisations a head can be trained with (see :class:`HeadTrainingOptions`).
+NORMALIZATIONS = ("none", "center", "center_l2")
+#: The normalisation of the pipeline's base heads: centring with the stored base mean.
+#: Class additions copy the normalisation unchanged, so old logits stay bit-identical
+#: (docs/INCREMENTAL.md).
+DEFAULT_NORMALIZATION = "center"
+
+
 @dataclass(frozen=True)
 class HeadTrainingOptions:
-    """Softmax-regression settings for :func:`train_head`."""
+    """Softmax-regression settings for :func:`train_head`.
+
+    ``normalization``: "none" (raw embeddings), "center" (subtract the mean training
+    embedding, stored in the head as ``feature_mean``) or "center_l2" (centre, then
+    L2-normalise: a cosine classifier, which the ``center_l2`` class-addition method needs).
+    ``temperature``: logits are divided by it; with "center_l2" a small value such as 0.1
+    lets the bounded cosine scores reach confident probabilities.
+    """
 
     epochs: int = 60
     batch_size: int = 64
@@ -29,6 +44,14 @@ class HeadTrainingOptions:
     patience: int = 10
     seed: int = 0
     verbose: int = 0
+    normalization: str = "none"
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise InputError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if not self.temperature > 0:
+            raise InputError(f"temperature must be positive, got {self.temperature}")
 
 
 def _check(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -45,9 +68,10 @@ def _check(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, what: s
     return embeddings, labels
 
 
-def cross_entropy(head_weights: np.ndarray, head_bias: np.ndarray, embeddings: np.ndarray, labels: np.ndarray) -> float:
-    """Mean softmax cross-entropy of a linear head."""
-    probabilities = softmax(embeddings @ head_weights + head_bias)
+def cross_entropy(head_weights: np.ndarray, head_bias: np.ndarray, embeddings: np.ndarray, labels: np.ndarray,
+                  temperature: float = 1.0) -> float:
+    """Mean softmax cross-entropy of a linear head (logits divided by ``temperature``)."""
+    probabilities = softmax((embeddings @ head_weights + head_bias) / np.float32(temperature))
     return float(-np.mean(np.log(probabilities[np.arange(len(labels)), labels] + 1e-12)))
 
 
@@ -64,17 +88,29 @@ def train_head(
     With ``validation`` (embeddings, labels), training stops early when the validation loss
     has not improved for ``options.patience`` epochs and the best weights are restored.
     ``initial`` warm-starts from an existing head (e.g. the Dense layer of a trained model).
+
+    ``options.normalization`` / ``options.temperature`` choose the head's feature
+    normalisation (the feature mean is the mean of ``embeddings``); the returned head
+    carries it. A warm start on raw embeddings is converted exactly to "center"; an
+    L2-normalised initial head must already match the requested normalisation.
     """
     embeddings, labels = _check(embeddings, labels, num_classes, "training")
     dimension = embeddings.shape[1]
+    shell = _normalisation_shell(embeddings, options)
+    temperature = np.float32(options.temperature)
     if initial is not None:
         if initial.weights.shape != (dimension, num_classes):
             raise InputError(f"initial head is {initial.weights.shape}, expected ({dimension}, {num_classes})")
-        weights, bias = initial.weights.astype(np.float32).copy(), initial.bias.astype(np.float32).copy()
+        start = _warm_start(initial, shell, options)
+        weights, bias = start.weights.copy(), start.bias.copy()
     else:
         weights, bias = np.zeros((dimension, num_classes), np.float32), np.zeros(num_classes, np.float32)
+    if shell.feature_mean is not None or shell.l2_normalize:
+        embeddings = shell.features(embeddings)
     if validation is not None and len(validation[1]):
         validation = _check(validation[0], validation[1], num_classes, "validation")
+        if shell.feature_mean is not None or shell.l2_normalize:
+            validation = (shell.features(validation[0]), validation[1])
     else:
         validation = None
 
@@ -91,9 +127,12 @@ def train_head(
         for start in range(0, count, options.batch_size):
             batch = order[start : start + options.batch_size]
             features = embeddings[batch]
-            gradient = softmax(features @ weights + bias)
+            if options.temperature == 1.0:
+                gradient = softmax(features @ weights + bias)
+            else:
+                gradient = softmax((features @ weights + bias) / temperature)
             gradient[np.arange(len(batch)), labels[batch]] -= 1.0
-            gradient /= len(batch)
+            gradient /= len(batch) * temperature
             gradients = (features.T @ gradient + 2.0 * options.weight_decay * weights, gradient.sum(axis=0))
             step += 1
             correction = np.sqrt(1 - beta2**step) / (1 - beta1**step)
@@ -105,7 +144,7 @@ def train_head(
                 parameter -= options.learning_rate * correction * moment / (np.sqrt(square) + epsilon)
         if validation is None:
             continue
-        loss = cross_entropy(weights, bias, *validation)
+        loss = cross_entropy(weights, bias, *validation, temperature=options.temperature)
         if options.verbose:
             logger.info("head epoch %d/%d: validation loss %.4f", epoch + 1, options.epochs, loss)
         if loss < best[0] - 1e-6:
@@ -118,4 +157,39 @@ def train_head(
                 break
     if validation is not None and np.isfinite(best[0]):
         weights, bias = best[1], best[2]
-    return Head(weights=weights, bias=bias)
+    return shell.with_columns(weights, bias)
+
+
+def _normalisation_shell(embeddings: np.ndarray, options: HeadTrainingOptions) -> Head:
+    """A zero-column head that carries the normalisation ``options`` ask for."""
+    mean = None
+    if options.normalization in ("center", "center_l2"):
+        mean = embeddings.astype(np.float64).mean(axis=0).astype(np.float32)
+    return Head(
+        weights=np.zeros((embeddings.shape[1], 0), np.float32),
+        bias=np.zeros(0, np.float32),
+        feature_mean=mean,
+        l2_normalize=options.normalization == "center_l2",
+        temperature=options.temperature,
+    )
+
+
+def _warm_start(initial: Head, shell: Head, options: HeadTrainingOptions) -> Head:
+    """``initial`` re-expressed in the normalisation of ``shell``."""
+    if initial.l2_normalize != shell.l2_normalize:
+        raise InputError(
+            "the initial head and the requested normalisation differ in L2 normalisation, which cannot be "
+            "converted; train without initial= or with the initial head's normalisation"
+        )
+    ratio = options.temperature / initial.temperature
+    weights = initial.weights.astype(np.float64) * ratio
+    bias = initial.bias.astype(np.float64) * ratio
+    if not initial.l2_normalize:
+        # e @ W + b == (e - m) @ W + (b + m @ W): move the centring from one head to the other exactly.
+        size = initial.embedding_size
+        old_mean = np.zeros(size) if initial.feature_mean is None else initial.feature_mean.astype(np.float64)
+        new_mean = np.zeros(size) if shell.feature_mean is None else shell.feature_mean.astype(np.float64)
+        bias = bias + (new_mean - old_mean) @ weights
+    elif not np.array_equal(initial.feature_mean, shell.feature_mean):
+        raise InputError("the initial L2-normalised head centres with another mean; train it without initial=")
+    return shell.with_columns(weights.astype(np.float32), bias.astype(np.float32))

@@ -111,10 +111,10 @@ def measure_latency(runtime, images: np.ndarray, repeats: int = 50) -> float:
 def run_demo(options: DemoOptions) -> DemoReport:
     """Train the built-in classifier, export an int8 TFLite + ONNX bundle, classify with the device runtime."""
     from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
-    from edgeadapt.device.bundle import Bundle
+    from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings
     from edgeadapt.device.runtime import Runtime
     from edgeadapt.embeddings import EmbeddingCache
-    from edgeadapt.head_training import HeadTrainingOptions, train_head
+    from edgeadapt.head_training import DEFAULT_NORMALIZATION, HeadTrainingOptions, train_head
     from edgeadapt.model_split import backbone_fingerprint, split_classifier
     from edgeadapt.training import ClassifierTrainingOptions, train_classifier
 
@@ -137,7 +137,9 @@ def run_demo(options: DemoOptions) -> DemoReport:
     # Refine the head on cached embeddings: the backbone does not run during head training.
     head = train_head(
         train_embeddings, dataset.train.labels, len(dataset.class_names),
-        HeadTrainingOptions(seed=options.seed), validation=(validation_embeddings, dataset.validation.labels),
+        # Centred on the stored base mean: class additions keep it, so old logits stay bit-identical.
+        HeadTrainingOptions(seed=options.seed, normalization=DEFAULT_NORMALIZATION),
+        validation=(validation_embeddings, dataset.validation.labels),
         initial=split.head,
     )
     keras_accuracy = float(np.mean(head.logits(test_embeddings).argmax(1) == dataset.test.labels))
@@ -156,6 +158,7 @@ def run_demo(options: DemoOptions) -> DemoReport:
         evaluation_labels=dataset.test.labels,
         class_stats=stats,
         backbone_fingerprint=fingerprint,
+        reference_embeddings=ReferenceEmbeddings.select(train_embeddings, dataset.train.labels, per_class=5),
         options=BundleExportOptions(formats=options.formats, name="demo", overwrite=options.overwrite),
     )
     bundle = Bundle.open(bundle_path)

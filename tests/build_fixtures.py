@@ -25,6 +25,7 @@ def build_fixtures(output: Path, seed: int = 0) -> Path:
     from edgeadapt.backbones import BackboneOptions
     from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
     from edgeadapt.data import SplitOptions, write_image_folder
+    from edgeadapt.device.bundle import ReferenceEmbeddings
     from edgeadapt.device.head import ClassStats
     from edgeadapt.embeddings import compute_embeddings
     from edgeadapt.model_split import backbone_fingerprint, split_classifier
@@ -56,6 +57,7 @@ def build_fixtures(output: Path, seed: int = 0) -> Path:
         evaluation_labels=dataset.test.labels,
         class_stats=stats,
         backbone_fingerprint=fingerprint,
+        reference_embeddings=ReferenceEmbeddings.select(train_embeddings, dataset.train.labels, per_class=5),
         options=BundleExportOptions(name="tiny", overwrite=True, calibration_samples=100),
     )
     write_image_folder(output / "images", dataset.class_names, dataset.test.images, dataset.test.labels)

@@ -1,0 +1,259 @@
+"""``edgeadapt-device`` update commands: add-class, add-examples, remove-class, rename-class,
+history, rollback, export-delta, set-references, calibrate-unknown, classify-unknown.
+
+Registered through ``COMMAND_MODULES`` in :mod:`edgeadapt.device.cli`. No TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from edgeadapt.device.errors import InputError
+from edgeadapt.device.preprocessing import IMAGE_SUFFIXES
+
+
+def expand_images(arguments: list[Path]) -> list[Path]:
+    """Image files given on the command line; a folder stands for the image files inside it (sorted)."""
+    images: list[Path] = []
+    for argument in arguments:
+        if argument.is_dir():
+            found = sorted(path for path in argument.iterdir()
+                           if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InputError(f"folder {str(argument)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+            images.extend(found)
+        else:
+            images.append(argument)  # missing or unreadable files are reported by the updater
+    return images
+
+
+def _open_updater(arguments: argparse.Namespace):
+    from edgeadapt.device.runtime import Runtime
+    from edgeadapt.device.updater import HeadUpdater
+
+    runtime = Runtime.open(arguments.bundle, backend=getattr(arguments, "backend", "auto"))
+    updater = HeadUpdater(
+        runtime,
+        keep_versions=arguments.keep_versions,
+        wait_for_lock=arguments.wait,
+        lock_timeout=arguments.lock_timeout,
+        gate_budget=arguments.gate_budget,
+    )
+    return runtime, updater
+
+
+def _print_result(result, arguments: argparse.Namespace) -> None:
+    if arguments.json:
+        print(json.dumps({
+            "version": result.version,
+            "action": result.action,
+            "classes": list(result.classes),
+            "change": result.change,
+            "timings_ms": {key: round(value * 1000.0, 3) for key, value in result.timings.items()},
+        }, indent=2))
+        return
+    from edgeadapt.device.versions import summarize_change
+
+    print(f"version {result.version}: {summarize_change(result.change)}")
+    if result.gate is not None:
+        gate = result.gate
+        status = "passed" if gate.passed else "FORCED past the budget"
+        print(f"  update gate {status}: {gate.disturbed}/{gate.checked} old-class references disturbed "
+              f"(budget {gate.budget:.0%}, {gate.source})")
+
+
+def _add_class(arguments: argparse.Namespace) -> int:
+    images = expand_images(arguments.images)
+    _, updater = _open_updater(arguments)
+    _print_result(updater.add_class(arguments.name, images, force=arguments.force), arguments)
+    return 0
+
+
+def _add_examples(arguments: argparse.Namespace) -> int:
+    images = expand_images(arguments.images)
+    _, updater = _open_updater(arguments)
+    _print_result(updater.add_examples(arguments.name, images, force=arguments.force), arguments)
+    return 0
+
+
+def _remove_class(arguments: argparse.Namespace) -> int:
+    _, updater = _open_updater(arguments)
+    _print_result(updater.remove_class(arguments.name, force=arguments.force), arguments)
+    return 0
+
+
+def _rename_class(arguments: argparse.Namespace) -> int:
+    _, updater = _open_updater(arguments)
+    _print_result(updater.rename_class(arguments.old_name, arguments.new_name), arguments)
+    return 0
+
+
+def _rollback(arguments: argparse.Namespace) -> int:
+    _, updater = _open_updater(arguments)
+    _print_result(updater.rollback(arguments.version), arguments)
+    return 0
+
+
+def _history(arguments: argparse.Namespace) -> int:
+    from edgeadapt.device.versions import VersionStore
+
+    history = VersionStore(arguments.bundle).history()
+    if arguments.json:
+        print(json.dumps([info.to_dict() for info in history], indent=2))
+        return 0
+    print(f"{'':2}{'version':>7}  {'parent':>6}  {'committed (UTC)':<25} {'classes':>7}  change")
+    for info in history:
+        marker = "* " if info.current else "  "
+        parent = "-" if info.parent_version is None else str(info.parent_version)
+        print(f"{marker}{info.version:>7}  {parent:>6}  {str(info.committed_at):<25} {info.num_classes:>7}  {info.summary}")
+    return 0
+
+
+def _export_delta(arguments: argparse.Namespace) -> int:
+    from edgeadapt.device.delta import export_delta, read_delta
+
+    path = export_delta(arguments.bundle, arguments.output, source=arguments.source)
+    delta = read_delta(path)
+    summary = {
+        "delta": str(path),
+        "bytes": path.stat().st_size,
+        "classes": [entry.to_dict() for entry in delta.classes],
+        "examples": int(delta.example_embeddings.shape[0]),
+    }
+    if arguments.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        described = ", ".join(f"{entry.name!r} ({entry.kind}, {entry.examples} examples)" for entry in delta.classes)
+        print(f"wrote {path} ({summary['bytes']} bytes): {described}")
+    return 0
+
+
+def _set_references(arguments: argparse.Namespace) -> int:
+    examples: dict[str, Any] = {}
+    for folder in arguments.folders:
+        if not folder.is_dir():
+            raise InputError(f"{str(folder)!r} is not a folder; give one folder of images per class, named after it")
+        examples[folder.name] = expand_images([folder])
+    _, updater = _open_updater(arguments)
+    _print_result(updater.set_reference_embeddings(examples, per_class=arguments.per_class), arguments)
+    return 0
+
+
+def _calibrate_unknown(arguments: argparse.Namespace) -> int:
+    known = expand_images(arguments.known) if arguments.known else None
+    unknown = expand_images(arguments.unknown) if arguments.unknown else None
+    _, updater = _open_updater(arguments)
+    result = updater.calibrate_unknown(known, accept_rate=arguments.accept_rate, unknown_examples=unknown)
+    _print_result(result, arguments)
+    return 0
+
+
+def _classify_unknown(arguments: argparse.Namespace) -> int:
+    from edgeadapt.device.runtime import Runtime
+    from edgeadapt.device.unknown import UnknownAwareClassifier
+
+    images = expand_images(arguments.images)
+    classifier = UnknownAwareClassifier(Runtime.open(arguments.bundle, backend=arguments.backend))
+    results = classifier.classify(images)
+    if arguments.json:
+        print(json.dumps([{"image": str(image), "label": label, "score": round(score, 6), "cosine": round(cosine, 6)}
+                          for image, (label, score, cosine) in zip(images, results)], indent=2))
+    else:
+        for image, (label, score, cosine) in zip(images, results):
+            print(f"{str(image)}: {label} (score {score:.3f}, prototype cosine {cosine:.3f})")
+    return 0
+
+
+def _writer_options(parser: argparse.ArgumentParser, gate: bool = True) -> None:
+    parser.add_argument("--keep-versions", type=int, default=5, help="head versions to keep for rollback (default 5)")
+    parser.add_argument("--wait", action="store_true", help="wait for another writer instead of failing")
+    parser.add_argument("--lock-timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    parser.add_argument("--backend", default="auto", help="auto (default), litert, tflite-runtime or onnxruntime")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--gate-budget", type=float, default=0.10,
+                        help="largest fraction of old-class reference embeddings an update may disturb (default 0.10)")
+    if gate:
+        parser.add_argument("--force", action="store_true", help="commit even if the update gate refuses")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bundle_help = "bundle directory (NAME.eab)"
+    parser = subparsers.add_parser("add-class", help="add a class from a few example images",
+                                   description="Learn a new class from example images (files or folders) with the "
+                                   "bundle's own backbone and commit it as a new head version.")
+    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("name", help="name of the new class")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="example images or folders of images")
+    _writer_options(parser)
+    parser.set_defaults(handler=_add_class)
+
+    parser = subparsers.add_parser("add-examples", help="strengthen an existing class with more examples")
+    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("name", help="existing class")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    _writer_options(parser)
+    parser.set_defaults(handler=_add_examples)
+
+    parser = subparsers.add_parser("remove-class", help="remove a class (a new head version)")
+    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("name")
+    _writer_options(parser)
+    parser.set_defaults(handler=_remove_class)
+
+    parser = subparsers.add_parser("rename-class", help="rename a class (a new head version)")
+    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("old_name")
+    parser.add_argument("new_name")
+    _writer_options(parser, gate=False)
+    parser.set_defaults(handler=_rename_class)
+
+    parser = subparsers.add_parser("history", help="list the kept head versions and what changed")
+    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(handler=_history)
+
+    parser = subparsers.add_parser("rollback", help="restore an earlier head version (committed as a new version)")
+    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("version", type=int, help="version number from `history`")
+    _writer_options(parser, gate=False)
+    parser.set_defaults(handler=_rollback)
+
+    parser = subparsers.add_parser("export-delta", help="write the classes learned on this device to a delta file",
+                                   description="Write the classes added (or strengthened) on this device -- head "
+                                   "columns, example embeddings, provenance -- to a small file that `edgeadapt "
+                                   "merge-deltas` folds into a new bundle on the host.")
+    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("output", type=Path, help="delta file to write (e.g. device42.eadelta)")
+    parser.add_argument("--source", help="name of this device in the host's provenance (default: host name)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(handler=_export_delta)
+
+    parser = subparsers.add_parser("set-references", help="store update-gate reference embeddings from images",
+                                   description="Embed a few images per class and store them as the update gate's "
+                                   "reference embeddings. Give one folder per class, named after the class.")
+    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("folders", nargs="+", type=Path, metavar="CLASS_FOLDER")
+    parser.add_argument("--per-class", type=int, default=5, help="references kept per class (default 5)")
+    _writer_options(parser, gate=False)
+    parser.set_defaults(handler=_set_references)
+
+    parser = subparsers.add_parser("calibrate-unknown", help="calibrate unknown rejection and store it in the bundle")
+    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("--known", nargs="+", type=Path, metavar="IMAGE",
+                        help="images of known classes (default: the stored reference embeddings)")
+    parser.add_argument("--unknown", nargs="+", type=Path, metavar="IMAGE",
+                        help="optional images of none of the classes")
+    parser.add_argument("--accept-rate", type=float, default=0.95,
+                        help="fraction of known images to accept (default 0.95)")
+    _writer_options(parser, gate=False)
+    parser.set_defaults(handler=_calibrate_unknown)
+
+    parser = subparsers.add_parser("classify-unknown", help="classify images, answering 'unknown' when unsure")
+    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(handler=_classify_unknown)

@@ -1,0 +1,925 @@
+"""Head math for adding classes without forgetting the old ones (numpy only).
+
+The host (``edgeadapt add-classes``, ``edgeadapt merge-heads``) and the on-device updater
+call exactly these functions, so a class added on either side gets the same column.
+
+Append-only: :func:`add_classes`, :func:`add_examples` and :func:`merge_heads` never touch
+an existing column, its bias, or the head's feature normalisation. Together with
+:func:`edgeadapt.device.head.column_stable_matmul` (used by :meth:`Head.logits`) this keeps
+every old-class logit bit-identical after an update. Only :func:`resolve_all` changes old
+columns, and says so.
+
+The hard part is calibration: a new column must compete fairly with old columns that were
+trained discriminatively on lots of data. The methods (``AddClassOptions.method``):
+
+``"ridge"`` (default)
+    Class-balanced closed form from the stored class statistics: no old images needed.
+    From the Gram matrix and the class sums come every class's mean and the shared
+    within-class covariance ``Sw``; a new class adds its own mean and covariance. Two
+    closed forms are solved for ALL classes (old and new) from these moments:
+
+    * class-balanced least squares (ridge regression of one-hot targets on
+      ``[features, 1]``, every class weighted equally, ridge ``regularization``): the
+      discriminative solution, best with many examples;
+    * the shrinkage linear discriminant ``w_c = S^-1 m_c``,
+      ``b_c = -1/2 (m_c S^-1 m_c - g d / n_c)`` with ``S = (1-a) Sw + a tr(Sw)/D I``
+      (``shrinkage`` a; ``g d / n_c`` removes the small-sample inflation of a mean
+      estimated from n_c examples, ``d = tr(S^-1 Sw)``, ``small_sample_correction`` g):
+      stable with few examples.
+
+    Calibration: each solution's columns for the OLD classes are compared with the head's
+    real old columns. The logit scale ``s`` (class-balanced least squares on column-centred
+    logits over the stored class distributions) and the offsets ``v``, ``beta`` that softmax
+    leaves free are fitted, and the new columns are mapped the same way
+    (``w = s w_closed + v``, ``b = s b_closed + beta``): new columns speak the old columns'
+    logit language whatever head the bundle came with (softmax-trained, imported, centred
+    or not). A class with n examples then takes ``n / (n + few_shot_examples)`` of its
+    column from the least-squares solution and the rest from the discriminant.
+    Needs :class:`ClassStats` with a Gram matrix.
+``"center_l2"``
+    Cosine imprinting for heads trained on centred (stored base mean), L2-normalised
+    features: the new column is the normalised mean of the new examples' normalised
+    features, scaled to the old columns' mean norm; its bias is the old columns' mean bias.
+    Needs a head with ``feature_mean`` and ``l2_normalize``.
+``"weight_align"``
+    New columns trained with softmax cross-entropy on the new examples (old columns
+    frozen), then rescaled so their mean norm equals the old columns' mean norm, biases
+    recentred on the old mean bias (weight aligning, Zhao et al. 2020).
+``"imprint"``
+    Plain imprinting: the unit-norm mean feature of the new examples, bias 0.
+``"none"``
+    The uncalibrated lower bound: new columns trained on the new examples only with the
+    old columns frozen ("extend the last layer and keep training"). The new columns learn
+    to beat the old ones everywhere, so old classes are largely forgotten.
+
+All arrays are float32 in the head, float64 in the statistics. Nothing here writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from edgeadapt.device.errors import IncompatibleModelError, InputError
+from edgeadapt.device.head import ClassStats, Head
+
+logger = logging.getLogger(__name__)
+
+#: Calibration methods, best first (see the module docstring and docs/INCREMENTAL.md).
+METHODS = ("ridge", "center_l2", "weight_align", "imprint", "none")
+#: Chosen by the class-incremental benchmark (``edgeadapt bench incremental``); see docs/INCREMENTAL.md.
+DEFAULT_METHOD = "ridge"
+#: Methods that need class statistics with a Gram matrix for every operation.
+STATISTICS_METHODS = ("ridge",)
+#: Methods that train new columns by gradient descent.
+TRAINED_METHODS = ("weight_align", "none")
+#: ridge: a new class's own covariance is shrunk towards the shared one with weight
+#: ``prior / (n + prior)`` (n its example count), so one or two examples borrow the shared shape.
+KNOWN_COVARIANCE_PRIOR = 10.0
+
+
+@dataclass(frozen=True)
+class AddClassOptions:
+    """How new columns are computed.
+
+    ``method``: one of :data:`METHODS`.
+    ``shrinkage`` (ridge, discriminant part): weight ``a`` in [0, 1] of the scaled
+    identity in the shared covariance; more shrinkage trusts the stored covariance less.
+    ``small_sample_correction`` (ridge, discriminant part): fraction ``g`` in [0, 1] of the
+    small-sample bias correction ``d/n_c`` applied to each class's bias; 1 removes the whole
+    expected inflation of ``m S^-1 m`` by a mean estimated from ``n_c`` examples, 0 none.
+    ``regularization`` (ridge, least-squares part): ridge added to the class-moment
+    matrix, relative to its mean diagonal.
+    ``few_shot_examples`` (ridge): a class with n examples takes ``n / (n + this)`` of its
+    column from the least-squares solution, the rest from the discriminant (0: only
+    least squares).
+    ``training_steps``, ``learning_rate``, ``weight_decay`` (weight_align, none): full-batch
+    Adam on the new examples (and replay examples when the caller has some).
+    """
+
+    method: str = DEFAULT_METHOD
+    shrinkage: float = 0.2
+    small_sample_correction: float = 0.25
+    regularization: float = 1e-3
+    few_shot_examples: float = 50.0
+    training_steps: int = 300
+    learning_rate: float = 0.05
+    weight_decay: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise InputError(f"shrinkage must be in [0, 1], got {self.shrinkage}")
+        if not self.regularization > 0:
+            raise InputError(f"regularization must be positive, got {self.regularization}")
+        if self.few_shot_examples < 0:
+            raise InputError(f"few_shot_examples must be non-negative, got {self.few_shot_examples}")
+        if not 0.0 <= self.small_sample_correction <= 1.0:
+            raise InputError(f"small_sample_correction must be in [0, 1], got {self.small_sample_correction}")
+        if self.training_steps < 1:
+            raise InputError(f"training_steps must be at least 1, got {self.training_steps}")
+        if not self.learning_rate > 0:
+            raise InputError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise InputError(f"weight_decay must be non-negative, got {self.weight_decay}")
+
+
+def needs_statistics(method: str) -> bool:
+    """Whether ``method`` needs :class:`ClassStats` with a Gram matrix to add a class."""
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return method in STATISTICS_METHODS
+
+
+# ============================================================================= validation
+def _check_options(options: AddClassOptions) -> AddClassOptions:
+    if not isinstance(options, AddClassOptions):
+        raise InputError(f"options must be an AddClassOptions, got {type(options).__name__}")
+    return options
+
+
+def _check_stats(head: Head, stats: ClassStats | None, what: str = "class statistics") -> None:
+    if stats is None:
+        return
+    if stats.num_classes != head.num_classes or stats.embedding_size != head.embedding_size:
+        raise IncompatibleModelError(
+            f"{what} cover {stats.num_classes} classes x {stats.embedding_size} dimensions but the head has "
+            f"{head.num_classes} classes x {head.embedding_size} dimensions; they do not belong to this head"
+        )
+
+
+def _check_embeddings(head: Head, embeddings, what: str) -> np.ndarray:
+    """One class's raw embeddings as float64 (n >= 1, D), or :class:`InputError`."""
+    try:
+        array = np.asarray(embeddings)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{what}: embeddings must be a numeric (n, {head.embedding_size}) array ({error})") from error
+    if array.ndim == 1 and array.size == head.embedding_size:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != head.embedding_size:
+        raise InputError(
+            f"{what}: embeddings have shape {array.shape}, but this head takes {head.embedding_size}-d embeddings "
+            f"(an (n, {head.embedding_size}) array); were they computed with another backbone?"
+        )
+    if array.shape[0] == 0:
+        raise InputError(f"{what}: no examples; give at least one embedding (image) per class")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise InputError(f"{what}: embeddings must be real numbers, got dtype {array.dtype}")
+    array = array.astype(np.float64)
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{what}: embeddings contain NaN or infinite values; check the backbone output and the images")
+    return array
+
+
+def _check_class_list(head: Head, new_embeddings: Sequence[np.ndarray]) -> list[np.ndarray]:
+    if isinstance(new_embeddings, np.ndarray):
+        raise InputError(
+            "new_embeddings must be a list with one (n_i, D) array per new class, not a single array; "
+            "wrap one class's embeddings as [embeddings]"
+        )
+    try:
+        arrays = list(new_embeddings)
+    except TypeError as error:
+        raise InputError("new_embeddings must be a list with one (n_i, D) array per new class") from error
+    if not arrays:
+        raise InputError("no new classes given; pass one (n_i, D) embedding array per new class")
+    return [_check_embeddings(head, array, f"new class {number}") for number, array in enumerate(arrays)]
+
+
+def _check_index(head: Head, class_index: int) -> int:
+    if isinstance(class_index, (bool, np.bool_)) or not isinstance(class_index, (int, np.integer)):
+        raise InputError(f"class_index must be an integer, got {class_index!r}")
+    index = int(class_index)
+    if not 0 <= index < head.num_classes:
+        raise InputError(f"class_index {index} is out of range: the head has classes 0..{head.num_classes - 1}")
+    return index
+
+
+def require_statistics(stats: ClassStats | None, method: str, action: str) -> ClassStats:
+    """``stats`` if ``method`` can ``action`` with them, else :class:`IncompatibleModelError` saying what to do."""
+    if stats is None:
+        raise IncompatibleModelError(
+            f"method {method!r} needs the class statistics of the existing classes to {action}, and this head "
+            "has none. Re-export the base bundle with class statistics (export_bundle(..., class_stats=...), as "
+            "`edgeadapt demo` does), or on the host pass examples of the old classes (replay) so that they can be "
+            "computed, or choose a method that needs no statistics (center_l2, weight_align, imprint)"
+        )
+    if method in STATISTICS_METHODS and stats.gram is None:
+        raise IncompatibleModelError(
+            f"method {method!r} needs the shared Gram matrix in the class statistics to {action}, and these "
+            "statistics have none. Recompute them with ClassStats.from_embeddings(..., with_gram=True) from "
+            "examples of the old classes, or choose center_l2 / weight_align / imprint"
+        )
+    return stats
+
+
+def _same_normalisation(a: Head, b: Head) -> bool:
+    if a.l2_normalize != b.l2_normalize or a.temperature != b.temperature:
+        return False
+    if (a.feature_mean is None) != (b.feature_mean is None):
+        return False
+    return a.feature_mean is None or bool(np.array_equal(a.feature_mean, b.feature_mean))
+
+
+# ============================================================================= statistics
+def _features(head: Head, embeddings: np.ndarray) -> np.ndarray:
+    """The head's feature normalisation in float64."""
+    features = np.asarray(embeddings, dtype=np.float64)
+    if head.feature_mean is not None:
+        features = features - head.feature_mean.astype(np.float64)
+    if head.l2_normalize:
+        norms = np.sqrt(np.einsum("ij,ij->i", features, features))
+        features = features / np.maximum(norms, 1e-12)[:, None]
+    return features
+
+
+def _append_stats(stats: ClassStats | None, arrays: list[np.ndarray]) -> ClassStats | None:
+    if stats is None:
+        return None
+    sums = np.concatenate([stats.sums, np.stack([array.sum(axis=0) for array in arrays])])
+    counts = np.concatenate([stats.counts, np.array([array.shape[0] for array in arrays], dtype=np.int64)])
+    gram = None
+    if stats.gram is not None:
+        gram = stats.gram.copy()
+        for array in arrays:
+            gram += array.T @ array
+    return ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(stats.extra))
+
+
+def _within_covariance(stats: ClassStats) -> np.ndarray:
+    """Pooled within-class covariance of the raw embeddings, from the Gram matrix and the sums."""
+    counts = stats.counts.astype(np.float64)
+    present = counts > 0
+    means = stats.sums[present] / counts[present, None]
+    scatter = stats.gram - (means.T * counts[present]) @ means
+    degrees = max(float(counts.sum()) - float(present.sum()), 1.0)
+    covariance = (scatter + scatter.T) / (2.0 * degrees)
+    return covariance
+
+
+@dataclass
+class _FeatureModel:
+    """Class means and shared covariance in the head's feature space (Gaussian model)."""
+
+    means: np.ndarray  # (C, D)
+    counts: np.ndarray  # (C,)
+    covariance: np.ndarray  # (D, D)
+
+
+def _feature_model(head: Head, stats: ClassStats) -> _FeatureModel:
+    """The stored statistics expressed in the head's feature space.
+
+    Centering is linear, so centred statistics are exact. L2 normalisation is not: a class
+    mean becomes ``(mu_c - m) / r_c`` with ``r_c^2 = |mu_c - m|^2 + tr(Sw)`` (the class's
+    mean squared radius under the shared covariance) and the covariance ``Sw / r^2`` with
+    ``r^2`` the mean squared radius of all examples (exact from the Gram matrix).
+    """
+    covariance = _within_covariance(stats)
+    counts = stats.counts.astype(np.float64)
+    means = stats.sums / np.maximum(counts, 1.0)[:, None]
+    center = np.zeros(stats.embedding_size) if head.feature_mean is None else head.feature_mean.astype(np.float64)
+    means = means - center
+    if head.l2_normalize:
+        total = max(float(counts.sum()), 1.0)
+        overall = stats.sums.sum(axis=0) / total
+        mean_square = float(np.trace(stats.gram)) / total - 2.0 * float(center @ overall) + float(center @ center)
+        spread = float(np.trace(covariance))
+        radii = np.sqrt(np.maximum(np.einsum("ij,ij->i", means, means) + spread, 1e-24))
+        means = means / radii[:, None]
+        covariance = covariance / max(mean_square, 1e-24)
+    return _FeatureModel(means=means, counts=counts, covariance=covariance)
+
+
+def _new_class_model(head: Head, arrays: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Feature-space means (k, D) and own covariances of new classes from their raw examples.
+
+    Computed the way :func:`_feature_model` models the stored classes (for an L2 head:
+    centred values divided by the class's root-mean-square radius).
+    """
+    center = np.zeros(head.embedding_size) if head.feature_mean is None else head.feature_mean.astype(np.float64)
+    means, covariances = [], []
+    for array in arrays:
+        centred = array - center
+        if head.l2_normalize:
+            radius = np.sqrt(max(float(np.mean(np.einsum("ij,ij->i", centred, centred))), 1e-24))
+            centred = centred / radius
+        mean = centred.mean(axis=0)
+        deviations = centred - mean
+        means.append(mean)
+        covariances.append(deviations.T @ deviations / centred.shape[0])
+    return np.stack(means), covariances
+
+
+def _shrunk(covariance: np.ndarray, shrinkage: float) -> np.ndarray:
+    size = covariance.shape[0]
+    scale = float(np.trace(covariance)) / size
+    if not scale > 0:
+        scale = 1.0
+    shrunk = (1.0 - shrinkage) * covariance
+    shrunk[np.diag_indices(size)] += shrinkage * scale + 1e-6 * scale
+    return shrunk
+
+
+def _discriminant(
+    means: np.ndarray, counts: np.ndarray, covariance: np.ndarray, options: AddClassOptions
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shrinkage linear discriminant columns (D, k) and biases (k,) for class ``means`` (k, D)."""
+    shrunk = _shrunk(covariance, options.shrinkage)
+    try:
+        solved = np.linalg.solve(shrunk, np.concatenate([means.T, covariance], axis=1))
+    except np.linalg.LinAlgError as error:
+        raise IncompatibleModelError(f"the shared covariance of the class statistics is singular ({error})") from error
+    weights = solved[:, : means.shape[0]]
+    effective = float(np.trace(solved[:, means.shape[0] :]))
+    quadratic = np.einsum("dk,kd->k", weights, means)
+    correction = options.small_sample_correction * effective / np.maximum(counts, 1.0)
+    bias = -0.5 * (quadratic - correction)
+    return weights, bias
+
+
+def _alignment(
+    weights: np.ndarray, bias: np.ndarray, reference_weights: np.ndarray, reference_bias: np.ndarray,
+    model: _FeatureModel, classes: np.ndarray,
+) -> tuple[float, np.ndarray, float]:
+    """Fit ``weights ~ s * reference + v 1^T``, ``bias ~ s * reference_bias + beta``.
+
+    ``s`` is the class-balanced least-squares match of the column-centred logits of the two
+    heads over the Gaussian model of ``classes`` (``v`` and ``beta`` are the per-input and
+    global offsets that softmax leaves free). Returns (s, v, beta).
+    """
+    count = weights.shape[1]
+    mean_weights, mean_reference = weights.mean(axis=1), reference_weights.mean(axis=1)
+    if count >= 2:
+        means = model.means[classes]
+        second = model.covariance + means.T @ means / len(classes)
+        first = means.mean(axis=0)
+        centred = weights - mean_weights[:, None]
+        centred_bias = bias - bias.mean()
+        reference = reference_weights - mean_reference[:, None]
+        reference_centred_bias = reference_bias - reference_bias.mean()
+
+        def inner(left_w, left_b, right_w, right_b) -> float:
+            return float(
+                np.sum(left_w * (second @ right_w))
+                + first @ left_w @ right_b
+                + first @ right_w @ left_b
+                + left_b @ right_b
+            )
+
+        denominator = inner(reference, reference_centred_bias, reference, reference_centred_bias)
+        scale = inner(centred, centred_bias, reference, reference_centred_bias) / denominator if denominator > 0 else 0.0
+    else:
+        norm = float(np.linalg.norm(reference_weights))
+        scale = float(np.linalg.norm(weights)) / norm if norm > 0 else 0.0
+        mean_weights = np.zeros_like(mean_weights)
+        mean_reference = np.zeros_like(mean_reference)
+    if not np.isfinite(scale) or scale <= 0:
+        raise IncompatibleModelError(
+            "the head's columns do not agree with its class statistics (the fitted logit scale is "
+            f"{scale:.3g}); the statistics probably belong to another head or backbone. Recompute the statistics "
+            "from examples of the old classes, or re-solve the head (resolve_all) before adding classes"
+        )
+    offset = mean_weights - scale * mean_reference
+    offset_bias = float(bias.mean() - scale * reference_bias.mean()) if count >= 2 else float(bias[0] - scale * reference_bias[0])
+    return scale, offset, offset_bias
+
+
+def _least_squares(
+    means: np.ndarray, covariances: list[np.ndarray | None], shared: np.ndarray, options: AddClassOptions
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced ridge regression of one-hot targets on [features, 1], from class moments.
+
+    Each class enters with weight 1 through its second moment ``m m^T + cov`` (its own
+    covariance when known, else the shared one), so the normal equations need no examples:
+    ``W = (sum_c E_c[x x^T] + l I)^-1 [m_c; 1]_c``. Returns columns (D, k) and biases (k,).
+    """
+    size = means.shape[1]
+    augmented = np.concatenate([means, np.ones((means.shape[0], 1))], axis=1)
+    moment = augmented.T @ augmented
+    for covariance in covariances:
+        moment[:size, :size] += shared if covariance is None else covariance
+    scale = float(np.trace(moment[:size, :size])) / size
+    moment[np.arange(size), np.arange(size)] += options.regularization * (scale if scale > 0 else 1.0)
+    try:
+        solution = np.linalg.solve(moment, augmented.T)
+    except np.linalg.LinAlgError as error:
+        raise IncompatibleModelError(f"the class moments are singular ({error}); the statistics are degenerate") from error
+    return solution[:size], solution[size]
+
+
+def _closed_form(
+    head: Head,
+    model: _FeatureModel,
+    covariances: list[np.ndarray | None],
+    targets: np.ndarray,
+    references: np.ndarray,
+    options: AddClassOptions,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ridge method's columns for classes ``targets`` of ``model``, on the head's logit scale.
+
+    Two closed forms from the same moments, each calibrated against the head's columns
+    ``references`` (:func:`_alignment`), then blended per class: a class with n examples
+    takes ``n / (n + few_shot_examples)`` from the least-squares solution (discriminative,
+    best with many examples) and the rest from the shared-covariance discriminant (stable
+    with few examples).
+    """
+    usable = references[model.counts[references] > 0]
+    if usable.size == 0:
+        raise IncompatibleModelError(
+            "the class statistics hold no examples for the existing classes, so new columns cannot be "
+            "calibrated against them; recompute the statistics from examples of the old classes"
+        )
+    every = np.concatenate([usable, targets])
+    fitted = []
+    discriminant = _discriminant(model.means[every], model.counts[every], model.covariance, options)
+    least_squares = _least_squares(model.means[every], [covariances[index] for index in every], model.covariance, options)
+    head_weights = head.weights[:, usable].astype(np.float64)
+    head_bias = head.bias[usable].astype(np.float64)
+    for weights, bias in (least_squares, discriminant):
+        scale, offset, offset_bias = _alignment(
+            head_weights, head_bias, weights[:, : usable.size], bias[: usable.size], model, usable
+        )
+        fitted.append((scale * weights[:, usable.size :] + offset[:, None], scale * bias[usable.size :] + offset_bias))
+    counts = model.counts[targets]
+    share = counts / (counts + options.few_shot_examples) if options.few_shot_examples > 0 else np.ones_like(counts)
+    weights = share * fitted[0][0] + (1.0 - share) * fitted[1][0]
+    bias = share * fitted[0][1] + (1.0 - share) * fitted[1][1]
+    return weights, bias
+
+
+def _ridge_columns(
+    head: Head,
+    stats: ClassStats,
+    targets: np.ndarray,
+    references: np.ndarray,
+    options: AddClassOptions,
+    new_arrays: list[np.ndarray] | None = None,
+    known_covariance: np.ndarray | None = None,
+    target_covariance: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated ridge columns for rows ``targets`` of ``stats`` (which already include them).
+
+    ``new_arrays``: the raw examples of ``targets`` when known; their own means and
+    covariances then replace the model's (the shared covariance stands in otherwise).
+    ``known_covariance``: the feature-space covariance to use for the classes without an
+    own covariance (default: the shared covariance of ``stats``), e.g. the one of the
+    statistics before the new classes were folded in. ``target_covariance``: the same for
+    ``targets`` (e.g. the within-class covariance of a merged head's own statistics).
+    """
+    model = _feature_model(head, stats)
+    covariances: list[np.ndarray | None] = [None] * stats.num_classes
+    if known_covariance is not None:
+        covariances = [known_covariance] * stats.num_classes
+    if target_covariance is not None:
+        for index in targets:
+            covariances[int(index)] = target_covariance
+    if new_arrays is not None:
+        means, own = _new_class_model(head, new_arrays)
+        model.means[targets] = means
+        for index, covariance, array in zip(targets, own, new_arrays):
+            weight = KNOWN_COVARIANCE_PRIOR / (array.shape[0] + KNOWN_COVARIANCE_PRIOR)
+            covariances[int(index)] = (1.0 - weight) * covariance + weight * model.covariance
+    return _closed_form(head, model, covariances, targets, references, options)
+
+
+# ============================================================================= trained columns
+def _softmax64(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
+def train_columns(
+    features: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray,
+    bias: np.ndarray,
+    columns: np.ndarray,
+    temperature: float,
+    options: AddClassOptions,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train ``columns`` of a linear softmax classifier, the other columns frozen.
+
+    Full-batch Adam on class-balanced cross-entropy of ``(features @ W + b) / temperature``
+    with L2 weight decay on the trained columns. ``features`` are already normalised (N, D).
+    Returns float64 copies of the full weights (D, C) and bias (C,). Deterministic.
+    """
+    weights = np.array(weights, dtype=np.float64)
+    bias = np.array(bias, dtype=np.float64)
+    columns = np.asarray(columns, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    count = weights.shape[1]
+    targets = np.zeros((labels.size, count))
+    targets[np.arange(labels.size), labels] = 1.0
+    frequency = np.bincount(labels, minlength=count).astype(np.float64)
+    sample_weight = 1.0 / frequency[labels]
+    sample_weight /= sample_weight.sum()
+    moment_w = np.zeros((weights.shape[0], columns.size))
+    square_w = np.zeros_like(moment_w)
+    moment_b = np.zeros(columns.size)
+    square_b = np.zeros(columns.size)
+    beta1, beta2, epsilon = 0.9, 0.999, 1e-8
+    for step in range(1, options.training_steps + 1):
+        probabilities = _softmax64((features @ weights + bias) / temperature)
+        error = (probabilities - targets)[:, columns] * (sample_weight[:, None] / temperature)
+        gradient_w = features.T @ error + options.weight_decay * weights[:, columns]
+        gradient_b = error.sum(axis=0)
+        moment_w = beta1 * moment_w + (1 - beta1) * gradient_w
+        square_w = beta2 * square_w + (1 - beta2) * gradient_w**2
+        moment_b = beta1 * moment_b + (1 - beta1) * gradient_b
+        square_b = beta2 * square_b + (1 - beta2) * gradient_b**2
+        correction1, correction2 = 1 - beta1**step, 1 - beta2**step
+        weights[:, columns] -= options.learning_rate * (moment_w / correction1) / (np.sqrt(square_w / correction2) + epsilon)
+        bias[columns] -= options.learning_rate * (moment_b / correction1) / (np.sqrt(square_b / correction2) + epsilon)
+    return weights, bias
+
+
+def _mean_norm(weights: np.ndarray) -> float:
+    return float(np.mean(np.linalg.norm(weights.astype(np.float64), axis=0)))
+
+
+def _align_weights(
+    new_weights: np.ndarray, new_bias: np.ndarray, old_weights: np.ndarray, old_bias: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weight aligning: rescale new columns to the old columns' mean norm, recentre biases on the old mean."""
+    new_norm = _mean_norm(new_weights)
+    factor = _mean_norm(old_weights) / new_norm if new_norm > 0 else 1.0
+    bias = factor * (new_bias - new_bias.mean()) + float(np.mean(old_bias))
+    return new_weights * factor, bias
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    """Columns of ``vectors`` (D, k) scaled to unit norm (zero columns stay zero)."""
+    norms = np.linalg.norm(vectors, axis=0)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
+def _require_cosine_head(head: Head, method: str) -> None:
+    if head.feature_mean is None or not head.l2_normalize:
+        raise IncompatibleModelError(
+            f"method {method!r} needs a head trained on centred, L2-normalised features (feature_mean set and "
+            "l2_normalize true; train it with HeadTrainingOptions(normalization='center_l2')); this head "
+            f"{'has no feature mean' if head.feature_mean is None else 'does not L2-normalise'}. Use method "
+            "'ridge' or 'weight_align' for this head"
+        )
+
+
+def _replay_features(head: Head, replay) -> tuple[np.ndarray, np.ndarray]:
+    if replay is None:
+        return np.zeros((0, head.embedding_size)), np.zeros(0, dtype=np.int64)
+    try:
+        embeddings, labels = replay
+    except (TypeError, ValueError) as error:
+        raise InputError("replay must be a pair (embeddings (n, D), labels (n,)) of old-class examples") from error
+    embeddings = _check_embeddings(head, embeddings, "replay")
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape[0] != embeddings.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"replay labels must be {embeddings.shape[0]} integer class indices, got {labels.shape} {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= head.num_classes):
+        raise InputError(f"replay labels must be existing class indices 0..{head.num_classes - 1}")
+    return _features(head, embeddings), labels.astype(np.int64)
+
+
+# ============================================================================= public API
+def add_classes(
+    head: Head,
+    stats: ClassStats | None,
+    new_embeddings: Sequence[np.ndarray],
+    options: AddClassOptions = AddClassOptions(),
+    *,
+    replay: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[Head, ClassStats | None]:
+    """Append one column per new class; the old columns stay bit-identical.
+
+    ``new_embeddings``: one (n_i, D) array of raw backbone embeddings per new class, in
+    order; the new classes get indices C, C+1, ... Returns the new head (C+k columns;
+    columns 0..C-1, their biases and the feature normalisation are the very same values as
+    in ``head``) and the statistics with k rows appended and the Gram matrix updated, or
+    None when ``stats`` is None (statistics cannot cover only some classes).
+
+    ``replay`` (keyword only): optional old-class examples (raw embeddings (n, D), class
+    indices (n,)). The trained methods (weight_align, none) use them as negatives; the
+    closed-form methods use the statistics instead.
+
+    Raises :class:`InputError` for an empty list, a class without examples, NaN/inf values
+    or embeddings of the wrong size, and :class:`IncompatibleModelError` when the method
+    needs statistics (ridge) that are missing, or a head normalisation it does not support.
+    """
+    options = _check_options(options)
+    _check_stats(head, stats)
+    arrays = _check_class_list(head, new_embeddings)
+    method = options.method
+    old_count = head.num_classes
+    if method in STATISTICS_METHODS:
+        stats = require_statistics(stats, method, "add classes")
+    if method == "center_l2":
+        _require_cosine_head(head, method)
+    updated = _append_stats(stats, arrays)
+    new_indices = np.arange(old_count, old_count + len(arrays))
+
+    if method == "ridge":
+        assert updated is not None
+        new_weights, new_bias = _ridge_columns(
+            head, updated, new_indices, np.arange(old_count), options, arrays,
+            known_covariance=_feature_model(head, stats).covariance,
+        )
+    elif method in ("imprint", "center_l2"):
+        means = np.stack([_features(head, array).mean(axis=0) for array in arrays], axis=1)
+        if method == "imprint":
+            new_weights, new_bias = _unit(means), np.zeros(len(arrays))
+        else:
+            new_weights = _unit(means) * _mean_norm(head.weights)
+            new_bias = np.full(len(arrays), float(np.mean(head.bias)))
+    else:  # trained: weight_align, none
+        replay_features, replay_labels = _replay_features(head, replay)
+        features = np.concatenate([replay_features] + [_features(head, array) for array in arrays])
+        labels = np.concatenate(
+            [replay_labels] + [np.full(array.shape[0], index, dtype=np.int64) for index, array in zip(new_indices, arrays)]
+        )
+        start_weights = np.concatenate([head.weights, np.zeros((head.embedding_size, len(arrays)), np.float32)], axis=1)
+        start_bias = np.concatenate([head.bias, np.zeros(len(arrays), np.float32)])
+        trained_weights, trained_bias = train_columns(
+            features, labels, start_weights, start_bias, new_indices, head.temperature, options
+        )
+        new_weights, new_bias = trained_weights[:, new_indices], trained_bias[new_indices]
+        if method == "weight_align":
+            new_weights, new_bias = _align_weights(new_weights, new_bias, head.weights, head.bias)
+
+    result = _appended(head, new_weights, new_bias)
+    logger.debug("added %d class(es) with method %s", len(arrays), method)
+    return result, updated
+
+
+def _appended(head: Head, new_weights: np.ndarray, new_bias: np.ndarray) -> Head:
+    new_weights = np.asarray(new_weights, dtype=np.float64)
+    new_bias = np.asarray(new_bias, dtype=np.float64).reshape(-1)
+    if not (np.all(np.isfinite(new_weights)) and np.all(np.isfinite(new_bias))):
+        raise IncompatibleModelError(
+            "the new columns came out non-finite; the class statistics are probably degenerate "
+            "(recompute them from examples) or the examples are extreme"
+        )
+    weights = np.concatenate([head.weights, new_weights.astype(np.float32)], axis=1)
+    bias = np.concatenate([head.bias, new_bias.astype(np.float32)])
+    return head.with_columns(weights, bias)
+
+
+def _replaced_column(head: Head, index: int, column: np.ndarray, bias_value: float) -> Head:
+    column = np.asarray(column, dtype=np.float64).reshape(-1)
+    if not (np.all(np.isfinite(column)) and np.isfinite(bias_value)):
+        raise IncompatibleModelError("the recomputed column came out non-finite; the class statistics are degenerate")
+    weights = head.weights.copy()
+    bias = head.bias.copy()
+    weights[:, index] = column.astype(np.float32)
+    bias[index] = np.float32(bias_value)
+    return head.with_columns(weights, bias)
+
+
+def add_examples(
+    head: Head,
+    stats: ClassStats | None,
+    class_index: int,
+    embeddings: np.ndarray,
+    options: AddClassOptions = AddClassOptions(),
+) -> tuple[Head, ClassStats | None]:
+    """Strengthen existing class ``class_index`` with more raw embeddings (n, D).
+
+    The class's statistics row (and the Gram matrix) is updated and ONLY its column and
+    bias are recomputed; every other column stays bit-identical. ridge: the calibrated
+    discriminant column from the updated statistics (calibrated against the other
+    columns). center_l2 / imprint: from the updated class mean (needs statistics).
+    weight_align / none: the column is trained further on the new examples (warm start).
+    """
+    options = _check_options(options)
+    _check_stats(head, stats)
+    index = _check_index(head, class_index)
+    array = _check_embeddings(head, embeddings, f"class {index}")
+    method = options.method
+    if method in STATISTICS_METHODS or method in ("imprint", "center_l2"):
+        stats = require_statistics(stats, method, "strengthen a class (its column is recomputed from its statistics)")
+    if method == "center_l2":
+        _require_cosine_head(head, method)
+    updated = None
+    if stats is not None:
+        sums = stats.sums.copy()
+        counts = stats.counts.copy()
+        sums[index] += array.sum(axis=0)
+        counts[index] += array.shape[0]
+        gram = None if stats.gram is None else stats.gram + array.T @ array
+        updated = ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(stats.extra))
+    others = np.array([column for column in range(head.num_classes) if column != index], dtype=np.int64)
+
+    if method == "ridge":
+        assert updated is not None
+        if others.size == 0:
+            raise IncompatibleModelError("a head with a single class cannot be calibrated; add a second class first")
+        column, bias_value = _ridge_columns(head, updated, np.array([index]), others, options)
+        column, bias_value = column[:, 0], float(bias_value[0])
+    elif method in ("imprint", "center_l2"):
+        assert updated is not None
+        model_mean = (updated.sums[index] / max(int(updated.counts[index]), 1))
+        if head.feature_mean is not None:
+            model_mean = model_mean - head.feature_mean.astype(np.float64)
+        direction = _unit(model_mean[:, None])[:, 0]
+        if method == "imprint":
+            column, bias_value = direction, 0.0
+        else:
+            reference = head.weights[:, others] if others.size else head.weights
+            column = direction * _mean_norm(reference)
+            bias_value = float(np.mean(head.bias[others])) if others.size else float(head.bias[index])
+    else:
+        features = _features(head, array)
+        labels = np.full(array.shape[0], index, dtype=np.int64)
+        trained_weights, trained_bias = train_columns(
+            features, labels, head.weights, head.bias, np.array([index]), head.temperature, options
+        )
+        column, bias_value = trained_weights[:, index], float(trained_bias[index])
+        if method == "weight_align" and others.size:
+            factor_norm = float(np.linalg.norm(column))
+            if factor_norm > 0:
+                column = column * (_mean_norm(head.weights[:, others]) / factor_norm)
+            bias_value = float(np.mean(head.bias[others]))
+    return _replaced_column(head, index, column, bias_value), updated
+
+
+def remove_class(head: Head, stats: ClassStats | None, class_index: int) -> tuple[Head, ClassStats | None]:
+    """Drop class ``class_index``: its column, bias and statistics row.
+
+    The remaining columns keep their values (classes after it move down one index). The
+    Gram matrix cannot be split by class, so the removed class's share is estimated as
+    ``n_c (Sw + mu_c mu_c^T)`` with the current shared covariance ``Sw`` and subtracted;
+    the shared covariance estimate is unchanged by this.
+    """
+    _check_stats(head, stats)
+    index = _check_index(head, class_index)
+    if head.num_classes < 2:
+        raise InputError("cannot remove the only class of a head")
+    keep = np.array([column for column in range(head.num_classes) if column != index], dtype=np.int64)
+    result = head.with_columns(np.ascontiguousarray(head.weights[:, keep]), np.ascontiguousarray(head.bias[keep]))
+    if stats is None:
+        return result, None
+    gram = None
+    if stats.gram is not None:
+        count = int(stats.counts[index])
+        gram = stats.gram.copy()
+        if count > 0:
+            mean = stats.sums[index] / count
+            gram -= count * (_within_covariance(stats) + np.outer(mean, mean))
+            gram = (gram + gram.T) / 2.0
+    updated = ClassStats(sums=stats.sums[keep], counts=stats.counts[keep], gram=gram, extra=dict(stats.extra))
+    return result, updated
+
+
+def merge_heads(
+    a: Head,
+    a_stats: ClassStats | None,
+    b: Head,
+    b_stats: ClassStats | None,
+    options: AddClassOptions = AddClassOptions(),
+) -> tuple[Head, ClassStats | None]:
+    """Append the classes of head ``b`` to head ``a`` (a's columns stay bit-identical).
+
+    Both heads must come from the same backbone: the caller compares the backbone
+    fingerprints; here only the embedding size is checked. How b's columns enter a:
+
+    - ``ridge``: recomputed from ``b_stats`` (class means) with the shared covariance of the
+      combined statistics and calibrated against a's columns, exactly as :func:`add_classes`
+      would from b's examples. Needs ``a_stats`` with a Gram matrix and ``b_stats``.
+    - ``center_l2`` / ``imprint``: from b's class means when ``b_stats`` is given, otherwise
+      from b's own columns (normalised, scaled to a's mean norm; center_l2 only), which then
+      needs b to normalise features exactly like a.
+    - ``weight_align``: b's own columns rescaled to a's mean column norm, biases recentred
+      on a's mean bias (same normalisation needed).
+    - ``none``: b's columns copied unchanged (plain concatenation; same normalisation needed).
+
+    Returns the merged head and statistics (``a_stats`` rows then ``b_stats`` rows, Gram
+    matrices added; b's Gram is estimated from a's shared covariance when b has none), or
+    None statistics when either side has none.
+    """
+    options = _check_options(options)
+    if a.embedding_size != b.embedding_size:
+        raise IncompatibleModelError(
+            f"head a takes {a.embedding_size}-d embeddings and head b {b.embedding_size}-d: they come from different "
+            "backbones and cannot be merged; train head b on embeddings of a's backbone"
+        )
+    _check_stats(a, a_stats, "statistics of head a")
+    _check_stats(b, b_stats, "statistics of head b")
+    method = options.method
+    merged_stats: ClassStats | None = None
+    if a_stats is not None and b_stats is not None:
+        b_gram = b_stats.gram
+        if a_stats.gram is not None and b_gram is None:
+            covariance = _within_covariance(a_stats)
+            means = b_stats.means()
+            b_gram = b_stats.counts.sum() * covariance + (means.T * b_stats.counts) @ means
+        gram = None if a_stats.gram is None or b_gram is None else a_stats.gram + b_gram
+        merged_stats = ClassStats(
+            sums=np.concatenate([a_stats.sums, b_stats.sums]),
+            counts=np.concatenate([a_stats.counts, b_stats.counts]),
+            gram=gram,
+            extra=dict(a_stats.extra),
+        )
+    new_indices = np.arange(a.num_classes, a.num_classes + b.num_classes)
+
+    def need_same_normalisation(reason: str) -> None:
+        if not _same_normalisation(a, b):
+            raise IncompatibleModelError(
+                f"heads a and b normalise features differently (feature mean, L2, temperature), so {reason}; "
+                "give b's class statistics and use method 'ridge' (its columns are then recomputed in a's space)"
+            )
+
+    if method == "ridge":
+        require_statistics(a_stats, method, "merge heads")
+        if b_stats is None:
+            raise IncompatibleModelError(
+                "method 'ridge' merges head b through its class statistics, and b has none; export b with class "
+                "statistics, or merge with method 'weight_align' (rescales b's own columns)"
+            )
+        if np.any(b_stats.counts <= 0):
+            raise InputError("head b's statistics hold a class with zero examples; every merged class needs examples")
+        assert merged_stats is not None and merged_stats.gram is not None
+        known = _feature_model(a, a_stats).covariance
+        target = None
+        degrees = int(b_stats.counts.sum()) - b_stats.num_classes
+        if b_stats.gram is not None and degrees > 0:
+            # b's own within-class covariance, shrunk towards a's as for a new class with few examples
+            weight = KNOWN_COVARIANCE_PRIOR / (degrees + KNOWN_COVARIANCE_PRIOR)
+            target = (1.0 - weight) * _feature_model(a, b_stats).covariance + weight * known
+        new_weights, new_bias = _ridge_columns(a, merged_stats, new_indices, np.arange(a.num_classes), options,
+                                               known_covariance=known, target_covariance=target)
+    elif method in ("center_l2", "imprint"):
+        if method == "center_l2":
+            _require_cosine_head(a, method)
+        if b_stats is not None:
+            if np.any(b_stats.counts <= 0):
+                raise InputError("head b's statistics hold a class with zero examples; every merged class needs examples")
+            means = b_stats.means()
+            if a.feature_mean is not None:
+                means = means - a.feature_mean.astype(np.float64)
+            directions = _unit(means.T)
+        else:
+            need_same_normalisation(f"b's own columns cannot be used by method {method!r}")
+            directions = _unit(b.weights.astype(np.float64))
+        if method == "imprint":
+            new_weights, new_bias = directions, np.zeros(b.num_classes)
+        else:
+            new_weights = directions * _mean_norm(a.weights)
+            new_bias = np.full(b.num_classes, float(np.mean(a.bias)))
+    elif method == "weight_align":
+        need_same_normalisation("b's columns cannot be weight-aligned into a")
+        new_weights, new_bias = _align_weights(b.weights.astype(np.float64), b.bias.astype(np.float64), a.weights, a.bias)
+    else:
+        need_same_normalisation("b's columns cannot be concatenated to a")
+        new_weights, new_bias = b.weights.astype(np.float64), b.bias.astype(np.float64)
+    return _appended(a, new_weights, new_bias), merged_stats
+
+
+def resolve_all(head: Head, stats: ClassStats | None, options: AddClassOptions = AddClassOptions()) -> Head:
+    """Re-fit ALL columns jointly from the class statistics. CHANGES OLD-CLASS OUTPUTS.
+
+    The upper-bound-quality closed form: the shrinkage discriminant of every class from
+    the statistics (``options.shrinkage``, ``options.small_sample_correction``; the
+    method name is not used), put on the current head's logit scale (the same calibration
+    as ridge, fitted over all columns) and keeping the head's feature normalisation. Use
+    it when old outputs may change, e.g. after many classes were added one at a time.
+    Needs statistics with a Gram matrix and examples for every class.
+    """
+    options = _check_options(options)
+    _check_stats(head, stats)
+    stats = require_statistics(stats, "ridge", "re-solve the head")
+    empty = np.flatnonzero(stats.counts <= 0)
+    if empty.size:
+        raise IncompatibleModelError(
+            f"the class statistics hold no examples for class(es) {empty.tolist()}; a joint re-fit needs examples of "
+            "every class"
+        )
+    model = _feature_model(head, stats)
+    every = np.arange(head.num_classes)
+    covariances: list[np.ndarray | None] = [None] * head.num_classes
+    blended = []
+    for weights, bias in (
+        _least_squares(model.means, covariances, model.covariance, options),
+        _discriminant(model.means, model.counts, model.covariance, options),
+    ):
+        scale, offset, offset_bias = _alignment(
+            head.weights.astype(np.float64), head.bias.astype(np.float64), weights, bias, model, every
+        )
+        blended.append((scale * weights + offset[:, None], scale * bias + offset_bias))
+    counts = model.counts
+    share = counts / (counts + options.few_shot_examples) if options.few_shot_examples > 0 else np.ones_like(counts)
+    new_weights = share * blended[0][0] + (1.0 - share) * blended[1][0]
+    new_bias = share * blended[0][1] + (1.0 - share) * blended[1][1]
+    if not (np.all(np.isfinite(new_weights)) and np.all(np.isfinite(new_bias))):
+        raise IncompatibleModelError("the re-solved head came out non-finite; the class statistics are degenerate")
+    return head.with_columns(new_weights.astype(np.float32), new_bias.astype(np.float32))
+
+
+def old_logits_unchanged(before: Head, after: Head, embeddings: np.ndarray) -> bool:
+    """True when ``after`` gives bit-identical logits to ``before`` for ``before``'s classes."""
+    if after.num_classes < before.num_classes:
+        return False
+    return bool(np.array_equal(before.logits(embeddings), after.logits(embeddings)[:, : before.num_classes]))

@@ -1,0 +1,1020 @@
+"""HeadUpdater: add, strengthen, remove and rename classes on the device, commit atomically, roll back.
+
+No TensorFlow: embeddings come from the bundle's own backbone through the open
+:class:`~edgeadapt.device.runtime.Runtime`, the head math is the shared numpy code in
+:mod:`edgeadapt.device.incremental` (the host calls the same functions), and every change
+is committed as a new head version by :mod:`edgeadapt.device.versions`.
+
+>>> runtime = Runtime.open("model.eab")
+>>> updater = HeadUpdater(runtime)
+>>> updater.add_class("mug", ["mug1.jpg", "mug2.jpg", "mug3.jpg", "mug4.jpg", "mug5.jpg"])
+>>> runtime.predict("mug6.jpg")[0].label        # the runtime uses the new head at once
+'mug'
+>>> updater.rollback(1)                          # restore the exported head
+
+Every method validates all of its inputs (names, every image) before it takes the lock
+and writes anything; a refused or failed update leaves the bundle exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings, head_payload
+from edgeadapt.device.errors import BundleError, InputError, UpdateError
+from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.manifest import Manifest, utc_timestamp
+from edgeadapt.device.preprocessing import _is_pil_image, prepare_image
+from edgeadapt.device.unknown import UNKNOWN_LABEL, UnknownRejection, calibrate_unknown, load_unknown
+from edgeadapt.device.versions import (
+    DEFAULT_KEEP_VERSIONS,
+    DEFAULT_READER_GRACE_SECONDS,
+    HEADS_DIR,
+    VersionInfo,
+    VersionStore,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Default update-gate budget: the largest fraction of old-class reference embeddings that an
+#: update may disturb (see :class:`GateReport`) before it is refused.
+DEFAULT_GATE_BUDGET = 0.10
+DEFAULT_REFERENCES_PER_CLASS = 5
+MAX_CLASS_NAME_LENGTH = 200
+#: Above this many reference x class x dimension multiply-adds the exact gate falls back to a
+#: deterministic subsample of the references.
+_EXACT_GATE_WORK = 4e8
+_DEVICE_EXAMPLE_FILES = ("device_embeddings.npy", "device_labels.npy")
+_UNKNOWN_CENTER_FILE = "unknown_center.npy"
+
+
+class UpdateGateError(UpdateError):
+    """The update gate refused an update: old-class predictions would change beyond the budget."""
+
+    def __init__(self, message: str, report: "GateReport"):
+        super().__init__(message)
+        self.report = report
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class GateReport:
+    """What the update gate measured on the stored references of the old classes.
+
+    A reference embedding of an old class is *disturbed* when, after the update, a new or
+    changed class outscores its own class although it did not before (for a reference of a
+    changed class: it was predicted correctly before and is not after). ``fraction`` =
+    disturbed / checked; the update passes when ``fraction <= budget``.
+    """
+
+    source: str
+    checked: int
+    disturbed: int
+    budget: float
+    passed: bool
+    forced: bool = False
+    exact: bool = True
+    details: tuple[dict, ...] = ()
+
+    @property
+    def fraction(self) -> float:
+        return self.disturbed / self.checked if self.checked else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "checked": self.checked,
+            "disturbed": self.disturbed,
+            "fraction": round(self.fraction, 6),
+            "budget": self.budget,
+            "passed": self.passed,
+            "forced": self.forced,
+            "details": list(self.details),
+        }
+
+    def describe(self) -> str:
+        if not self.checked:
+            return f"gate: nothing to check ({self.source})"
+        worst = "; ".join(
+            f"{entry['class']!r}: {entry['disturbed']}/{entry['of']} now taken by "
+            + ", ".join(f"{name!r}" for name in entry["taken_by"])
+            for entry in self.details[:5]
+        )
+        return (
+            f"{self.disturbed} of {self.checked} old-class reference embeddings ({self.fraction:.1%}) would change "
+            f"prediction, budget {self.budget:.1%}" + (f" ({worst})" if worst else "")
+        )
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """A committed update: the new version, what changed, the gate report and timings (seconds)."""
+
+    version: int
+    action: str
+    classes: tuple[str, ...]
+    change: dict
+    gate: GateReport | None = None
+    timings: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- state
+@dataclass
+class HeadState:
+    """Everything one head version holds (read from disk under the writer lock)."""
+
+    manifest: Manifest
+    head: Head
+    stats: ClassStats | None
+    references: ReferenceEmbeddings | None
+    device_examples: ReferenceEmbeddings | None
+    unknown: UnknownRejection | None
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.manifest.class_names
+
+    @property
+    def classes(self) -> list[dict]:
+        return [dict(entry) for entry in self.manifest.data["classes"]]
+
+
+def head_file_paths(manifest: Manifest) -> list[str]:
+    """Files of the manifest that belong to the head version (everything under ``heads/``)."""
+    return [name for name in manifest.files if name.startswith(f"{HEADS_DIR}/")]
+
+
+def load_state(bundle_path: Path, manifest: Manifest, verify: bool = True) -> HeadState:
+    """Read (and checksum) the head, statistics, references, device examples and unknown rule of ``manifest``."""
+    bundle = Bundle(Path(bundle_path), manifest)
+    if verify:
+        bundle.verify(only=head_file_paths(manifest))
+    section = manifest.data["head"]
+    device_examples = None
+    if section.get("device_examples"):
+        device_examples = ReferenceEmbeddings(
+            embeddings=bundle._load_array(section["device_examples"]["embeddings"]),
+            labels=bundle._load_array(section["device_examples"]["labels"]),
+        )
+    return HeadState(
+        manifest=manifest,
+        head=bundle.load_head(),
+        stats=bundle.load_class_stats(),
+        references=bundle.load_reference_embeddings(),
+        device_examples=device_examples,
+        unknown=load_unknown(bundle),
+    )
+
+
+# ----------------------------------------------------------------------------- validation helpers
+def check_class_name(name: Any, what: str = "class name") -> str:
+    """Return ``name`` if it is a usable class name, else raise :class:`InputError`."""
+    if not isinstance(name, str):
+        raise InputError(f"{what} must be a string, got {type(name).__name__}")
+    if not name.strip():
+        raise InputError(f"{what} is empty; give the class a name")
+    if name != name.strip():
+        raise InputError(f"{what} {name!r} has leading or trailing whitespace; remove it")
+    if any(ord(character) < 32 or ord(character) == 127 for character in name):
+        raise InputError(f"{what} {name!r} contains control characters")
+    if len(name) > MAX_CLASS_NAME_LENGTH:
+        raise InputError(f"{what} is {len(name)} characters long; use at most {MAX_CLASS_NAME_LENGTH}")
+    return name
+
+
+def as_example_list(examples: Any) -> list:
+    """One image or a collection of images as a list; :class:`InputError` when there are none."""
+    if examples is None:
+        raise InputError("no examples given; give a list of image paths, PIL images or uint8 arrays")
+    if isinstance(examples, (str, Path)) or _is_pil_image(examples):
+        return [examples]
+    if isinstance(examples, np.ndarray):
+        items = [examples] if examples.ndim in (2, 3) else list(examples) if examples.ndim == 4 else None
+        if items is None:
+            raise InputError(f"an image array must be (H, W[, C]) or a (N, H, W, C) batch, got shape {examples.shape}")
+    elif isinstance(examples, (list, tuple)):
+        items = list(examples)
+    elif isinstance(examples, Iterable) and not isinstance(examples, (bytes, dict)):
+        items = list(examples)
+    else:
+        raise InputError(
+            f"examples must be image paths, PIL images or uint8 arrays (or a list of them), got {type(examples).__name__}"
+        )
+    if not items:
+        raise InputError("the example list is empty; give at least one image of the class")
+    return items
+
+
+def _describe_example(example: Any) -> str:
+    if isinstance(example, (str, Path)):
+        return repr(str(example))
+    if isinstance(example, np.ndarray):
+        return f"array {example.dtype} {example.shape}"
+    return type(example).__name__
+
+
+def _finite_embeddings(embeddings: np.ndarray, what: str) -> np.ndarray:
+    if not np.all(np.isfinite(embeddings)):
+        raise InputError(f"the backbone produced NaN or infinite embeddings for {what}; nothing was changed")
+    return embeddings
+
+
+def _replace_paths(section: Any, mapping: Mapping[str, str]) -> Any:
+    if isinstance(section, dict):
+        return {key: _replace_paths(value, mapping) for key, value in section.items()}
+    if isinstance(section, list):
+        return [_replace_paths(value, mapping) for value in section]
+    if isinstance(section, str):
+        return mapping.get(section, section)
+    return section
+
+
+def _same_normalisation(first: Head, second: Head) -> bool:
+    if first.l2_normalize != second.l2_normalize or first.temperature != second.temperature:
+        return False
+    if (first.feature_mean is None) != (second.feature_mean is None):
+        return False
+    return first.feature_mean is None or bool(np.array_equal(first.feature_mean, second.feature_mean))
+
+
+# ----------------------------------------------------------------------------- update gate
+def _column_range(indices: np.ndarray) -> slice | np.ndarray:
+    """``indices`` as a slice when they are consecutive (a view instead of a copy)."""
+    if indices.size and indices[-1] - indices[0] == indices.size - 1 and np.all(np.diff(indices) == 1):
+        return slice(int(indices[0]), int(indices[-1]) + 1)
+    return indices
+
+
+def _equal_columns(old: Head, new: Head, kept_old: np.ndarray, kept_new: np.ndarray) -> np.ndarray:
+    """Which kept columns (and biases) are bit-identical in ``old`` and ``new``."""
+    old_columns, new_columns = _column_range(kept_old), _column_range(kept_new)
+    equal = (old.weights[:, old_columns] == new.weights[:, new_columns]).all(axis=0)
+    return equal & (old.bias[old_columns] == new.bias[new_columns])
+
+
+def _own_logits(features: np.ndarray, head: Head, labels: np.ndarray) -> np.ndarray:
+    """Each row's logit for its own class (before temperature), without the full (K, C) product."""
+    rows = np.ascontiguousarray(head.weights.T)[labels]
+    return np.einsum("kd,kd->k", features, rows) + head.bias[labels]
+
+
+def gate_references(state: HeadState, per_class: int = DEFAULT_REFERENCES_PER_CLASS
+                    ) -> tuple[np.ndarray, np.ndarray, str]:
+    """The gate's reference embeddings (K, D) and labels (class indices).
+
+    Stored references (``head.references``, written at export or by
+    :meth:`HeadUpdater.set_reference_embeddings`); for classes without them, up to
+    ``per_class`` of the examples the class was learned from on this device; for classes
+    with neither, the class mean from the class statistics.
+    """
+    parts, labels, sources = [], [], []
+    covered = np.zeros(state.head.num_classes, dtype=bool)
+    if state.references is not None and len(state.references):
+        parts.append(state.references.as_float32())
+        labels.append(state.references.labels)
+        covered[state.references.labels[state.references.labels < covered.size]] = True
+        sources.append("references")
+    examples = state.device_examples
+    if examples is not None and len(examples):
+        order = np.argsort(examples.labels, kind="stable")
+        sorted_labels = examples.labels[order]
+        starts = np.searchsorted(sorted_labels, sorted_labels)  # first position of each row's class
+        rank = np.arange(sorted_labels.size) - starts
+        chosen = order[(rank < per_class) & ~covered[sorted_labels]]
+        if chosen.size:
+            chosen = np.sort(chosen)
+            parts.append(examples.as_float32()[chosen])
+            labels.append(examples.labels[chosen])
+            covered[examples.labels[chosen]] = True
+            sources.append("device examples")
+    if state.stats is not None:
+        missing = np.flatnonzero(~covered & (state.stats.counts > 0))
+        if missing.size:
+            parts.append(state.stats.means()[missing].astype(np.float32))
+            labels.append(missing.astype(np.int64))
+            sources.append("class means")
+    if not parts:
+        return np.zeros((0, state.head.embedding_size), np.float32), np.zeros(0, np.int64), "none"
+    if len(parts) == 1:
+        return parts[0], labels[0], sources[0]
+    return np.concatenate(parts), np.concatenate(labels), " + ".join(sources)
+
+
+def evaluate_gate(
+    old_head: Head,
+    new_head: Head,
+    references: np.ndarray,
+    labels: np.ndarray,
+    index_map: np.ndarray,
+    old_names: Sequence[str],
+    new_names: Sequence[str],
+    budget: float,
+    source: str = "references",
+    force: bool = False,
+) -> GateReport:
+    """Compare ``old_head`` and ``new_head`` on the reference embeddings of the surviving old classes.
+
+    ``index_map[i]`` is the new index of old class i (-1 when removed). Cheap when the update
+    keeps most columns bit-identical (it only scores the new and changed columns); exact on
+    all references otherwise (subsampled beyond a fixed amount of work).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    surviving = index_map[labels] >= 0
+    embeddings = np.asarray(references, dtype=np.float32)
+    old_labels = labels
+    if not surviving.all():
+        embeddings, old_labels = embeddings[surviving], labels[surviving]
+    new_labels = index_map[old_labels]
+    checked = int(old_labels.size)
+    if checked == 0:
+        return GateReport(source=source if source != "none" else "none (no references or class statistics)",
+                          checked=0, disturbed=0, budget=budget, passed=True, forced=force)
+    changed: np.ndarray | None = None
+    if _same_normalisation(old_head, new_head):
+        kept_old = np.flatnonzero(index_map >= 0)
+        kept_new = index_map[kept_old]
+        equal = _equal_columns(old_head, new_head, kept_old, kept_new)
+        unchanged = np.zeros(new_head.num_classes, dtype=bool)
+        unchanged[kept_new[equal]] = True
+        changed = np.flatnonzero(~unchanged)
+        if changed.size > max(64, new_head.num_classes // 4):
+            changed = None
+    disturbed = np.zeros(checked, dtype=bool)
+    taker = np.full(checked, -1, dtype=np.int64)
+    exact = True
+    if changed is not None:
+        features = new_head.features(embeddings)  # == old features: same normalisation
+        own_logit = _own_logits(features, new_head, new_labels)
+        if changed.size:
+            new_logits = features @ new_head.weights[:, changed] + new_head.bias[changed]
+            beats = new_logits > own_logit[:, None]
+            new_to_old = np.full(new_head.num_classes, -1, dtype=np.int64)
+            new_to_old[index_map[index_map >= 0]] = np.flatnonzero(index_map >= 0)
+            existed = new_to_old[changed] >= 0
+            if existed.any():
+                old_columns = new_to_old[changed[existed]]
+                old_logits = features @ old_head.weights[:, old_columns] + old_head.bias[old_columns]
+                old_own = _own_logits(features, old_head, old_labels)
+                beats[:, existed] &= ~(old_logits > old_own[:, None])
+            own_changed = np.isin(new_labels, changed)
+            stolen = beats.any(axis=1) & ~own_changed
+            disturbed |= stolen
+            masked = np.where(beats, new_logits, -np.inf)
+            taker[stolen] = changed[masked[stolen].argmax(axis=1)]
+            if own_changed.any():  # references of a changed class: exact before/after on those only
+                rows = np.flatnonzero(own_changed)
+                before = old_head.logits(embeddings[rows]).argmax(axis=1)
+                after = new_head.logits(embeddings[rows]).argmax(axis=1)
+                regressed = (before == old_labels[rows]) & (after != new_labels[rows])
+                disturbed[rows[regressed]] = True
+                taker[rows[regressed]] = after[regressed]
+        exact = False
+    else:
+        rows = np.arange(checked)
+        work = float(checked) * embeddings.shape[1] * (old_head.num_classes + new_head.num_classes)
+        if work > _EXACT_GATE_WORK:
+            keep = max(1, int(checked * _EXACT_GATE_WORK / work))
+            rows = np.sort(np.random.default_rng(0).choice(checked, keep, replace=False))
+            exact = False
+        before = old_head.logits(embeddings[rows]).argmax(axis=1)
+        after = new_head.logits(embeddings[rows]).argmax(axis=1)
+        regressed = (before == old_labels[rows]) & (after != new_labels[rows])
+        disturbed = np.zeros(checked, dtype=bool)
+        disturbed[rows[regressed]] = True
+        taker[rows[regressed]] = after[regressed]
+        checked = int(rows.size)
+        disturbed, taker, old_labels = disturbed[rows], taker[rows], old_labels[rows]
+    count = int(disturbed.sum())
+    details = []
+    if count:  # the worst classes (at most 10) and who took their references
+        hit_labels, hit_takers = old_labels[disturbed], taker[disturbed]
+        totals = np.bincount(old_labels, minlength=len(old_names))
+        classes_hit, hit_counts = np.unique(hit_labels, return_counts=True)
+        for position in np.argsort(-hit_counts, kind="stable")[:10]:
+            old_class = int(classes_hit[position])
+            takers, counts = np.unique(hit_takers[hit_labels == old_class], return_counts=True)
+            order = np.argsort(-counts, kind="stable")
+            details.append({
+                "class": old_names[old_class],
+                "disturbed": int(hit_counts[position]),
+                "of": int(totals[old_class]),
+                "taken_by": {new_names[int(takers[i])]: int(counts[i]) for i in order if takers[i] >= 0},
+            })
+    fraction = count / checked if checked else 0.0
+    return GateReport(source=source, checked=checked, disturbed=count, budget=float(budget),
+                      passed=fraction <= budget, forced=force, exact=exact, details=tuple(details))
+
+
+# ----------------------------------------------------------------------------- the plan of one update
+@dataclass
+class _Plan:
+    """The new head version an operation produces (before the gate and the commit)."""
+
+    action: str
+    classes: list[dict]
+    head: Head
+    stats: ClassStats | None
+    references: ReferenceEmbeddings | None
+    device_examples: ReferenceEmbeddings | None
+    unknown: UnknownRejection | None
+    index_map: np.ndarray
+    change: dict
+    gate: bool = True
+    timings: dict = field(default_factory=dict)
+
+
+def _relabel(store: ReferenceEmbeddings | None, index_map: np.ndarray) -> ReferenceEmbeddings | None:
+    if store is None:
+        return None
+    new_labels = index_map[store.labels]
+    keep = new_labels >= 0
+    if not keep.any():
+        return None
+    result = ReferenceEmbeddings(store.embeddings[keep], new_labels[keep])
+    if store.embeddings.dtype != np.float32 and "_float32" in store.__dict__:
+        result.__dict__["_float32"] = store.__dict__["_float32"][keep]
+    return result
+
+
+def _append(store: ReferenceEmbeddings | None, embeddings: np.ndarray, label: int, dtype) -> ReferenceEmbeddings:
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    labels = np.full(embeddings.shape[0], label, dtype=np.int64)
+    if store is None or not len(store):
+        return ReferenceEmbeddings(embeddings.astype(dtype), labels)
+    result = ReferenceEmbeddings(
+        np.concatenate([store.embeddings, embeddings.astype(store.embeddings.dtype)]),
+        np.concatenate([store.labels, labels]),
+    )
+    if store.embeddings.dtype != np.float32 and "_float32" in store.__dict__:
+        # keep the float32 copy current without converting everything again
+        rounded = embeddings.astype(store.embeddings.dtype).astype(np.float32)
+        result.__dict__["_float32"] = np.concatenate([store.__dict__["_float32"], rounded])
+    return result
+
+
+# ----------------------------------------------------------------------------- the updater
+class HeadUpdater:
+    """Updates the head of an open :class:`~edgeadapt.device.runtime.Runtime`'s bundle in place.
+
+    ``keep_versions``: versions kept for :meth:`rollback` (at least 2).
+    ``wait_for_lock``: when another writer holds the bundle, wait (up to ``lock_timeout`` s)
+    instead of raising :class:`~edgeadapt.device.errors.ConcurrentUpdateError`.
+    ``gate_budget``: the largest fraction of old-class reference embeddings an update may
+    disturb (:class:`GateReport`); ``force=True`` on a method commits anyway.
+    ``options``: :class:`edgeadapt.device.incremental.AddClassOptions` for the head math
+    (default: the library default method, the same the host uses).
+    ``references_per_class``: how many of a device-added class's own examples the gate uses
+    as its references in later updates (default: as many as the bundle stores per class, else 5).
+    ``reader_grace_seconds``: a version superseded less than this long ago is not pruned yet,
+    so readers that have just read its manifest can finish loading it.
+    """
+
+    def __init__(
+        self,
+        runtime: Any,
+        keep_versions: int = DEFAULT_KEEP_VERSIONS,
+        wait_for_lock: bool = False,
+        lock_timeout: float | None = None,
+        gate_budget: float = DEFAULT_GATE_BUDGET,
+        options: Any = None,
+        references_per_class: int | None = None,
+        reader_grace_seconds: float = DEFAULT_READER_GRACE_SECONDS,
+    ):
+        if not 0.0 <= float(gate_budget) <= 1.0:
+            raise InputError(f"gate_budget must be a fraction in [0, 1], got {gate_budget}")
+        if references_per_class is not None and references_per_class < 1:
+            raise InputError(f"references_per_class must be at least 1, got {references_per_class}")
+        _refuse_temporary_unpack(Path(runtime.bundle.path))
+        self.runtime = runtime
+        self.store = VersionStore(runtime.bundle.path, keep_versions=keep_versions,
+                                  reader_grace_seconds=reader_grace_seconds)
+        self.wait_for_lock = bool(wait_for_lock)
+        self.lock_timeout = lock_timeout
+        self.gate_budget = float(gate_budget)
+        self.options = options
+        self.references_per_class = references_per_class
+        self._state_cache: tuple[HeadState, dict] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    # ------------------------------------------------------------------ public operations
+    def add_class(self, name: str, examples: Any, *, force: bool = False) -> UpdateResult:
+        """Add class ``name`` learned from ``examples`` (image paths, PIL images or uint8 arrays)."""
+        return self.add_classes({name: examples}, force=force)
+
+    def add_classes(self, examples_by_name: Mapping[str, Any], *, force: bool = False) -> UpdateResult:
+        """Add several classes in one version: ``{name: examples}``."""
+        names = self._check_new_names(list(examples_by_name))
+        start = time.perf_counter()
+        embeddings = [self._embed(examples_by_name[name], f"class {name!r}") for name in names]
+        return self._add(names, embeddings, force, embed_seconds=time.perf_counter() - start)
+
+    def add_class_embeddings(self, name: str, embeddings: np.ndarray, *, force: bool = False) -> UpdateResult:
+        """:meth:`add_class` from embeddings already computed with this bundle's backbone."""
+        names = self._check_new_names([name])
+        return self._add(names, [self._check_embeddings(embeddings, f"class {name!r}")], force, embed_seconds=0.0)
+
+    def add_examples(self, name: str, examples: Any, *, force: bool = False) -> UpdateResult:
+        """Strengthen the existing class ``name`` with more examples."""
+        self._existing_index(name, self.store.read_manifest())
+        start = time.perf_counter()
+        embeddings = self._embed(examples, f"class {name!r}")
+        return self._add_examples(name, embeddings, force, embed_seconds=time.perf_counter() - start)
+
+    def add_examples_embeddings(self, name: str, embeddings: np.ndarray, *, force: bool = False) -> UpdateResult:
+        """:meth:`add_examples` from embeddings already computed with this bundle's backbone."""
+        self._existing_index(name, self.store.read_manifest())
+        return self._add_examples(name, self._check_embeddings(embeddings, f"class {name!r}"), force, 0.0)
+
+    def remove_class(self, name: str, *, force: bool = False) -> UpdateResult:
+        """Remove class ``name`` (refused for the last class)."""
+        manifest = self.store.read_manifest()
+        self._existing_index(name, manifest)
+        if len(manifest.class_names) <= 1:
+            raise UpdateError(f"cannot remove {name!r}: it is the last class of the bundle; nothing was changed")
+
+        def build(state: HeadState) -> _Plan:
+            index = self._existing_index(name, state.manifest)
+            if state.head.num_classes <= 1:
+                raise UpdateError(f"cannot remove {name!r}: it is the last class of the bundle; nothing was changed")
+            incremental = _incremental()
+            start = time.perf_counter()
+            head, stats = incremental.remove_class(state.head, state.stats, index)
+            seconds = time.perf_counter() - start
+            index_map = np.arange(state.head.num_classes, dtype=np.int64)
+            index_map[index] = -1
+            index_map[index + 1:] -= 1
+            classes = [entry for entry in state.classes if entry["name"] != name]
+            for position, entry in enumerate(classes):
+                entry["index"] = position
+            return _Plan("remove-class", classes, head, stats, _relabel(state.references, index_map),
+                         _relabel(state.device_examples, index_map), state.unknown, index_map,
+                         {"action": "remove-class", "classes": [name]}, timings={"math": seconds})
+
+        return self._update(build, force)
+
+    def rename_class(self, old_name: str, new_name: str) -> UpdateResult:
+        """Rename a class (head rows and statistics are unchanged; their files are shared)."""
+        manifest = self.store.read_manifest()
+        self._existing_index(old_name, manifest)
+        check_class_name(new_name, "new class name")
+        self._check_name_free(new_name, manifest, exclude=old_name)
+        if new_name == old_name:
+            raise InputError(f"the class is already called {old_name!r}; nothing to rename")
+
+        def build(state: HeadState) -> _Plan:
+            self._existing_index(old_name, state.manifest)
+            self._check_name_free(new_name, state.manifest, exclude=old_name)
+            classes = state.classes
+            for entry in classes:
+                if entry["name"] == old_name:
+                    entry["name"] = new_name
+            identity = np.arange(state.head.num_classes, dtype=np.int64)
+            return _Plan("rename-class", classes, state.head, state.stats, state.references, state.device_examples,
+                         state.unknown, identity,
+                         {"action": "rename-class", "classes": [new_name], "old_name": old_name,
+                          "new_name": new_name}, gate=False)
+
+        return self._update(build, force=False)
+
+    def set_reference_embeddings(self, examples_by_name: Mapping[str, Any] | None = None, *,
+                                 embeddings: np.ndarray | None = None, labels: Sequence[str | int] | None = None,
+                                 per_class: int = DEFAULT_REFERENCES_PER_CLASS, replace: bool = False) -> UpdateResult:
+        """Store reference embeddings of existing classes for the update gate (a new version).
+
+        Give images per class name (``{name: examples}``, embedded here) or ``embeddings``
+        with ``labels`` (class names or indices). At most ``per_class`` are kept per class.
+        Classes not mentioned keep their references unless ``replace``.
+        """
+        manifest = self.store.read_manifest()
+        names = manifest.class_names
+        if examples_by_name is not None:
+            if embeddings is not None:
+                raise InputError("give either examples_by_name or embeddings, not both")
+            if not examples_by_name:
+                raise InputError("no classes given")
+            for name in examples_by_name:
+                self._existing_index(name, manifest)
+            parts = [self._embed(examples_by_name[name], f"class {name!r}") for name in examples_by_name]
+            labels_array = np.concatenate([np.full(len(part), names.index(name), np.int64)
+                                           for part, name in zip(parts, examples_by_name)])
+            all_embeddings = np.concatenate(parts)
+        else:
+            if embeddings is None or labels is None:
+                raise InputError("give examples_by_name, or embeddings together with labels")
+            all_embeddings = self._check_embeddings(embeddings, "reference embeddings")
+            labels_list = list(labels)
+            if len(labels_list) != all_embeddings.shape[0]:
+                raise InputError(f"{all_embeddings.shape[0]} embeddings but {len(labels_list)} labels")
+            labels_array = np.array([self._existing_index(label, manifest) if isinstance(label, str) else int(label)
+                                     for label in labels_list], dtype=np.int64)
+            if labels_array.size and (labels_array.min() < 0 or labels_array.max() >= len(names)):
+                raise InputError(f"reference labels must be class indices in 0..{len(names) - 1}")
+        chosen = ReferenceEmbeddings.select(all_embeddings, labels_array, per_class=per_class)
+        label_set = [names[int(index)] for index in np.unique(labels_array)]
+
+        def build(state: HeadState) -> _Plan:
+            if state.manifest.class_names != names:
+                raise UpdateError("the classes changed while the references were being computed; retry")
+            existing = state.references
+            if existing is not None and not replace:
+                keep = ~np.isin(existing.labels, np.unique(chosen.labels))
+                merged = ReferenceEmbeddings(
+                    np.concatenate([existing.embeddings[keep], chosen.embeddings.astype(existing.embeddings.dtype)]),
+                    np.concatenate([existing.labels[keep], chosen.labels]),
+                )
+            else:
+                merged = chosen
+            identity = np.arange(state.head.num_classes, dtype=np.int64)
+            return _Plan("set-references", state.classes, state.head, state.stats, merged, state.device_examples,
+                         state.unknown, identity,
+                         {"action": "set-references", "classes": label_set, "references": len(chosen)}, gate=False)
+
+        return self._update(build, force=False)
+
+    def calibrate_unknown(self, examples: Any = None, *, accept_rate: float = 0.95,
+                          unknown_examples: Any = None) -> UpdateResult:
+        """Calibrate and store the unknown-rejection threshold (a new version).
+
+        ``examples``: images of known classes, ideally not used to build the head (default:
+        the stored reference embeddings). ``unknown_examples``: optional images of none of
+        the classes; with them the threshold balances both kinds of error.
+        """
+        known = self._embed(examples, "unknown-rejection calibration") if examples is not None else None
+        unknown = self._embed(unknown_examples, "unknown examples") if unknown_examples is not None else None
+
+        def build(state: HeadState) -> _Plan:
+            embeddings = known
+            if embeddings is None:
+                if state.references is None or not len(state.references):
+                    raise InputError(
+                        "give images of the known classes to calibrate unknown rejection; the bundle stores no "
+                        "reference embeddings to fall back on"
+                    )
+                embeddings = state.references.embeddings.astype(np.float32)
+            rule = calibrate_unknown(state.head, state.stats, embeddings, accept_rate=accept_rate,
+                                     unknown_embeddings=unknown)
+            identity = np.arange(state.head.num_classes, dtype=np.int64)
+            return _Plan("calibrate-unknown", state.classes, state.head, state.stats, state.references,
+                         state.device_examples, rule, identity,
+                         {"action": "calibrate-unknown", "classes": [], "threshold": rule.threshold,
+                          "accept_rate": rule.accept_rate, "examples": int(embeddings.shape[0]),
+                          "unknown_examples": 0 if unknown is None else int(unknown.shape[0])}, gate=False)
+
+        return self._update(build, force=False)
+
+    def history(self) -> list[VersionInfo]:
+        """Kept versions, oldest first, with what changed and which one is current."""
+        return self.store.history()
+
+    def rollback(self, version: int) -> UpdateResult:
+        """Restore the head, classes and statistics of ``version`` (committed as a new version)."""
+        if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
+            raise InputError(f"version must be an integer, got {version!r}")
+        version = int(version)
+        available = sorted(self.store.kept_manifests())
+        if version not in available:  # checked again under the lock
+            raise UpdateError(f"version {version} does not exist in {self.path} (kept versions: {available}); "
+                              "nothing was changed")
+        start = time.perf_counter()
+        with self.store.lock(wait=self.wait_for_lock, timeout=self.lock_timeout):
+            current = self.store.recover()
+            restored = self.store.rollback_manifest(version, current)
+            restored.data["change"]["from_version"] = current.version
+            committed = self.store.commit(restored, {})
+        state = load_state(self.path, committed, verify=False)
+        self._apply(state)
+        return UpdateResult(version=committed.version, action="rollback", classes=tuple(committed.class_names),
+                            change=dict(committed.data["change"]),
+                            timings={"total": time.perf_counter() - start})
+
+    def export_delta(self, path: str | Path, source: str | None = None) -> Path:
+        """Write the classes added (or strengthened) on this device as a delta file for the host."""
+        from edgeadapt.device.delta import export_delta
+
+        return export_delta(self.path, path, source=source)
+
+    def refresh(self) -> bool:
+        """Load a newer version committed by another process into the runtime; True if it changed."""
+        return refresh_runtime(self.runtime)
+
+    # ------------------------------------------------------------------ internals
+    def _check_new_names(self, names: list) -> list[str]:
+        if not names:
+            raise InputError("no classes given; give at least one class name with its examples")
+        for name in names:
+            check_class_name(name)
+        if len(set(names)) != len(names):
+            raise InputError(f"duplicate class names in {names}")
+        manifest = self.store.read_manifest()
+        for name in names:
+            self._check_name_free(name, manifest)
+        return names
+
+    @staticmethod
+    def _check_name_free(name: str, manifest: Manifest, exclude: str | None = None) -> None:
+        existing = [entry for entry in manifest.class_names if entry != exclude]
+        if name in existing:
+            raise InputError(f"class {name!r} already exists in the bundle; use add_examples to strengthen it "
+                             "or choose another name; nothing was changed")
+        if name == UNKNOWN_LABEL and manifest.data["head"].get("unknown"):
+            raise InputError(f"{name!r} is the label unknown rejection reports; choose another class name")
+
+    @staticmethod
+    def _existing_index(name: Any, manifest: Manifest) -> int:
+        check_class_name(name)
+        names = manifest.class_names
+        if name not in names:
+            raise InputError(f"class {name!r} is not in the bundle (classes: {names[:20]}"
+                             f"{' ...' if len(names) > 20 else ''}); nothing was changed")
+        return names.index(name)
+
+    def _embed(self, examples: Any, what: str) -> np.ndarray:
+        items = as_example_list(examples)
+        spec = self.runtime.input_spec
+        prepared = []
+        for number, item in enumerate(items, start=1):
+            try:
+                prepared.append(prepare_image(item, spec))
+            except InputError as error:
+                raise InputError(
+                    f"example {number} of {len(items)} for {what} ({_describe_example(item)}) is unusable: {error}; "
+                    "the whole update was refused and nothing was changed"
+                ) from error
+        embeddings = self.runtime.embed(np.stack(prepared))
+        return _finite_embeddings(np.asarray(embeddings, dtype=np.float32), what)
+
+    def _check_embeddings(self, embeddings: Any, what: str) -> np.ndarray:
+        array = np.asarray(embeddings)
+        if array.ndim == 1:
+            array = array[None]
+        size = self.runtime.head.embedding_size
+        if array.ndim != 2 or array.shape[1] != size or array.shape[0] == 0:
+            raise InputError(f"embeddings for {what} must be (N >= 1, {size}), got {array.shape}")
+        if not np.issubdtype(array.dtype, np.floating):
+            raise InputError(f"embeddings for {what} must be floats, got {array.dtype}")
+        return _finite_embeddings(array.astype(np.float32), what)
+
+    def _options(self):
+        if self.options is not None:
+            return self.options
+        return _incremental().AddClassOptions()
+
+    def _references_per_class(self, state: HeadState) -> int:
+        if self.references_per_class is not None:
+            return self.references_per_class
+        if state.references is not None and len(state.references):
+            return max(1, state.references.per_class_count())
+        return DEFAULT_REFERENCES_PER_CLASS
+
+    def _add(self, names: list[str], embeddings: list[np.ndarray], force: bool, embed_seconds: float) -> UpdateResult:
+        options = self._options()
+
+        def build(state: HeadState) -> _Plan:
+            for name in names:
+                self._check_name_free(name, state.manifest)
+            incremental = _incremental()
+            start = time.perf_counter()
+            head, stats = incremental.add_classes(state.head, state.stats, embeddings, options)
+            seconds = time.perf_counter() - start
+            old_count = state.head.num_classes
+            if head.num_classes != old_count + len(names):
+                raise UpdateError(f"the head math returned {head.num_classes} classes, expected {old_count + len(names)}")
+            classes = state.classes
+            examples = state.device_examples
+            for offset, (name, class_embeddings) in enumerate(zip(names, embeddings)):
+                index = old_count + offset
+                classes.append({"name": name, "index": index, "origin": "device-added", "added_at": utc_timestamp(),
+                                "examples": int(class_embeddings.shape[0]), "added_in_version": None})
+                # the device examples double as the gate references of this class in later updates
+                examples = _append(examples, class_embeddings, index, np.float32)
+            unchanged = bool(np.array_equal(head.weights[:, :old_count], state.head.weights)
+                             and np.array_equal(head.bias[:old_count], state.head.bias))
+            change = {"action": "add-class", "classes": list(names),
+                      "examples": int(sum(part.shape[0] for part in embeddings)),
+                      "method": getattr(options, "method", None), "old_rows_unchanged": unchanged}
+            return _Plan("add-class", classes, head, stats, state.references, examples, state.unknown,
+                         np.arange(old_count, dtype=np.int64), change, timings={"math": seconds})
+
+        return self._update(build, force, embed_seconds=embed_seconds)
+
+    def _add_examples(self, name: str, embeddings: np.ndarray, force: bool, embed_seconds: float) -> UpdateResult:
+        options = self._options()
+
+        def build(state: HeadState) -> _Plan:
+            index = self._existing_index(name, state.manifest)
+            incremental = _incremental()
+            start = time.perf_counter()
+            head, stats = incremental.add_examples(state.head, state.stats, index, embeddings, options)
+            seconds = time.perf_counter() - start
+            classes = state.classes
+            entry = classes[index]
+            if entry.get("examples") is not None:
+                entry["examples"] = int(entry["examples"]) + int(embeddings.shape[0])
+            examples = _append(state.device_examples, embeddings, index, np.float32)
+            change = {"action": "add-examples", "classes": [name], "examples": int(embeddings.shape[0]),
+                      "method": getattr(options, "method", None)}
+            return _Plan("add-examples", classes, head, stats, state.references, examples, state.unknown,
+                         np.arange(state.head.num_classes, dtype=np.int64), change, timings={"math": seconds})
+
+        return self._update(build, force, embed_seconds=embed_seconds)
+
+    def _update(self, build: Callable[[HeadState], _Plan], force: bool, embed_seconds: float = 0.0) -> UpdateResult:
+        timings = {"embed": embed_seconds}
+        start = time.perf_counter()
+        with self.store.lock(wait=self.wait_for_lock, timeout=self.lock_timeout):
+            timings["lock"] = time.perf_counter() - start
+            mark = time.perf_counter()
+            current = self.store.recover()
+            state = self._load_state(current)
+            timings["load"] = time.perf_counter() - mark
+            plan = build(state)
+            timings.update(plan.timings)
+            report = None
+            if plan.gate:
+                mark = time.perf_counter()
+                references, labels, source = gate_references(state, self._references_per_class(state))
+                report = evaluate_gate(state.head, plan.head, references, labels, plan.index_map,
+                                       state.class_names, [entry["name"] for entry in plan.classes],
+                                       self.gate_budget, source=source, force=force)
+                timings["gate"] = time.perf_counter() - mark
+                if not report.passed and not force:
+                    raise UpdateGateError(
+                        f"update refused by the gate: {report.describe()}. Nothing was changed. Give more or "
+                        "clearer examples, raise the budget (gate_budget / --gate-budget), or force it "
+                        "(force=True / --force)", report)
+                plan.change["gate"] = report.to_dict()
+            mark = time.perf_counter()
+            version = self.store.next_version(current)
+            manifest, new_files = self._assemble(current, plan, version, state)
+            timings["assemble"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            committed = self.store.commit(manifest, new_files)
+            timings["commit"] = time.perf_counter() - mark
+        new_state = HeadState(committed, plan.head, plan.stats, plan.references, plan.device_examples, plan.unknown)
+        self._remember(new_state)
+        self._apply(new_state)
+        timings["total"] = embed_seconds + time.perf_counter() - start
+        logger.info("committed version %d (%s %s)", committed.version, plan.action, plan.change.get("classes"))
+        return UpdateResult(version=committed.version, action=plan.action,
+                            classes=tuple(plan.change.get("classes", ())), change=dict(committed.data["change"]),
+                            gate=report, timings=timings)
+
+    def _load_state(self, current: Manifest) -> HeadState:
+        """The current version's state: from memory when this updater wrote or read exactly these
+        files last (same manifest, same size/mtime/inode of every head file), else read and checksummed."""
+        cached = self._state_cache
+        if cached is not None and cached[0].manifest.data == current.data \
+                and cached[1] == _file_signatures(self.path, head_file_paths(current)):
+            return cached[0]
+        state = load_state(self.path, current)
+        self._remember(state)
+        return state
+
+    def _remember(self, state: HeadState) -> None:
+        try:
+            self._state_cache = (state, _file_signatures(self.path, head_file_paths(state.manifest)))
+        except OSError:
+            self._state_cache = None
+
+    def _assemble(self, current: Manifest, plan: _Plan, version: int,
+                  state: HeadState | None = None) -> tuple[Manifest, dict[str, np.ndarray]]:
+        """The new manifest and the head files it needs written (unchanged files are shared)."""
+        fingerprint = current.backbone_fingerprint
+        section, arrays = head_payload(plan.head, plan.stats, version, fingerprint, plan.references)
+        base = f"{HEADS_DIR}/v{version}"
+        if plan.device_examples is not None and len(plan.device_examples):
+            embeddings_path, labels_path = (f"{base}/{name}" for name in _DEVICE_EXAMPLE_FILES)
+            arrays[embeddings_path] = np.asarray(plan.device_examples.embeddings, dtype=np.float32)
+            arrays[labels_path] = plan.device_examples.labels
+            section["device_examples"] = {"embeddings": embeddings_path, "labels": labels_path,
+                                          "count": len(plan.device_examples)}
+        if plan.unknown is not None:
+            center_path = f"{base}/{_UNKNOWN_CENTER_FILE}"
+            arrays[center_path] = plan.unknown.center
+            previous = current.data["head"].get("unknown") or {}
+            calibrated_in = version if plan.action == "calibrate-unknown" else previous.get("calibrated_in_version", version)
+            section["unknown"] = plan.unknown.section(center_path, calibrated_in)
+        managed = set(section) | {"references", "device_examples", "unknown", "statistics", "feature_mean"}
+        for key, value in current.data["head"].items():  # keep fields this code does not manage
+            if key not in managed:
+                section[key] = value
+        old_by_name = {Path(name).name: name for name in head_file_paths(current)}
+        old_files = current.files
+        table = {name: entry for name, entry in old_files.items() if not name.startswith(f"{HEADS_DIR}/")}
+        new_files: dict[str, np.ndarray] = {}
+        renames: dict[str, str] = {}
+        unchanged = _state_arrays(state) if state is not None else {}
+        for relative_path, array in arrays.items():
+            name = Path(relative_path).name
+            previous = old_by_name.get(name)
+            if previous is not None and unchanged.get(name) is array:  # the very array of the current version
+                renames[relative_path] = previous
+                table[previous] = dict(old_files[previous])
+            else:
+                new_files[relative_path] = array  # streamed to disk (and hashed) by the commit
+        section = _replace_paths(section, renames)
+        for entry in plan.classes:
+            if entry.get("added_in_version", 0) is None:
+                entry["added_in_version"] = version
+        for position, entry in enumerate(plan.classes):
+            entry["index"] = position
+        manifest = current.copy()
+        data = manifest.data
+        data["version"] = version
+        data["parent_version"] = current.version
+        data["committed_at"] = utc_timestamp()
+        data["classes"] = [{key: value for key, value in entry.items() if value is not None} for entry in plan.classes]
+        section["version"] = version
+        data["head"] = section
+        data["files"] = table
+        data["change"] = {**plan.change, "tool": f"edgeadapt-device {_package_version()}"}
+        return manifest, new_files
+
+    def _apply(self, state: HeadState) -> None:
+        """Point the runtime at the committed version (names and head swapped in a reader-safe order)."""
+        _apply_to_runtime(self.runtime, self.path, state.manifest, state.head)
+
+
+def _file_signatures(root: Path, names: Iterable[str]) -> dict[str, tuple[int, int, int]]:
+    signatures = {}
+    for name in names:
+        status = (root / name).stat()
+        signatures[name] = (status.st_size, status.st_mtime_ns, status.st_ino)
+    return signatures
+
+
+def _state_arrays(state: HeadState) -> dict[str, np.ndarray]:
+    """The arrays of a version by head file name (for sharing files whose array did not change)."""
+    arrays: dict[str, Any] = {"weights.npy": state.head.weights, "bias.npy": state.head.bias,
+                              "feature_mean.npy": state.head.feature_mean}
+    if state.stats is not None:
+        arrays.update({"class_sums.npy": state.stats.sums, "class_counts.npy": state.stats.counts,
+                       "gram.npy": state.stats.gram})
+    if state.references is not None:
+        arrays.update({"reference_embeddings.npy": state.references.embeddings,
+                       "reference_labels.npy": state.references.labels})
+    if state.device_examples is not None:
+        arrays.update({_DEVICE_EXAMPLE_FILES[0]: state.device_examples.embeddings,
+                       _DEVICE_EXAMPLE_FILES[1]: state.device_examples.labels})
+    if state.unknown is not None:
+        arrays[_UNKNOWN_CENTER_FILE] = state.unknown.center
+    return {name: array for name, array in arrays.items() if array is not None}
+
+
+def _refuse_temporary_unpack(path: Path) -> None:
+    """A runtime opened from a packed bundle runs from a temporary unpacked copy: updates would be lost."""
+    import tempfile
+
+    parent = path.resolve().parent
+    if parent.name.startswith("edgeadapt-bundle-") and parent.parent == Path(tempfile.gettempdir()).resolve():
+        raise BundleError(
+            f"this runtime was opened from a packed bundle, unpacked to the temporary folder {path}; updates there "
+            "would be lost. Unpack it once to a permanent folder (edgeadapt.device.unpack_bundle) and open that"
+        )
+
+
+def _apply_to_runtime(runtime: Any, path: Path, manifest: Manifest, head: Head) -> None:
+    names = manifest.class_names
+    runtime.bundle = Bundle(path, manifest)
+    runtime.manifest = manifest
+    runtime.set_head(head, names)
+
+
+def refresh_runtime(runtime: Any) -> bool:
+    """Reload ``runtime``'s head if another process committed a newer version; True when it changed.
+
+    Cheap when nothing changed (reads and compares ``manifest.json``). The backbone is not reopened.
+    """
+    store_path = Path(runtime.bundle.path)
+    manifest = VersionStore(store_path).read_manifest()
+    if manifest.version == runtime.manifest.version and manifest.data == runtime.manifest.data:
+        return False
+    if manifest.backbone_fingerprint != runtime.manifest.backbone_fingerprint:
+        raise BundleError(f"{store_path} now holds another backbone; reopen it with Runtime.open")
+    bundle = Bundle(store_path, manifest)
+    bundle.verify(only=head_file_paths(manifest))
+    _apply_to_runtime(runtime, store_path, manifest, bundle.load_head())
+    return True
+
+
+def _incremental():
+    try:
+        from edgeadapt.device import incremental
+    except ImportError as error:  # pragma: no cover - only while the module is missing
+        raise UpdateError(f"the head math module edgeadapt.device.incremental is unavailable: {error}") from error
+    return incremental
+
+
+def _package_version() -> str:
+    import edgeadapt
+
+    return str(getattr(edgeadapt, "__version__", "unknown"))

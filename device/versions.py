@@ -1,0 +1,692 @@
+"""In-place, crash-safe head versioning of a bundle directory (numpy-free, stdlib only).
+
+A device update never rewrites a file that a reader may be using. It writes a new head
+version next to the current one and then switches ``manifest.json`` in one atomic rename::
+
+    NAME.eab/
+      manifest.json          the current version (the only file readers start from)
+      heads/v7/*.npy         files of version 7 (files that did not change are shared:
+                             a manifest may point at heads/v5/gram.npy)
+      versions/v7.json       a copy of each kept version's manifest (history, rollback)
+      .edgeadapt.lock        lock file that serialises writers (never listed in the manifest)
+
+Commit order (:meth:`VersionStore.commit`):
+
+1. each new head file (and the record of the version being replaced if it has none yet, as
+   for a freshly exported bundle): write a temporary file; fsync them all (concurrently, so
+   the file system can share one journal flush); rename each into place;
+2. ``versions/v{N}.json`` (temporary file, fsync, rename); fsync the folders;
+3. ``manifest.json`` (temporary file, fsync, rename, fsync the folder) -- the commit point;
+4. prune: keep the newest ``keep_versions`` version records (and, for a short grace period,
+   versions that were current moments ago, so readers that just read their manifest can
+   finish loading them), delete head files that no kept version references.
+
+A crash before step 3 leaves the old ``manifest.json`` in place, whose files are all
+untouched; a crash after it leaves the new one, whose files were all fsynced before. The
+next writer (:meth:`VersionStore.recover`, run under the lock) deletes the leftovers of an
+interrupted commit: records newer than the current manifest, unreferenced head files and
+temporary files. Readers need no lock.
+
+Versions only grow: a rollback to version 3 commits a new version whose manifest is version
+3's (same head files, shared, not copied) with ``change.action == "rollback"``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from edgeadapt.device.bundle import MANIFEST_NAME, Bundle, fsync_directory
+from edgeadapt.device.errors import BundleError, ConcurrentUpdateError, InputError, UpdateError
+from edgeadapt.device.manifest import Manifest, check_relative_path, utc_timestamp
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".edgeadapt.lock"
+VERSIONS_DIR = "versions"
+HEADS_DIR = "heads"
+DEFAULT_KEEP_VERSIONS = 5
+#: A version superseded less than this many seconds ago is not pruned yet, so that a reader
+#: that has just read its manifest can still load its head files.
+DEFAULT_READER_GRACE_SECONDS = 10.0
+MINIMUM_KEEP_VERSIONS = 2
+_RECORD_PATTERN = re.compile(r"^v(\d+)\.json$")
+_TEMPORARY_MARKER = ".tmp-"
+
+
+# ----------------------------------------------------------------------------- errors
+def describe_os_error(error: OSError, path: Path, what: str) -> UpdateError:
+    """Turn an OSError raised while writing into an :class:`UpdateError` that says what to do."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return UpdateError(
+            f"cannot {what}: no space left on the device holding {path} ({error.strerror}); "
+            "nothing was changed: free some space and retry"
+        )
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UpdateError(
+            f"cannot {what}: {path} is read-only or not writable by this user ({error.strerror}); "
+            "nothing was changed: make the bundle directory writable (or copy it somewhere writable) and retry"
+        )
+    return UpdateError(f"cannot {what} in {path}: {error}; nothing was changed")
+
+
+# ----------------------------------------------------------------------------- durable writes
+def _open_file(path: Path, flags: int) -> int:
+    """``os.open`` with mode 0o644 (one place, so tests can simulate a read-only or full file system)."""
+    return os.open(path, flags, 0o644)
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(descriptor, view)
+        view = view[written:]
+
+
+class _HashingWriter:
+    """A minimal binary file object over a descriptor that hashes and counts what it writes."""
+
+    def __init__(self, descriptor: int):
+        self.descriptor = descriptor
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        _write_all(self.descriptor, view)
+        self.digest.update(view)
+        self.size += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
+@dataclass
+class _PendingFile:
+    """A file written to its temporary name, not yet fsynced or renamed."""
+
+    path: Path
+    temporary: Path
+    descriptor: int | None
+    sha256: str
+    size: int
+
+
+def _write_temporary(path: Path, data: bytes | np.ndarray) -> _PendingFile:
+    """Write ``data`` (bytes, or an array as ``.npy``, streamed) to a temporary file next to ``path``."""
+    temporary = path.with_name(f".{path.name}{_TEMPORARY_MARKER}{os.getpid()}")
+    descriptor = _open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        writer = _HashingWriter(descriptor)
+        if isinstance(data, np.ndarray):
+            np.lib.format.write_array(writer, np.ascontiguousarray(data), allow_pickle=False)
+        else:
+            writer.write(data)
+    except BaseException:
+        os.close(descriptor)
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+    return _PendingFile(path, temporary, descriptor, writer.digest.hexdigest(), writer.size)
+
+
+def _fsync_folder(descriptor: int) -> None:
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some platforms cannot fsync a folder; the files themselves were fsynced
+        pass
+
+
+def _fsync_all(descriptors: list[int], folders: list[int] = ()) -> None:
+    """fsync files (errors propagate) and folders (best effort) at once: concurrent fsyncs share
+    journal commits on most file systems, so N files cost about one flush instead of N."""
+    calls = [(os.fsync, descriptor) for descriptor in descriptors] + [(_fsync_folder, folder) for folder in folders]
+    if len(calls) <= 1:
+        for function, descriptor in calls:
+            function(descriptor)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, len(calls))) as pool:
+        for future in [pool.submit(function, descriptor) for function, descriptor in calls]:
+            future.result()  # re-raises an OSError from a file's fsync
+
+
+def write_files_durably(files: list[tuple[Path, bytes | np.ndarray]]) -> list[tuple[str, int]]:
+    """Write several files, each through a temporary file, fsync (all at once) and rename.
+
+    Returns (sha256, size) per file. The folders are not fsynced here. On error every
+    temporary file is removed, files already renamed stay (the caller cleans them up), and
+    the OSError propagates.
+    """
+    pending: list[_PendingFile] = []
+    try:
+        for path, data in files:
+            pending.append(_write_temporary(path, data))
+    except BaseException:
+        _flush_and_rename_abort(pending)
+        raise
+    _flush_and_rename(pending, [])
+    return [(item.sha256, item.size) for item in pending]
+
+
+def _flush_and_rename_abort(pending: list[_PendingFile]) -> None:
+    for item in pending:
+        if item.descriptor is not None:
+            os.close(item.descriptor)
+        if item.temporary is not None:
+            try:
+                os.unlink(item.temporary)
+            except OSError:
+                pass
+
+
+def _flush_and_rename(pending: list[_PendingFile], folders: list[Path]) -> None:
+    """fsync ``pending`` temporary files and ``folders`` together, then rename the files in order.
+
+    On error every temporary file not yet renamed is removed and the error propagates.
+    """
+    folder_descriptors = []
+    try:
+        for folder in folders:
+            try:
+                folder_descriptors.append(os.open(folder, os.O_RDONLY))
+            except OSError:
+                continue
+        _fsync_all([item.descriptor for item in pending], folder_descriptors)
+        for item in pending:
+            os.close(item.descriptor)
+            item.descriptor = None
+        for item in pending:
+            os.replace(item.temporary, item.path)
+            item.temporary = None
+    finally:
+        for descriptor in folder_descriptors:
+            os.close(descriptor)
+        _flush_and_rename_abort(pending)  # only what is left: nothing after success
+
+
+def fsync_directories(paths: list[Path]) -> None:
+    """fsync several folders at once (best effort, like :func:`fsync_directory`)."""
+    descriptors = []
+    try:
+        for path in paths:
+            try:
+                descriptors.append(os.open(path, os.O_RDONLY))
+            except OSError:
+                continue
+        _fsync_all([], descriptors)
+    finally:
+        for descriptor in descriptors:
+            os.close(descriptor)
+
+
+def write_durably(path: Path, data: bytes | np.ndarray) -> tuple[str, int]:
+    """Write ``data`` (bytes, or an array saved as ``.npy``) to ``path``: temporary file in the
+    same folder, fsync, rename. Returns (sha256, size) of what was written.
+
+    Arrays are streamed in chunks (no full in-memory copy). The folder itself is not fsynced
+    here (callers fsync each folder once). On error the temporary file is removed and the
+    OSError propagates.
+    """
+    temporary = path.with_name(f".{path.name}{_TEMPORARY_MARKER}{os.getpid()}")
+    descriptor = _open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        try:
+            writer = _HashingWriter(descriptor)
+            if isinstance(data, np.ndarray):
+                np.lib.format.write_array(writer, np.ascontiguousarray(data), allow_pickle=False)
+            else:
+                writer.write(data)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+    return writer.digest.hexdigest(), writer.size
+
+
+# ----------------------------------------------------------------------------- lock
+class BundleLock:
+    """An exclusive ``fcntl.flock`` on ``BUNDLE/.edgeadapt.lock`` that serialises writers.
+
+    With ``wait`` false a second writer gets :class:`ConcurrentUpdateError` at once; with
+    ``wait`` true it waits up to ``timeout`` seconds (forever when None). The kernel drops
+    the lock when the holder dies, so a killed writer never leaves the bundle locked.
+    """
+
+    def __init__(self, bundle_path: str | Path, wait: bool = False, timeout: float | None = None,
+                 poll_interval: float = 0.02):
+        self.path = Path(bundle_path) / LOCK_NAME
+        self.wait = wait
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self._descriptor: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._descriptor is not None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError as error:  # pragma: no cover - Windows
+            raise UpdateError("device updates need POSIX file locks (fcntl); run them on Linux or macOS") from error
+        if self._descriptor is not None:
+            raise UpdateError(f"{self.path} is already locked by this updater")
+        if not self.path.parent.is_dir():
+            raise BundleError(f"bundle {str(self.path.parent)!r} does not exist or is not a bundle directory")
+        try:
+            descriptor = _open_file(self.path, os.O_RDWR | os.O_CREAT)
+        except OSError as error:
+            raise describe_os_error(error, self.path.parent, "lock the bundle for writing") from error
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not self.wait or (deadline is not None and time.monotonic() >= deadline):
+                    holder = _read_holder(descriptor)
+                    os.close(descriptor)
+                    waited = "" if not self.wait else f" for {self.timeout:g} s"
+                    raise ConcurrentUpdateError(
+                        f"another writer{holder} is updating {self.path.parent}{waited}; retry when it is done "
+                        "or pass wait_for_lock=True (--wait) to queue behind it"
+                    ) from None
+                time.sleep(self.poll_interval)
+            except OSError as error:
+                os.close(descriptor)
+                raise describe_os_error(error, self.path.parent, "lock the bundle for writing") from error
+        try:  # who holds the lock, for the error message of the next writer (best effort, fixed width)
+            os.pwrite(descriptor, f"{os.getpid():>10}\n".encode(), 0)
+        except OSError:
+            pass
+        self._descriptor = descriptor
+
+    def release(self) -> None:
+        if self._descriptor is None:
+            return
+        import fcntl
+
+        try:
+            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+        finally:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+    def __enter__(self) -> "BundleLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _read_holder(descriptor: int) -> str:
+    try:
+        text = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return f" (process {text})" if text.isdigit() else ""
+
+
+# ----------------------------------------------------------------------------- history
+@dataclass(frozen=True)
+class VersionInfo:
+    """One kept version of a bundle's head, as listed by :meth:`VersionStore.history`."""
+
+    version: int
+    parent_version: int | None
+    committed_at: str | None
+    action: str
+    summary: str
+    class_names: tuple[str, ...]
+    current: bool
+    change: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "parent_version": self.parent_version,
+            "committed_at": self.committed_at,
+            "action": self.action,
+            "summary": self.summary,
+            "classes": len(self.class_names),
+            "current": self.current,
+            "change": self.change,
+        }
+
+
+def summarize_change(change: Mapping[str, Any] | None) -> str:
+    """One readable line for a manifest's ``change`` record."""
+    if not change:
+        return "exported"
+    action = change.get("action", "?")
+    classes = ", ".join(repr(name) for name in change.get("classes", []))
+    if action == "add-class":
+        return f"added {classes} from {change.get('examples')} example(s)"
+    if action == "add-examples":
+        return f"added {change.get('examples')} example(s) to {classes}"
+    if action == "remove-class":
+        return f"removed {classes}"
+    if action == "rename-class":
+        return f"renamed {change.get('old_name')!r} to {change.get('new_name')!r}"
+    if action == "rollback":
+        return f"rolled back to version {change.get('to_version')}"
+    if action == "set-references":
+        return f"stored {change.get('references')} reference embedding(s) for the update gate"
+    if action == "calibrate-unknown":
+        return f"calibrated unknown rejection (threshold {change.get('threshold', float('nan')):.4f})"
+    if action == "merge-deltas":
+        return f"merged {len(change.get('deltas', []))} delta(s) on the host: {classes}"
+    return action
+
+
+def version_info(manifest: Manifest, current_version: int) -> VersionInfo:
+    data = manifest.data
+    change = data.get("change") or {}
+    return VersionInfo(
+        version=manifest.version,
+        parent_version=data.get("parent_version"),
+        committed_at=data.get("committed_at") or data.get("created_at"),
+        action=change.get("action", "export"),
+        summary=summarize_change(change),
+        class_names=tuple(manifest.class_names),
+        current=manifest.version == current_version,
+        change=dict(change),
+    )
+
+
+# ----------------------------------------------------------------------------- the store
+class VersionStore:
+    """Versions of one bundle directory: read the current one, commit, list, roll back, prune.
+
+    Methods that change the bundle (:meth:`recover`, :meth:`commit`, :meth:`prune`) must be
+    called while holding :meth:`lock`. Reading needs no lock.
+    """
+
+    def __init__(self, bundle_path: str | Path, keep_versions: int = DEFAULT_KEEP_VERSIONS,
+                 reader_grace_seconds: float = DEFAULT_READER_GRACE_SECONDS):
+        self.path = Path(bundle_path)
+        self.reader_grace_seconds = float(reader_grace_seconds)
+        if isinstance(keep_versions, bool) or not isinstance(keep_versions, int) or keep_versions < MINIMUM_KEEP_VERSIONS:
+            raise InputError(
+                f"keep_versions must be an integer of at least {MINIMUM_KEEP_VERSIONS} (the current version and "
+                f"one to roll back to), got {keep_versions!r}"
+            )
+        self.keep_versions = keep_versions
+        self._record_cache: dict[int, tuple[tuple[int, int, int], Manifest]] = {}
+        if not self.path.is_dir():
+            if self.path.is_file():
+                raise BundleError(
+                    f"{self.path} is a packed bundle; updates need the bundle directory: unpack it first "
+                    "(edgeadapt.device.unpack_bundle)"
+                )
+            raise BundleError(f"bundle {str(self.path)!r} does not exist or is not a bundle directory")
+
+    # ------------------------------------------------------------------ reading
+    def lock(self, wait: bool = False, timeout: float | None = None) -> BundleLock:
+        return BundleLock(self.path, wait=wait, timeout=timeout)
+
+    def read_manifest(self) -> Manifest:
+        """The current manifest (validated, files not verified)."""
+        manifest_path = self.path / MANIFEST_NAME
+        try:
+            text = manifest_path.read_text(encoding="utf-8")
+        except FileNotFoundError as error:
+            raise BundleError(f"{self.path} has no {MANIFEST_NAME}; it is not a bundle (or it is incomplete)") from error
+        return Manifest.from_json(text, str(manifest_path))
+
+    def record_path(self, version: int) -> Path:
+        return self.path / VERSIONS_DIR / f"v{int(version)}.json"
+
+    def record_versions(self) -> list[int]:
+        """Version numbers that have a record in ``versions/``, ascending."""
+        folder = self.path / VERSIONS_DIR
+        if not folder.is_dir():
+            return []
+        numbers = []
+        for entry in folder.iterdir():
+            match = _RECORD_PATTERN.match(entry.name)
+            if match:
+                numbers.append(int(match.group(1)))
+        return sorted(numbers)
+
+    def read_record(self, version: int) -> Manifest:
+        """The manifest copy of ``version`` (parsed once and cached while the file is unchanged)."""
+        path = self.record_path(version)
+        try:
+            status = path.stat()
+            signature = (status.st_mtime_ns, status.st_size, status.st_ino)
+            cached = self._record_cache.get(version)
+            if cached is not None and cached[0] == signature:
+                return cached[1]
+            manifest = Manifest.from_json(path.read_text(encoding="utf-8"), str(path))
+        except FileNotFoundError as error:
+            raise BundleError(f"version {version} has no record in {path.parent}") from error
+        self._record_cache[version] = (signature, manifest)
+        return manifest
+
+    def _record_data(self, version: int) -> dict | None:
+        try:
+            return self.read_record(version).data if self.record_path(version).is_file() else None
+        except BundleError:
+            return None
+
+    def kept_manifests(self) -> dict[int, Manifest]:
+        """Every readable version record with a number not above the current version, plus the current one."""
+        current = self.read_manifest()
+        manifests: dict[int, Manifest] = {}
+        for number in self.record_versions():
+            if number > current.version:
+                continue  # leftover of an interrupted commit (removed by recover())
+            try:
+                manifests[number] = self.read_record(number)
+            except BundleError as error:
+                logger.warning("ignoring unreadable version record: %s", error)
+        manifests[current.version] = current
+        return manifests
+
+    def history(self) -> list[VersionInfo]:
+        """Kept versions, oldest first, each with what changed and whether it is current."""
+        current = self.read_manifest()
+        return [version_info(manifest, current.version) for _, manifest in sorted(self.kept_manifests().items())]
+
+    # ------------------------------------------------------------------ writing (lock held)
+    def recover(self) -> Manifest:
+        """Clean up after an interrupted commit.
+
+        Deletes version records newer than ``manifest.json``, head files no kept version
+        references, and temporary files. Returns the current manifest.
+        """
+        current = self.read_manifest()
+        try:
+            for number in self.record_versions():
+                if number > current.version:
+                    logger.info("removing the record of interrupted version %d", number)
+                    self.record_path(number).unlink(missing_ok=True)
+            self._collect_garbage(self.kept_manifests())
+        except OSError as error:
+            raise describe_os_error(error, self.path, "prepare the bundle for an update") from error
+        return current
+
+    def next_version(self, current: Manifest) -> int:
+        return max([current.version, *self.record_versions()]) + 1
+
+    def commit(self, manifest: Manifest, new_files: Mapping[str, bytes | np.ndarray]) -> Manifest:
+        """Write ``new_files`` and make ``manifest`` the current version (lock held, after :meth:`recover`).
+
+        ``manifest.data["files"]`` must already list every file the new version shares with
+        older ones (backbone files, unchanged head files); entries (sha256, size) for
+        ``new_files`` (bytes, or arrays written as ``.npy``) are added while they are written.
+        New files must live directly in ``heads/v{N}/`` where N is the new version.
+        """
+        manifest = manifest.copy()
+        version = manifest.version
+        head_folder = self.path / HEADS_DIR / f"v{version}"
+        prefix = f"{HEADS_DIR}/v{version}/"
+        if self.record_path(version).exists() or (head_folder.exists() and any(head_folder.iterdir())):
+            raise UpdateError(f"version {version} already exists in {self.path}; run recover() first")
+        table = dict(manifest.data.get("files", {}))
+        for relative_path in new_files:
+            check_relative_path(relative_path)
+            if not relative_path.startswith(prefix) or "/" in relative_path[len(prefix):]:
+                raise UpdateError(f"new head file {relative_path!r} must live directly in {prefix}")
+        missing = [name for name in table if name not in new_files and not (self.path / name).is_file()]
+        if missing:
+            raise UpdateError(f"the new version refers to files missing from {self.path}: {missing}")
+        written: list[Path] = []
+        committed = False
+        parent = self.read_manifest()
+        try:
+            batch: list[tuple[Path, bytes | np.ndarray]] = []
+            if self._record_data(parent.version) != parent.data:
+                # the version being replaced needs its history copy (an exported bundle has none yet)
+                batch.append((self.record_path(parent.version), parent.to_json().encode()))
+            for relative_path, data in new_files.items():
+                batch.append((self.path / relative_path, data))
+            (self.path / VERSIONS_DIR).mkdir(exist_ok=True)
+            if new_files:
+                head_folder.mkdir(parents=True, exist_ok=True)
+            written.extend(path for path, _ in batch)
+            for (path, _), (digest, size) in zip(batch, write_files_durably(batch)):
+                if path.parent == head_folder:
+                    table[f"{prefix}{path.name}"] = {"sha256": digest, "size": size}
+            manifest.data["files"] = table
+            manifest.validate(str(self.path / MANIFEST_NAME))
+            text = manifest.to_json().encode()
+            record = self.record_path(version)
+            written.append(record)
+            # One flush for: the folders that received the new files, the record and the manifest
+            # (both still under temporary names). Then the record (a record newer than
+            # manifest.json is removed by recover()) and the manifest -- the commit point -- are
+            # renamed into place and their folders flushed.
+            folders = [head_folder, head_folder.parent, record.parent] if new_files else [record.parent]
+            pending: list[_PendingFile] = []
+            try:
+                for path in (record, self.path / MANIFEST_NAME):
+                    pending.append(_write_temporary(path, text))
+            except BaseException:
+                _flush_and_rename_abort(pending)
+                raise
+            _flush_and_rename(pending, folders)
+            committed = True
+            fsync_directories([record.parent, self.path])
+        except (OSError, BundleError) as error:
+            if not committed:
+                for path in reversed(written):
+                    try:
+                        path.unlink()
+                    except OSError:
+                        pass
+                try:
+                    head_folder.rmdir()
+                except OSError:
+                    pass
+                if isinstance(error, BundleError):
+                    raise
+                raise describe_os_error(error, self.path, f"write version {version}") from error
+            logger.warning("version %d is committed but flushing the folder failed: %s", version, error)
+        try:
+            self.prune()
+        except (OSError, BundleError) as error:  # the commit stands; the next writer prunes again
+            logger.warning("version %d committed; pruning old versions failed: %s", version, error)
+        return manifest
+
+    def prune(self) -> list[int]:
+        """Keep the newest ``keep_versions`` records; delete older records and unreferenced head files.
+
+        A version superseded less than ``reader_grace_seconds`` ago is kept for now (a later
+        commit or :meth:`recover` prunes it).
+        """
+        current = self.read_manifest()
+        numbers = sorted(number for number in self.record_versions() if number <= current.version)
+        kept = set(numbers[-self.keep_versions:]) | {current.version}
+        now = time.time()
+        for older, newer in zip(numbers, numbers[1:]):
+            try:  # ``older`` stopped being current when ``newer`` was written
+                if now - self.record_path(newer).stat().st_mtime < self.reader_grace_seconds:
+                    kept.add(older)
+            except OSError:
+                kept.add(older)
+        removed = [number for number in numbers if number not in kept]
+        for number in removed:  # records first: a head file is only ever deleted once no record names it
+            self.record_path(number).unlink(missing_ok=True)
+        # (no fsync: a deletion lost in a crash is simply redone by the next prune)
+        self._collect_garbage(self.kept_manifests())
+        return removed
+
+    def _collect_garbage(self, manifests: Mapping[int, Manifest]) -> None:
+        referenced = {name for manifest in manifests.values() for name in manifest.files}
+        heads = self.path / HEADS_DIR
+        if heads.is_dir():
+            for folder in sorted(heads.iterdir()):
+                if not folder.is_dir():
+                    relative = f"{HEADS_DIR}/{folder.name}"
+                    if relative not in referenced:
+                        folder.unlink(missing_ok=True)
+                    continue
+                for entry in folder.iterdir():
+                    relative = f"{HEADS_DIR}/{folder.name}/{entry.name}"
+                    if relative not in referenced and entry.is_file():
+                        entry.unlink(missing_ok=True)
+                try:
+                    folder.rmdir()  # only succeeds when empty
+                except OSError:
+                    pass
+        for folder in (self.path, self.path / VERSIONS_DIR):
+            if folder.is_dir():
+                for entry in folder.iterdir():
+                    if entry.name.startswith(".") and _TEMPORARY_MARKER in entry.name and entry.is_file():
+                        entry.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ rollback
+    def rollback_manifest(self, version: int, current: Manifest, change: dict | None = None) -> Manifest:
+        """The manifest of a new version that restores ``version`` (files verified, not committed)."""
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise InputError(f"version must be an integer, got {version!r}")
+        available = sorted(self.kept_manifests())
+        if version not in available:
+            raise UpdateError(
+                f"version {version} does not exist in {self.path} (kept versions: {available}); "
+                "nothing was changed"
+            )
+        target = self.kept_manifests()[version]
+        if target.backbone_fingerprint != current.backbone_fingerprint:
+            raise UpdateError(
+                f"version {version} belongs to another backbone ({target.backbone_fingerprint}); it cannot be restored"
+            )
+        try:
+            Bundle(self.path, target).verify()
+        except BundleError as error:
+            raise UpdateError(f"version {version} cannot be restored: {error}; nothing was changed") from error
+        restored = target.copy()
+        number = self.next_version(current)
+        restored.data["version"] = number
+        restored.data["parent_version"] = current.version
+        restored.data["committed_at"] = utc_timestamp()
+        restored.data["head"]["version"] = number
+        restored.data["change"] = {"action": "rollback", "to_version": version, **(change or {})}
+        return restored

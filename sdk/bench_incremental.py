@@ -1,0 +1,525 @@
+"""The class-incremental benchmark behind ``edgeadapt bench incremental``.
+
+For each class order (fixed seeds):
+
+1. the built-in classifier is trained on the BASE classes only and split into backbone + head;
+   the embeddings of every split are computed once (and cached with ``cache``);
+2. the base head is trained on the base classes' embeddings with the default normalisation
+   (centred on the stored base mean); the class statistics of the base classes are kept;
+3. for each shot count (examples per new class) and each method, the new classes are added
+   with :func:`edgeadapt.device.incremental.add_classes` and the result is measured on the
+   test split of all seen classes.
+
+Baselines: ``joint`` retrains the whole head on all training data of every class (the
+upper bound), ``joint (old data + shots)`` retrains it on all old data plus the same shots,
+``resolve_all`` re-fits every column from the statistics, ``none`` is the uncalibrated lower
+bound and ``imprint`` plain imprinting. ``center_l2`` is run on a cosine base head (centred +
+L2-normalised features, temperature 0.1) trained on the same embeddings, because it needs one.
+
+Columns: accuracy on all seen classes, on old classes, on new classes; old-class drop
+against the base model before the step (old test images, old classes only); new-class
+false-positive rate on old-class test images; time of the update; bytes stored per class;
+whether old-class logits stayed bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgeadapt.device.errors import InputError
+from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device import incremental as head_math
+from edgeadapt.device.incremental import DEFAULT_METHOD, METHODS, AddClassOptions
+
+logger = logging.getLogger(__name__)
+
+ALL_SHOTS = 0  # "all": every training image of the new classes
+JOINT = "joint"
+JOINT_SHOTS = "joint (old data + shots)"
+RESOLVE = "resolve_all"
+COSINE_TEMPERATURE = 0.1
+#: Head training of the base heads and the joint baselines: long enough to converge on small data.
+HEAD_EPOCHS = 200
+HEAD_PATIENCE = 20
+
+
+@dataclass(frozen=True)
+class IncrementalBenchmarkOptions:
+    """What :func:`run_incremental_benchmark` measures.
+
+    ``data``: a folder with one sub-folder per class (None: the built-in synthetic shapes).
+    ``base`` classes first, then ``step`` new classes, in ``orders`` class orders.
+    ``shots``: examples per new class; 0 means all. ``methods``: from
+    :data:`edgeadapt.device.incremental.METHODS`. ``add_options``: knobs for every method
+    (its ``method`` field is replaced per row). ``cache``: folder where each order's
+    backbone embeddings are kept, so a second run skips training.
+    """
+
+    data: Path | None = None
+    base: int = 2
+    step: int = 2
+    shots: tuple[int, ...] = (1, 5, 20, ALL_SHOTS)
+    orders: int = 3
+    methods: tuple[str, ...] = METHODS
+    image_size: int | None = None
+    epochs: int | None = None
+    seed: int = 0
+    cache: Path | None = None
+    add_options: AddClassOptions = AddClassOptions()
+    backbone: Any = None  # edgeadapt.backbones.BackboneOptions, None = default
+    synthetic_classes: int = 6
+    synthetic_images_per_class: int = 120
+    verbose: int = 0
+
+    def __post_init__(self) -> None:
+        if self.base < 2:
+            raise InputError(f"base must be at least 2 classes (a classifier needs two), got {self.base}")
+        if self.step < 1:
+            raise InputError(f"step must be at least 1 new class, got {self.step}")
+        if self.orders < 1:
+            raise InputError(f"orders must be at least 1, got {self.orders}")
+        if not self.shots or any(shot < 0 for shot in self.shots):
+            raise InputError(f"shots must be positive counts or 0 for all, got {self.shots}")
+        unknown = [method for method in self.methods if method not in METHODS]
+        if unknown:
+            raise InputError(f"unknown methods {unknown}; choose from {METHODS}")
+
+
+@dataclass
+class OrderData:
+    """One class order: its classes and the cached embeddings of every split."""
+
+    order: int
+    class_names: list[str]
+    base: int
+    train: tuple[np.ndarray, np.ndarray]
+    validation: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+    train_seconds: float
+    cached: bool = False
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.train[0].shape[1])
+
+
+@dataclass
+class Measurement:
+    """One method at one shot count in one order."""
+
+    all: float
+    old: float
+    new: float
+    old_drop: float
+    new_false_positive_rate: float
+    update_seconds: float
+    bytes_per_class: int
+    old_logits_identical: bool | None
+
+
+@dataclass
+class IncrementalBenchmarkReport:
+    """Everything measured, per order and averaged over orders."""
+
+    options: dict
+    dataset: str
+    embedding_size: int
+    orders: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    figures: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        options = self.options
+        lines = [
+            f"class-incremental benchmark: {self.dataset}, base {options['base']} + {options['step']} new, "
+            f"{len(self.orders)} class orders, {options['image_size']} px, embedding {self.embedding_size} floats",
+        ]
+        for order in self.orders:
+            trained = "from cache" if order["cached"] else "trained in {:.0f} s".format(order["train_seconds"])
+            lines.append(
+                f"  order {order['order']}: base {', '.join(order['base_classes'])} -> new {', '.join(order['new_classes'])}"
+                f"   (backbone {trained}; base model old-class accuracy {order['before_old']:.3f})"
+            )
+        lines.append("")
+        lines.append(
+            f"{'shots':>5}  {'method':<26}{'all':>13}{'old':>7}{'new':>7}{'old drop':>10}{'new FPR':>9}"
+            f"{'update ms':>11}{'bytes/class':>13}  old logits"
+        )
+        previous = None
+        for row in self.rows:
+            shots = "all" if row["shots"] == ALL_SHOTS else str(row["shots"])
+            if previous is not None and previous != row["shots"]:
+                lines.append("")
+            previous = row["shots"]
+            mean = row["mean"]
+            identical = row["old_logits_identical"]
+            identical_text = "-" if identical is None else ("identical" if identical else "changed")
+            label = row["method"] + (" (default)" if row["method"] == DEFAULT_METHOD else "")
+            lines.append(
+                f"{shots:>5}  {label:<26}{mean['all']:>7.3f}±{row['std']['all']:.3f}{mean['old']:>7.3f}"
+                f"{mean['new']:>7.3f}{mean['old_drop']:>+10.3f}{mean['new_false_positive_rate']:>9.3f}"
+                f"{mean['update_seconds'] * 1000:>11.1f}{row['bytes_per_class']:>13,}  {identical_text}"
+            )
+        lines.append("")
+        lines.append(
+            "all/old/new: test accuracy on all seen / old / new classes (mean±std over orders for all); old drop: "
+            "old-class accuracy change against the base model before the step; new FPR: share of old-class test "
+            f"images predicted as a new class; bytes/class: head column + what the method keeps per class "
+            f"(ridge, resolve_all also share a {self.embedding_size}x{self.embedding_size} Gram matrix = "
+            f"{8 * self.embedding_size ** 2:,} bytes; joint keeps every training embedding)"
+        )
+        if self.figures:
+            lines.append("")
+            lines.append("figures (issue 4):")
+            for entry in self.figures.get("checks", []):
+                lines.append(f"  [{'PASS' if entry['passed'] else 'FAIL'}] {entry['text']}")
+        lines.append(f"total time {self.seconds:.0f} s")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+
+
+def _json_default(value: Any):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+# ============================================================================= data
+def load_dataset(options: IncrementalBenchmarkOptions):
+    """The dataset the benchmark runs on, at the benchmark's image size."""
+    from edgeadapt.data import SplitOptions, load_image_folder
+    from edgeadapt.device.manifest import InputSpec
+    from edgeadapt.synthetic import SyntheticOptions, synthetic_dataset
+
+    split = SplitOptions(seed=options.seed)
+    if options.data is None:
+        size = options.image_size or 32
+        return synthetic_dataset(
+            SyntheticOptions(num_classes=options.synthetic_classes, images_per_class=options.synthetic_images_per_class,
+                             image_size=size, seed=options.seed), split)
+    size = options.image_size or 64
+    return load_image_folder(options.data, InputSpec(height=size, width=size), split, progress=options.verbose > 0)
+
+
+def class_orders(class_count: int, base: int, step: int, orders: int, seed: int) -> list[tuple[int, list[int]]]:
+    """``orders`` class orders with fixed seeds: ``(seed_index, classes)``, base classes first.
+
+    Candidate k is the permutation drawn from ``(seed, k)``. Candidates that split the
+    classes into the same base set and new classes as an earlier order are skipped while
+    distinct splits remain (with 4 classes and base 3 only 4 splits exist), so every order
+    measures a different question. ``seed_index`` also seeds the backbone training.
+    """
+    needed = base + step
+    if needed > class_count:
+        raise InputError(f"base + step = {needed} classes, but the dataset has only {class_count}")
+    chosen: list[tuple[int, list[int]]] = []
+    seen: set = set()
+    candidate = 0
+    while len(chosen) < orders:
+        classes = np.random.default_rng([seed, candidate]).permutation(class_count)[:needed].tolist()
+        split = (frozenset(classes[:base]), tuple(classes[base:]))
+        if split not in seen or candidate >= 50 * orders:
+            seen.add(split)
+            chosen.append((candidate, classes))
+        candidate += 1
+    return chosen
+
+
+def _cache_key(options: IncrementalBenchmarkOptions, names: list[str], dataset, training_seed: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(repr((str(options.data), dataset.spec.to_dict(), names, options.base, options.epochs, training_seed,
+                        repr(options.backbone), len(dataset.train), len(dataset.test),
+                        options.synthetic_classes, options.synthetic_images_per_class)).encode())
+    digest.update(np.ascontiguousarray(dataset.train.images[:: max(1, len(dataset.train) // 64)]).tobytes())
+    return digest.hexdigest()[:24]
+
+
+def order_embeddings(options: IncrementalBenchmarkOptions, dataset, order: int, classes: list[int],
+                     seed_index: int | None = None) -> OrderData:
+    """Train the built-in classifier on the order's base classes and embed every split (cached).
+
+    The backbone training is seeded with ``options.seed + seed_index`` (default: the order).
+    """
+    names = [dataset.class_names[index] for index in classes]
+    subset = dataset.select_classes(names)
+    training_seed = options.seed + (order if seed_index is None else seed_index)
+    cache_file = None
+    if options.cache is not None:
+        cache_file = Path(options.cache) / f"order-{_cache_key(options, names, subset, training_seed)}.npz"
+        if cache_file.is_file():
+            stored = np.load(cache_file, allow_pickle=False)
+            logger.info("order %d: embeddings from cache %s", order, cache_file)
+            return OrderData(order, names, options.base,
+                             (stored["train_embeddings"], stored["train_labels"]),
+                             (stored["validation_embeddings"], stored["validation_labels"]),
+                             (stored["test_embeddings"], stored["test_labels"]),
+                             float(stored["train_seconds"]), cached=True)
+    from edgeadapt.backbones import BackboneOptions
+    from edgeadapt.embeddings import compute_embeddings
+    from edgeadapt.model_split import split_classifier
+    from edgeadapt.training import ClassifierTrainingOptions, train_classifier
+
+    base_dataset = subset.select_classes(names[: options.base])
+    epochs = options.epochs or (25 if options.data is not None else 15)
+    logger.info("order %d: training the built-in classifier on %s (%d epochs)", order, names[: options.base], epochs)
+    start = time.perf_counter()
+    model = train_classifier(base_dataset, ClassifierTrainingOptions(
+        epochs=epochs, seed=training_seed, verbose=2 if options.verbose > 1 else 0,
+        backbone=options.backbone or BackboneOptions()))
+    train_seconds = time.perf_counter() - start
+    backbone = split_classifier(model).backbone
+    splits = {}
+    for split_name in ("train", "validation", "test"):
+        part = getattr(subset, split_name)
+        splits[split_name] = (compute_embeddings(backbone, part.images, subset.spec, progress=False), part.labels)
+    data = OrderData(order, names, options.base, splits["train"], splits["validation"], splits["test"], train_seconds)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_name(cache_file.name + ".tmp.npz")
+        np.savez(temporary, train_seconds=train_seconds,
+                 **{f"{name}_embeddings": value[0] for name, value in splits.items()},
+                 **{f"{name}_labels": value[1] for name, value in splits.items()})
+        temporary.replace(cache_file)
+    return data
+
+
+# ============================================================================= measuring
+def _select_shots(embeddings: np.ndarray, labels: np.ndarray, classes: Sequence[int], shots: int,
+                  seed: int, order: int) -> list[np.ndarray]:
+    arrays = []
+    for label in classes:
+        members = np.flatnonzero(labels == label)
+        if shots != ALL_SHOTS and len(members) > shots:
+            members = np.sort(np.random.default_rng([seed, order, shots, int(label)]).choice(members, shots, replace=False))
+        arrays.append(embeddings[members])
+    return arrays
+
+
+def _evaluate(head: Head, test: tuple[np.ndarray, np.ndarray], base: int) -> tuple[float, float, float, float]:
+    embeddings, labels = test
+    predictions = head.logits(embeddings).argmax(axis=1)
+    old = labels < base
+    return (
+        float(np.mean(predictions == labels)),
+        float(np.mean(predictions[old] == labels[old])),
+        float(np.mean(predictions[~old] == labels[~old])),
+        float(np.mean(predictions[old] >= base)),
+    )
+
+
+def _before_old_accuracy(head: Head, test: tuple[np.ndarray, np.ndarray], base: int) -> float:
+    embeddings, labels = test
+    old = labels < base
+    return float(np.mean(head.logits(embeddings[old]).argmax(axis=1) == labels[old]))
+
+
+def bytes_per_class(method: str, embedding_size: int, replay_examples_per_class: float = 0.0) -> int:
+    """Bytes a method keeps per class: the head column and bias, plus what later updates need."""
+    column = 4 * embedding_size + 4
+    statistics = 8 * embedding_size + 8
+    if method in ("ridge", RESOLVE, "center_l2", "imprint"):
+        return column + statistics
+    if method in (JOINT, JOINT_SHOTS):
+        return column + int(round(replay_examples_per_class * 4 * embedding_size))
+    return column
+
+
+def _base_heads(data: OrderData, options: IncrementalBenchmarkOptions) -> dict[str, Head]:
+    from edgeadapt.head_training import DEFAULT_NORMALIZATION, HeadTrainingOptions, train_head
+
+    embeddings, labels = data.train
+    old = labels < data.base
+    validation_embeddings, validation_labels = data.validation
+    validation_old = validation_labels < data.base
+    validation = (validation_embeddings[validation_old], validation_labels[validation_old])
+    return {
+        "default": train_head(embeddings[old], labels[old], data.base,
+                              HeadTrainingOptions(seed=options.seed, normalization=DEFAULT_NORMALIZATION,
+                                                 epochs=HEAD_EPOCHS, patience=HEAD_PATIENCE),
+                              validation=validation),
+        "cosine": train_head(embeddings[old], labels[old], data.base,
+                             HeadTrainingOptions(seed=options.seed, normalization="center_l2", temperature=COSINE_TEMPERATURE,
+                                                 epochs=HEAD_EPOCHS, patience=HEAD_PATIENCE), validation=validation),
+    }
+
+
+def _joint(data: OrderData, arrays: list[np.ndarray] | None, options: IncrementalBenchmarkOptions) -> tuple[Head, float]:
+    """Retrain the whole head: all old data + ``arrays`` (None: all new training data too)."""
+    from edgeadapt.head_training import DEFAULT_NORMALIZATION, HeadTrainingOptions, train_head
+
+    embeddings, labels = data.train
+    count = len(data.class_names)
+    if arrays is not None:
+        old = labels < data.base
+        embeddings = np.concatenate([embeddings[old]] + arrays)
+        labels = np.concatenate([labels[old]] + [np.full(len(array), data.base + offset, np.int64)
+                                                 for offset, array in enumerate(arrays)])
+    start = time.perf_counter()
+    head = train_head(embeddings, labels, count,
+                      HeadTrainingOptions(seed=options.seed, normalization=DEFAULT_NORMALIZATION,
+                                          epochs=HEAD_EPOCHS, patience=HEAD_PATIENCE),
+                      validation=data.validation if arrays is None else None)
+    return head, time.perf_counter() - start
+
+
+def measure_order(data: OrderData, options: IncrementalBenchmarkOptions) -> tuple[dict, dict]:
+    """All rows of one order: {(shots, method): Measurement} and the order's description."""
+    base = data.base
+    new_classes = list(range(base, len(data.class_names)))
+    heads = _base_heads(data, options)
+    embeddings, labels = data.train
+    old = labels < base
+    stats = ClassStats.from_embeddings(embeddings[old], labels[old], base)
+    before = {name: _before_old_accuracy(head, data.test, base) for name, head in heads.items()}
+    size = data.embedding_size
+    replay_per_class = float(np.sum(old)) / base
+    results: dict[tuple[int, str], Measurement] = {}
+
+    def record(shots: int, method: str, head: Head, seconds: float, before_old: float, identical: bool | None,
+               stored: int) -> None:
+        all_accuracy, old_accuracy, new_accuracy, false_positive = _evaluate(head, data.test, base)
+        results[(shots, method)] = Measurement(all_accuracy, old_accuracy, new_accuracy, old_accuracy - before_old,
+                                               false_positive, seconds, stored, identical)
+
+    joint_head, joint_seconds = _joint(data, None, options)
+    test_embeddings = data.test[0]
+    for shots in options.shots:
+        arrays = _select_shots(embeddings, labels, new_classes, shots, options.seed, data.order)
+        for method in options.methods:
+            base_head = heads["cosine" if method == "center_l2" else "default"]
+            method_options = dataclasses.replace(options.add_options, method=method)
+            start = time.perf_counter()
+            head, updated = head_math.add_classes(base_head, stats, arrays, method_options)
+            seconds = time.perf_counter() - start
+            identical = head_math.old_logits_unchanged(base_head, head, test_embeddings)
+            record(shots, method, head, seconds, before["cosine" if method == "center_l2" else "default"], identical,
+                   bytes_per_class(method, size))
+            if method == DEFAULT_METHOD and updated is not None:
+                start = time.perf_counter()
+                resolved = head_math.resolve_all(head, updated, method_options)
+                record(shots, RESOLVE, resolved, seconds + time.perf_counter() - start, before["default"],
+                       head_math.old_logits_unchanged(base_head, resolved, test_embeddings), bytes_per_class(RESOLVE, size))
+        shots_head, shots_seconds = _joint(data, arrays, options)
+        record(shots, JOINT_SHOTS, shots_head, shots_seconds, before["default"], None,
+               bytes_per_class(JOINT_SHOTS, size, replay_per_class))
+        record(shots, JOINT, joint_head, joint_seconds, before["default"], None,
+               bytes_per_class(JOINT, size, replay_per_class))
+    description = {
+        "order": data.order,
+        "base_classes": data.class_names[:base],
+        "new_classes": data.class_names[base:],
+        "train_seconds": data.train_seconds,
+        "cached": data.cached,
+        "before_old": before["default"],
+        "before_old_cosine": before["cosine"],
+        "train_examples": int(len(labels)),
+        "test_examples": int(len(data.test[1])),
+    }
+    return {f"{shots}|{method}": measurement for (shots, method), measurement in results.items()}, description
+
+
+def _row_order(methods: Sequence[str]) -> list[str]:
+    order = [JOINT]
+    for method in METHODS:
+        if method in methods:
+            order.append(method)
+            if method == DEFAULT_METHOD:
+                order.append(RESOLVE)
+    order.append(JOINT_SHOTS)
+    return order
+
+
+def _figures(rows: list[dict], shots: Sequence[int]) -> dict:
+    def find(shot: int, method: str) -> dict | None:
+        return next((row for row in rows if row["shots"] == shot and row["method"] == method), None)
+
+    checks = []
+    joint_all = find(ALL_SHOTS, JOINT) or next((row for row in rows if row["method"] == JOINT), None)
+    default_all = find(ALL_SHOTS, DEFAULT_METHOD)
+    if joint_all and default_all:
+        gap = default_all["mean"]["all"] - joint_all["mean"]["all"]
+        checks.append({"name": "all_shots_all_classes", "value": gap, "passed": gap >= -0.02,
+                       "text": f"all new images, no old images: {DEFAULT_METHOD} all-class accuracy "
+                               f"{default_all['mean']['all']:.3f} vs joint upper bound {joint_all['mean']['all']:.3f} "
+                               f"({gap:+.3f}; within 2 points)"})
+        gap_old = default_all["mean"]["old"] - joint_all["mean"]["old"]
+        checks.append({"name": "all_shots_old_classes", "value": gap_old, "passed": gap_old >= -0.02,
+                       "text": f"all new images: {DEFAULT_METHOD} old-class accuracy {default_all['mean']['old']:.3f} "
+                               f"vs joint {joint_all['mean']['old']:.3f} ({gap_old:+.3f}; within 2 points)"})
+    default_five = find(5, DEFAULT_METHOD)
+    if joint_all and default_five:
+        ratio = default_five["mean"]["all"] / max(joint_all["mean"]["all"], 1e-12)
+        checks.append({"name": "five_shots_ratio", "value": ratio, "passed": ratio >= 0.9,
+                       "text": f"5 shots: {DEFAULT_METHOD} all-class accuracy {default_five['mean']['all']:.3f} = "
+                               f"{ratio:.1%} of the upper bound (at least 90%)"})
+    append_only = [row for row in rows if row["old_logits_identical"] is not None and row["method"] != RESOLVE]
+    if append_only:
+        identical = all(row["old_logits_identical"] for row in append_only)
+        checks.append({"name": "old_logits_identical", "value": identical, "passed": identical,
+                       "text": "old-class logits bit-identical after every append-only update "
+                               f"({len(append_only)} method x shot rows, every order)"})
+    return {"checks": checks, "passed": all(check["passed"] for check in checks)}
+
+
+def run_incremental_benchmark(options: IncrementalBenchmarkOptions, dataset=None) -> IncrementalBenchmarkReport:
+    """Run the benchmark; ``dataset`` overrides ``options.data`` (an :class:`edgeadapt.data.Dataset`)."""
+    start = time.perf_counter()
+    dataset = dataset if dataset is not None else load_dataset(options)
+    orders = class_orders(len(dataset.class_names), options.base, options.step, options.orders, options.seed)
+    per_order: list[dict] = []
+    descriptions: list[dict] = []
+    size = 0
+    for order, (seed_index, classes) in enumerate(orders):
+        data = order_embeddings(options, dataset, order, classes, seed_index)
+        size = data.embedding_size
+        measurements, description = measure_order(data, options)
+        per_order.append(measurements)
+        descriptions.append(description)
+        logger.info("order %d measured", order)
+    rows = []
+    for shots in options.shots:
+        for method in _row_order(options.methods):
+            key = f"{shots}|{method}"
+            values = [order[key] for order in per_order if key in order]
+            if not values:
+                continue
+            metrics = ("all", "old", "new", "old_drop", "new_false_positive_rate", "update_seconds")
+            identical = [value.old_logits_identical for value in values]
+            rows.append({
+                "shots": shots,
+                "method": method,
+                "mean": {name: float(np.mean([getattr(value, name) for value in values])) for name in metrics},
+                "std": {name: float(np.std([getattr(value, name) for value in values])) for name in metrics},
+                "per_order": [dataclasses.asdict(value) for value in values],
+                "bytes_per_class": int(np.mean([value.bytes_per_class for value in values])),
+                "old_logits_identical": None if identical[0] is None else bool(all(identical)),
+            })
+    name = "built-in synthetic shapes" if options.data is None and dataset is not None else str(options.data)
+    if options.data is not None:
+        name = f"{Path(options.data).name} ({len(dataset.class_names)} classes)"
+    resolved_options = dataclasses.asdict(options)
+    resolved_options["image_size"] = dataset.spec.height
+    return IncrementalBenchmarkReport(options=resolved_options, dataset=name, embedding_size=size,
+                                      orders=descriptions, rows=rows, figures=_figures(rows, options.shots),
+                                      seconds=time.perf_counter() - start)

@@ -1,0 +1,55 @@
+"""``edgeadapt merge-deltas BUNDLE DELTA... --out NEW``: fold device deltas into a new bundle version."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _merge_deltas(arguments: argparse.Namespace) -> int:
+    from edgeadapt.deltas import MergeDeltasOptions, merge_deltas, parse_renames
+
+    add_options = None
+    if arguments.method:
+        from edgeadapt.device.incremental import AddClassOptions
+
+        add_options = AddClassOptions(method=arguments.method)
+    options = MergeDeltasOptions(
+        on_clash=arguments.on_clash,
+        renames=parse_renames(arguments.rename or []),
+        include_strengthened=not arguments.no_strengthened,
+        use_device_rows=arguments.use_device_rows,
+        add_options=add_options,
+        overwrite=arguments.overwrite,
+    )
+    report = merge_deltas(arguments.bundle, arguments.deltas, arguments.out, options)
+    print(json.dumps(report.to_dict(), indent=2) if arguments.json else report.table())
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "merge-deltas",
+        help="fold delta files exported by devices into a new bundle version",
+        description="Fold the classes that devices learned (delta files from `edgeadapt-device export-delta`) "
+        "into BUNDLE and write a new bundle version to --out. Rows are recomputed from the devices' example "
+        "embeddings with the same head math the devices use; old-class rows stay unchanged. Name clashes "
+        "stop the merge unless --on-clash or --rename says how to resolve them.",
+    )
+    parser.add_argument("bundle", type=Path, help="base bundle directory (NAME.eab) or packed bundle")
+    parser.add_argument("deltas", nargs="+", type=Path, metavar="DELTA", help="delta files (.eadelta)")
+    parser.add_argument("--out", type=Path, required=True, help="new bundle directory to write")
+    parser.add_argument("--on-clash", choices=("error", "merge", "rename", "skip"), default="error",
+                        help="what to do when a class name already exists: error (default), merge (one class from "
+                        "all examples), rename (NAME@SOURCE), skip (keep the first)")
+    parser.add_argument("--rename", action="append", metavar="[N:]OLD=NEW",
+                        help="rename a delta class before merging (N = 1-based delta position; repeatable)")
+    parser.add_argument("--no-strengthened", action="store_true",
+                        help="ignore examples that devices added to existing classes")
+    parser.add_argument("--use-device-rows", action="store_true",
+                        help="keep the devices' own head columns instead of recomputing them from the examples")
+    parser.add_argument("--method", help="head math method (edgeadapt.device.incremental.METHODS)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(handler=_merge_deltas)

@@ -1,0 +1,557 @@
+"""Add classes to a bundle and merge heads on the host, as a NEW bundle version.
+
+    >>> from edgeadapt.incremental import add_classes
+    >>> result = add_classes("model.eab", "photos/", "model-v2.eab", classes=["mug", "cup"])
+    >>> print(result.summary())
+
+The head math is :mod:`edgeadapt.device.incremental` (numpy only; the on-device updater
+calls the same functions). This module does the host part around it:
+
+- reads the new classes' images (a folder with one sub-folder per class, or a mapping
+  ``name -> images | embeddings``) and embeds them with the bundle's own int8 backbone
+  through the device :class:`~edgeadapt.device.runtime.Runtime` — the embeddings the device
+  will see;
+- validates everything (names, examples, statistics, output path) before anything is written;
+- writes a new bundle directory through :func:`edgeadapt.device.bundle.write_bundle`:
+  ``version`` + 1, ``parent_version``, the backbone files copied unchanged, the new head and
+  class statistics under ``heads/v{version}/``, and each new class's provenance
+  (``origin: host-added``, ``added_at``, ``examples``, ``added_in_version``).
+
+Nothing is written when anything fails: the parent bundle is never modified and the new
+directory appears only complete (atomic rename).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from edgeadapt.device.bundle import Bundle, head_payload, write_bundle
+from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError
+from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.incremental import (
+    STATISTICS_METHODS,
+    TRAINED_METHODS,
+    AddClassOptions,
+    resolve_all,
+)
+from edgeadapt.device import incremental as head_math
+from edgeadapt.device.manifest import utc_timestamp
+
+logger = logging.getLogger(__name__)
+
+#: References kept per new class for the device update gate when the parent bundle has none.
+DEFAULT_REFERENCES_PER_CLASS = 5
+_MAX_NAME_LENGTH = 200
+
+
+@dataclass(frozen=True)
+class NamedHead:
+    """A head that is not (yet) in a bundle, e.g. a 2-class head trained on this backbone's embeddings.
+
+    ``backbone_fingerprint``, when given, must equal the target bundle's.
+    """
+
+    head: Head
+    class_names: Sequence[str]
+    stats: ClassStats | None = None
+    backbone_fingerprint: str | None = None
+    source: str = "head"
+
+
+@dataclass
+class IncrementalResult:
+    """What an add / merge / re-solve wrote."""
+
+    output: Path
+    version: int
+    parent_version: int
+    action: str
+    method: str
+    added: list[dict] = field(default_factory=list)
+    old_rows_unchanged: bool = True
+    resolved: str | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.output} (version {self.version}, parent version {self.parent_version}), "
+                 f"method {self.method}, {self.seconds * 1000:.0f} ms of head math"]
+        for entry in self.added:
+            lines.append(f"  added {entry['name']:<24} {entry['examples']:>6} examples  (class index {entry['index']})")
+        if self.resolved:
+            lines.append(f"  ALL rows re-solved from {self.resolved}: old-class outputs CHANGED")
+        else:
+            lines.append(f"  old-class rows bit-identical to the parent: {'yes' if self.old_rows_unchanged else 'NO'}")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "output": str(self.output), "version": self.version, "parent_version": self.parent_version,
+            "action": self.action, "method": self.method, "added": self.added,
+            "old_rows_unchanged": self.old_rows_unchanged, "resolved": self.resolved,
+            "seconds": self.seconds, "notes": self.notes,
+        }
+
+
+# ============================================================================= inputs
+def check_class_name(name: Any) -> str:
+    """``name`` if it is a usable class name, else :class:`InputError`."""
+    if not isinstance(name, str):
+        raise InputError(f"class names must be strings, got {type(name).__name__}")
+    if not name.strip() or name != name.strip():
+        raise InputError(f"class name {name!r} is empty or has leading/trailing whitespace")
+    if any(ord(character) < 32 or ord(character) == 127 for character in name) or len(name) > _MAX_NAME_LENGTH:
+        raise InputError(f"class name {name!r} contains control characters or is longer than {_MAX_NAME_LENGTH}")
+    return name
+
+
+def _open(bundle: str | Path | Bundle) -> Bundle:
+    return bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+
+
+def _check_output(output: str | Path, overwrite: bool, parents: Sequence[Bundle]) -> Path:
+    output = Path(output)
+    for parent in parents:
+        if output.resolve() == parent.path.resolve():
+            raise InputError(f"output {output} is the parent bundle; a new version goes to a new directory")
+    if output.exists() and not overwrite:
+        raise BundleError(f"{output} already exists; choose another output path or pass overwrite=True (--overwrite)")
+    return output
+
+
+def folder_examples(folder: str | Path, classes: Sequence[str] | None = None) -> dict[str, list[Path]]:
+    """``{class name: [image paths]}`` of a folder with one sub-folder per class (all images, no split)."""
+    from edgeadapt.data import scan_image_folder
+    from edgeadapt.device.errors import DatasetError
+
+    try:
+        names, entries = scan_image_folder(folder, classes)
+    except DatasetError as error:
+        raise InputError(str(error)) from error
+    examples: dict[str, list[Path]] = {name: [] for name in names}
+    for entry in entries:
+        examples[names[entry.label]].append(entry.path)
+    return examples
+
+
+def _as_mapping(data: Any, classes: Sequence[str] | None, what: str) -> dict[str, Any]:
+    if isinstance(data, (str, Path)):
+        return folder_examples(data, classes)
+    if isinstance(data, Mapping):
+        mapping = dict(data)
+        if classes is not None:
+            missing = [name for name in classes if name not in mapping]
+            if missing:
+                raise InputError(f"{what} has no examples for {missing}")
+            mapping = {name: mapping[name] for name in classes}
+        return mapping
+    raise InputError(f"{what} must be a folder (one sub-folder per class) or a mapping name -> images or embeddings")
+
+
+class _Embedder:
+    """Embeds images with the bundle's backbone (opened on first use only)."""
+
+    def __init__(self, bundle: Bundle, backend: str):
+        self.bundle = bundle
+        self.backend = backend
+        self._runtime = None
+
+    def __call__(self, name: str, examples: Any, size: int) -> np.ndarray:
+        if isinstance(examples, np.ndarray) and examples.ndim == 2 and np.issubdtype(examples.dtype, np.floating):
+            if examples.shape[1] != size:
+                raise InputError(
+                    f"class {name!r}: embeddings have {examples.shape[1]} values but this bundle's backbone gives {size}"
+                )
+            array = examples
+        else:
+            if isinstance(examples, np.ndarray) and examples.ndim == 4 and examples.shape[0] == 0:
+                raise InputError(f"class {name!r} has zero images; give at least one example per class")
+            if isinstance(examples, (list, tuple)) and not examples:
+                raise InputError(f"class {name!r} has zero images; give at least one example per class")
+            if self._runtime is None:
+                from edgeadapt.device.runtime import Runtime
+
+                self._runtime = Runtime(self.bundle, backend=self.backend)
+            try:
+                array = self._runtime.embed(examples)
+            except InputError as error:
+                raise InputError(f"class {name!r}: {error}; nothing was written") from error
+        array = np.asarray(array)
+        if array.ndim != 2 or array.shape[0] == 0:
+            raise InputError(f"class {name!r} has zero examples; give at least one example per class")
+        if not np.all(np.isfinite(array)):
+            raise InputError(f"class {name!r}: embeddings contain NaN or infinite values; nothing was written")
+        return array.astype(np.float32)
+
+
+def _replay_embeddings(
+    replay: Any, class_names: list[str], embedder: _Embedder, size: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    if replay is None:
+        return None
+    mapping = _as_mapping(replay, None, "replay")
+    unknown = [name for name in mapping if name not in class_names]
+    if unknown:
+        raise InputError(f"replay holds classes {unknown} that are not in the bundle; replay is for its old classes")
+    parts, labels = [], []
+    for name, examples in mapping.items():
+        embeddings = embedder(name, examples, size)
+        parts.append(embeddings)
+        labels.append(np.full(embeddings.shape[0], class_names.index(name), dtype=np.int64))
+    if not parts:
+        return None
+    return np.concatenate(parts), np.concatenate(labels)
+
+
+# ============================================================================= writing
+def _referenced_files(value: Any, files: Mapping[str, Any]) -> set[str]:
+    found: set[str] = set()
+    if isinstance(value, str) and value in files:
+        found.add(value)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            found |= _referenced_files(item, files)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found |= _referenced_files(item, files)
+    return found
+
+
+#: ``write_version(references=KEEP_REFERENCES)`` keeps the parent's update-gate references unchanged.
+KEEP_REFERENCES = object()
+
+
+def _parent_references(parent: Bundle):
+    loader = getattr(parent, "load_reference_embeddings", None)
+    return None if loader is None else loader()
+
+
+def _payload(head: Head, stats: ClassStats | None, version: int, fingerprint: str, references) -> tuple[dict, dict]:
+    if references is not None and "reference_embeddings" in inspect.signature(head_payload).parameters:
+        return head_payload(head, stats, version, fingerprint, reference_embeddings=references)
+    return head_payload(head, stats, version, fingerprint)
+
+
+def write_version(
+    parent: Bundle,
+    head: Head,
+    stats: ClassStats | None,
+    classes: list[dict],
+    output: str | Path,
+    change: dict,
+    *,
+    references: Any = KEEP_REFERENCES,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``parent`` + a new head as a new bundle version in a new directory.
+
+    The backbone files (every file outside ``heads/``) are copied unchanged through
+    :func:`write_bundle`, which checksums them into the new manifest. Head-section entries
+    this module does not manage (e.g. another tool's files) are kept with their files.
+    ``references``: the update-gate reference embeddings of the new head (default: the
+    parent's, unchanged; None: none).
+    """
+    manifest = parent.manifest
+    if references is KEEP_REFERENCES:
+        references = _parent_references(parent)
+    version = manifest.version + 1
+    section, head_files = _payload(head, stats, version, manifest.backbone_fingerprint, references)
+    old_section = manifest.data["head"]
+    managed = set(section) | {"weights", "bias", "feature_mean", "statistics", "references", "l2_normalize",
+                              "temperature", "version", "format", "backbone_fingerprint"}
+    files: dict[str, Any] = {name: parent.path / name for name in manifest.files if not name.startswith("heads/")}
+    for key, value in old_section.items():
+        if key in managed:
+            continue
+        section[key] = value
+        for name in _referenced_files(value, manifest.files):
+            files[name] = parent.path / name
+    files.update(head_files)
+    new = manifest.copy()
+    data = new.data
+    from edgeadapt.converters.bundle_export import created_by
+
+    data.update({
+        "version": version,
+        "parent_version": manifest.version,
+        "created_at": utc_timestamp(),
+        "created_by": {**manifest.data.get("created_by", {}), **created_by()},
+        "classes": classes,
+        "head": section,
+        "change": change,
+    })
+    return write_bundle(output, new, files, overwrite=overwrite)
+
+
+def _new_references(parent: Bundle, arrays: list[np.ndarray], first_index: int):
+    references = _parent_references(parent)
+    if references is None:
+        return None
+    from edgeadapt.device.bundle import ReferenceEmbeddings
+
+    per_class = max(1, references.per_class_count())
+    embeddings, labels = [references.embeddings], [references.labels]
+    for offset, array in enumerate(arrays):
+        chosen = array[:per_class].astype(references.embeddings.dtype)
+        embeddings.append(chosen)
+        labels.append(np.full(chosen.shape[0], first_index + offset, dtype=np.int64))
+    return ReferenceEmbeddings(np.concatenate(embeddings), np.concatenate(labels))
+
+
+def _old_rows_unchanged(before: Head, after: Head) -> bool:
+    count = before.num_classes
+    same_normalisation = (
+        before.l2_normalize == after.l2_normalize
+        and before.temperature == after.temperature
+        and ((before.feature_mean is None and after.feature_mean is None)
+             or (before.feature_mean is not None and after.feature_mean is not None
+                 and np.array_equal(before.feature_mean, after.feature_mean)))
+    )
+    return bool(
+        same_normalisation
+        and np.array_equal(after.weights[:, :count], before.weights)
+        and np.array_equal(after.bias[:count], before.bias)
+    )
+
+
+# ============================================================================= operations
+def add_classes(
+    bundle: str | Path | Bundle,
+    new_data: Any,
+    output: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    options: AddClassOptions = AddClassOptions(),
+    replay: Any = None,
+    resolve: bool = False,
+    backend: str = "auto",
+    overwrite: bool = False,
+) -> IncrementalResult:
+    """Add classes to ``bundle`` and write the result as a new version at ``output``.
+
+    ``new_data``: a folder with one sub-folder of images per class, or a mapping
+    ``{name: images}`` (image paths, PIL images, a uint8 (N, H, W, C) batch) or
+    ``{name: embeddings}`` (float (N, D) computed with this bundle's backbone).
+    ``classes``: which classes of ``new_data`` to add (default: all of them).
+    ``options``: the head math (method and knobs, :class:`AddClassOptions`).
+    ``replay``: optional examples of the bundle's OLD classes (same forms as ``new_data``).
+    They supply class statistics when the bundle has none, act as negatives for the trained
+    methods, and give the joint re-fit of ``resolve`` real data.
+    ``resolve``: re-fit ALL rows jointly (softmax on ``replay`` + new examples when replay is
+    given, else the closed form from the statistics). Upper-bound quality, but old-class
+    outputs CHANGE; recorded as such in the manifest.
+
+    Old-class rows are bit-identical to the parent's unless ``resolve``. Raises
+    :class:`InputError` (names, examples), :class:`IncompatibleModelError` (missing
+    statistics, unsupported head) or :class:`BundleError`; nothing is written on error.
+    """
+    parent = _open(bundle)
+    output = _check_output(output, overwrite, [parent])
+    if not isinstance(options, AddClassOptions):
+        raise InputError(f"options must be an AddClassOptions, got {type(options).__name__}")
+    manifest = parent.manifest
+    old_names = manifest.class_names
+    mapping = _as_mapping(new_data, classes, "new data")
+    names = [check_class_name(name) for name in mapping]
+    if not names:
+        raise InputError("no new classes given; name at least one class to add")
+    if len(set(names)) != len(names):
+        raise InputError(f"duplicate new class names in {names}")
+    clashes = [name for name in names if name in old_names]
+    if clashes:
+        raise InputError(
+            f"class(es) {clashes} already exist in {parent.path}; choose other names (to strengthen an existing "
+            "class use the device updater's add_examples); nothing was written"
+        )
+    head = parent.load_head()
+    stats = parent.load_class_stats()
+    size = head.embedding_size
+    embedder = _Embedder(parent, backend)
+    arrays = [embedder(name, mapping[name], size) for name in names]
+    replay_data = _replay_embeddings(replay, old_names, embedder, size)
+    notes: list[str] = []
+    if stats is None and replay_data is not None:
+        missing = sorted(set(range(len(old_names))) - set(np.unique(replay_data[1]).tolist()))
+        if not missing:
+            stats = ClassStats.from_embeddings(replay_data[0], replay_data[1], len(old_names))
+            notes.append(f"class statistics computed from {replay_data[0].shape[0]} replay examples")
+        elif options.method in STATISTICS_METHODS:
+            raise IncompatibleModelError(
+                f"the bundle has no class statistics and the replay lacks the old classes "
+                f"{[old_names[index] for index in missing]}; give examples of every old class"
+            )
+    if options.method in STATISTICS_METHODS and stats is None:
+        head_math.require_statistics(stats, options.method, "add classes")
+
+    start = time.perf_counter()
+    trained_replay = replay_data if options.method in TRAINED_METHODS else None
+    new_head, new_stats = head_math.add_classes(head, stats, arrays, options, replay=trained_replay)
+    resolved = None
+    if resolve:
+        new_head, resolved = _resolve(new_head, new_stats, arrays, replay_data, len(old_names), options)
+    seconds = time.perf_counter() - start
+    unchanged = _old_rows_unchanged(head, new_head)
+
+    version = manifest.version + 1
+    stamp = utc_timestamp()
+    class_entries = [dict(entry) for entry in manifest.data["classes"]]
+    added = []
+    for offset, (name, array) in enumerate(zip(names, arrays)):
+        index = len(old_names) + offset
+        class_entries.append({"name": name, "index": index, "origin": "host-added", "added_at": stamp,
+                              "examples": int(array.shape[0]), "added_in_version": version})
+        added.append({"name": name, "index": index, "examples": int(array.shape[0])})
+    change = {
+        "action": "host-add-classes", "classes": names, "examples": int(sum(array.shape[0] for array in arrays)),
+        "method": options.method, "old_rows_unchanged": unchanged, "resolved": resolved,
+    }
+    references = _new_references(parent, arrays, len(old_names))
+    write_version(parent, new_head, new_stats, class_entries, output, change, references=references,
+                  overwrite=overwrite)
+    return IncrementalResult(output=output, version=version, parent_version=manifest.version,
+                             action="add-classes", method=options.method, added=added, old_rows_unchanged=unchanged,
+                             resolved=resolved, seconds=seconds, notes=notes)
+
+
+def _resolve(
+    head: Head, stats: ClassStats | None, arrays: list[np.ndarray], replay: tuple[np.ndarray, np.ndarray] | None,
+    old_count: int, options: AddClassOptions,
+) -> tuple[Head, str]:
+    """Joint re-fit of every column: softmax on replay + new examples, else the closed form from statistics."""
+    if replay is not None and set(np.unique(replay[1]).tolist()) == set(range(old_count)):
+        from edgeadapt.head_training import HeadTrainingOptions, train_head
+
+        embeddings = np.concatenate([replay[0]] + arrays)
+        labels = np.concatenate([replay[1]] + [np.full(array.shape[0], old_count + offset, np.int64)
+                                               for offset, array in enumerate(arrays)])
+        trained = train_head(head.features(embeddings), labels, head.num_classes,
+                             HeadTrainingOptions(temperature=head.temperature), initial=_plain(head))
+        return head.with_columns(trained.weights, trained.bias), "replay"
+    if stats is None:
+        raise IncompatibleModelError(
+            "re-solving all rows needs class statistics or replay examples of every old class; the bundle has no "
+            "statistics: pass replay (--replay DIR)"
+        )
+    return resolve_all(head, stats, options), "statistics"
+
+
+def _plain(head: Head) -> Head:
+    """The head's columns as a head on already-normalised features (same temperature)."""
+    return Head(weights=head.weights, bias=head.bias, temperature=head.temperature)
+
+
+def resolve(
+    bundle: str | Path | Bundle,
+    output: str | Path,
+    *,
+    replay: Any = None,
+    options: AddClassOptions = AddClassOptions(),
+    backend: str = "auto",
+    overwrite: bool = False,
+) -> IncrementalResult:
+    """Re-fit ALL rows of ``bundle``'s head (joint, upper-bound quality) into a new version.
+
+    CHANGES OLD-CLASS OUTPUTS. With ``replay`` (examples of every class) the head is
+    re-trained by softmax on them; otherwise solved in closed form from the statistics.
+    """
+    parent = _open(bundle)
+    output = _check_output(output, overwrite, [parent])
+    head = parent.load_head()
+    stats = parent.load_class_stats()
+    names = parent.manifest.class_names
+    embedder = _Embedder(parent, backend)
+    replay_data = _replay_embeddings(replay, names, embedder, head.embedding_size)
+    start = time.perf_counter()
+    new_head, resolved = _resolve(head, stats, [], replay_data, len(names), options)
+    seconds = time.perf_counter() - start
+    change = {"action": "host-resolve", "classes": [], "resolved": resolved, "old_rows_unchanged": False}
+    write_version(parent, new_head, stats, [dict(entry) for entry in parent.manifest.data["classes"]], output,
+                  change, overwrite=overwrite)
+    return IncrementalResult(output=output, version=parent.manifest.version + 1,
+                             parent_version=parent.manifest.version, action="resolve", method="resolve",
+                             old_rows_unchanged=False, resolved=resolved, seconds=seconds)
+
+
+def merge_heads(
+    a: str | Path | Bundle,
+    b: str | Path | Bundle | NamedHead,
+    output: str | Path,
+    *,
+    options: AddClassOptions = AddClassOptions(),
+    overwrite: bool = False,
+) -> IncrementalResult:
+    """Append the classes of head ``b`` to bundle ``a``; write a new version of ``a`` at ``output``.
+
+    ``b`` is a bundle (or a :class:`NamedHead`) whose head was trained on embeddings of the
+    SAME backbone: different backbone fingerprints are refused. With the default method
+    b's columns are recomputed from its class statistics and calibrated against a's
+    columns (see :func:`edgeadapt.device.incremental.merge_heads`); a's rows stay
+    bit-identical. Class names must not clash.
+    """
+    parent = _open(a)
+    output = _check_output(output, overwrite, [parent])
+    if not isinstance(options, AddClassOptions):
+        raise InputError(f"options must be an AddClassOptions, got {type(options).__name__}")
+    if isinstance(b, NamedHead):
+        other_head, other_stats, other_names = b.head, b.stats, [check_class_name(name) for name in b.class_names]
+        other_fingerprint, source = b.backbone_fingerprint, b.source
+        other_infos: list[dict] = [{} for _ in other_names]
+        if len(other_names) != other_head.num_classes:
+            raise InputError(f"{len(other_names)} class names for a head with {other_head.num_classes} classes")
+    else:
+        other = _open(b)
+        if other.path.resolve() == parent.path.resolve():
+            raise InputError("cannot merge a bundle with itself")
+        other_head, other_stats = other.load_head(), other.load_class_stats()
+        other_names = other.manifest.class_names
+        other_fingerprint = other.manifest.backbone_fingerprint
+        source = f"{other.manifest.data.get('name', other.path.name)} v{other.manifest.version} ({other.path.name})"
+        other_infos = [dict(entry) for entry in other.manifest.data["classes"]]
+    if other_fingerprint is not None and other_fingerprint != parent.manifest.backbone_fingerprint:
+        raise IncompatibleModelError(
+            f"head b is bound to backbone {other_fingerprint[:23]}... but bundle a's backbone is "
+            f"{parent.manifest.backbone_fingerprint[:23]}...: heads from different backbones cannot be merged "
+            "(their embeddings mean different things); train b on embeddings of a's backbone"
+        )
+    if len(set(other_names)) != len(other_names):
+        raise InputError(f"head b has duplicate class names {other_names}")
+    old_names = parent.manifest.class_names
+    clashes = [name for name in other_names if name in old_names]
+    if clashes:
+        raise InputError(f"class(es) {clashes} exist in both heads; rename them in one head before merging")
+    head, stats = parent.load_head(), parent.load_class_stats()
+    start = time.perf_counter()
+    new_head, new_stats = head_math.merge_heads(head, stats, other_head, other_stats, options)
+    seconds = time.perf_counter() - start
+    unchanged = _old_rows_unchanged(head, new_head)
+    version = parent.manifest.version + 1
+    stamp = utc_timestamp()
+    class_entries = [dict(entry) for entry in parent.manifest.data["classes"]]
+    added = []
+    for offset, name in enumerate(other_names):
+        index = len(old_names) + offset
+        examples = (int(other_stats.counts[offset]) if other_stats is not None
+                    else other_infos[offset].get("examples"))
+        entry = {"name": name, "index": index, "origin": "host-added", "added_at": stamp,
+                 "added_in_version": version, "source": f"merged from {source}"}
+        if examples is not None:
+            entry["examples"] = int(examples)
+        class_entries.append(entry)
+        added.append({"name": name, "index": index, "examples": int(examples) if examples is not None else 0})
+    change = {"action": "host-merge-heads", "classes": list(other_names), "source": source,
+              "method": options.method, "old_rows_unchanged": unchanged}
+    notes = [] if new_stats is not None else [
+        "the merged head has no class statistics (one side had none): later statistics-based updates will ask for "
+        "replay examples"]
+    write_version(parent, new_head, new_stats, class_entries, output, change, overwrite=overwrite)
+    return IncrementalResult(output=output, version=version, parent_version=parent.manifest.version,
+                             action="merge-heads", method=options.method, added=added, old_rows_unchanged=unchanged,
+                             seconds=seconds, notes=notes)
