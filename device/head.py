@@ -94,7 +94,11 @@ class Head:
         the logit of a class does not depend on how many classes follow it: appending
         classes leaves every old logit bit-identical.
         """
-        logits = column_stable_matmul(self.features(embeddings), self.weights)
+        blocks = self.__dict__.get("_column_blocks")
+        if blocks is None or self.__dict__.get("_blocks_of") is not self.weights:
+            blocks = padded_column_blocks(self.weights)
+            self.__dict__["_column_blocks"], self.__dict__["_blocks_of"] = blocks, self.weights
+        logits = column_stable_matmul(self.features(embeddings), self.weights, blocks)
         logits += self.bias
         if self.temperature != 1.0:
             logits /= np.float32(self.temperature)
@@ -113,7 +117,19 @@ class Head:
 COLUMN_BLOCK = 64
 
 
-def column_stable_matmul(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def padded_column_blocks(weights: np.ndarray) -> list[np.ndarray]:
+    """``weights`` (D, C) split into contiguous (D, COLUMN_BLOCK) blocks, the last zero-padded."""
+    weights = np.asarray(weights, dtype=np.float32)
+    blocks = []
+    for start in range(0, weights.shape[1], COLUMN_BLOCK):
+        block = weights[:, start : start + COLUMN_BLOCK]
+        padded = np.zeros((weights.shape[0], COLUMN_BLOCK), dtype=np.float32)
+        padded[:, : block.shape[1]] = block
+        blocks.append(padded)
+    return blocks
+
+
+def column_stable_matmul(features: np.ndarray, weights: np.ndarray, blocks: list[np.ndarray] | None = None) -> np.ndarray:
     """``features @ weights`` computed so that column j depends only on column j of ``weights``.
 
     A BLAS matrix product may pick a different kernel (and so a different summation
@@ -121,19 +137,19 @@ def column_stable_matmul(features: np.ndarray, weights: np.ndarray) -> np.ndarra
     change old logits in their last bits. Here the columns are multiplied in blocks of
     :data:`COLUMN_BLOCK`, the last block zero-padded to full width, so every block has
     the same shape whatever the class count and a column's result is the same before and
-    after classes are appended. (N, D) x (D, C) -> (N, C) float32.
+    after classes are appended. (N, D) x (D, C) -> (N, C) float32. ``blocks`` are the
+    precomputed :func:`padded_column_blocks` of ``weights`` (the head caches them).
     """
     features = np.asarray(features, dtype=np.float32)
-    weights = np.asarray(weights, dtype=np.float32)
-    rows, columns = features.shape[0], weights.shape[1]
-    result = np.empty((rows, columns), dtype=np.float32)
-    for start in range(0, columns, COLUMN_BLOCK):
-        block = weights[:, start : start + COLUMN_BLOCK]
-        width = block.shape[1]
-        if width < COLUMN_BLOCK:
-            padded = np.zeros((weights.shape[0], COLUMN_BLOCK), dtype=np.float32)
-            padded[:, :width] = block
-            block = padded
+    if blocks is None:
+        blocks = padded_column_blocks(weights)
+    columns = weights.shape[1]
+    if len(blocks) == 1:
+        return (features @ blocks[0])[:, :columns]
+    result = np.empty((features.shape[0], columns), dtype=np.float32)
+    for number, block in enumerate(blocks):
+        start = number * COLUMN_BLOCK
+        width = min(COLUMN_BLOCK, columns - start)
         result[:, start : start + width] = (features @ block)[:, :width]
     return result
 

@@ -215,4 +215,4 @@ class InputQuantizer:
             return batch
         if self.is_offset_128:
             return (batch ^ np.uint8(0x80)).view(np.int8)
-        return self.table[batch]
+        return np.take(self.table, batch)
