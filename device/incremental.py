@@ -250,15 +250,37 @@ def _append_stats(stats: ClassStats | None, arrays: list[np.ndarray]) -> ClassSt
     return ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(stats.extra))
 
 
-def _within_covariance(stats: ClassStats) -> np.ndarray:
-    """Pooled within-class covariance of the raw embeddings, from the Gram matrix and the sums."""
+def _scatter(stats: ClassStats) -> tuple[np.ndarray, float]:
+    """Pooled within-class scatter (symmetrised) of the raw embeddings and its degrees of freedom.
+
+    From the Gram matrix and the sums: ``G - sum_c n_c mu_c mu_c^T`` over the classes with
+    examples (one symmetric rank-k product), and ``N - (number of classes with examples)``.
+    """
     counts = stats.counts.astype(np.float64)
     present = counts > 0
-    means = stats.sums[present] / counts[present, None]
-    scatter = stats.gram - (means.T * counts[present]) @ means
-    degrees = max(float(counts.sum()) - float(present.sum()), 1.0)
-    covariance = (scatter + scatter.T) / (2.0 * degrees)
-    return covariance
+    weighted = stats.sums[present] / np.sqrt(counts[present])[:, None]  # sqrt(n_c) mu_c
+    scatter = stats.gram - weighted.T @ weighted
+    return (scatter + scatter.T) / 2.0, float(counts.sum()) - float(present.sum())
+
+
+def _scatter_added(
+    scatter: np.ndarray, degrees: float, gram: np.ndarray, sums: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """:func:`_scatter` after classes with Gram ``gram``, sums ``sums`` (k, D) and counts (k,) are appended."""
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    weighted = sums[present] / np.sqrt(counts[present])[:, None]
+    added = gram - weighted.T @ weighted
+    return scatter + (added + added.T) / 2.0, degrees + float(counts.sum()) - float(present.sum())
+
+
+def _covariance_from_scatter(scatter: np.ndarray, degrees: float) -> np.ndarray:
+    return scatter / max(degrees, 1.0)
+
+
+def _within_covariance(stats: ClassStats) -> np.ndarray:
+    """Pooled within-class covariance of the raw embeddings, from the Gram matrix and the sums."""
+    return _covariance_from_scatter(*_scatter(stats))
 
 
 @dataclass
@@ -270,15 +292,16 @@ class _FeatureModel:
     covariance: np.ndarray  # (D, D)
 
 
-def _feature_model(head: Head, stats: ClassStats) -> _FeatureModel:
+def _feature_model(head: Head, stats: ClassStats, within: np.ndarray | None = None) -> _FeatureModel:
     """The stored statistics expressed in the head's feature space.
 
     Centering is linear, so centred statistics are exact. L2 normalisation is not: a class
     mean becomes ``(mu_c - m) / r_c`` with ``r_c^2 = |mu_c - m|^2 + tr(Sw)`` (the class's
     mean squared radius under the shared covariance) and the covariance ``Sw / r^2`` with
     ``r^2`` the mean squared radius of all examples (exact from the Gram matrix).
+    ``within``: the raw within-class covariance of ``stats`` when already known.
     """
-    covariance = _within_covariance(stats)
+    covariance = _within_covariance(stats) if within is None else within
     counts = stats.counts.astype(np.float64)
     means = stats.sums / np.maximum(counts, 1.0)[:, None]
     center = np.zeros(stats.embedding_size) if head.feature_mean is None else head.feature_mean.astype(np.float64)
@@ -324,54 +347,106 @@ def _shrunk(covariance: np.ndarray, shrinkage: float) -> np.ndarray:
     return shrunk
 
 
+def _lower_inverse(lower: np.ndarray) -> np.ndarray:
+    """Inverse of a lower-triangular matrix by blocks (numpy has no triangular solve), in matrix products."""
+    size = lower.shape[0]
+    if size <= 128:
+        return np.tril(np.linalg.inv(lower))
+    half = size // 2
+    top = _lower_inverse(lower[:half, :half])
+    bottom = _lower_inverse(lower[half:, half:])
+    inverse = np.zeros_like(lower)
+    inverse[:half, :half] = top
+    inverse[half:, half:] = bottom
+    inverse[half:, :half] = -(bottom @ (lower[half:, :half] @ top))
+    return inverse
+
+
+def _spd_inverse(matrix: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive definite matrix from one Cholesky factorisation (exactly symmetric).
+
+    Raises ``np.linalg.LinAlgError`` when ``matrix`` is not positive definite.
+    """
+    factor_inverse = _lower_inverse(np.linalg.cholesky(matrix))
+    return factor_inverse.T @ factor_inverse
+
+
 def _discriminant(
     means: np.ndarray, counts: np.ndarray, covariance: np.ndarray, options: AddClassOptions
 ) -> tuple[np.ndarray, np.ndarray]:
     """Shrinkage linear discriminant columns (D, k) and biases (k,) for class ``means`` (k, D)."""
     shrunk = _shrunk(covariance, options.shrinkage)
     try:
-        solved = np.linalg.solve(shrunk, np.concatenate([means.T, covariance], axis=1))
-    except np.linalg.LinAlgError as error:
-        raise IncompatibleModelError(f"the shared covariance of the class statistics is singular ({error})") from error
-    weights = solved[:, : means.shape[0]]
-    effective = float(np.trace(solved[:, means.shape[0] :]))
+        # one Cholesky factorisation; tr(S^-1 Sw) then needs no D right-hand sides
+        inverse = _spd_inverse(shrunk)
+        weights = inverse @ means.T
+        effective = float(np.sum(inverse * covariance.T))
+    except np.linalg.LinAlgError:
+        try:  # not positive definite (degenerate statistics): the general solver decides
+            solved = np.linalg.solve(shrunk, np.concatenate([means.T, covariance], axis=1))
+        except np.linalg.LinAlgError as error:
+            raise IncompatibleModelError(f"the shared covariance of the class statistics is singular ({error})") from error
+        weights = solved[:, : means.shape[0]]
+        effective = float(np.trace(solved[:, means.shape[0] :]))
     quadratic = np.einsum("dk,kd->k", weights, means)
     correction = options.small_sample_correction * effective / np.maximum(counts, 1.0)
     bias = -0.5 * (quadratic - correction)
     return weights, bias
 
 
+@dataclass
+class _Moments:
+    """First and second moment of the Gaussian model of some classes (for :func:`_alignment`)."""
+
+    first: np.ndarray  # (D,) mean of the class means
+    second: np.ndarray  # (D, D) shared covariance + mean of m m^T
+
+
+def _class_moments(model: _FeatureModel, classes: np.ndarray, mean_gram: np.ndarray | None = None) -> _Moments:
+    """The model's moments over ``classes`` (``mean_gram``: ``M^T M`` of their means when already known)."""
+    means = model.means[classes]
+    if mean_gram is None:
+        mean_gram = means.T @ means
+    return _Moments(first=means.mean(axis=0), second=model.covariance + mean_gram / len(classes))
+
+
 def _alignment(
     weights: np.ndarray, bias: np.ndarray, reference_weights: np.ndarray, reference_bias: np.ndarray,
-    model: _FeatureModel, classes: np.ndarray,
+    model: _FeatureModel, classes: np.ndarray, moments: _Moments | None = None,
 ) -> tuple[float, np.ndarray, float]:
     """Fit ``weights ~ s * reference + v 1^T``, ``bias ~ s * reference_bias + beta``.
 
     ``s`` is the class-balanced least-squares match of the column-centred logits of the two
     heads over the Gaussian model of ``classes`` (``v`` and ``beta`` are the per-input and
-    global offsets that softmax leaves free). Returns (s, v, beta).
+    global offsets that softmax leaves free). Returns (s, v, beta). ``moments``: the
+    model's moments over ``classes`` (:func:`_class_moments`) when already computed.
     """
     count = weights.shape[1]
     mean_weights, mean_reference = weights.mean(axis=1), reference_weights.mean(axis=1)
     if count >= 2:
-        means = model.means[classes]
-        second = model.covariance + means.T @ means / len(classes)
-        first = means.mean(axis=0)
+        if moments is None:
+            moments = _class_moments(model, classes)
+        first = moments.first
         centred = weights - mean_weights[:, None]
         centred_bias = bias - bias.mean()
         reference = reference_weights - mean_reference[:, None]
         reference_centred_bias = reference_bias - reference_bias.mean()
+        projected = moments.second @ reference  # once: both inner products below take the reference on the right
+        first_reference = first @ reference
 
-        def inner(left_w, left_b, right_w, right_b) -> float:
-            return float(
-                np.sum(left_w * (second @ right_w))
-                + first @ left_w @ right_b
-                + first @ right_w @ left_b
-                + left_b @ right_b
-            )
-
-        denominator = inner(reference, reference_centred_bias, reference, reference_centred_bias)
-        scale = inner(centred, centred_bias, reference, reference_centred_bias) / denominator if denominator > 0 else 0.0
+        denominator = float(
+            np.sum(reference * projected)
+            + first_reference @ reference_centred_bias
+            + first_reference @ reference_centred_bias
+            + reference_centred_bias @ reference_centred_bias
+        )
+        numerator = float(
+            np.sum(centred * projected)
+            + first @ centred @ reference_centred_bias
+            + first_reference @ centred_bias
+            + centred_bias @ reference_centred_bias
+        )
+        scale = numerator / denominator if denominator > 0 else 0.0
     else:
         norm = float(np.linalg.norm(reference_weights))
         scale = float(np.linalg.norm(weights)) / norm if norm > 0 else 0.0
@@ -389,20 +464,34 @@ def _alignment(
 
 
 def _least_squares(
-    means: np.ndarray, covariances: list[np.ndarray | None], shared: np.ndarray, options: AddClassOptions
+    means: np.ndarray, covariances: list[np.ndarray | None], shared: np.ndarray, options: AddClassOptions,
+    mean_gram: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class-balanced ridge regression of one-hot targets on [features, 1], from class moments.
 
     Each class enters with weight 1 through its second moment ``m m^T + cov`` (its own
     covariance when known, else the shared one), so the normal equations need no examples:
     ``W = (sum_c E_c[x x^T] + l I)^-1 [m_c; 1]_c``. Returns columns (D, k) and biases (k,).
+    ``mean_gram``: ``means^T means`` when already known.
     """
     size = means.shape[1]
     augmented = np.concatenate([means, np.ones((means.shape[0], 1))], axis=1)
-    moment = augmented.T @ augmented
+    moment = np.empty((size + 1, size + 1))
+    moment[:size, :size] = means.T @ means if mean_gram is None else mean_gram
+    column = means.sum(axis=0)
+    moment[:size, size] = column
+    moment[size, :size] = column
+    moment[size, size] = float(means.shape[0])
+    # sum of the per-class covariances: each distinct matrix once, times how many classes use it
+    distinct: dict[int, list] = {}
     for covariance in covariances:
-        moment[:size, :size] += shared if covariance is None else covariance
-    scale = float(np.trace(moment[:size, :size])) / size
+        matrix = shared if covariance is None else covariance
+        entry = distinct.setdefault(id(matrix), [matrix, 0])
+        entry[1] += 1
+    block = moment[:size, :size]
+    for matrix, repeats in distinct.values():
+        block += matrix if repeats == 1 else repeats * matrix
+    scale = float(np.trace(block)) / size
     moment[np.arange(size), np.arange(size)] += options.regularization * (scale if scale > 0 else 1.0)
     try:
         solution = np.linalg.solve(moment, augmented.T)
@@ -434,14 +523,20 @@ def _closed_form(
             "calibrated against them; recompute the statistics from examples of the old classes"
         )
     every = np.concatenate([usable, targets])
+    means = model.means[every]
+    usable_means = means[: usable.size]
+    target_means = means[usable.size :]
+    usable_gram = usable_means.T @ usable_means  # shared by the least squares and the alignment
     fitted = []
-    discriminant = _discriminant(model.means[every], model.counts[every], model.covariance, options)
-    least_squares = _least_squares(model.means[every], [covariances[index] for index in every], model.covariance, options)
+    discriminant = _discriminant(means, model.counts[every], model.covariance, options)
+    least_squares = _least_squares(means, [covariances[index] for index in every], model.covariance, options,
+                                   mean_gram=usable_gram + target_means.T @ target_means)
     head_weights = head.weights[:, usable].astype(np.float64)
     head_bias = head.bias[usable].astype(np.float64)
+    moments = _class_moments(model, usable, usable_gram)
     for weights, bias in (least_squares, discriminant):
         scale, offset, offset_bias = _alignment(
-            head_weights, head_bias, weights[:, : usable.size], bias[: usable.size], model, usable
+            head_weights, head_bias, weights[:, : usable.size], bias[: usable.size], model, usable, moments
         )
         fitted.append((scale * weights[:, usable.size :] + offset[:, None], scale * bias[usable.size :] + offset_bias))
     counts = model.counts[targets]
@@ -460,6 +555,7 @@ def _ridge_columns(
     new_arrays: list[np.ndarray] | None = None,
     known_covariance: np.ndarray | None = None,
     target_covariance: np.ndarray | None = None,
+    within: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated ridge columns for rows ``targets`` of ``stats`` (which already include them).
 
@@ -469,8 +565,9 @@ def _ridge_columns(
     own covariance (default: the shared covariance of ``stats``), e.g. the one of the
     statistics before the new classes were folded in. ``target_covariance``: the same for
     ``targets`` (e.g. the within-class covariance of a merged head's own statistics).
+    ``within``: the raw within-class covariance of ``stats`` when already known.
     """
-    model = _feature_model(head, stats)
+    model = _feature_model(head, stats, within)
     covariances: list[np.ndarray | None] = [None] * stats.num_classes
     if known_covariance is not None:
         covariances = [known_covariance] * stats.num_classes
@@ -623,10 +720,17 @@ def add_classes(
     new_indices = np.arange(old_count, old_count + len(arrays))
 
     if method == "ridge":
-        assert updated is not None
+        assert updated is not None and stats is not None and stats.gram is not None
+        # the within-class scatter once from the old statistics, then updated with the new classes
+        scatter, degrees = _scatter(stats)
+        known = _feature_model(head, stats, _covariance_from_scatter(scatter, degrees)).covariance
+        for array in arrays:  # each new class adds its own scatter about its mean
+            deviations = array - array.sum(axis=0) / array.shape[0]
+            scatter = scatter + deviations.T @ deviations
+            degrees += array.shape[0] - 1
         new_weights, new_bias = _ridge_columns(
             head, updated, new_indices, np.arange(old_count), options, arrays,
-            known_covariance=_feature_model(head, stats).covariance,
+            known_covariance=known, within=_covariance_from_scatter(scatter, degrees),
         )
     elif method in ("imprint", "center_l2"):
         means = np.stack([_features(head, array).mean(axis=0) for array in arrays], axis=1)
@@ -842,7 +946,12 @@ def merge_heads(
         if np.any(b_stats.counts <= 0):
             raise InputError("head b's statistics hold a class with zero examples; every merged class needs examples")
         assert merged_stats is not None and merged_stats.gram is not None
-        known = _feature_model(a, a_stats).covariance
+        assert a_stats is not None and a_stats.gram is not None
+        scatter, scatter_degrees = _scatter(a_stats)
+        known = _feature_model(a, a_stats, _covariance_from_scatter(scatter, scatter_degrees)).covariance
+        scatter, scatter_degrees = _scatter_added(
+            scatter, scatter_degrees, merged_stats.gram - a_stats.gram, b_stats.sums, b_stats.counts
+        )
         target = None
         degrees = int(b_stats.counts.sum()) - b_stats.num_classes
         if b_stats.gram is not None and degrees > 0:
@@ -850,7 +959,8 @@ def merge_heads(
             weight = KNOWN_COVARIANCE_PRIOR / (degrees + KNOWN_COVARIANCE_PRIOR)
             target = (1.0 - weight) * _feature_model(a, b_stats).covariance + weight * known
         new_weights, new_bias = _ridge_columns(a, merged_stats, new_indices, np.arange(a.num_classes), options,
-                                               known_covariance=known, target_covariance=target)
+                                               known_covariance=known, target_covariance=target,
+                                               within=_covariance_from_scatter(scatter, scatter_degrees))
     elif method in ("center_l2", "imprint"):
         if method == "center_l2":
             _require_cosine_head(a, method)
@@ -901,13 +1011,14 @@ def resolve_all(head: Head, stats: ClassStats | None, options: AddClassOptions =
     every = np.arange(head.num_classes)
     covariances: list[np.ndarray | None] = [None] * head.num_classes
     blended = []
+    mean_gram = model.means.T @ model.means  # shared by the least squares and the alignment
+    moments = _class_moments(model, every, mean_gram)
+    head_weights, head_bias = head.weights.astype(np.float64), head.bias.astype(np.float64)
     for weights, bias in (
-        _least_squares(model.means, covariances, model.covariance, options),
+        _least_squares(model.means, covariances, model.covariance, options, mean_gram=mean_gram),
         _discriminant(model.means, model.counts, model.covariance, options),
     ):
-        scale, offset, offset_bias = _alignment(
-            head.weights.astype(np.float64), head.bias.astype(np.float64), weights, bias, model, every
-        )
+        scale, offset, offset_bias = _alignment(head_weights, head_bias, weights, bias, model, every, moments)
         blended.append((scale * weights + offset[:, None], scale * bias + offset_bias))
     counts = model.counts
     share = counts / (counts + options.few_shot_examples) if options.few_shot_examples > 0 else np.ones_like(counts)

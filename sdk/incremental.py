@@ -234,6 +234,19 @@ def _parent_references(parent: Bundle):
     return None if loader is None else loader()
 
 
+def _references_for_classes(references, old_names: list[str], new_names: list[str]):
+    """Keep the references of classes that survive (matched by name), relabelled to the new indices."""
+    if references is None:
+        return None
+    position = {name: index for index, name in enumerate(new_names)}
+    mapping = np.array([position.get(name, -1) for name in old_names], dtype=np.int64)
+    labels = mapping[references.labels]
+    keep = labels >= 0
+    if not keep.any():
+        return None
+    return type(references)(embeddings=references.embeddings[keep], labels=labels[keep])
+
+
 def _payload(head: Head, stats: ClassStats | None, version: int, fingerprint: str, references) -> tuple[dict, dict]:
     if references is not None and "reference_embeddings" in inspect.signature(head_payload).parameters:
         return head_payload(head, stats, version, fingerprint, reference_embeddings=references)
@@ -261,7 +274,8 @@ def write_version(
     """
     manifest = parent.manifest
     if references is KEEP_REFERENCES:
-        references = _parent_references(parent)
+        references = _references_for_classes(
+            _parent_references(parent), manifest.class_names, [entry["name"] for entry in classes])
     version = manifest.version + 1
     section, head_files = _payload(head, stats, version, manifest.backbone_fingerprint, references)
     old_section = manifest.data["head"]
