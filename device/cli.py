@@ -44,6 +44,15 @@ def _inspect(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def register_inspect(subparsers) -> None:
+    """The ``inspect`` sub-command, shared by ``edgeadapt`` and ``edgeadapt-device``."""
+    inspect = subparsers.add_parser("inspect", help="print a readable summary of a bundle",
+                                    description="Verify a bundle's checksums and summarise it.")
+    inspect.add_argument("bundle", type=Path, help="bundle directory (NAME.eab) or packed bundle (.zip)")
+    inspect.add_argument("--max-classes", type=int, default=20, help="list at most this many classes (default 20)")
+    inspect.set_defaults(handler=_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeadapt-device",
@@ -62,10 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto (default), litert, tflite-runtime or onnxruntime")
     predict.add_argument("--threads", type=int, help="interpreter threads (default: the backend's choice)")
     predict.set_defaults(handler=_predict)
-    inspect = subparsers.add_parser("inspect", help="print a readable summary of a bundle")
-    inspect.add_argument("bundle", type=Path)
-    inspect.add_argument("--max-classes", type=int, default=20)
-    inspect.set_defaults(handler=_inspect)
+    register_inspect(subparsers)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     return parser

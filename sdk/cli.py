@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from edgeadapt.device.cli import register_inspect
 from edgeadapt.device.errors import EdgeAdaptError
 
 #: Modules that add sub-commands; each defines ``register(subparsers)``.
@@ -20,14 +21,6 @@ COMMAND_MODULES = (
 )
 
 
-def _inspect(arguments: argparse.Namespace) -> int:
-    from edgeadapt.device.bundle import Bundle
-    from edgeadapt.device.inspection import describe_bundle
-
-    print(describe_bundle(Bundle.open(arguments.bundle), max_classes=arguments.max_classes))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeadapt",
@@ -36,11 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    inspect = subparsers.add_parser("inspect", help="print a readable summary of a bundle",
-                                    description="Verify a bundle's checksums and summarise it.")
-    inspect.add_argument("bundle", type=Path, help="bundle directory (NAME.eab) or packed bundle (.zip)")
-    inspect.add_argument("--max-classes", type=int, default=20, help="list at most this many classes (default 20)")
-    inspect.set_defaults(handler=_inspect)
+    register_inspect(subparsers)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     return parser
