@@ -45,6 +45,14 @@ trained discriminatively on lots of data. The methods (``AddClassOptions.method`
     New columns trained with softmax cross-entropy on the new examples (old columns
     frozen), then rescaled so their mean norm equals the old columns' mean norm, biases
     recentred on the old mean bias (weight aligning, Zhao et al. 2020).
+``"imprint_calibrated"`` (the statistics-free fallback)
+    Imprinting with an own-example bias: the column is the unit-norm mean feature of the new
+    examples scaled to the old columns' mean norm; the bias is the lowest value at which the
+    new class's logit beats the best logit of the columns already in the head (the old ones
+    and the new classes added before it in the same call) on all but the weakest
+    ``own_example_quantile`` of its own examples. Needs no statistics and no old-class data,
+    so it suits imported heads (not centred, not L2-normalised); a new class claims only
+    what looks like its own examples instead of swamping the old classes.
 ``"imprint"``
     Plain imprinting: the unit-norm mean feature of the new examples, bias 0.
 ``"none"``
@@ -69,11 +77,14 @@ from edgeadapt.device.head import ClassStats, Head
 logger = logging.getLogger(__name__)
 
 #: Calibration methods, best first (see the module docstring and docs/INCREMENTAL.md).
-METHODS = ("ridge", "center_l2", "weight_align", "imprint", "none")
+METHODS = ("ridge", "center_l2", "imprint_calibrated", "weight_align", "imprint", "none")
 #: Chosen by the class-incremental benchmark (``edgeadapt bench incremental``); see docs/INCREMENTAL.md.
 DEFAULT_METHOD = "ridge"
 #: Methods that need class statistics with a Gram matrix for every operation.
 STATISTICS_METHODS = ("ridge",)
+#: What callers use when a head has no class statistics (the default, ridge, needs them) and the
+#: user did not choose a method: needs no statistics and works with any feature normalisation.
+STATISTICS_FREE_METHOD = "imprint_calibrated"
 #: Methods that train new columns by gradient descent.
 TRAINED_METHODS = ("weight_align", "none")
 #: ridge: a new class's own covariance is shrunk towards the shared one with weight
@@ -98,6 +109,9 @@ class AddClassOptions:
     least squares).
     ``training_steps``, ``learning_rate``, ``weight_decay`` (weight_align, none): full-batch
     Adam on the new examples (and replay examples when the caller has some).
+    ``own_example_quantile`` (imprint_calibrated): fraction q in [0, 1) of a new class's own
+    examples on which it may lose to the head's other columns; the bias is set so that it
+    wins on the other 1 - q (smaller q: higher bias, the new class claims more).
     """
 
     method: str = DEFAULT_METHOD
@@ -108,6 +122,7 @@ class AddClassOptions:
     training_steps: int = 300
     learning_rate: float = 0.05
     weight_decay: float = 1e-4
+    own_example_quantile: float = 0.05
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -126,6 +141,8 @@ class AddClassOptions:
             raise InputError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.weight_decay < 0:
             raise InputError(f"weight_decay must be non-negative, got {self.weight_decay}")
+        if not 0.0 <= self.own_example_quantile < 1.0:
+            raise InputError(f"own_example_quantile must be in [0, 1), got {self.own_example_quantile}")
 
 
 def needs_statistics(method: str) -> bool:
@@ -206,13 +223,13 @@ def require_statistics(stats: ClassStats | None, method: str, action: str) -> Cl
             f"method {method!r} needs the class statistics of the existing classes to {action}, and this head "
             "has none. Re-export the base bundle with class statistics (export_bundle(..., class_stats=...), as "
             "`edgeadapt demo` does), or on the host pass examples of the old classes (replay) so that they can be "
-            "computed, or choose a method that needs no statistics (center_l2, weight_align, imprint)"
+            "computed, or choose a method that needs no statistics (imprint_calibrated, center_l2, weight_align, imprint)"
         )
     if method in STATISTICS_METHODS and stats.gram is None:
         raise IncompatibleModelError(
             f"method {method!r} needs the shared Gram matrix in the class statistics to {action}, and these "
             "statistics have none. Recompute them with ClassStats.from_embeddings(..., with_gram=True) from "
-            "examples of the old classes, or choose center_l2 / weight_align / imprint"
+            "examples of the old classes, or choose imprint_calibrated / center_l2 / weight_align / imprint"
         )
     return stats
 
@@ -656,6 +673,40 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(norms > 0, norms, 1.0)
 
 
+def _own_example_bias(head: Head, column: np.ndarray, features: np.ndarray, others: np.ndarray,
+                      quantile: float) -> float:
+    """imprint_calibrated: the bias at which ``column`` beats ``others`` on 1 - ``quantile`` of ``features``.
+
+    ``features``: the class's own examples in the head's feature space (n, D), float64.
+    The margin of each example is its score ``f . column`` minus the best score (with bias)
+    of the columns ``others``; the bias is minus the ``quantile`` of these margins (nudged up
+    by a float32 rounding step so that ties go to the new class). The temperature divides
+    every logit alike, so it does not change the comparison.
+    """
+    own = features @ np.asarray(column, dtype=np.float32).astype(np.float64)  # the column as stored
+    if others.size == 0:
+        return 0.0
+    competing = features @ head.weights[:, others].astype(np.float64) + head.bias[others].astype(np.float64)
+    margins = own - competing.max(axis=1)
+    bias = -float(np.quantile(margins, quantile))
+    return float(np.nextafter(np.float32(bias), np.float32(np.inf)))
+
+
+def _imprint_calibrated_columns(head: Head, arrays: list[np.ndarray], quantile: float) -> tuple[np.ndarray, np.ndarray]:
+    """New columns for imprint_calibrated, in order (each competes with the old and the earlier new ones)."""
+    scale = _mean_norm(head.weights)
+    current = head
+    columns, biases = [], []
+    for array in arrays:
+        features = _features(head, array)
+        column = _unit(features.mean(axis=0)[:, None])[:, 0] * scale
+        bias_value = _own_example_bias(current, column, features, np.arange(current.num_classes), quantile)
+        columns.append(column)
+        biases.append(bias_value)
+        current = _appended(current, column[:, None], np.array([bias_value]))
+    return np.stack(columns, axis=1), np.array(biases)
+
+
 def _require_cosine_head(head: Head, method: str) -> None:
     if head.feature_mean is None or not head.l2_normalize:
         raise IncompatibleModelError(
@@ -732,6 +783,8 @@ def add_classes(
             head, updated, new_indices, np.arange(old_count), options, arrays,
             known_covariance=known, within=_covariance_from_scatter(scatter, degrees),
         )
+    elif method == "imprint_calibrated":
+        new_weights, new_bias = _imprint_calibrated_columns(head, arrays, options.own_example_quantile)
     elif method in ("imprint", "center_l2"):
         means = np.stack([_features(head, array).mean(axis=0) for array in arrays], axis=1)
         if method == "imprint":
@@ -796,6 +849,9 @@ def add_examples(
     bias are recomputed; every other column stays bit-identical. ridge: the calibrated
     discriminant column from the updated statistics (calibrated against the other
     columns). center_l2 / imprint: from the updated class mean (needs statistics).
+    imprint_calibrated: the direction from the updated class mean (needs statistics: the
+    earlier examples are known only through them), scaled to the other columns' mean norm;
+    the bias is calibrated on the given examples against every other column.
     weight_align / none: the column is trained further on the new examples (warm start).
     """
     options = _check_options(options)
@@ -803,7 +859,7 @@ def add_examples(
     index = _check_index(head, class_index)
     array = _check_embeddings(head, embeddings, f"class {index}")
     method = options.method
-    if method in STATISTICS_METHODS or method in ("imprint", "center_l2"):
+    if method in STATISTICS_METHODS or method in ("imprint", "center_l2", "imprint_calibrated"):
         stats = require_statistics(stats, method, "strengthen a class (its column is recomputed from its statistics)")
     if method == "center_l2":
         _require_cosine_head(head, method)
@@ -823,7 +879,7 @@ def add_examples(
             raise IncompatibleModelError("a head with a single class cannot be calibrated; add a second class first")
         column, bias_value = _ridge_columns(head, updated, np.array([index]), others, options)
         column, bias_value = column[:, 0], float(bias_value[0])
-    elif method in ("imprint", "center_l2"):
+    elif method in ("imprint", "center_l2", "imprint_calibrated"):
         assert updated is not None
         model_mean = (updated.sums[index] / max(int(updated.counts[index]), 1))
         if head.feature_mean is not None:
@@ -831,6 +887,9 @@ def add_examples(
         direction = _unit(model_mean[:, None])[:, 0]
         if method == "imprint":
             column, bias_value = direction, 0.0
+        elif method == "imprint_calibrated":
+            column = direction * _mean_norm(head.weights[:, others] if others.size else head.weights)
+            bias_value = _own_example_bias(head, column, _features(head, array), others, options.own_example_quantile)
         else:
             reference = head.weights[:, others] if others.size else head.weights
             column = direction * _mean_norm(reference)
@@ -979,6 +1038,12 @@ def merge_heads(
         else:
             new_weights = directions * _mean_norm(a.weights)
             new_bias = np.full(b.num_classes, float(np.mean(a.bias)))
+    elif method == "imprint_calibrated":
+        raise IncompatibleModelError(
+            "method 'imprint_calibrated' calibrates each new bias on the new class's own examples, and a merge has "
+            "only head b's columns and statistics; merge with 'ridge' (with statistics) or 'weight_align', or add b's "
+            "classes from their examples with add_classes"
+        )
     elif method == "weight_align":
         need_same_normalisation("b's columns cannot be weight-aligned into a")
         new_weights, new_bias = _align_weights(b.weights.astype(np.float64), b.bias.astype(np.float64), a.weights, a.bias)

@@ -338,7 +338,7 @@ def bytes_per_class(method: str, embedding_size: int, replay_examples_per_class:
     """Bytes a method keeps per class: the head column and bias, plus what later updates need."""
     column = 4 * embedding_size + 4
     statistics = 8 * embedding_size + 8
-    if method in ("ridge", RESOLVE, "center_l2", "imprint"):
+    if method in ("ridge", RESOLVE, "center_l2", "imprint", "imprint_calibrated"):
         return column + statistics
     if method in (JOINT, JOINT_SHOTS):
         return column + int(round(replay_examples_per_class * 4 * embedding_size))

@@ -17,8 +17,9 @@ with :class:`ConversionError` if the top-1 agreement of the primary format is be
 Class statistics: with ``data`` (a folder with one sub-folder of images per *existing*
 class, folder names equal to labels, any number of images, even one), the per-class
 embedding sums/counts and the Gram matrix of those images are stored with the head, so the
-updaters can use them. Without it the bundle has no statistics and the updaters fall back
-to a method that needs none (see docs/APPS.md, "Imported models without class statistics").
+updaters can use them. Without it the bundle has no statistics: the default method refuses and
+the updaters need the statistics-free fallback, ``AddClassOptions(method="imprint_calibrated")``
+(see docs/APPS.md, "Imported models and class statistics").
 """
 
 from __future__ import annotations

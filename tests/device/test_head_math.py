@@ -312,3 +312,97 @@ def test_real_embeddings_resolve_and_default_method(real):
     assert DEFAULT_METHOD in METHODS
     resolved = resolve_all(head, stats)
     assert np.mean(resolved.logits(embeddings).argmax(1) == labels) >= 0.8
+
+
+# ----------------------------------------------------------------------------- imprint_calibrated
+@pytest.fixture(scope="module")
+def imported_like():
+    """A head like an imported one: raw (not centred, not L2-normalised) features, no statistics."""
+    embeddings, labels, _ = gaussian_classes(6, 60, seed=3)
+    embeddings = np.maximum(embeddings, 0.0)  # post-ReLU-like, all non-negative
+    old = labels < 4
+    head = trained_head(embeddings[old], labels[old], 4, "none")
+    new = [embeddings[labels == 4], embeddings[labels == 5]]
+    test, test_labels, _ = gaussian_classes(6, 40, seed=3)
+    test = np.maximum(test + np.random.default_rng(11).normal(scale=0.5, size=test.shape).astype(np.float32), 0.0)
+    return head, new, test, test_labels
+
+
+@pytest.mark.parametrize("fixture", ["toy", "imported_like"])
+def test_imprint_calibrated_without_statistics_is_append_only(request, fixture):
+    values = request.getfixturevalue(fixture)
+    head, new, test = (values[0], values[2], values[3]) if fixture == "toy" else (values[0], values[1], values[2])
+    grown, updated = add_classes(head, None, new, AddClassOptions(method="imprint_calibrated"))
+    assert updated is None and not needs_statistics("imprint_calibrated")
+    assert grown.num_classes == head.num_classes + 2
+    assert np.array_equal(grown.weights[:, : head.num_classes], head.weights)
+    assert np.array_equal(grown.bias[: head.num_classes], head.bias)
+    assert np.array_equal(grown.logits(test)[:, : head.num_classes], head.logits(test))
+    # new columns: the imprinted direction scaled to the old columns' mean norm
+    old_norm = np.mean(np.linalg.norm(head.weights.astype(np.float64), axis=0))
+    np.testing.assert_allclose(np.linalg.norm(grown.weights[:, head.num_classes:].astype(np.float64), axis=0),
+                               old_norm, rtol=1e-5)
+    direction = head.features(new[0]).astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(grown.weights[:, head.num_classes] / old_norm, direction / np.linalg.norm(direction),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_imprint_calibrated_recognises_new_classes_without_swamping_old_ones(imported_like):
+    head, new, test, test_labels = imported_like
+    old_count = head.num_classes
+    old = test_labels < old_count
+    before = np.mean(head.logits(test[old]).argmax(1) == test_labels[old])
+    assert before >= 0.9
+    grown, _ = add_classes(head, None, new, AddClassOptions(method="imprint_calibrated"))
+    predictions = grown.logits(test).argmax(1)
+    assert np.mean(predictions[old] == test_labels[old]) >= before - 0.05
+    assert np.mean(predictions[~old] == test_labels[~old]) >= 0.85
+    # each new class wins on at least 1 - q of its own training examples, against all earlier columns
+    for offset, array in enumerate(new):
+        index = old_count + offset
+        logits = grown.logits(array)
+        assert np.mean(logits[:, index] > logits[:, :index].max(axis=1)) >= 0.95 - 1e-9
+    # for comparison, plain imprinting (bias 0) swamps the old classes on this raw head
+    imprinted, _ = add_classes(head, None, new, AddClassOptions(method="imprint"))
+    assert np.mean(imprinted.logits(test[old]).argmax(1) == test_labels[old]) < np.mean(
+        predictions[old] == test_labels[old])
+
+
+def test_imprint_calibrated_quantile_and_statistics(toy, imported_like):
+    head, new, _, _ = imported_like
+    strict, _ = add_classes(head, None, new, AddClassOptions(method="imprint_calibrated", own_example_quantile=0.0))
+    loose, _ = add_classes(head, None, new, AddClassOptions(method="imprint_calibrated", own_example_quantile=0.5))
+    for offset, array in enumerate(new):
+        index = head.num_classes + offset
+        logits = strict.logits(array)
+        assert np.all(logits[:, index] >= logits[:, :index].max(axis=1))
+    assert np.all(strict.bias[head.num_classes:] > loose.bias[head.num_classes:])
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(InputError, match="own_example_quantile"):
+            AddClassOptions(method="imprint_calibrated", own_example_quantile=bad)
+    # with statistics they are updated like for any other method
+    toy_head, stats, toy_new, _, _ = toy
+    _, updated = add_classes(toy_head, stats, toy_new, AddClassOptions(method="imprint_calibrated"))
+    assert updated.num_classes == 5 and updated.counts[3] == len(toy_new[0])
+    with pytest.raises(InputError):
+        add_classes(toy_head, None, [np.full((2, SIZE + 1), 1.0)], AddClassOptions(method="imprint_calibrated"))
+    with pytest.raises(InputError):
+        add_classes(toy_head, None, [np.full((2, SIZE), np.nan)], AddClassOptions(method="imprint_calibrated"))
+
+
+def test_imprint_calibrated_add_examples_and_merge(toy):
+    head, stats, new, _, _ = toy
+    options = AddClassOptions(method="imprint_calibrated")
+    grown, grown_stats = add_classes(head, stats, new, options)
+    more = new[0][:10] + np.float32(0.1)
+    strengthened, updated = add_examples(grown, grown_stats, 3, more, options)
+    keep = [0, 1, 2, 4]
+    assert np.array_equal(strengthened.weights[:, keep], grown.weights[:, keep])
+    assert np.array_equal(strengthened.bias[keep], grown.bias[keep])
+    assert updated.counts[3] == grown_stats.counts[3] + 10
+    logits = strengthened.logits(more)
+    assert np.mean(logits[:, 3] > np.delete(logits, 3, axis=1).max(axis=1)) >= 0.9
+    with pytest.raises(IncompatibleModelError, match="class statistics"):
+        add_examples(grown, None, 3, more, options)
+    with pytest.raises(IncompatibleModelError, match="own examples"):
+        merge_heads(head, stats, grown, grown_stats, options)
