@@ -110,6 +110,28 @@ def tflite_interpreter(content: bytes) -> Any:
         raise ConversionError(f"the TFLite model cannot be loaded ({error}); re-export it") from error
 
 
+def check_tflite_runs(content: bytes, embedding_size: int, description: str = "TFLite model") -> None:
+    """Run a .tflite backbone once on a batch of 2 zero images: it must resize, run and give (2, D).
+
+    Raises :class:`ConversionError` naming ``description`` otherwise.
+    """
+    interpreter = tflite_interpreter(content)
+    details = interpreter.get_input_details()[0]
+    shape = [2, *details["shape"][1:]]
+    try:
+        interpreter.resize_tensor_input(details["index"], shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(details["index"], np.zeros(shape, dtype=details["dtype"]))
+        interpreter.invoke()
+        output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    except Exception as error:  # the interpreters raise RuntimeError/ValueError with their own text
+        raise ConversionError(f"the {description} does not run on a batch of 2 ({error}); report this model") from error
+    if output.shape != (2, embedding_size):
+        raise ConversionError(
+            f"the {description} returns shape {output.shape} for a batch of 2, expected (2, {embedding_size})"
+        )
+
+
 def _tflite_operator_codes(content: bytes) -> set[tuple[str, bool]]:
     """(name, is_custom) for every operator code of a .tflite model."""
     try:

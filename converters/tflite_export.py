@@ -25,6 +25,7 @@ import numpy as np
 from edgeadapt.converters.calibration import check_image_batch, normalized_batches, select_calibration_images
 from edgeadapt.converters.model_info import (
     ExportedModel,
+    check_tflite_runs,
     inspect_tflite,
     tflite_interpreter,
     tflite_custom_operator_names,
@@ -232,22 +233,8 @@ def _float_operators(content: bytes) -> list[str]:
 
 def _smoke_test(model: ExportedModel, embedding_size: int) -> None:
     """Run the converted model once on a batch of 2 to prove it loads, resizes and runs."""
-    interpreter = tflite_interpreter(model.content)
-    details = interpreter.get_input_details()[0]
-    shape = [2, *details["shape"][1:]]
-    try:
-        with captured_native_output():  # the runtime announces its CPU delegate on stderr
-            interpreter.resize_tensor_input(details["index"], shape)
-            interpreter.allocate_tensors()
-            interpreter.set_tensor(details["index"], np.zeros(shape, dtype=details["dtype"]))
-            interpreter.invoke()
-            output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    except Exception as error:
-        raise ConversionError(f"the converted TFLite model does not run ({error}); report this model") from error
-    if output.shape != (2, embedding_size):
-        raise ConversionError(
-            f"the converted TFLite model returns shape {output.shape} for a batch of 2, expected (2, {embedding_size})"
-        )
+    with captured_native_output():  # the runtime announces its CPU delegate on stderr
+        check_tflite_runs(model.content, embedding_size, "converted TFLite model")
 
 
 def export_tflite(

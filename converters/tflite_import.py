@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeadapt.converters.model_info import ExportedModel, inspect_tflite, tflite_interpreter
+from edgeadapt.converters.model_info import ExportedModel, check_tflite_runs, inspect_tflite, tflite_interpreter
 from edgeadapt.device.errors import ConversionError, IncompatibleModelError, InputError
 from edgeadapt.device.head import Head
 from edgeadapt.device.manifest import InputSpec
@@ -853,19 +853,7 @@ def _check_builtin_only(content: bytes) -> None:
 
 def _smoke_test(content: bytes, embedding_size: int) -> None:
     """Run the cut backbone on a batch of 2 zero images; it must give (2, D) floats."""
-    interpreter = tflite_interpreter(content)
-    details = interpreter.get_input_details()[0]
-    shape = [2, *details["shape"][1:]]
-    try:
-        interpreter.resize_tensor_input(details["index"], shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(details["index"], np.zeros(shape, dtype=details["dtype"]))
-        interpreter.invoke()
-        output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    except Exception as error:
-        raise ConversionError(f"the cut TFLite backbone does not run on a batch of 2 ({error})") from error
-    if output.shape != (2, embedding_size):
-        raise ConversionError(f"the cut TFLite backbone returns {output.shape}, expected (2, {embedding_size})")
+    check_tflite_runs(content, embedding_size, "cut TFLite backbone")
 
 
 def tflite_scores(content: bytes, images: np.ndarray, spec: InputSpec) -> np.ndarray:
