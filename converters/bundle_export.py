@@ -16,6 +16,7 @@ from edgeadapt.converters.parity import ParityReport, measure_parity
 from edgeadapt.device.bundle import ReferenceEmbeddings, head_payload, write_bundle
 from edgeadapt.device.errors import InputError
 from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.incremental import with_ridge_basis
 from edgeadapt.device.manifest import ClassInfo, InputSpec, new_manifest, utc_timestamp
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,6 +140,7 @@ def export_bundle(
                 model_format, float_model.content, exported.content, input_spec, head,
                 evaluation_images, np.asarray(evaluation_labels),
             )
+    class_stats = with_ridge_basis(head, class_stats)  # lets the device add classes to large heads fast
     head_section, head_files = head_payload(head, class_stats, version=1, backbone_fingerprint=fingerprint,
                                             reference_embeddings=reference_embeddings)
     files.update(head_files)

@@ -16,6 +16,9 @@ Layout::
       heads/v1/gram.npy             D x D float64 (optional)
       heads/v1/reference_embeddings.npy  K x D float16/float32 (optional, update gate)
       heads/v1/reference_labels.npy      K int64 class indices (optional, update gate)
+      heads/v1/ridge_*.npy          ridge solver state (optional, derived from the statistics:
+                                    two float32 inverses, D x D and (D+1) x (D+1), and
+                                    a 2 x (D+2) calibration; see edgeadapt.device.ridge)
 
 Every file is listed in the manifest with its sha256 and size; readers verify them
 before use. Writers build the new directory next to the target, fsync it and rename.
@@ -38,6 +41,7 @@ import numpy as np
 
 from edgeadapt.device.errors import BundleError, IncompatibleModelError
 from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.ridge import BASIS_ARRAYS, RidgeBasis
 from edgeadapt.device.manifest import Manifest, check_relative_path
 
 logger = logging.getLogger(__name__)
@@ -114,6 +118,7 @@ def head_file_names(version: int) -> dict[str, str]:
         "gram": f"{base}/gram.npy",
         "reference_embeddings": f"{base}/reference_embeddings.npy",
         "reference_labels": f"{base}/reference_labels.npy",
+        **{name: f"{base}/{name}.npy" for name in BASIS_ARRAYS},
     }
 
 
@@ -224,6 +229,14 @@ def head_payload(
         if stats.gram is not None:
             files[names["gram"]] = stats.gram
             statistics["gram"] = names["gram"]
+        basis = stats.ridge_basis
+        if isinstance(basis, RidgeBasis) and basis.embedding_size == head.embedding_size:
+            paths = {}
+            for name, array in basis.arrays().items():
+                files[names[name]] = array
+                paths[name] = names[name]
+            statistics["ridge_basis"] = {**basis.metadata(), "files": paths}
+            statistics["bytes_shared"] += sum(int(array.nbytes) for array in basis.arrays().values())
         section["statistics"] = statistics
     if reference_embeddings is not None and len(reference_embeddings):
         references = reference_embeddings
@@ -405,10 +418,16 @@ class Bundle:
         if not statistics:
             return None
         gram = self._load_array(statistics["gram"]) if statistics.get("gram") else None
+        basis = None
+        section = statistics.get("ridge_basis")
+        if isinstance(section, dict) and isinstance(section.get("files"), dict):
+            arrays = {name: self._load_array(path) for name, path in section["files"].items() if name in BASIS_ARRAYS}
+            basis = RidgeBasis.from_parts(section, arrays)
         return ClassStats(
             sums=self._load_array(statistics["class_sums"]),
             counts=self._load_array(statistics["class_counts"]),
             gram=gram,
+            ridge_basis=basis,
         )
 
     def load_reference_embeddings(self) -> ReferenceEmbeddings | None:

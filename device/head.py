@@ -17,6 +17,7 @@ second-moment (Gram) matrix, so that later updates need no old images.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -169,12 +170,15 @@ class ClassStats:
     ``sums[c]`` is the sum of class c's embeddings (float64), ``counts[c]`` their number.
     ``gram`` (optional, D x D float64) is the sum of ``e e^T`` over all examples of all
     classes; with the sums it gives the shared covariance needed by closed-form solvers.
+    ``ridge_basis`` (optional): the ridge method's cached solver state derived from these
+    statistics (:class:`edgeadapt.device.ridge.RidgeBasis`), kept with them in the bundle.
     """
 
     sums: np.ndarray
     counts: np.ndarray
     gram: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    ridge_basis: Any = None
 
     def __post_init__(self) -> None:
         self.sums = np.asarray(self.sums, dtype=np.float64)

@@ -259,7 +259,20 @@ def _equal_columns(old: Head, new: Head, kept_old: np.ndarray, kept_new: np.ndar
 
 
 def _own_logits(features: np.ndarray, head: Head, labels: np.ndarray) -> np.ndarray:
-    """Each row's logit for its own class (before temperature), without the full (K, C) product."""
+    """Each row's logit for its own class (before temperature), without the full (K, C) product.
+
+    References are usually stored sorted by class with the same number per class; then each
+    class's column is read once instead of once per reference (5x less memory traffic).
+    """
+    count = labels.size
+    if count:
+        first_row = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+        per_class = count // first_row.size
+        if per_class > 1 and per_class * first_row.size == count and np.all(np.diff(first_row) == per_class):
+            classes = labels[first_row]
+            columns = np.ascontiguousarray(head.weights.T[classes])  # (U, D)
+            grouped = features.reshape(first_row.size, per_class, features.shape[1])
+            return (np.einsum("ucd,ud->uc", grouped, columns).reshape(count) + head.bias[labels]).astype(np.float32)
     rows = np.ascontiguousarray(head.weights.T)[labels]
     return np.einsum("kd,kd->k", features, rows) + head.bias[labels]
 
@@ -959,6 +972,9 @@ def _state_arrays(state: HeadState) -> dict[str, np.ndarray]:
     if state.stats is not None:
         arrays.update({"class_sums.npy": state.stats.sums, "class_counts.npy": state.stats.counts,
                        "gram.npy": state.stats.gram})
+        basis = state.stats.ridge_basis
+        if basis is not None:
+            arrays.update({f"{name}.npy": array for name, array in basis.arrays().items()})
     if state.references is not None:
         arrays.update({"reference_embeddings.npy": state.references.embeddings,
                        "reference_labels.npy": state.references.labels})

@@ -26,6 +26,7 @@ import numpy as np
 from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings, head_payload, write_bundle
 from edgeadapt.device.delta import Delta, read_delta
 from edgeadapt.device.errors import IncompatibleModelError, InputError
+from edgeadapt.device.incremental import with_ridge_basis
 from edgeadapt.device.manifest import utc_timestamp
 
 logger = logging.getLogger(__name__)
@@ -234,6 +235,7 @@ def merge_deltas(
             references = ReferenceEmbeddings(
                 np.concatenate([references.embeddings, chosen.astype(references.embeddings.dtype)]),
                 np.concatenate([references.labels, labels]))
+    stats = with_ridge_basis(head, stats)
     section, head_files = head_payload(head, stats, version, manifest.backbone_fingerprint, references)
     old_section = manifest.data["head"]
     files: dict[str, Any] = {name: bundle.path / name for name in manifest.files if not name.startswith("heads/")}

@@ -38,6 +38,7 @@ from edgeadapt.converters.model_info import ExportedModel
 from edgeadapt.converters.tflite_import import ImportedClassifier, ImportOptions
 from edgeadapt.device.errors import ConversionError, DatasetError, IncompatibleModelError, InputError
 from edgeadapt.device.head import ClassStats, Head, softmax
+from edgeadapt.device.incremental import with_ridge_basis
 from edgeadapt.device.manifest import ClassInfo, InputSpec, new_manifest, utc_timestamp
 from edgeadapt.device.preprocessing import IMAGE_SUFFIXES, prepare_batch, prepare_image
 
@@ -428,6 +429,7 @@ def import_classifier(
     for check, (model_format, exported) in zip(checks, prepared.backbones.items()):
         files[check.file] = exported.content
         models.append({"file": check.file, **exported.describe()})
+    stats = with_ridge_basis(head, stats)  # lets the device add classes to large heads fast
     if references is not None:
         head_section, head_files = head_payload(head, stats, version=1, backbone_fingerprint=fingerprint,
                                                 reference_embeddings=references)

@@ -40,6 +40,7 @@ from edgeadapt.device.incremental import (
     TRAINED_METHODS,
     AddClassOptions,
     resolve_all,
+    with_ridge_basis,
 )
 from edgeadapt.device import incremental as head_math
 from edgeadapt.device.manifest import utc_timestamp
@@ -248,6 +249,7 @@ def _references_for_classes(references, old_names: list[str], new_names: list[st
 
 
 def _payload(head: Head, stats: ClassStats | None, version: int, fingerprint: str, references) -> tuple[dict, dict]:
+    stats = with_ridge_basis(head, stats)  # merged statistics have none yet
     if references is not None and "reference_embeddings" in inspect.signature(head_payload).parameters:
         return head_payload(head, stats, version, fingerprint, reference_embeddings=references)
     return head_payload(head, stats, version, fingerprint)

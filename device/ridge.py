@@ -1,0 +1,667 @@
+"""Closed-form ridge / linear-discriminant head math from class statistics (numpy only).
+
+The ``ridge`` method of :mod:`edgeadapt.device.incremental` lives here: the Gaussian model of
+the stored class statistics (class means, shared within-class covariance), the two closed
+forms (class-balanced least squares and the shrinkage discriminant), their calibration
+against the head's existing columns, and :class:`RidgeBasis`, the cached solver state that
+makes adding a class to a large head cheap (see its docstring).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgeadapt.device.errors import IncompatibleModelError
+from edgeadapt.device.head import ClassStats, Head
+
+if TYPE_CHECKING:
+    from edgeadapt.device.incremental import AddClassOptions
+
+logger = logging.getLogger(__name__)
+
+#: ridge: a new class's own covariance is shrunk towards the shared one with weight
+#: ``prior / (n + prior)`` (n its example count), so one or two examples borrow the shared shape.
+KNOWN_COVARIANCE_PRIOR = 10.0
+
+
+def _scatter(stats: ClassStats) -> tuple[np.ndarray, float]:
+    """Pooled within-class scatter (symmetrised) of the raw embeddings and its degrees of freedom.
+
+    From the Gram matrix and the sums: ``G - sum_c n_c mu_c mu_c^T`` over the classes with
+    examples (one symmetric rank-k product), and ``N - (number of classes with examples)``.
+    """
+    counts = stats.counts.astype(np.float64)
+    present = counts > 0
+    weighted = stats.sums[present] / np.sqrt(counts[present])[:, None]  # sqrt(n_c) mu_c
+    scatter = stats.gram - weighted.T @ weighted
+    return (scatter + scatter.T) / 2.0, float(counts.sum()) - float(present.sum())
+
+
+def _scatter_added(
+    scatter: np.ndarray, degrees: float, gram: np.ndarray, sums: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """:func:`_scatter` after classes with Gram ``gram``, sums ``sums`` (k, D) and counts (k,) are appended."""
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    weighted = sums[present] / np.sqrt(counts[present])[:, None]
+    added = gram - weighted.T @ weighted
+    return scatter + (added + added.T) / 2.0, degrees + float(counts.sum()) - float(present.sum())
+
+
+def _covariance_from_scatter(scatter: np.ndarray, degrees: float) -> np.ndarray:
+    return scatter / max(degrees, 1.0)
+
+
+def _within_covariance(stats: ClassStats) -> np.ndarray:
+    """Pooled within-class covariance of the raw embeddings, from the Gram matrix and the sums."""
+    return _covariance_from_scatter(*_scatter(stats))
+
+
+@dataclass
+class _FeatureModel:
+    """Class means and shared covariance in the head's feature space (Gaussian model)."""
+
+    means: np.ndarray  # (C, D)
+    counts: np.ndarray  # (C,)
+    covariance: np.ndarray  # (D, D)
+
+
+def _feature_model(head: Head, stats: ClassStats, within: np.ndarray | None = None) -> _FeatureModel:
+    """The stored statistics expressed in the head's feature space.
+
+    Centering is linear, so centred statistics are exact. L2 normalisation is not: a class
+    mean becomes ``(mu_c - m) / r_c`` with ``r_c^2 = |mu_c - m|^2 + tr(Sw)`` (the class's
+    mean squared radius under the shared covariance) and the covariance ``Sw / r^2`` with
+    ``r^2`` the mean squared radius of all examples (exact from the Gram matrix).
+    ``within``: the raw within-class covariance of ``stats`` when already known.
+    """
+    covariance = _within_covariance(stats) if within is None else within
+    counts = stats.counts.astype(np.float64)
+    means = stats.sums / np.maximum(counts, 1.0)[:, None]
+    center = np.zeros(stats.embedding_size) if head.feature_mean is None else head.feature_mean.astype(np.float64)
+    means = means - center
+    if head.l2_normalize:
+        total = max(float(counts.sum()), 1.0)
+        overall = stats.sums.sum(axis=0) / total
+        mean_square = float(np.trace(stats.gram)) / total - 2.0 * float(center @ overall) + float(center @ center)
+        spread = float(np.trace(covariance))
+        radii = np.sqrt(np.maximum(np.einsum("ij,ij->i", means, means) + spread, 1e-24))
+        means = means / radii[:, None]
+        covariance = covariance / max(mean_square, 1e-24)
+    return _FeatureModel(means=means, counts=counts, covariance=covariance)
+
+
+def new_class_examples(head: Head, arrays: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Feature-space means (k, D) of new classes and their examples minus the mean, from raw examples.
+
+    Computed the way :func:`_feature_model` models the stored classes (for an L2 head:
+    centred values divided by the class's root-mean-square radius).
+    """
+    center = np.zeros(head.embedding_size) if head.feature_mean is None else head.feature_mean.astype(np.float64)
+    means, deviations = [], []
+    for array in arrays:
+        centred = np.asarray(array, dtype=np.float64) - center
+        if head.l2_normalize:
+            radius = np.sqrt(max(float(np.mean(np.einsum("ij,ij->i", centred, centred))), 1e-24))
+            centred = centred / radius
+        mean = centred.mean(axis=0)
+        means.append(mean)
+        deviations.append(centred - mean)
+    return np.stack(means), deviations
+
+
+def class_feature_mean(head: Head, stats: ClassStats, index: int) -> np.ndarray:
+    """Class ``index``'s mean in the head's feature space, as :func:`_feature_model` gives it, in O(D C)."""
+    count = max(float(stats.counts[index]), 1.0)
+    mean = stats.sums[index] / count
+    if head.feature_mean is not None:
+        mean = mean - head.feature_mean.astype(np.float64)
+    if head.l2_normalize:
+        counts = stats.counts.astype(np.float64)
+        present = counts > 0
+        class_means = stats.sums[present] / counts[present][:, None]
+        scatter_trace = float(np.trace(stats.gram)) - float(np.sum(counts[present] * np.einsum("ij,ij->i", class_means, class_means)))
+        spread = scatter_trace / max(float(counts.sum()) - float(present.sum()), 1.0)
+        mean = mean / np.sqrt(max(float(mean @ mean) + spread, 1e-24))
+    return mean
+
+
+def _shrunk(covariance: np.ndarray, shrinkage: float) -> np.ndarray:
+    size = covariance.shape[0]
+    scale = float(np.trace(covariance)) / size
+    if not scale > 0:
+        scale = 1.0
+    shrunk = (1.0 - shrinkage) * covariance
+    shrunk[np.diag_indices(size)] += shrinkage * scale + 1e-6 * scale
+    return shrunk
+
+
+def _lower_inverse(lower: np.ndarray) -> np.ndarray:
+    """Inverse of a lower-triangular matrix by blocks (numpy has no triangular solve), in matrix products."""
+    size = lower.shape[0]
+    if size <= 128:
+        return np.tril(np.linalg.inv(lower))
+    half = size // 2
+    top = _lower_inverse(lower[:half, :half])
+    bottom = _lower_inverse(lower[half:, half:])
+    inverse = np.zeros_like(lower)
+    inverse[:half, :half] = top
+    inverse[half:, half:] = bottom
+    inverse[half:, :half] = -(bottom @ (lower[half:, :half] @ top))
+    return inverse
+
+
+def _spd_inverse(matrix: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive definite matrix from one Cholesky factorisation (exactly symmetric).
+
+    Raises ``np.linalg.LinAlgError`` when ``matrix`` is not positive definite.
+    """
+    factor_inverse = _lower_inverse(np.linalg.cholesky(matrix))
+    return factor_inverse.T @ factor_inverse
+
+
+def _discriminant(
+    means: np.ndarray, counts: np.ndarray, covariance: np.ndarray, options: AddClassOptions
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shrinkage linear discriminant columns (D, k) and biases (k,) for class ``means`` (k, D)."""
+    shrunk = _shrunk(covariance, options.shrinkage)
+    try:
+        # one Cholesky factorisation; tr(S^-1 Sw) then needs no D right-hand sides
+        inverse = _spd_inverse(shrunk)
+        weights = inverse @ means.T
+        effective = float(np.sum(inverse * covariance.T))
+    except np.linalg.LinAlgError:
+        try:  # not positive definite (degenerate statistics): the general solver decides
+            solved = np.linalg.solve(shrunk, np.concatenate([means.T, covariance], axis=1))
+        except np.linalg.LinAlgError as error:
+            raise IncompatibleModelError(f"the shared covariance of the class statistics is singular ({error})") from error
+        weights = solved[:, : means.shape[0]]
+        effective = float(np.trace(solved[:, means.shape[0] :]))
+    quadratic = np.einsum("dk,kd->k", weights, means)
+    correction = options.small_sample_correction * effective / np.maximum(counts, 1.0)
+    bias = -0.5 * (quadratic - correction)
+    return weights, bias
+
+
+@dataclass
+class _Moments:
+    """First and second moment of the Gaussian model of some classes (for :func:`_alignment`)."""
+
+    first: np.ndarray  # (D,) mean of the class means
+    second: np.ndarray  # (D, D) shared covariance + mean of m m^T
+
+
+def _class_moments(model: _FeatureModel, classes: np.ndarray, mean_gram: np.ndarray | None = None) -> _Moments:
+    """The model's moments over ``classes`` (``mean_gram``: ``M^T M`` of their means when already known)."""
+    means = model.means[classes]
+    if mean_gram is None:
+        mean_gram = means.T @ means
+    return _Moments(first=means.mean(axis=0), second=model.covariance + mean_gram / len(classes))
+
+
+def _alignment(
+    weights: np.ndarray, bias: np.ndarray, reference_weights: np.ndarray, reference_bias: np.ndarray,
+    model: _FeatureModel, classes: np.ndarray, moments: _Moments | None = None,
+) -> tuple[float, np.ndarray, float]:
+    """Fit ``weights ~ s * reference + v 1^T``, ``bias ~ s * reference_bias + beta``.
+
+    ``s`` is the class-balanced least-squares match of the column-centred logits of the two
+    heads over the Gaussian model of ``classes`` (``v`` and ``beta`` are the per-input and
+    global offsets that softmax leaves free). Returns (s, v, beta). ``moments``: the
+    model's moments over ``classes`` (:func:`_class_moments`) when already computed.
+    """
+    count = weights.shape[1]
+    mean_weights, mean_reference = weights.mean(axis=1), reference_weights.mean(axis=1)
+    if count >= 2:
+        if moments is None:
+            moments = _class_moments(model, classes)
+        first = moments.first
+        centred = weights - mean_weights[:, None]
+        centred_bias = bias - bias.mean()
+        reference = reference_weights - mean_reference[:, None]
+        reference_centred_bias = reference_bias - reference_bias.mean()
+        projected = moments.second @ reference  # once: both inner products below take the reference on the right
+        first_reference = first @ reference
+
+        denominator = float(
+            np.sum(reference * projected)
+            + first_reference @ reference_centred_bias
+            + first_reference @ reference_centred_bias
+            + reference_centred_bias @ reference_centred_bias
+        )
+        numerator = float(
+            np.sum(centred * projected)
+            + first @ centred @ reference_centred_bias
+            + first_reference @ centred_bias
+            + centred_bias @ reference_centred_bias
+        )
+        scale = numerator / denominator if denominator > 0 else 0.0
+    else:
+        norm = float(np.linalg.norm(reference_weights))
+        scale = float(np.linalg.norm(weights)) / norm if norm > 0 else 0.0
+        mean_weights = np.zeros_like(mean_weights)
+        mean_reference = np.zeros_like(mean_reference)
+    if not np.isfinite(scale) or scale <= 0:
+        raise IncompatibleModelError(
+            "the head's columns do not agree with its class statistics (the fitted logit scale is "
+            f"{scale:.3g}); the statistics probably belong to another head or backbone. Recompute the statistics "
+            "from examples of the old classes, or re-solve the head (resolve_all) before adding classes"
+        )
+    offset = mean_weights - scale * mean_reference
+    offset_bias = float(bias.mean() - scale * reference_bias.mean()) if count >= 2 else float(bias[0] - scale * reference_bias[0])
+    return scale, offset, offset_bias
+
+
+def _least_squares(
+    means: np.ndarray, covariances: list[np.ndarray | None], shared: np.ndarray, options: AddClassOptions,
+    mean_gram: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced ridge regression of one-hot targets on [features, 1], from class moments.
+
+    Each class enters with weight 1 through its second moment ``m m^T + cov`` (its own
+    covariance when known, else the shared one), so the normal equations need no examples:
+    ``W = (sum_c E_c[x x^T] + l I)^-1 [m_c; 1]_c``. Returns columns (D, k) and biases (k,).
+    ``mean_gram``: ``means^T means`` when already known.
+    """
+    size = means.shape[1]
+    augmented = np.concatenate([means, np.ones((means.shape[0], 1))], axis=1)
+    moment = np.empty((size + 1, size + 1))
+    moment[:size, :size] = means.T @ means if mean_gram is None else mean_gram
+    column = means.sum(axis=0)
+    moment[:size, size] = column
+    moment[size, :size] = column
+    moment[size, size] = float(means.shape[0])
+    # sum of the per-class covariances: each distinct matrix once, times how many classes use it
+    distinct: dict[int, list] = {}
+    for covariance in covariances:
+        matrix = shared if covariance is None else covariance
+        entry = distinct.setdefault(id(matrix), [matrix, 0])
+        entry[1] += 1
+    block = moment[:size, :size]
+    for matrix, repeats in distinct.values():
+        block += matrix if repeats == 1 else repeats * matrix
+    scale = float(np.trace(block)) / size
+    moment[np.arange(size), np.arange(size)] += options.regularization * (scale if scale > 0 else 1.0)
+    try:
+        solution = np.linalg.solve(moment, augmented.T)
+    except np.linalg.LinAlgError as error:
+        raise IncompatibleModelError(f"the class moments are singular ({error}); the statistics are degenerate") from error
+    return solution[:size], solution[size]
+
+
+def _closed_form(
+    head: Head,
+    model: _FeatureModel,
+    covariances: list[np.ndarray | None],
+    targets: np.ndarray,
+    references: np.ndarray,
+    options: AddClassOptions,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ridge method's columns for classes ``targets`` of ``model``, on the head's logit scale.
+
+    Two closed forms from the same moments, each calibrated against the head's columns
+    ``references`` (:func:`_alignment`), then blended per class: a class with n examples
+    takes ``n / (n + few_shot_examples)`` from the least-squares solution (discriminative,
+    best with many examples) and the rest from the shared-covariance discriminant (stable
+    with few examples).
+    """
+    usable = references[model.counts[references] > 0]
+    if usable.size == 0:
+        raise IncompatibleModelError(
+            "the class statistics hold no examples for the existing classes, so new columns cannot be "
+            "calibrated against them; recompute the statistics from examples of the old classes"
+        )
+    every = np.concatenate([usable, targets])
+    means = model.means[every]
+    usable_means = means[: usable.size]
+    target_means = means[usable.size :]
+    usable_gram = usable_means.T @ usable_means  # shared by the least squares and the alignment
+    fitted = []
+    discriminant = _discriminant(means, model.counts[every], model.covariance, options)
+    least_squares = _least_squares(means, [covariances[index] for index in every], model.covariance, options,
+                                   mean_gram=usable_gram + target_means.T @ target_means)
+    head_weights = head.weights[:, usable].astype(np.float64)
+    head_bias = head.bias[usable].astype(np.float64)
+    moments = _class_moments(model, usable, usable_gram)
+    for weights, bias in (least_squares, discriminant):
+        scale, offset, offset_bias = _alignment(
+            head_weights, head_bias, weights[:, : usable.size], bias[: usable.size], model, usable, moments
+        )
+        fitted.append((scale * weights[:, usable.size :] + offset[:, None], scale * bias[usable.size :] + offset_bias))
+    counts = model.counts[targets]
+    share = counts / (counts + options.few_shot_examples) if options.few_shot_examples > 0 else np.ones_like(counts)
+    weights = share * fitted[0][0] + (1.0 - share) * fitted[1][0]
+    bias = share * fitted[0][1] + (1.0 - share) * fitted[1][1]
+    return weights, bias
+
+
+def _ridge_columns(
+    head: Head,
+    stats: ClassStats,
+    targets: np.ndarray,
+    references: np.ndarray,
+    options: AddClassOptions,
+    known_covariance: np.ndarray | None = None,
+    target_covariance: np.ndarray | None = None,
+    within: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated ridge columns for rows ``targets`` of ``stats`` (which already include them).
+
+    ``known_covariance``: the feature-space covariance to use for the classes without an
+    own covariance (default: the shared covariance of ``stats``), e.g. the one of the
+    statistics before the new classes were folded in. ``target_covariance``: the same for
+    ``targets`` (e.g. the within-class covariance of a merged head's own statistics).
+    ``within``: the raw within-class covariance of ``stats`` when already known.
+    """
+    model = _feature_model(head, stats, within)
+    covariances: list[np.ndarray | None] = [None] * stats.num_classes
+    if known_covariance is not None:
+        covariances = [known_covariance] * stats.num_classes
+    if target_covariance is not None:
+        for index in targets:
+            covariances[int(index)] = target_covariance
+    return _closed_form(head, model, covariances, targets, references, options)
+
+
+# ============================================================================= cached solver state
+#: Manifest names of the basis arrays (files ``heads/vN/<name>.npy``).
+BASIS_ARRAYS = ("ridge_discriminant_inverse", "ridge_least_squares_inverse", "ridge_calibration")
+
+
+def head_signature(head: Head, classes: int) -> tuple[float, float, float]:
+    """A cheap fingerprint of the first ``classes`` columns and the normalisation of ``head``.
+
+    Sums in float64; a head that was re-solved or retrained gives a different signature
+    (compared with a relative tolerance, so summation order across machines does not matter).
+    """
+    weights = head.weights[:, :classes]
+    center = 0.0 if head.feature_mean is None else float(np.sum(head.feature_mean, dtype=np.float64))
+    return (
+        float(np.sum(weights, dtype=np.float64)),
+        float(np.sum(head.bias[:classes], dtype=np.float64)),
+        center + float(head.l2_normalize) * 1e3 + float(head.temperature),
+    )
+
+
+def _stored(matrix: np.ndarray) -> np.ndarray:
+    """``matrix`` rounded to float32 (how the basis is stored), made exactly symmetric."""
+    rounded = np.asarray(matrix, dtype=np.float32)
+    return np.ascontiguousarray((rounded + rounded.T) * np.float32(0.5))
+
+
+def _settings(options: "AddClassOptions") -> tuple[float, float, float]:
+    return (float(options.shrinkage), float(options.small_sample_correction), float(options.regularization))
+
+
+def _inverse(matrix: np.ndarray, what: str) -> np.ndarray:
+    try:
+        return _spd_inverse(matrix)
+    except np.linalg.LinAlgError:
+        try:  # not positive definite (degenerate statistics): the general inverse decides
+            return np.linalg.inv(matrix)
+        except np.linalg.LinAlgError as error:
+            raise IncompatibleModelError(f"the {what} of the class statistics is singular ({error})") from error
+
+
+@dataclass(frozen=True)
+class RidgeBasis:
+    """The ridge method's solver state for one head and its class statistics.
+
+    Adding a class to a head of C classes with D-d embeddings costs O(D^3 + D^2 C) when the
+    closed forms are solved from scratch (0.6 s at 1000 x 1280). Almost all of that work
+    depends only on the classes already in the head, so it is done once and kept:
+
+    * ``discriminant_inverse``: ``S^-1``, the inverse of the shrunk shared within-class
+      covariance (D x D), and ``effective = tr(S^-1 Sw)`` for the small-sample correction;
+    * ``least_squares_inverse``: the inverse of the class-balanced second-moment matrix of
+      ``[features, 1]`` over the basis classes plus the ridge ((D+1) x (D+1));
+    * ``calibration``: for each closed form (row 0 least squares, row 1 discriminant) the
+      logit scale ``s``, bias offset ``beta`` and column offset ``v`` that map it onto the
+      head's columns (``[s, beta, v...]``), fitted over the ``classes`` basis columns.
+
+    A new class then costs O(D^2 (n + 1)) for n examples: its discriminant column is
+    ``S^-1 m``, its least-squares column solves the moment matrix with the new class's own
+    second moment folded in by the Woodbury identity (rank n + 1), and both are mapped with
+    the stored calibration. Later classes are solved against the shared covariance of the
+    basis classes; they do not change it until the basis is rebuilt. The basis is rebuilt
+    from the current statistics when ``updates`` reaches its :meth:`refresh_limit`
+    (:meth:`is_fresh_for`), when the head's basis columns changed (``signature``), or when the
+    ridge settings differ, so the result is a deterministic function of the head, the
+    statistics and this state, on the host and on the device alike.
+
+    Both inverses are stored as float32 (2 x 4 D^2 bytes: 13 MB at D = 1280) and shared by
+    the bundle versions that did not rebuild it.
+    """
+
+    classes: int
+    updates: int
+    signature: tuple[float, float, float]
+    settings: tuple[float, float, float]
+    effective: float
+    discriminant_inverse: np.ndarray  # (D, D) float32
+    least_squares_inverse: np.ndarray  # (D + 1, D + 1) float32
+    calibration: np.ndarray  # (2, D + 2) float64
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.discriminant_inverse.shape[0])
+
+    def refresh_limit(self, refresh_fraction: float, minimum: int = 1) -> int:
+        """How many updates this basis serves before it is rebuilt (0 when the fraction is 0)."""
+        if refresh_fraction <= 0:
+            return 0
+        return max(int(minimum), int(math.ceil(refresh_fraction * self.classes)))
+
+    def is_fresh_for(self, head: Head, options: "AddClassOptions") -> bool:
+        """Whether this basis may serve the next update of ``head`` with ``options``."""
+        if self.updates >= self.refresh_limit(options.basis_refresh_fraction, options.basis_refresh_minimum):
+            return False
+        if self.embedding_size != head.embedding_size or self.classes > head.num_classes:
+            return False
+        if self.settings != _settings(options):
+            return False
+        signature = head_signature(head, self.classes)
+        return bool(np.allclose(signature, self.signature, rtol=1e-9, atol=1e-9))
+
+    def after(self, updates: int) -> "RidgeBasis":
+        """The same basis, having served ``updates`` more updates (its arrays are shared)."""
+        return replace(self, updates=self.updates + int(updates))
+
+    # ------------------------------------------------------------------ bundle round trip
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "ridge_discriminant_inverse": self.discriminant_inverse,
+            "ridge_least_squares_inverse": self.least_squares_inverse,
+            "ridge_calibration": self.calibration,
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "classes": self.classes,
+            "updates": self.updates,
+            "signature": list(self.signature),
+            "shrinkage": self.settings[0],
+            "small_sample_correction": self.settings[1],
+            "regularization": self.settings[2],
+            "effective": self.effective,
+        }
+
+    @classmethod
+    def from_parts(cls, metadata: dict[str, Any], arrays: dict[str, np.ndarray]) -> "RidgeBasis":
+        """Rebuild from :meth:`metadata` and :meth:`arrays` as stored in a bundle."""
+        try:
+            discriminant = np.asarray(arrays["ridge_discriminant_inverse"])
+            least_squares = np.asarray(arrays["ridge_least_squares_inverse"])
+            calibration = np.asarray(arrays["ridge_calibration"], dtype=np.float64)
+            size = discriminant.shape[0]
+            if (discriminant.shape != (size, size) or least_squares.shape != (size + 1, size + 1)
+                    or calibration.shape != (2, size + 2) or discriminant.dtype != np.float32
+                    or least_squares.dtype != np.float32):
+                raise ValueError(f"array shapes {discriminant.shape}, {least_squares.shape}, {calibration.shape}")
+            return cls(
+                classes=int(metadata["classes"]),
+                updates=int(metadata["updates"]),
+                signature=tuple(float(value) for value in metadata["signature"]),  # type: ignore[arg-type]
+                settings=(float(metadata["shrinkage"]), float(metadata["small_sample_correction"]),
+                          float(metadata["regularization"])),
+                effective=float(metadata["effective"]),
+                discriminant_inverse=discriminant,
+                least_squares_inverse=least_squares,
+                calibration=calibration,
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise IncompatibleModelError(
+                f"the bundle's ridge solver state is malformed ({error}); re-export the bundle, or delete the "
+                "'ridge_basis' entry of its statistics so it is rebuilt"
+            ) from error
+
+
+def build_ridge_basis(head: Head, stats: ClassStats, options: "AddClassOptions") -> RidgeBasis:
+    """Solve the closed forms once for every column of ``head`` with examples in ``stats``.
+
+    O(D^3 + D^2 C). ``stats`` must hold a Gram matrix and one row per head column.
+    """
+    model = _feature_model(head, stats)
+    usable = np.flatnonzero(model.counts[: head.num_classes] > 0)
+    if usable.size == 0:
+        raise IncompatibleModelError(
+            "the class statistics hold no examples for the existing classes, so new columns cannot be "
+            "calibrated against them; recompute the statistics from examples of the old classes"
+        )
+    means = model.means[usable]
+    counts = model.counts[usable]
+    size = means.shape[1]
+    discriminant_inverse = _stored(_inverse(_shrunk(model.covariance, options.shrinkage), "shared covariance"))
+    inverse64 = discriminant_inverse.astype(np.float64)
+    effective = float(np.sum(inverse64 * model.covariance.T))
+    discriminant_weights = inverse64 @ means.T
+    quadratic = np.einsum("dk,kd->k", discriminant_weights, means)
+    discriminant_bias = -0.5 * (quadratic - options.small_sample_correction * effective / np.maximum(counts, 1.0))
+
+    mean_gram = means.T @ means
+    moment = np.empty((size + 1, size + 1))
+    moment[:size, :size] = mean_gram + usable.size * model.covariance
+    column = means.sum(axis=0)
+    moment[:size, size] = column
+    moment[size, :size] = column
+    moment[size, size] = float(usable.size)
+    scale = float(np.trace(moment[:size, :size])) / size
+    moment[np.arange(size), np.arange(size)] += options.regularization * (scale if scale > 0 else 1.0)
+    least_squares_inverse = _stored(_inverse(moment, "class second-moment matrix"))
+    augmented = np.concatenate([means, np.ones((usable.size, 1))], axis=1)
+    solution = least_squares_inverse.astype(np.float64) @ augmented.T
+
+    head_weights = head.weights[:, usable].astype(np.float64)
+    head_bias = head.bias[usable].astype(np.float64)
+    moments = _class_moments(model, usable, mean_gram)
+    calibration = np.empty((2, size + 2))
+    for row, (weights, bias) in enumerate(((solution[:size], solution[size]), (discriminant_weights, discriminant_bias))):
+        scale_fit, offset, offset_bias = _alignment(head_weights, head_bias, weights, bias, model, usable, moments)
+        calibration[row, 0] = scale_fit
+        calibration[row, 1] = offset_bias
+        calibration[row, 2:] = offset
+    logger.debug("built a ridge basis over %d classes (%d-d)", usable.size, size)
+    return RidgeBasis(
+        classes=head.num_classes,
+        updates=0,
+        signature=head_signature(head, head.num_classes),
+        settings=_settings(options),
+        effective=effective,
+        discriminant_inverse=discriminant_inverse,
+        least_squares_inverse=least_squares_inverse,
+        calibration=calibration,
+    )
+
+
+def current_basis(head: Head, stats: ClassStats, options: "AddClassOptions") -> RidgeBasis:
+    """The statistics' stored basis when it may serve this update of ``head``, else a new one."""
+    basis = stats.ridge_basis
+    if isinstance(basis, RidgeBasis) and basis.is_fresh_for(head, options):
+        return basis
+    return build_ridge_basis(head, stats, options)
+
+
+def _calibrated_blend(
+    basis: RidgeBasis, least_squares: tuple[np.ndarray, np.ndarray], discriminant: tuple[np.ndarray, np.ndarray],
+    counts: np.ndarray, options: "AddClassOptions",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both closed forms mapped onto the head's logit scale, blended by example count."""
+    fitted = []
+    for row, (weights, bias) in enumerate((least_squares, discriminant)):
+        scale, offset_bias, offset = basis.calibration[row, 0], basis.calibration[row, 1], basis.calibration[row, 2:]
+        fitted.append((scale * weights + offset[:, None], scale * bias + offset_bias))
+    counts = np.asarray(counts, dtype=np.float64)
+    share = counts / (counts + options.few_shot_examples) if options.few_shot_examples > 0 else np.ones_like(counts)
+    return share * fitted[0][0] + (1.0 - share) * fitted[1][0], share * fitted[0][1] + (1.0 - share) * fitted[1][1]
+
+
+def _discriminant_columns(basis: RidgeBasis, means: np.ndarray, counts: np.ndarray,
+                          options: "AddClassOptions") -> tuple[np.ndarray, np.ndarray]:
+    weights = (basis.discriminant_inverse @ means.T.astype(np.float32)).astype(np.float64)
+    quadratic = np.einsum("dk,kd->k", weights, means)
+    bias = -0.5 * (quadratic - options.small_sample_correction * basis.effective / np.maximum(counts, 1.0))
+    return weights, bias
+
+
+def _least_squares_columns(basis: RidgeBasis, means: np.ndarray, factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares columns of classes with ``means`` (k, D), their second moments folded in.
+
+    ``factors`` (r, D+1): rows whose outer products add up to the new classes' second
+    moments of ``[features, 1]`` (None: the classes are already in the basis).
+    """
+    size = means.shape[1]
+    augmented = np.concatenate([means, np.ones((means.shape[0], 1))], axis=1).T  # (D+1, k)
+    inverse = basis.least_squares_inverse
+    right = (inverse @ augmented.astype(np.float32)).astype(np.float64)  # A^-1 b
+    if factors is not None and factors.shape[0]:
+        factors32 = np.ascontiguousarray(factors.T, dtype=np.float32)  # V (D+1, r)
+        projected = (inverse @ factors32).astype(np.float64)  # A^-1 V
+        if factors.shape[0] <= (size + 1) // 3:  # Woodbury: (A + V V^T)^-1 = A^-1 - A^-1 V (I + V^T A^-1 V)^-1 V^T A^-1
+            inner = np.eye(factors.shape[0]) + factors @ projected
+            right = right - projected @ np.linalg.solve(inner, projected.T @ augmented)
+        else:  # many examples: (A + V V^T)^-1 b = (I + A^-1 V V^T)^-1 A^-1 b
+            right = np.linalg.solve(np.eye(size + 1) + projected @ factors, right)
+    return right[:size], right[size]
+
+
+def basis_new_columns(
+    basis: RidgeBasis, means: np.ndarray, deviations: list[np.ndarray], options: "AddClassOptions",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated ridge columns (D, k) and biases (k,) of new classes, from their feature-space examples.
+
+    ``means`` (k, D): each new class's mean feature; ``deviations``: each class's examples
+    minus its mean (n_i, D). A class's second moment ``m m^T + dev^T dev / n`` enters the
+    least-squares moment matrix (class-balanced, like every basis class).
+    """
+    counts = np.array([array.shape[0] for array in deviations], dtype=np.float64)
+    rows = []
+    for mean, deviation, count in zip(means, deviations, counts):
+        rows.append(np.append(mean, 1.0)[None, :])
+        if deviation.shape[0] > 1:
+            scaled = deviation / math.sqrt(count)
+            rows.append(np.concatenate([scaled, np.zeros((scaled.shape[0], 1))], axis=1))
+    factors = np.concatenate(rows)
+    least_squares = _least_squares_columns(basis, means, factors)
+    discriminant = _discriminant_columns(basis, means, counts, options)
+    return _calibrated_blend(basis, least_squares, discriminant, counts, options)
+
+
+def basis_class_column(
+    basis: RidgeBasis, mean: np.ndarray, count: int, in_basis: bool, options: "AddClassOptions",
+) -> tuple[np.ndarray, float]:
+    """The calibrated ridge column and bias of one existing class with feature mean ``mean``.
+
+    ``in_basis``: the class is one of the basis classes (its second moment is already in
+    the least-squares matrix); otherwise its mean's moment is folded in.
+    """
+    means = np.asarray(mean, dtype=np.float64)[None, :]
+    factors = None if in_basis else np.append(means[0], 1.0)[None, :]
+    least_squares = _least_squares_columns(basis, means, factors)
+    discriminant = _discriminant_columns(basis, means, np.array([float(count)]), options)
+    weights, bias = _calibrated_blend(basis, least_squares, discriminant, np.array([float(count)]), options)
+    return weights[:, 0], float(bias[0])

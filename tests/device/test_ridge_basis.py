@@ -1,0 +1,156 @@
+"""The ridge method's cached solver state (edgeadapt.device.ridge.RidgeBasis): numpy only.
+
+The basis makes adding a class to a large head cheap; these tests pin down that it is an
+exact cache (a stored basis gives the very columns a freshly built one gives), that it is
+rebuilt when it must be, and that bundles carry it and share its files between versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from edgeadapt.device import Bundle, Runtime
+from edgeadapt.device.errors import BundleError, IncompatibleModelError
+from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.incremental import (
+    AddClassOptions,
+    add_classes,
+    add_examples,
+    old_logits_unchanged,
+    remove_class,
+    resolve_all,
+    with_ridge_basis,
+)
+from edgeadapt.device.ridge import RidgeBasis, basis_new_columns, build_ridge_basis, new_class_examples
+from edgeadapt.device.updater import HeadUpdater
+
+from test_head_math import gaussian_classes, trained_head
+
+
+@pytest.fixture(scope="module")
+def many():
+    """A 30-class head on 24-d embeddings, its statistics and two new classes."""
+    embeddings, labels, _ = gaussian_classes(32, 40, seed=3)
+    old = labels < 30
+    head = trained_head(embeddings[old], labels[old], 30)
+    stats = ClassStats.from_embeddings(embeddings[old], labels[old], 30)
+    new = [embeddings[labels == 30][:5], embeddings[labels == 31][:5]]
+    return head, stats, new, embeddings, labels
+
+
+def test_stored_basis_gives_the_same_columns_as_a_fresh_one(many):
+    head, stats, new, embeddings, _ = many
+    with_basis = with_ridge_basis(head, stats)
+    assert isinstance(with_basis.ridge_basis, RidgeBasis) and stats.ridge_basis is None
+    fresh_head, fresh_stats = add_classes(head, stats, new)
+    cached_head, cached_stats = add_classes(head, with_basis, new)
+    assert np.array_equal(fresh_head.weights, cached_head.weights)
+    assert np.array_equal(fresh_head.bias, cached_head.bias)
+    assert old_logits_unchanged(head, cached_head, embeddings)
+    assert cached_stats.ridge_basis.updates == 2
+    # the arrays are shared, not copied
+    assert cached_stats.ridge_basis.least_squares_inverse is with_basis.ridge_basis.least_squares_inverse
+
+
+def test_basis_is_rebuilt_after_its_share_of_updates(many):
+    head, stats, new, _, _ = many
+    options = AddClassOptions(basis_refresh_fraction=0.1, basis_refresh_minimum=2)  # 30 classes: 3 updates
+    stats = with_ridge_basis(head, stats, options)
+    first = stats.ridge_basis
+    assert first.refresh_limit(options.basis_refresh_fraction, options.basis_refresh_minimum) == 3
+    assert first.refresh_limit(0.01, 2) == 2 and first.refresh_limit(0.0, 2) == 0
+    head, stats = add_classes(head, stats, new, options)
+    assert stats.ridge_basis.updates == 2 and stats.ridge_basis.discriminant_inverse is first.discriminant_inverse
+    head, stats = add_classes(head, stats, [new[0] + 0.5], options)
+    assert stats.ridge_basis.updates == 3
+    head, stats = add_classes(head, stats, [new[1] + 0.5], options)  # limit reached: rebuilt over 33 classes
+    assert stats.ridge_basis.classes == 33 and stats.ridge_basis.updates == 1
+    assert stats.ridge_basis.discriminant_inverse is not first.discriminant_inverse
+
+
+def test_basis_of_another_head_or_other_settings_is_not_used(many):
+    head, stats, new, _, _ = many
+    stats = with_ridge_basis(head, stats)
+    basis = stats.ridge_basis
+    assert basis.is_fresh_for(head, AddClassOptions())
+    assert not basis.is_fresh_for(head, AddClassOptions(shrinkage=0.5))
+    resolved = resolve_all(head, stats)  # every column changes: the calibration no longer fits
+    assert not basis.is_fresh_for(resolved, AddClassOptions())
+    expected, _ = add_classes(resolved, dataclasses.replace(stats, ridge_basis=None), new)
+    got, _ = add_classes(resolved, stats, new)
+    assert np.array_equal(expected.weights, got.weights)
+
+
+def test_removing_a_class_drops_the_basis_and_add_examples_keeps_it(many):
+    head, stats, new, embeddings, labels = many
+    stats = with_ridge_basis(head, stats)
+    _, removed = remove_class(head, stats, 4)
+    assert removed.ridge_basis is None
+    strengthened_head, strengthened = add_examples(head, stats, 2, embeddings[labels == 2][:4])
+    assert strengthened.ridge_basis.updates == 1
+    changed = np.flatnonzero(np.any(strengthened_head.weights != head.weights, axis=0))
+    assert changed.tolist() == [2]
+
+
+def test_woodbury_and_direct_solves_agree():
+    """Few examples use the Woodbury identity, many a direct solve: the same least-squares column."""
+    embeddings, labels, _ = gaussian_classes(6, 40, seed=5, size=12)
+    old = labels < 5
+    head = trained_head(embeddings[old], labels[old], 5)
+    stats = ClassStats.from_embeddings(embeddings[old], labels[old], 5)
+    basis = build_ridge_basis(head, stats, AddClassOptions())
+    examples = embeddings[labels == 5][:3]  # rank 4 <= 13 // 3: Woodbury
+    means, deviations = new_class_examples(head, [examples])
+    woodbury = basis_new_columns(basis, means, deviations, AddClassOptions())
+    # the same second moment spelled with many zero-padded rows forces the direct solve
+    padded = [np.concatenate([deviations[0], np.zeros((10, 12))])]
+    scale = np.sqrt(padded[0].shape[0] / deviations[0].shape[0])
+    direct = basis_new_columns(basis, means, [padded[0] * scale], AddClassOptions(few_shot_examples=0.0))
+    reference = basis_new_columns(basis, means, deviations, AddClassOptions(few_shot_examples=0.0))
+    np.testing.assert_allclose(direct[0], reference[0], rtol=1e-4, atol=1e-5)
+    assert np.all(np.isfinite(woodbury[0]))
+
+
+def test_a_malformed_stored_basis_is_refused(many):
+    head, stats, _, _, _ = many
+    basis = with_ridge_basis(head, stats).ridge_basis
+    arrays = basis.arrays()
+    arrays["ridge_least_squares_inverse"] = arrays["ridge_least_squares_inverse"][:-1]
+    with pytest.raises(IncompatibleModelError, match="ridge solver state"):
+        RidgeBasis.from_parts(basis.metadata(), arrays)
+
+
+# ----------------------------------------------------------------------------- in a bundle
+def test_device_update_uses_the_bundle_basis_and_shares_its_files(bundle_copy, fixture_dir):
+    bundle = Bundle.open(bundle_copy)
+    statistics = bundle.manifest.data["head"]["statistics"]
+    if "ridge_basis" not in statistics:
+        pytest.skip("fixture bundle was built before bundles carried the ridge basis; rebuild it")
+    stored = bundle.load_class_stats().ridge_basis
+    assert isinstance(stored, RidgeBasis) and stored.updates == 0
+    images = np.load(fixture_dir / "test_images.npy")[:4]
+    runtime = Runtime.open(bundle_copy)
+    HeadUpdater(runtime).add_class("extra", list(images), force=True)
+    after = Bundle.open(bundle_copy)
+    section = after.manifest.data["head"]["statistics"]["ridge_basis"]
+    assert section["updates"] == 1
+    assert section["files"] == statistics["ridge_basis"]["files"]  # shared with version 1, not rewritten
+    loaded = after.load_class_stats().ridge_basis
+    assert np.array_equal(loaded.discriminant_inverse, stored.discriminant_inverse)
+
+
+def test_tampered_basis_file_is_refused(bundle_copy):
+    bundle = Bundle.open(bundle_copy)
+    section = bundle.manifest.data["head"]["statistics"].get("ridge_basis")
+    if not section:
+        pytest.skip("fixture bundle was built before bundles carried the ridge basis; rebuild it")
+    path = bundle_copy / section["files"]["ridge_calibration"]
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError):
+        Bundle.open(bundle_copy).load_class_stats()
