@@ -2,8 +2,11 @@
 
 For each class order (fixed seeds):
 
-1. the built-in classifier is trained on the BASE classes only and split into backbone + head;
-   the embeddings of every split are computed once (and cached with ``cache``);
+1. the backbone: by default the built-in classifier is trained on the BASE classes only and
+   split into backbone + head; with ``backbone_bundle`` a pretrained backbone is read from a
+   bundle (e.g. an imported ImageNet MobileNet, ``edgeadapt import``) and run by the device
+   :class:`~edgeadapt.device.runtime.Runtime` at the bundle's own input size. The embeddings
+   of every split are computed once (and cached with ``cache``);
 2. the base head is trained on the base classes' embeddings with the default normalisation
    (centred on the stored base mean); the class statistics of the base classes are kept;
 3. for each shot count (examples per new class) and each method, the new classes are added
@@ -35,10 +38,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeadapt.device.errors import InputError
+from edgeadapt.device.errors import BundleError, InputError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device import incremental as head_math
 from edgeadapt.device.incremental import DEFAULT_METHOD, METHODS, AddClassOptions
+from edgeadapt.device.manifest import InputSpec
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,12 @@ class IncrementalBenchmarkOptions:
     :data:`edgeadapt.device.incremental.METHODS`. ``add_options``: knobs for every method
     (its ``method`` field is replaced per row). ``cache``: folder where each order's
     backbone embeddings are kept, so a second run skips training.
+
+    ``backbone_bundle``: a bundle whose pretrained backbone embeds every image instead of the
+    built-in CNN trained on the base classes (None, the default). It runs through the device
+    Runtime with ``backbone_backend`` ("auto": LiteRT first) at the bundle's input size;
+    ``image_size``, ``epochs`` and ``backbone`` (which configure the built-in training) must
+    then be left unset. The base head is still trained on the base classes' embeddings.
     """
 
     data: Path | None = None
@@ -79,6 +89,8 @@ class IncrementalBenchmarkOptions:
     synthetic_classes: int = 6
     synthetic_images_per_class: int = 120
     verbose: int = 0
+    backbone_bundle: Path | None = None
+    backbone_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.base < 2:
@@ -92,6 +104,17 @@ class IncrementalBenchmarkOptions:
         unknown = [method for method in self.methods if method not in METHODS]
         if unknown:
             raise InputError(f"unknown methods {unknown}; choose from {METHODS}")
+        if self.backbone_bundle is not None:
+            self._check_bundle_options()
+
+    def _check_bundle_options(self) -> None:
+        built_in = {"epochs": self.epochs, "backbone": self.backbone}
+        given = [name for name, value in built_in.items() if value is not None]
+        if given:
+            raise InputError(
+                f"{' and '.join(given)} only apply to training the built-in backbone, but backbone_bundle "
+                f"({self.backbone_bundle}) uses a pretrained backbone as it is: leave {' and '.join(given)} unset"
+            )
 
 
 @dataclass
@@ -106,6 +129,7 @@ class OrderData:
     test: tuple[np.ndarray, np.ndarray]
     train_seconds: float
     cached: bool = False
+    backbone: str = "trained"  # "trained": built-in CNN on the base classes; "bundle": pretrained, from a bundle
 
     @property
     def embedding_size(self) -> int:
@@ -133,6 +157,7 @@ class IncrementalBenchmarkReport:
     options: dict
     dataset: str
     embedding_size: int
+    backbone: dict = field(default_factory=dict)
     orders: list[dict] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
     figures: dict = field(default_factory=dict)
@@ -143,9 +168,11 @@ class IncrementalBenchmarkReport:
         lines = [
             f"class-incremental benchmark: {self.dataset}, base {options['base']} + {options['step']} new, "
             f"{len(self.orders)} class orders, {options['image_size']} px, embedding {self.embedding_size} floats",
+            f"  backbone: {describe_backbone(self.backbone)}",
         ]
         for order in self.orders:
-            trained = "from cache" if order["cached"] else "trained in {:.0f} s".format(order["train_seconds"])
+            verb = "embedded" if order.get("backbone") == "bundle" else "trained"
+            trained = "from cache" if order["cached"] else "{} in {:.0f} s".format(verb, order["train_seconds"])
             lines.append(
                 f"  order {order['order']}: base {', '.join(order['base_classes'])} -> new {', '.join(order['new_classes'])}"
                 f"   (backbone {trained}; base model old-class accuracy {order['before_old']:.3f})"
@@ -193,6 +220,15 @@ class IncrementalBenchmarkReport:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
 
 
+def describe_backbone(backbone: dict) -> str:
+    """One line saying which backbone made the embeddings (``IncrementalBenchmarkReport.backbone``)."""
+    if backbone.get("kind") != "bundle":
+        return "built-in CNN trained from scratch on each order's base classes"
+    return (f"pretrained, from bundle {backbone['path']} ({backbone['name']}, {backbone['classes']} classes, "
+            f"fingerprint {backbone['fingerprint'].split(':')[-1][:12]}, {backbone['model_file']} on "
+            f"{backbone['backend']})")
+
+
 def _json_default(value: Any):
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -205,21 +241,119 @@ def _json_default(value: Any):
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
+# ============================================================================= backbone from a bundle
+@dataclass
+class BundleBackbone:
+    """A pretrained backbone read from a bundle and run by the device Runtime.
+
+    The embeddings are exactly what a device computes with this bundle (its int8 backbone,
+    LiteRT first with backend "auto"). :meth:`embed` passes the Runtime images already
+    prepared for the bundle's input spec, so the Runtime uses them unchanged.
+    """
+
+    path: Path
+    runtime: Any  # edgeadapt.device.runtime.Runtime
+
+    @classmethod
+    def open(cls, path: str | Path, backend: str = "auto") -> "BundleBackbone":
+        """Verify and open the bundle at ``path`` with ``backend``."""
+        from edgeadapt.device.runtime import Runtime
+
+        path = Path(path)
+        try:
+            runtime = Runtime.open(path, backend=backend)
+        except BundleError as error:
+            raise BundleError(
+                f"cannot use {path} as the benchmark's backbone: {error}. Make the bundle once with "
+                f"`edgeadapt import MODEL.tflite --labels LABELS.txt --out {path}` (docs/INCREMENTAL.md)"
+            ) from error
+        return cls(path, runtime)
+
+    @property
+    def spec(self) -> InputSpec:
+        """The bundle's input spec (input size, colour order, resize policy and filter)."""
+        return self.runtime.input_spec
+
+    @property
+    def fingerprint(self) -> str:
+        return self.runtime.manifest.backbone_fingerprint
+
+    def identity(self) -> dict:
+        """What the embeddings depend on: backbone fingerprint, model file and checksum, interpreter, input spec."""
+        model_file = self.runtime.describe()["model_file"]
+        return {
+            "fingerprint": self.fingerprint,
+            "model_file": model_file,
+            "model_sha256": self.runtime.manifest.files.get(model_file, {}).get("sha256"),
+            "backend": self.runtime.backend_name,
+            "input": self.spec.to_dict(),
+        }
+
+    def describe(self) -> dict:
+        """The report's ``backbone`` entry."""
+        manifest = self.runtime.manifest
+        return {"kind": "bundle", "path": str(self.path), "name": manifest.data.get("name", self.path.stem),
+                "classes": len(manifest.class_names), "embedding_size": manifest.embedding_size, **self.identity()}
+
+    def embed(self, images: np.ndarray, image_spec: InputSpec) -> np.ndarray:
+        """Embeddings (N, D) of ``images``, a (N, H, W, C) uint8 batch prepared for ``image_spec``."""
+        return self.runtime.embed(bundle_pixels(images, image_spec, self.spec))
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def bundle_pixels(images: np.ndarray, image_spec: InputSpec, bundle_spec: InputSpec) -> np.ndarray:
+    """``images`` (prepared for ``image_spec``) as the uint8 batch ``bundle_spec`` asks for.
+
+    Images already of the bundle's shape and colour order are returned unchanged (the
+    Runtime then runs them as they are: it does not prepare a batch of the right shape
+    again, so a batch in the wrong colour order would go through unnoticed). Others are
+    brought back to RGB and prepared with the bundle's spec (channels, then resize).
+    """
+    from edgeadapt.device.preprocessing import prepare_image
+
+    if images.shape[1:] == bundle_spec.shape and image_spec.color_order == bundle_spec.color_order:
+        return images
+    if image_spec.color_order == "BGR":
+        images = images[..., ::-1]
+    if len(images) == 0:
+        return np.zeros((0,) + bundle_spec.shape, np.uint8)
+    return np.stack([prepare_image(np.ascontiguousarray(image), bundle_spec) for image in images])
+
+
+def _bundle_image_size(options: IncrementalBenchmarkOptions, bundle_spec: InputSpec) -> None:
+    if options.image_size is not None and (options.image_size, options.image_size) != (bundle_spec.height,
+                                                                                       bundle_spec.width):
+        raise InputError(
+            f"image_size {options.image_size} differs from the backbone bundle's input "
+            f"{bundle_spec.height}x{bundle_spec.width}; a pretrained backbone runs at its own input size: "
+            "leave image_size (--image-size) unset"
+        )
+
+
 # ============================================================================= data
-def load_dataset(options: IncrementalBenchmarkOptions):
-    """The dataset the benchmark runs on, at the benchmark's image size."""
+def load_dataset(options: IncrementalBenchmarkOptions, bundle_spec: InputSpec | None = None):
+    """The dataset the benchmark runs on, at the benchmark's image size.
+
+    With ``bundle_spec`` (the input spec of ``options.backbone_bundle``) folder images are
+    prepared exactly as that spec asks (size, colour order, resize policy and filter) and the
+    built-in shapes are drawn at its height.
+    """
     from edgeadapt.data import SplitOptions, load_image_folder
-    from edgeadapt.device.manifest import InputSpec
     from edgeadapt.synthetic import SyntheticOptions, synthetic_dataset
 
     split = SplitOptions(seed=options.seed)
+    if bundle_spec is not None:
+        _bundle_image_size(options, bundle_spec)
     if options.data is None:
-        size = options.image_size or 32
+        size = bundle_spec.height if bundle_spec is not None else options.image_size or 32
         return synthetic_dataset(
             SyntheticOptions(num_classes=options.synthetic_classes, images_per_class=options.synthetic_images_per_class,
                              image_size=size, seed=options.seed), split)
     size = options.image_size or 64
-    return load_image_folder(options.data, InputSpec(height=size, width=size), split, progress=options.verbose > 0)
+    spec = bundle_spec if bundle_spec is not None else InputSpec(height=size, width=size)
+    return load_image_folder(options.data, spec, split, progress=options.verbose > 0)
 
 
 def class_orders(class_count: int, base: int, step: int, orders: int, seed: int) -> list[tuple[int, list[int]]]:
@@ -246,40 +380,58 @@ def class_orders(class_count: int, base: int, step: int, orders: int, seed: int)
     return chosen
 
 
-def _cache_key(options: IncrementalBenchmarkOptions, names: list[str], dataset, training_seed: int) -> str:
+def _cache_key(options: IncrementalBenchmarkOptions, names: list[str], dataset, training_seed: int,
+               bundle: BundleBackbone | None = None) -> str:
+    """The cache file name of one order: everything its embeddings depend on.
+
+    Built-in backbone: the data, input spec, classes, training settings and seed. Bundle
+    backbone: the data, input spec, classes and the bundle's identity (backbone fingerprint,
+    model file checksum, interpreter), so another bundle never reads these embeddings.
+    """
     digest = hashlib.sha256()
-    digest.update(repr((str(options.data), dataset.spec.to_dict(), names, options.base, options.epochs, training_seed,
-                        repr(options.backbone), len(dataset.train), len(dataset.test),
-                        options.synthetic_classes, options.synthetic_images_per_class)).encode())
+    if bundle is None:
+        digest.update(repr((str(options.data), dataset.spec.to_dict(), names, options.base, options.epochs,
+                            training_seed, repr(options.backbone), len(dataset.train), len(dataset.test),
+                            options.synthetic_classes, options.synthetic_images_per_class)).encode())
+    else:
+        digest.update(repr(("bundle", str(options.data), dataset.spec.to_dict(), names, options.base,
+                            json.dumps(bundle.identity(), sort_keys=True), len(dataset.train), len(dataset.test),
+                            options.synthetic_classes, options.synthetic_images_per_class)).encode())
     digest.update(np.ascontiguousarray(dataset.train.images[:: max(1, len(dataset.train) // 64)]).tobytes())
     return digest.hexdigest()[:24]
 
 
-def order_embeddings(options: IncrementalBenchmarkOptions, dataset, order: int, classes: list[int],
-                     seed_index: int | None = None) -> OrderData:
-    """Train the built-in classifier on the order's base classes and embed every split (cached).
+Splits = dict[str, tuple[np.ndarray, np.ndarray]]
 
-    The backbone training is seeded with ``options.seed + seed_index`` (default: the order).
-    """
-    names = [dataset.class_names[index] for index in classes]
-    subset = dataset.select_classes(names)
-    training_seed = options.seed + (order if seed_index is None else seed_index)
-    cache_file = None
-    if options.cache is not None:
-        cache_file = Path(options.cache) / f"order-{_cache_key(options, names, subset, training_seed)}.npz"
-        if cache_file.is_file():
-            stored = np.load(cache_file, allow_pickle=False)
-            logger.info("order %d: embeddings from cache %s", order, cache_file)
-            return OrderData(order, names, options.base,
-                             (stored["train_embeddings"], stored["train_labels"]),
-                             (stored["validation_embeddings"], stored["validation_labels"]),
-                             (stored["test_embeddings"], stored["test_labels"]),
-                             float(stored["train_seconds"]), cached=True)
+
+def _load_cached(cache_file: Path, order: int, names: list[str], base: int, backbone: str) -> OrderData:
+    stored = np.load(cache_file, allow_pickle=False)
+    logger.info("order %d: embeddings from cache %s", order, cache_file)
+    return OrderData(order, names, base,
+                     (stored["train_embeddings"], stored["train_labels"]),
+                     (stored["validation_embeddings"], stored["validation_labels"]),
+                     (stored["test_embeddings"], stored["test_labels"]),
+                     float(stored["train_seconds"]), cached=True, backbone=backbone)
+
+
+def _store_cached(cache_file: Path, splits: Splits, seconds: float) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache_file.with_name(cache_file.name + ".tmp.npz")
+    np.savez(temporary, train_seconds=seconds,
+             **{f"{name}_embeddings": value[0] for name, value in splits.items()},
+             **{f"{name}_labels": value[1] for name, value in splits.items()})
+    temporary.replace(cache_file)
+
+
+def _trained_backbone_embeddings(options: IncrementalBenchmarkOptions, subset, order: int,
+                                 training_seed: int) -> tuple[Splits, float]:
+    """Train the built-in classifier on the base classes of ``subset``; embed every split with its backbone."""
     from edgeadapt.backbones import BackboneOptions
     from edgeadapt.embeddings import compute_embeddings
     from edgeadapt.model_split import split_classifier
     from edgeadapt.training import ClassifierTrainingOptions, train_classifier
 
+    names = subset.class_names
     base_dataset = subset.select_classes(names[: options.base])
     epochs = options.epochs or (25 if options.data is not None else 15)
     logger.info("order %d: training the built-in classifier on %s (%d epochs)", order, names[: options.base], epochs)
@@ -287,21 +439,58 @@ def order_embeddings(options: IncrementalBenchmarkOptions, dataset, order: int, 
     model = train_classifier(base_dataset, ClassifierTrainingOptions(
         epochs=epochs, seed=training_seed, verbose=2 if options.verbose > 1 else 0,
         backbone=options.backbone or BackboneOptions()))
-    train_seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     backbone = split_classifier(model).backbone
     splits = {}
     for split_name in ("train", "validation", "test"):
         part = getattr(subset, split_name)
         splits[split_name] = (compute_embeddings(backbone, part.images, subset.spec, progress=False), part.labels)
-    data = OrderData(order, names, options.base, splits["train"], splits["validation"], splits["test"], train_seconds)
+    return splits, seconds
+
+
+def _bundle_backbone_embeddings(bundle: BundleBackbone, subset, order: int) -> tuple[Splits, float]:
+    """Embed every split of ``subset`` with the bundle's pretrained backbone (no training)."""
+    logger.info("order %d: embedding %s with the backbone of %s", order, subset.class_names, bundle.path)
+    start = time.perf_counter()
+    splits = {}
+    for split_name in ("train", "validation", "test"):
+        part = getattr(subset, split_name)
+        splits[split_name] = (bundle.embed(part.images, subset.spec), part.labels)
+    return splits, time.perf_counter() - start
+
+
+def order_embeddings(options: IncrementalBenchmarkOptions, dataset, order: int, classes: list[int],
+                     seed_index: int | None = None, bundle: BundleBackbone | None = None) -> OrderData:
+    """Embed every split of one class order (cached with ``options.cache``).
+
+    Built-in backbone (default): the classifier is trained on the order's base classes,
+    seeded with ``options.seed + seed_index`` (default: the order). With ``bundle`` (opened
+    from ``options.backbone_bundle`` when not given) the bundle's pretrained backbone embeds
+    the images; ``dataset`` must then be loaded for the bundle (:func:`load_dataset`).
+    """
+    names = [dataset.class_names[index] for index in classes]
+    subset = dataset.select_classes(names)
+    training_seed = options.seed + (order if seed_index is None else seed_index)
+    if bundle is None and options.backbone_bundle is not None:
+        opened = BundleBackbone.open(options.backbone_bundle, options.backbone_backend)
+        try:
+            return order_embeddings(options, dataset, order, classes, seed_index, opened)
+        finally:
+            opened.close()
+    kind = "trained" if bundle is None else "bundle"
+    cache_file = None
+    if options.cache is not None:
+        cache_file = Path(options.cache) / f"order-{_cache_key(options, names, subset, training_seed, bundle)}.npz"
+        if cache_file.is_file():
+            return _load_cached(cache_file, order, names, options.base, kind)
+    if bundle is None:
+        splits, seconds = _trained_backbone_embeddings(options, subset, order, training_seed)
+    else:
+        splits, seconds = _bundle_backbone_embeddings(bundle, subset, order)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache_file.with_name(cache_file.name + ".tmp.npz")
-        np.savez(temporary, train_seconds=train_seconds,
-                 **{f"{name}_embeddings": value[0] for name, value in splits.items()},
-                 **{f"{name}_labels": value[1] for name, value in splits.items()})
-        temporary.replace(cache_file)
-    return data
+        _store_cached(cache_file, splits, seconds)
+    return OrderData(order, names, options.base, splits["train"], splits["validation"], splits["test"], seconds,
+                     backbone=kind)
 
 
 # ============================================================================= measuring
@@ -431,6 +620,7 @@ def measure_order(data: OrderData, options: IncrementalBenchmarkOptions) -> tupl
         "new_classes": data.class_names[base:],
         "train_seconds": data.train_seconds,
         "cached": data.cached,
+        "backbone": data.backbone,
         "before_old": before["default"],
         "before_old_cosine": before["cosine"],
         "train_examples": int(len(labels)),
@@ -484,14 +674,24 @@ def _figures(rows: list[dict], shots: Sequence[int]) -> dict:
 
 def run_incremental_benchmark(options: IncrementalBenchmarkOptions, dataset=None) -> IncrementalBenchmarkReport:
     """Run the benchmark; ``dataset`` overrides ``options.data`` (an :class:`edgeadapt.data.Dataset`)."""
+    if options.backbone_bundle is None:
+        return _run(options, dataset, None)
+    bundle = BundleBackbone.open(options.backbone_bundle, options.backbone_backend)
+    try:
+        return _run(options, dataset, bundle)
+    finally:
+        bundle.close()
+
+
+def _run(options: IncrementalBenchmarkOptions, dataset, bundle: BundleBackbone | None) -> IncrementalBenchmarkReport:
     start = time.perf_counter()
-    dataset = dataset if dataset is not None else load_dataset(options)
+    dataset = dataset if dataset is not None else load_dataset(options, bundle.spec if bundle is not None else None)
     orders = class_orders(len(dataset.class_names), options.base, options.step, options.orders, options.seed)
     per_order: list[dict] = []
     descriptions: list[dict] = []
     size = 0
     for order, (seed_index, classes) in enumerate(orders):
-        data = order_embeddings(options, dataset, order, classes, seed_index)
+        data = order_embeddings(options, dataset, order, classes, seed_index, bundle)
         size = data.embedding_size
         measurements, description = measure_order(data, options)
         per_order.append(measurements)
@@ -521,5 +721,6 @@ def run_incremental_benchmark(options: IncrementalBenchmarkOptions, dataset=None
     resolved_options = dataclasses.asdict(options)
     resolved_options["image_size"] = dataset.spec.height
     return IncrementalBenchmarkReport(options=resolved_options, dataset=name, embedding_size=size,
+                                      backbone=bundle.describe() if bundle is not None else {"kind": "built-in"},
                                       orders=descriptions, rows=rows, figures=_figures(rows, options.shots),
                                       seconds=time.perf_counter() - start)

@@ -95,6 +95,8 @@ def bench_incremental_command(arguments: argparse.Namespace) -> int:
         seed=arguments.seed,
         cache=arguments.cache,
         verbose=arguments.verbose,
+        backbone_bundle=arguments.backbone_bundle,
+        backbone_backend=arguments.backbone_backend,
     )
     report = run_incremental_benchmark(options)
     print(report.table())
@@ -114,8 +116,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="examples per new class, comma-separated, 'all' for every image (default 1,5,20,all)")
     parser.add_argument("--orders", type=int, default=3, help="class orders, each with a fixed seed (default 3)")
     parser.add_argument("--methods", help="comma-separated methods to compare (default: all)")
-    parser.add_argument("--image-size", type=int, help="resolution (default 64 for --data, 32 built-in)")
-    parser.add_argument("--epochs", type=int, help="backbone training epochs (default 25 for --data, 15 built-in)")
+    parser.add_argument("--image-size", type=int,
+                        help="resolution (default 64 for --data, 32 built-in; with --backbone-bundle the bundle's)")
+    parser.add_argument("--epochs", type=int,
+                        help="built-in backbone training epochs (default 25 for --data, 15 built-in)")
+    parser.add_argument("--backbone-bundle", type=Path, metavar="BUNDLE",
+                        help="use the pretrained backbone of this bundle (e.g. an imported ImageNet model, "
+                        "`edgeadapt import`) instead of training the built-in CNN on the base classes; images are "
+                        "embedded by the device runtime at the bundle's input size")
+    parser.add_argument("--backbone-backend", default="auto",
+                        help="interpreter that runs --backbone-bundle: auto (LiteRT first), litert, tflite-runtime, "
+                        "onnxruntime (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the orders and the shots")
     parser.add_argument("--cache", type=Path,
                         help="folder that keeps each order's embeddings, so a second run skips training")
@@ -179,8 +190,8 @@ def register(subparsers) -> None:
     bench = benchmarks.add_parser(
         "incremental",
         help="class-incremental benchmark: add new classes to a model trained on base classes",
-        description="Train the built-in classifier on the base classes only, then add the new classes with every "
-        "method and the baselines (joint retrain = upper bound, uncalibrated = lower bound, plain imprinting) "
+        description="Train the built-in classifier on the base classes only (or take the pretrained backbone of "
+        "--backbone-bundle), then add the new classes with every method and the baselines (joint retrain = upper bound, uncalibrated = lower bound, plain imprinting) "
         "for several class orders and shot counts. Prints a table and optionally writes JSON.",
     )
     add_bench_arguments(bench)

@@ -250,3 +250,52 @@ def test_class_incremental_benchmark_on_builtin_data(tmp_path):
     assert "ridge (default)" in text and "figures (issue 4)" in text
     report.write_json(tmp_path / "report.json")
     assert json.loads((tmp_path / "report.json").read_text())["rows"]
+
+
+def _rebind_backbone(bundle: Path, fingerprint: str) -> None:
+    """Give a bundle copy another backbone fingerprint (the manifest is not itself checksummed)."""
+    manifest_path = bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["backbone"]["fingerprint"] = fingerprint
+    manifest["head"]["backbone_fingerprint"] = fingerprint
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+
+
+def test_class_incremental_benchmark_with_a_bundle_backbone(bundle_copy, tmp_path):
+    """backbone_bundle: the bundle's backbone embeds through the device Runtime, cached per backbone."""
+    import dataclasses
+
+    from edgeadapt.bench_incremental import (ALL_SHOTS, BundleBackbone, IncrementalBenchmarkOptions, load_dataset,
+                                             order_embeddings, run_incremental_benchmark)
+
+    cache = tmp_path / "cache"
+    options = IncrementalBenchmarkOptions(base=3, step=2, orders=1, shots=(5, ALL_SHOTS), methods=("ridge", "none"),
+                                          synthetic_classes=5, synthetic_images_per_class=40, cache=cache,
+                                          backbone_bundle=bundle_copy)
+    report = run_incremental_benchmark(options)
+    fingerprint = Bundle.open(bundle_copy).manifest.backbone_fingerprint
+    assert {(row["shots"], row["method"]) for row in report.rows} >= {(5, "ridge"), (ALL_SHOTS, "joint")}
+    assert {check["name"] for check in report.figures["checks"]} >= {"five_shots_ratio", "old_logits_identical"}
+    assert report.backbone["kind"] == "bundle" and report.backbone["fingerprint"] == fingerprint
+    assert report.orders[0]["backbone"] == "bundle" and not report.orders[0]["cached"]
+    assert "pretrained, from bundle" in report.table()
+    assert len(list(cache.glob("order-*.npz"))) == 1
+
+    # the embeddings are the device Runtime's, on images prepared for the bundle's input spec
+    bundle = BundleBackbone.open(bundle_copy)
+    dataset = load_dataset(options, bundle.spec)
+    data = order_embeddings(dataclasses.replace(options, cache=None), dataset, 0, [4, 0, 2, 1, 3], bundle=bundle)
+    subset = dataset.select_classes(data.class_names)
+    with Runtime.open(bundle_copy) as runtime:
+        np.testing.assert_array_equal(data.test[0], runtime.embed(subset.test.images))
+    np.testing.assert_array_equal(data.test[1], subset.test.labels)
+    bundle.close()
+    with pytest.raises(InputError, match="built-in backbone"):
+        IncrementalBenchmarkOptions(backbone_bundle=bundle_copy, epochs=3)
+
+    # same bundle: read from the cache; another backbone fingerprint: another cache entry
+    assert run_incremental_benchmark(options).orders[0]["cached"]
+    _rebind_backbone(bundle_copy, "sha256:" + "0" * 64)
+    other = run_incremental_benchmark(options)
+    assert not other.orders[0]["cached"] and other.backbone["fingerprint"] != fingerprint
+    assert len(list(cache.glob("order-*.npz"))) == 2
