@@ -235,8 +235,8 @@ def head_payload(
             for name, array in basis.arrays().items():
                 files[names[name]] = array
                 paths[name] = names[name]
-            statistics["ridge_basis"] = {**basis.metadata(), "files": paths}
-            statistics["bytes_shared"] += sum(int(array.nbytes) for array in basis.arrays().values())
+            statistics["ridge_basis"] = {**basis.metadata(), "files": paths,
+                                         "bytes": sum(int(array.nbytes) for array in basis.arrays().values())}
         section["statistics"] = statistics
     if reference_embeddings is not None and len(reference_embeddings):
         references = reference_embeddings

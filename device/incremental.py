@@ -476,7 +476,7 @@ def add_classes(
         assert updated is not None and stats is not None and stats.gram is not None
         basis = current_basis(head, stats, options)
         means, deviations = new_class_examples(head, arrays)
-        new_weights, new_bias = basis_new_columns(basis, means, deviations, options)
+        new_weights, new_bias = basis_new_columns(basis, head, means, deviations, options)
         updated.ridge_basis = basis.after(len(arrays))
     elif method == "imprint_calibrated":
         new_weights, new_bias = _imprint_calibrated_columns(head, arrays, options.own_example_quantile)
@@ -575,7 +575,7 @@ def add_examples(
             raise IncompatibleModelError("a head with a single class cannot be calibrated; add a second class first")
         basis = current_basis(head, stats, options)
         column, bias_value = basis_class_column(
-            basis, class_feature_mean(head, updated, index), int(updated.counts[index]), index < basis.classes, options)
+            basis, head, class_feature_mean(head, updated, index), int(updated.counts[index]), index < basis.classes, options)
         updated.ridge_basis = basis.after(1)
     elif method in ("imprint", "center_l2", "imprint_calibrated"):
         assert updated is not None

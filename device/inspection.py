@@ -51,13 +51,12 @@ def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
         shared = statistics.get("bytes_shared", 0)
         lines.append(
             f"statistics {statistics.get('examples')} examples; {statistics.get('bytes_per_class')} bytes per class"
-            + (f" + {_kib(shared)} shared (Gram matrix" + (", ridge solver state)" if statistics.get("ridge_basis") else ")")
-               if shared else "")
+            + (f" + {_kib(shared)} shared Gram matrix" if shared else "")
         )
         basis = statistics.get("ridge_basis")
         if isinstance(basis, dict):
-            lines.append(f"           ridge solver state over {basis.get('classes')} classes, used by {basis.get('updates')} "
-                         "update(s) since it was built")
+            lines.append(f"           + {_kib(basis.get('bytes', 0))} ridge solver state over {basis.get('classes')} classes "
+                         f"(served {basis.get('updates')} update(s) since it was built)")
     else:
         lines.append("statistics none (updates that need class statistics will ask for examples of the old classes)")
     classes = data["classes"]

@@ -204,28 +204,42 @@ def _class_moments(model: _FeatureModel, classes: np.ndarray, mean_gram: np.ndar
     return _Moments(first=means.mean(axis=0), second=model.covariance + mean_gram / len(classes))
 
 
+def _check_scale(scale: float) -> None:
+    if not np.isfinite(scale) or scale <= 0:
+        raise IncompatibleModelError(
+            "the head's columns do not agree with its class statistics (the fitted logit scale is "
+            f"{scale:.3g}); the statistics probably belong to another head or backbone. Recompute the statistics "
+            "from examples of the old classes, or re-solve the head (resolve_all) before adding classes"
+        )
+
+
 def _alignment(
     weights: np.ndarray, bias: np.ndarray, reference_weights: np.ndarray, reference_bias: np.ndarray,
-    model: _FeatureModel, classes: np.ndarray, moments: _Moments | None = None,
+    model: _FeatureModel | None, classes: np.ndarray, moments: _Moments | None = None,
+    projected: np.ndarray | None = None,
 ) -> tuple[float, np.ndarray, float]:
     """Fit ``weights ~ s * reference + v 1^T``, ``bias ~ s * reference_bias + beta``.
 
     ``s`` is the class-balanced least-squares match of the column-centred logits of the two
     heads over the Gaussian model of ``classes`` (``v`` and ``beta`` are the per-input and
     global offsets that softmax leaves free). Returns (s, v, beta). ``moments``: the
-    model's moments over ``classes`` (:func:`_class_moments`) when already computed.
+    model's moments over ``classes`` (:func:`_class_moments`) when already computed;
+    ``projected``: ``moments.second`` times the column-centred ``reference_weights`` when
+    already known (the cached solver state updates it cheaply).
     """
     count = weights.shape[1]
     mean_weights, mean_reference = weights.mean(axis=1), reference_weights.mean(axis=1)
     if count >= 2:
         if moments is None:
+            assert model is not None
             moments = _class_moments(model, classes)
         first = moments.first
         centred = weights - mean_weights[:, None]
         centred_bias = bias - bias.mean()
         reference = reference_weights - mean_reference[:, None]
         reference_centred_bias = reference_bias - reference_bias.mean()
-        projected = moments.second @ reference  # once: both inner products below take the reference on the right
+        if projected is None:  # once: both inner products below take the reference on the right
+            projected = moments.second @ reference
         first_reference = first @ reference
 
         denominator = float(
@@ -246,12 +260,7 @@ def _alignment(
         scale = float(np.linalg.norm(weights)) / norm if norm > 0 else 0.0
         mean_weights = np.zeros_like(mean_weights)
         mean_reference = np.zeros_like(mean_reference)
-    if not np.isfinite(scale) or scale <= 0:
-        raise IncompatibleModelError(
-            "the head's columns do not agree with its class statistics (the fitted logit scale is "
-            f"{scale:.3g}); the statistics probably belong to another head or backbone. Recompute the statistics "
-            "from examples of the old classes, or re-solve the head (resolve_all) before adding classes"
-        )
+    _check_scale(scale)
     offset = mean_weights - scale * mean_reference
     offset_bias = float(bias.mean() - scale * reference_bias.mean()) if count >= 2 else float(bias[0] - scale * reference_bias[0])
     return scale, offset, offset_bias
@@ -370,7 +379,11 @@ def _ridge_columns(
 
 # ============================================================================= cached solver state
 #: Manifest names of the basis arrays (files ``heads/vN/<name>.npy``).
-BASIS_ARRAYS = ("ridge_discriminant_inverse", "ridge_least_squares_inverse", "ridge_calibration")
+BASIS_ARRAYS = (
+    "ridge_discriminant_inverse", "ridge_least_squares_inverse", "ridge_calibration", "ridge_second_moment",
+    "ridge_old_solution", "ridge_old_projection", "ridge_classes", "ridge_alignment_classes",
+    "ridge_alignment_features",
+)
 
 
 def head_signature(head: Head, classes: int) -> tuple[float, float, float]:
@@ -379,19 +392,20 @@ def head_signature(head: Head, classes: int) -> tuple[float, float, float]:
     Sums in float64; a head that was re-solved or retrained gives a different signature
     (compared with a relative tolerance, so summation order across machines does not matter).
     """
-    weights = head.weights[:, :classes]
     center = 0.0 if head.feature_mean is None else float(np.sum(head.feature_mean, dtype=np.float64))
     return (
-        float(np.sum(weights, dtype=np.float64)),
+        float(np.sum(head.weights[:, :classes], dtype=np.float64)),
         float(np.sum(head.bias[:classes], dtype=np.float64)),
         center + float(head.l2_normalize) * 1e3 + float(head.temperature),
     )
 
 
-def _stored(matrix: np.ndarray) -> np.ndarray:
-    """``matrix`` rounded to float32 (how the basis is stored), made exactly symmetric."""
+def _stored(matrix: np.ndarray, symmetric: bool = False) -> np.ndarray:
+    """``matrix`` rounded to float32, how the basis is stored (and used, so a loaded basis is the built one)."""
     rounded = np.asarray(matrix, dtype=np.float32)
-    return np.ascontiguousarray((rounded + rounded.T) * np.float32(0.5))
+    if symmetric:
+        rounded = (rounded + rounded.T) * np.float32(0.5)
+    return np.ascontiguousarray(rounded)
 
 
 def _settings(options: "AddClassOptions") -> tuple[float, float, float]:
@@ -413,29 +427,35 @@ class RidgeBasis:
     """The ridge method's solver state for one head and its class statistics.
 
     Adding a class to a head of C classes with D-d embeddings costs O(D^3 + D^2 C) when the
-    closed forms are solved from scratch (0.6 s at 1000 x 1280). Almost all of that work
-    depends only on the classes already in the head, so it is done once and kept:
+    closed forms are solved from scratch (0.7 s at 1000 x 1280). Almost all of that work
+    depends only on the classes already in the head, so it is done once and kept (U: the
+    head's classes with examples, ``classes_used``):
 
     * ``discriminant_inverse``: ``S^-1``, the inverse of the shrunk shared within-class
       covariance (D x D), and ``effective = tr(S^-1 Sw)`` for the small-sample correction;
-    * ``least_squares_inverse``: the inverse of the class-balanced second-moment matrix of
-      ``[features, 1]`` over the basis classes plus the ridge ((D+1) x (D+1));
+    * ``least_squares_inverse``: ``A^-1``, the inverse of the class-balanced second-moment
+      matrix of ``[features, 1]`` over the U classes plus the ridge ((D+1) x (D+1));
+    * ``old_solution``: the least-squares columns of the U classes, ``A^-1 [m_c; 1]``
+      ((D+1) x U), ``old_projection``: ``second_moment`` times them, column-centred (D x U),
+      and ``second_moment``/``first_moment``: the moments of the U classes' Gaussian model,
+      which fit the logit scale of the least-squares columns to the head's columns;
     * ``calibration``: for each closed form (row 0 least squares, row 1 discriminant) the
       logit scale ``s``, bias offset ``beta`` and column offset ``v`` that map it onto the
-      head's columns (``[s, beta, v...]``), fitted over the ``classes`` basis columns.
+      head's columns (``[s, beta, v...]``), fitted over the U columns.
 
-    A new class then costs O(D^2 (n + 1)) for n examples: its discriminant column is
-    ``S^-1 m``, its least-squares column solves the moment matrix with the new class's own
-    second moment folded in by the Woodbury identity (rank n + 1), and both are mapped with
-    the stored calibration. Later classes are solved against the shared covariance of the
-    basis classes; they do not change it until the basis is rebuilt. The basis is rebuilt
-    from the current statistics when ``updates`` reaches its :meth:`refresh_limit`
-    (:meth:`is_fresh_for`), when the head's basis columns changed (``signature``), or when the
-    ridge settings differ, so the result is a deterministic function of the head, the
+    A new class with n examples then costs O(D^2 (n + 1) + D U (n + 1)): its discriminant
+    column is ``S^-1 m``; its second moment enters ``A`` by the Woodbury identity (rank
+    n + 1), which gives its least-squares column AND the old classes' updated columns, so
+    the least-squares calibration is refitted exactly as a from-scratch solve would; both
+    are mapped onto the head's logit scale and blended. The shared covariance stays that of
+    the basis classes (later classes have few examples and do not change it) until the basis
+    is rebuilt from the current statistics: when ``updates`` reaches its
+    :meth:`refresh_limit`, when the head's basis columns changed (``signature``) or when
+    the ridge settings differ. The result is a deterministic function of the head, the
     statistics and this state, on the host and on the device alike.
 
-    Both inverses are stored as float32 (2 x 4 D^2 bytes: 13 MB at D = 1280) and shared by
-    the bundle versions that did not rebuild it.
+    Stored as float32: about ``12 D^2 + 8 D U`` bytes (30 MB at 1000 x 1280, 0.8 MB at 4 x 256),
+    shared by the bundle versions that did not rebuild it.
     """
 
     classes: int
@@ -445,7 +465,19 @@ class RidgeBasis:
     effective: float
     discriminant_inverse: np.ndarray  # (D, D) float32
     least_squares_inverse: np.ndarray  # (D + 1, D + 1) float32
-    calibration: np.ndarray  # (2, D + 2) float64
+    calibration: np.ndarray  # (3, D + 2) float64: the two fits, then [0, 0, first moment]
+    second_moment: np.ndarray  # (D, D) float32
+    old_solution: np.ndarray  # (D + 1, U) float32
+    old_projection: np.ndarray  # (D, U) float32
+    classes_used: np.ndarray  # (U,) int64
+    alignment_classes: np.ndarray  # (4, U) float64: see _alignment_terms
+    alignment_features: np.ndarray  # (2, D) float64
+    alignment_scalars: tuple[float, float, float, float]
+
+    @property
+    def first_moment(self) -> np.ndarray:
+        """Mean of the basis classes' feature means (D,)."""
+        return self.calibration[2, 2:]
 
     @property
     def embedding_size(self) -> int:
@@ -472,12 +504,23 @@ class RidgeBasis:
         """The same basis, having served ``updates`` more updates (its arrays are shared)."""
         return replace(self, updates=self.updates + int(updates))
 
+    @property
+    def nbytes(self) -> int:
+        return sum(int(array.nbytes) for array in self.arrays().values())
+
     # ------------------------------------------------------------------ bundle round trip
     def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays as stored in a bundle (the very objects: unchanged ones are shared between versions)."""
         return {
             "ridge_discriminant_inverse": self.discriminant_inverse,
             "ridge_least_squares_inverse": self.least_squares_inverse,
             "ridge_calibration": self.calibration,
+            "ridge_second_moment": self.second_moment,
+            "ridge_old_solution": self.old_solution,
+            "ridge_old_projection": self.old_projection,
+            "ridge_classes": self.classes_used,
+            "ridge_alignment_classes": self.alignment_classes,
+            "ridge_alignment_features": self.alignment_features,
         }
 
     def metadata(self) -> dict[str, Any]:
@@ -489,6 +532,7 @@ class RidgeBasis:
             "small_sample_correction": self.settings[1],
             "regularization": self.settings[2],
             "effective": self.effective,
+            "alignment": list(self.alignment_scalars),
         }
 
     @classmethod
@@ -497,12 +541,31 @@ class RidgeBasis:
         try:
             discriminant = np.asarray(arrays["ridge_discriminant_inverse"])
             least_squares = np.asarray(arrays["ridge_least_squares_inverse"])
-            calibration = np.asarray(arrays["ridge_calibration"], dtype=np.float64)
-            size = discriminant.shape[0]
-            if (discriminant.shape != (size, size) or least_squares.shape != (size + 1, size + 1)
-                    or calibration.shape != (2, size + 2) or discriminant.dtype != np.float32
-                    or least_squares.dtype != np.float32):
-                raise ValueError(f"array shapes {discriminant.shape}, {least_squares.shape}, {calibration.shape}")
+            stored_calibration = np.asarray(arrays["ridge_calibration"])
+            second = np.asarray(arrays["ridge_second_moment"])
+            solution = np.asarray(arrays["ridge_old_solution"])
+            projection = np.asarray(arrays["ridge_old_projection"])
+            used = np.asarray(arrays["ridge_classes"], dtype=np.int64)
+            size, count = discriminant.shape[0], used.shape[0]
+            expected = {
+                "ridge_discriminant_inverse": (discriminant, (size, size)),
+                "ridge_least_squares_inverse": (least_squares, (size + 1, size + 1)),
+                "ridge_second_moment": (second, (size, size)),
+                "ridge_old_solution": (solution, (size + 1, count)),
+                "ridge_old_projection": (projection, (size, count)),
+            }
+            for name, (array, shape) in expected.items():
+                if array.shape != shape or array.dtype != np.float32:
+                    raise ValueError(f"{name} is {array.dtype} {array.shape}, expected float32 {shape}")
+            if stored_calibration.shape != (3, size + 2) or stored_calibration.dtype != np.float64 or used.ndim != 1:
+                raise ValueError(f"calibration {stored_calibration.shape}, classes {used.shape}")
+            alignment_classes = np.asarray(arrays["ridge_alignment_classes"])
+            alignment_features = np.asarray(arrays["ridge_alignment_features"])
+            if alignment_classes.shape != (4, count) or alignment_features.shape != (2, size):
+                raise ValueError(f"alignment terms {alignment_classes.shape}, {alignment_features.shape}")
+            scalars = tuple(float(value) for value in metadata["alignment"])
+            if len(scalars) != 4:
+                raise ValueError(f"{len(scalars)} alignment scalars, expected 4")
             return cls(
                 classes=int(metadata["classes"]),
                 updates=int(metadata["updates"]),
@@ -512,13 +575,24 @@ class RidgeBasis:
                 effective=float(metadata["effective"]),
                 discriminant_inverse=discriminant,
                 least_squares_inverse=least_squares,
-                calibration=calibration,
+                calibration=stored_calibration,
+                second_moment=second,
+                old_solution=solution,
+                old_projection=projection,
+                classes_used=used,
+                alignment_classes=alignment_classes,
+                alignment_features=alignment_features,
+                alignment_scalars=scalars,  # type: ignore[arg-type]
             )
         except (KeyError, TypeError, ValueError) as error:
             raise IncompatibleModelError(
                 f"the bundle's ridge solver state is malformed ({error}); re-export the bundle, or delete the "
                 "'ridge_basis' entry of its statistics so it is rebuilt"
             ) from error
+
+
+def _centred_columns(weights: np.ndarray) -> np.ndarray:
+    return weights - weights.mean(axis=1, keepdims=True)
 
 
 def build_ridge_basis(head: Head, stats: ClassStats, options: "AddClassOptions") -> RidgeBasis:
@@ -536,7 +610,7 @@ def build_ridge_basis(head: Head, stats: ClassStats, options: "AddClassOptions")
     means = model.means[usable]
     counts = model.counts[usable]
     size = means.shape[1]
-    discriminant_inverse = _stored(_inverse(_shrunk(model.covariance, options.shrinkage), "shared covariance"))
+    discriminant_inverse = _stored(_inverse(_shrunk(model.covariance, options.shrinkage), "shared covariance"), True)
     inverse64 = discriminant_inverse.astype(np.float64)
     effective = float(np.sum(inverse64 * model.covariance.T))
     discriminant_weights = inverse64 @ means.T
@@ -552,19 +626,29 @@ def build_ridge_basis(head: Head, stats: ClassStats, options: "AddClassOptions")
     moment[size, size] = float(usable.size)
     scale = float(np.trace(moment[:size, :size])) / size
     moment[np.arange(size), np.arange(size)] += options.regularization * (scale if scale > 0 else 1.0)
-    least_squares_inverse = _stored(_inverse(moment, "class second-moment matrix"))
+    least_squares_inverse = _stored(_inverse(moment, "class second-moment matrix"), True)
     augmented = np.concatenate([means, np.ones((usable.size, 1))], axis=1)
-    solution = least_squares_inverse.astype(np.float64) @ augmented.T
+    solution = _stored(least_squares_inverse.astype(np.float64) @ augmented.T).astype(np.float64)
+
+    moments = _class_moments(model, usable, mean_gram)
+    second = _stored(moments.second, True)
+    moments = _Moments(first=moments.first, second=second.astype(np.float64))
+    projection = _stored(moments.second @ _centred_columns(solution[:size]))
 
     head_weights = head.weights[:, usable].astype(np.float64)
     head_bias = head.bias[usable].astype(np.float64)
-    moments = _class_moments(model, usable, mean_gram)
-    calibration = np.empty((2, size + 2))
-    for row, (weights, bias) in enumerate(((solution[:size], solution[size]), (discriminant_weights, discriminant_bias))):
-        scale_fit, offset, offset_bias = _alignment(head_weights, head_bias, weights, bias, model, usable, moments)
+    calibration = np.zeros((3, size + 2))
+    calibration[2, 2:] = moments.first
+    fits = (
+        _alignment(head_weights, head_bias, solution[:size], solution[size], None, usable, moments,
+                   projected=projection.astype(np.float64)),
+        _alignment(head_weights, head_bias, discriminant_weights, discriminant_bias, None, usable, moments),
+    )
+    for row, (scale_fit, offset, offset_bias) in enumerate(fits):
         calibration[row, 0] = scale_fit
         calibration[row, 1] = offset_bias
         calibration[row, 2:] = offset
+    terms = _alignment_terms(solution, projection.astype(np.float64), head_weights, head_bias, moments.first)
     logger.debug("built a ridge basis over %d classes (%d-d)", usable.size, size)
     return RidgeBasis(
         classes=head.num_classes,
@@ -575,7 +659,68 @@ def build_ridge_basis(head: Head, stats: ClassStats, options: "AddClassOptions")
         discriminant_inverse=discriminant_inverse,
         least_squares_inverse=least_squares_inverse,
         calibration=calibration,
+        second_moment=second,
+        old_solution=_stored(solution),
+        old_projection=projection,
+        classes_used=usable.astype(np.int64),
+        alignment_classes=terms[0],
+        alignment_features=terms[1],
+        alignment_scalars=terms[2],
     )
+
+
+def _alignment_terms(
+    solution: np.ndarray, projection: np.ndarray, weights: np.ndarray, bias: np.ndarray, first: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, float]]:
+    """What :func:`_alignment` needs of the basis classes' least-squares columns ``solution`` ((D+1) x U,
+    with ``projection`` = second moment x their centred weights) and the head's columns, so that a
+    low-rank change of the solution refits the logit scale in O(D U r) (:func:`_low_rank_alignment`)."""
+    size = projection.shape[0]
+    reference_mean = solution[:size].mean(axis=1)
+    reference = solution[:size] - reference_mean[:, None]
+    weights_mean = weights.mean(axis=1)
+    centred = weights - weights_mean[:, None]
+    reference_bias_mean = float(solution[size].mean())
+    bias_mean = float(bias.mean())
+    classes = np.stack([solution[size] - reference_bias_mean, first @ reference, first @ centred, bias - bias_mean])
+    features = np.stack([reference_mean, weights_mean])
+    scalars = (float(np.sum(reference * projection)), float(np.sum(centred * projection)), reference_bias_mean, bias_mean)
+    return classes, features, scalars
+
+
+def _low_rank_alignment(
+    basis: RidgeBasis, weights: np.ndarray, moved: np.ndarray, change: np.ndarray,
+) -> tuple[float, np.ndarray, float]:
+    """:func:`_alignment` of the head's columns against the basis classes' least-squares columns after
+    they moved by ``-P change`` (P = ``moved``'s source, see below), without forming them.
+
+    ``moved``: (P_w, S P_w) with P = A^-1 V ((D+1) x r) split into its weight rows P_w and bias row,
+    S the second moment; ``change`` (r x U). ``weights``: the head's basis columns (D x U).
+    """
+    projection_rows, bias_row, second_projection = moved
+    reference_bias0, first_reference0, first_centred, centred_bias = basis.alignment_classes
+    reference_mean0, weights_mean = basis.alignment_features
+    reference_projection0, centred_projection0, reference_bias_mean0, bias_mean = basis.alignment_scalars
+    change_mean = change.mean(axis=1)
+    centred_change = change - change_mean[:, None]
+    # the r x U products: each reads one stored D x U array once
+    rows_projection = (projection_rows.T.astype(np.float32) @ basis.old_projection).astype(np.float64)
+    second_weights = (second_projection.T.astype(np.float32) @ weights).astype(np.float64)
+    second_weights -= (second_projection.T @ weights_mean)[:, None]  # (S P_w)^T times the centred head columns
+    reference_mean = reference_mean0 - projection_rows @ change_mean
+    reference_bias = reference_bias0 - bias_row @ centred_change
+    first_reference = first_reference0 - (basis.first_moment @ projection_rows) @ centred_change
+    cross = projection_rows.T @ second_projection  # P_w^T S P_w (r x r)
+    reference_projection = (reference_projection0 - 2.0 * float(np.sum(centred_change * rows_projection))
+                            + float(np.sum(centred_change * (cross @ centred_change))))
+    centred_projection = centred_projection0 - float(np.sum(centred_change * second_weights))
+    denominator = reference_projection + 2.0 * float(first_reference @ reference_bias) + float(reference_bias @ reference_bias)
+    numerator = (centred_projection + float(first_centred @ reference_bias) + float(first_reference @ centred_bias)
+                 + float(centred_bias @ reference_bias))
+    scale = numerator / denominator if denominator > 0 else 0.0
+    _check_scale(scale)
+    reference_bias_mean = reference_bias_mean0 - float(bias_row @ change_mean)
+    return scale, weights_mean - scale * reference_mean, bias_mean - scale * reference_bias_mean
 
 
 def current_basis(head: Head, stats: ClassStats, options: "AddClassOptions") -> RidgeBasis:
@@ -586,18 +731,17 @@ def current_basis(head: Head, stats: ClassStats, options: "AddClassOptions") -> 
     return build_ridge_basis(head, stats, options)
 
 
-def _calibrated_blend(
-    basis: RidgeBasis, least_squares: tuple[np.ndarray, np.ndarray], discriminant: tuple[np.ndarray, np.ndarray],
-    counts: np.ndarray, options: "AddClassOptions",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Both closed forms mapped onto the head's logit scale, blended by example count."""
-    fitted = []
-    for row, (weights, bias) in enumerate((least_squares, discriminant)):
-        scale, offset_bias, offset = basis.calibration[row, 0], basis.calibration[row, 1], basis.calibration[row, 2:]
-        fitted.append((scale * weights + offset[:, None], scale * bias + offset_bias))
+def _blend(fitted: list[tuple[np.ndarray, np.ndarray]], counts: np.ndarray,
+           options: "AddClassOptions") -> tuple[np.ndarray, np.ndarray]:
+    """Blend the calibrated least-squares (first) and discriminant (second) columns by example count."""
     counts = np.asarray(counts, dtype=np.float64)
     share = counts / (counts + options.few_shot_examples) if options.few_shot_examples > 0 else np.ones_like(counts)
     return share * fitted[0][0] + (1.0 - share) * fitted[1][0], share * fitted[0][1] + (1.0 - share) * fitted[1][1]
+
+
+def _mapped(basis: RidgeBasis, row: int, weights: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scale, offset_bias, offset = basis.calibration[row, 0], basis.calibration[row, 1], basis.calibration[row, 2:]
+    return scale * weights + offset[:, None], scale * bias + offset_bias
 
 
 def _discriminant_columns(basis: RidgeBasis, means: np.ndarray, counts: np.ndarray,
@@ -608,29 +752,55 @@ def _discriminant_columns(basis: RidgeBasis, means: np.ndarray, counts: np.ndarr
     return weights, bias
 
 
-def _least_squares_columns(basis: RidgeBasis, means: np.ndarray, factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares columns of classes with ``means`` (k, D), their second moments folded in.
+def _refitted_least_squares(
+    basis: RidgeBasis, head: Head, means: np.ndarray, factors: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated least-squares columns of new classes whose second moments are folded into ``A``.
 
     ``factors`` (r, D+1): rows whose outer products add up to the new classes' second
-    moments of ``[features, 1]`` (None: the classes are already in the basis).
+    moments of ``[features, 1]``. The old classes' columns move with ``A``; the logit
+    scale is refitted on them as a from-scratch solve would, in O(D^2 r + D U r).
     """
     size = means.shape[1]
     augmented = np.concatenate([means, np.ones((means.shape[0], 1))], axis=1).T  # (D+1, k)
     inverse = basis.least_squares_inverse
     right = (inverse @ augmented.astype(np.float32)).astype(np.float64)  # A^-1 b
-    if factors is not None and factors.shape[0]:
-        factors32 = np.ascontiguousarray(factors.T, dtype=np.float32)  # V (D+1, r)
-        projected = (inverse @ factors32).astype(np.float64)  # A^-1 V
-        if factors.shape[0] <= (size + 1) // 3:  # Woodbury: (A + V V^T)^-1 = A^-1 - A^-1 V (I + V^T A^-1 V)^-1 V^T A^-1
-            inner = np.eye(factors.shape[0]) + factors @ projected
-            right = right - projected @ np.linalg.solve(inner, projected.T @ augmented)
-        else:  # many examples: (A + V V^T)^-1 b = (I + A^-1 V V^T)^-1 A^-1 b
-            right = np.linalg.solve(np.eye(size + 1) + projected @ factors, right)
-    return right[:size], right[size]
+    factors32 = np.ascontiguousarray(factors.T, dtype=np.float32)  # V (D+1, r)
+    projected = (inverse @ factors32).astype(np.float64)  # P = A^-1 V
+    second = basis.second_moment
+    if factors.shape[0] <= (size + 1) // 3:  # Woodbury: (A + V V^T)^-1 = A^-1 - P (I + V^T P)^-1 P^T
+        inner = np.eye(factors.shape[0]) + factors @ projected
+        # with x0 = A^-1 b: (A + V V^T)^-1 b = x0 - P (I + V^T P)^-1 V^T x0, for the new and the old columns
+        # (x0 of the old columns: the stored A^-1 [m_c; 1])
+        old_products = (factors32.T @ basis.old_solution).astype(np.float64)
+        both = np.linalg.solve(inner, np.concatenate([factors @ right, old_products], axis=1))
+        right = right - projected @ both[:, : augmented.shape[1]]
+        change = both[:, augmented.shape[1]:]  # old columns move by -P change
+        usable = basis.classes_used
+        if usable.size >= 2:
+            moved = (second @ projected[:size].astype(np.float32)).astype(np.float64)  # S P_w
+            weights = head.weights[:, : usable.size] if usable[-1] == usable.size - 1 else head.weights[:, usable]
+            scale, offset, offset_bias = _low_rank_alignment(
+                basis, weights, (projected[:size], projected[size], moved), change)
+            return scale * right[:size] + offset[:, None], scale * right[size] + offset_bias
+        old = basis.old_solution.astype(np.float64) - projected @ change
+        projection = second.astype(np.float64) @ _centred_columns(old[:size])
+    else:  # many examples: (A + V V^T)^-1 b = (I + P V^T)^-1 A^-1 b, and a direct projection
+        system = np.eye(size + 1) + projected @ factors
+        solved = np.linalg.solve(system, np.concatenate([right, basis.old_solution.astype(np.float64)], axis=1))
+        right, old = solved[:, : augmented.shape[1]], solved[:, augmented.shape[1]:]
+        projection = second.astype(np.float64) @ _centred_columns(old[:size])
+    usable = basis.classes_used
+    moments = _Moments(first=basis.first_moment, second=np.empty((0, 0)))  # second enters through ``projection``
+    scale, offset, offset_bias = _alignment(
+        head.weights[:, usable].astype(np.float64), head.bias[usable].astype(np.float64), old[:size], old[size],
+        None, usable, moments, projected=projection,
+    )
+    return scale * right[:size] + offset[:, None], scale * right[size] + offset_bias
 
 
 def basis_new_columns(
-    basis: RidgeBasis, means: np.ndarray, deviations: list[np.ndarray], options: "AddClassOptions",
+    basis: RidgeBasis, head: Head, means: np.ndarray, deviations: list[np.ndarray], options: "AddClassOptions",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated ridge columns (D, k) and biases (k,) of new classes, from their feature-space examples.
 
@@ -645,23 +815,27 @@ def basis_new_columns(
         if deviation.shape[0] > 1:
             scaled = deviation / math.sqrt(count)
             rows.append(np.concatenate([scaled, np.zeros((scaled.shape[0], 1))], axis=1))
-    factors = np.concatenate(rows)
-    least_squares = _least_squares_columns(basis, means, factors)
-    discriminant = _discriminant_columns(basis, means, counts, options)
-    return _calibrated_blend(basis, least_squares, discriminant, counts, options)
+    least_squares = _refitted_least_squares(basis, head, means, np.concatenate(rows))
+    discriminant = _mapped(basis, 1, *_discriminant_columns(basis, means, counts, options))
+    return _blend([least_squares, discriminant], counts, options)
 
 
 def basis_class_column(
-    basis: RidgeBasis, mean: np.ndarray, count: int, in_basis: bool, options: "AddClassOptions",
+    basis: RidgeBasis, head: Head, mean: np.ndarray, count: int, in_basis: bool, options: "AddClassOptions",
 ) -> tuple[np.ndarray, float]:
     """The calibrated ridge column and bias of one existing class with feature mean ``mean``.
 
     ``in_basis``: the class is one of the basis classes (its second moment is already in
-    the least-squares matrix); otherwise its mean's moment is folded in.
+    the least-squares matrix, and the basis calibration applies); otherwise its mean's
+    moment is folded in like a new class's.
     """
     means = np.asarray(mean, dtype=np.float64)[None, :]
-    factors = None if in_basis else np.append(means[0], 1.0)[None, :]
-    least_squares = _least_squares_columns(basis, means, factors)
-    discriminant = _discriminant_columns(basis, means, np.array([float(count)]), options)
-    weights, bias = _calibrated_blend(basis, least_squares, discriminant, np.array([float(count)]), options)
+    counts = np.array([float(count)])
+    if in_basis:
+        right = (basis.least_squares_inverse @ np.append(means[0], 1.0).astype(np.float32)).astype(np.float64)
+        least_squares = _mapped(basis, 0, right[:-1, None], right[-1:])
+    else:
+        least_squares = _refitted_least_squares(basis, head, means, np.append(means[0], 1.0)[None, :])
+    discriminant = _mapped(basis, 1, *_discriminant_columns(basis, means, counts, options))
+    weights, bias = _blend([least_squares, discriminant], counts, options)
     return weights[:, 0], float(bias[0])

@@ -105,12 +105,12 @@ def test_woodbury_and_direct_solves_agree():
     basis = build_ridge_basis(head, stats, AddClassOptions())
     examples = embeddings[labels == 5][:3]  # rank 4 <= 13 // 3: Woodbury
     means, deviations = new_class_examples(head, [examples])
-    woodbury = basis_new_columns(basis, means, deviations, AddClassOptions())
+    woodbury = basis_new_columns(basis, head, means, deviations, AddClassOptions())
     # the same second moment spelled with many zero-padded rows forces the direct solve
     padded = [np.concatenate([deviations[0], np.zeros((10, 12))])]
     scale = np.sqrt(padded[0].shape[0] / deviations[0].shape[0])
-    direct = basis_new_columns(basis, means, [padded[0] * scale], AddClassOptions(few_shot_examples=0.0))
-    reference = basis_new_columns(basis, means, deviations, AddClassOptions(few_shot_examples=0.0))
+    direct = basis_new_columns(basis, head, means, [padded[0] * scale], AddClassOptions(few_shot_examples=0.0))
+    reference = basis_new_columns(basis, head, means, deviations, AddClassOptions(few_shot_examples=0.0))
     np.testing.assert_allclose(direct[0], reference[0], rtol=1e-4, atol=1e-5)
     assert np.all(np.isfinite(woodbury[0]))
 
@@ -154,3 +154,31 @@ def test_tampered_basis_file_is_refused(bundle_copy):
     path.write_bytes(bytes(data))
     with pytest.raises(BundleError):
         Bundle.open(bundle_copy).load_class_stats()
+
+
+def test_cached_update_equals_an_explicit_joint_solve():
+    """The Woodbury update of the cached state gives what solving the grown system from scratch gives:
+    the new class's least-squares column AND the refit of the logit scale on the old columns."""
+    from edgeadapt.device import ridge
+
+    embeddings, labels, _ = gaussian_classes(6, 40, seed=5, size=12)
+    old = labels < 5
+    head = trained_head(embeddings[old], labels[old], 5)
+    stats = ClassStats.from_embeddings(embeddings[old], labels[old], 5)
+    basis = build_ridge_basis(head, stats, AddClassOptions())
+    means, deviations = new_class_examples(head, [embeddings[labels == 5][:3]])
+    factors = np.concatenate([np.append(means[0], 1.0)[None, :],
+                              np.concatenate([deviations[0] / np.sqrt(3), np.zeros((3, 1))], axis=1)])
+    cached_weights, cached_bias = ridge._refitted_least_squares(basis, head, means, factors)
+
+    grown = np.linalg.inv(basis.least_squares_inverse.astype(np.float64)) + factors.T @ factors
+    model = ridge._feature_model(head, stats)
+    used = basis.classes_used
+    old_targets = np.concatenate([model.means[used], np.ones((used.size, 1))], axis=1).T
+    solution = np.linalg.solve(grown, np.concatenate([np.append(means[0], 1.0)[:, None], old_targets], axis=1))
+    moments = ridge._Moments(first=basis.first_moment, second=basis.second_moment.astype(np.float64))
+    scale, offset, offset_bias = ridge._alignment(
+        head.weights[:, used].astype(np.float64), head.bias[used].astype(np.float64),
+        solution[:12, 1:], solution[12, 1:], None, used, moments)
+    np.testing.assert_allclose(cached_weights, scale * solution[:12, :1] + offset[:, None], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cached_bias, scale * solution[12, :1] + offset_bias, rtol=1e-4, atol=1e-5)
