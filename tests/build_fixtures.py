@@ -40,12 +40,19 @@ def build_fixtures(output: Path, seed: int = 0) -> Path:
         stem_filters=16,
         blocks=(("conv", 16, 1), ("conv", 16, 2), ("conv", 32, 1), ("conv", 32, 2), ("separable", 64, 1)),
     )
-    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
 
     # deterministic kernels: every CI run gets the same fixture, so accuracy floors in tests
-    # cannot fail on an unlucky training run (TF's CPU training is otherwise not reproducible)
-    tf.config.experimental.enable_op_determinism()
-    model = train_classifier(dataset, ClassifierTrainingOptions(epochs=30, patience=10, seed=seed, verbose=0, backbone=backbone_options))
+    # cannot fail on an unlucky training run (TF's CPU training is otherwise not reproducible).
+    # Switched off again afterwards: pytest builds the fixture inside the test process.
+    was_deterministic = tf_config.is_op_determinism_enabled()
+    tf_config.enable_op_determinism()
+    try:
+        model = train_classifier(dataset, ClassifierTrainingOptions(epochs=30, patience=10, seed=seed, verbose=0,
+                                                                    backbone=backbone_options))
+    finally:
+        if not was_deterministic:
+            tf_config.disable_op_determinism()
     split = split_classifier(model)
     train_embeddings = compute_embeddings(split.backbone, dataset.train.images, dataset.spec, progress=False)
     stats = ClassStats.from_embeddings(train_embeddings, dataset.train.labels, len(dataset.class_names))
