@@ -19,6 +19,11 @@ validation than its first stage), Keras progress output, and a seed. A ``tf.dist
 strategy (MirroredStrategy, MultiWorkerMirroredStrategy) can be passed: the same code
 then trains on several devices or machines.
 
+The data are an in-memory :class:`edgeadapt.data.Dataset` or, for folders bigger than
+memory, a :class:`edgeadapt.streaming.StreamingImageFolder`: images are then read from disk
+batch by batch in every stage (embeddings, backbone training, class statistics), and under
+MultiWorkerMirroredStrategy each worker reads only its own shard of the files.
+
 After the backbone has changed, the class statistics are recomputed with the new
 backbone and the result carries a new backbone fingerprint: heads, class statistics and
 device-added classes bound to the old backbone are no longer compatible with it.
@@ -42,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import keras
 
     from edgeadapt.data import Dataset
+    from edgeadapt.streaming import FileSet, StreamingImageFolder
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +165,8 @@ class FineTuneResult:
     ``model`` is a plain Keras classifier (image -> softmax scores); ``backbone`` (image ->
     embedding) and ``head`` are its two halves, ready for :meth:`export_bundle`.
     ``class_stats`` were computed with the final backbone on the training images.
+    ``worker_shard`` is (number of workers, this worker's index) when a streamed folder was
+    read in shards under MultiWorkerMirroredStrategy, (1, 0) otherwise.
     """
 
     model: "keras.Model"
@@ -173,6 +181,7 @@ class FineTuneResult:
     trainable_layers: list[str] = field(default_factory=list)
     history: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    worker_shard: tuple[int, int] = (1, 0)
 
     @property
     def backbone_changed(self) -> bool:
@@ -195,6 +204,20 @@ class FineTuneResult:
         predictions = self.head.logits(self.embeddings(images)).argmax(axis=1)
         return float(np.mean(predictions == np.asarray(labels)))
 
+    def evaluate_stream(self, stream: "StreamingImageFolder", split: "str | FileSet" = "test",
+                        batch_size: int = 128) -> float:
+        """Top-1 accuracy on the files of ``split`` of a streamed folder, read batch by batch."""
+        from edgeadapt.streaming import stream_embeddings
+
+        if stream.spec.shape != self.input_spec.shape:
+            raise IncompatibleModelError(f"the folder is streamed at {stream.spec.shape} but the model takes "
+                                         f"{self.input_spec.shape} images: stream it with the model's input spec")
+        files = stream.files(split)
+        if not len(files):
+            return float("nan")
+        predictions = self.head.logits(stream_embeddings(self.backbone, stream, files, batch_size)).argmax(axis=1)
+        return float(np.mean(predictions == files.labels))
+
     def save_model(self, path: str | Path) -> Path:
         """Save the classifier as a ``.keras`` file (no optimizer state)."""
         path = Path(path)
@@ -204,29 +227,65 @@ class FineTuneResult:
         self.model.save(path)
         return path
 
-    def export_bundle(self, output: str | Path, dataset: "Dataset", options=None):
+    def export_bundle(self, output: str | Path, dataset: "Dataset | StreamingImageFolder", options=None,
+                      max_evaluation_images: int = 2000):
         """Write a bundle (int8 TFLite/ONNX backbone, this head, class statistics, new fingerprint).
 
         ``dataset`` gives calibration images (train split) and parity images (test split).
+        From a streamed folder only those images are loaded: the calibration images the
+        in-memory path would pick, and the test split, or a stratified sample of
+        ``max_evaluation_images`` of it when it is larger.
         Returns :class:`edgeadapt.converters.bundle_export.BundleExport`.
         """
         from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
 
-        has_test = len(dataset.test) > 0
+        options = options or BundleExportOptions()
+        if _is_stream(dataset):
+            train, test = _export_samples(dataset, options.calibration_samples, max_evaluation_images)
+        else:
+            train, test = dataset.train, dataset.test
+        has_test = len(test) > 0
         return export_bundle(
             output,
             backbone=self.backbone,
             head=self.head,
             input_spec=self.input_spec,
             class_names=self.class_names,
-            calibration_images=dataset.train.images,
-            calibration_labels=dataset.train.labels,
-            evaluation_images=dataset.test.images if has_test else None,
-            evaluation_labels=dataset.test.labels if has_test else None,
+            calibration_images=train.images,
+            calibration_labels=train.labels,
+            evaluation_images=test.images if has_test else None,
+            evaluation_labels=test.labels if has_test else None,
             class_stats=self.class_stats,
             backbone_fingerprint=self.backbone_fingerprint,
-            options=options or BundleExportOptions(),
+            options=options,
         )
+
+
+def _is_stream(dataset: Any) -> bool:
+    from edgeadapt.streaming import StreamingImageFolder
+
+    return isinstance(dataset, StreamingImageFolder)
+
+
+def _export_samples(stream: "StreamingImageFolder", calibration_count: int, max_evaluation_images: int):
+    """(calibration ImageSet, evaluation ImageSet) loaded from a streamed folder: only the images export uses."""
+    from edgeadapt.converters.calibration import select_calibration_images
+
+    if max_evaluation_images < 1:
+        raise InputError(f"max_evaluation_images must be at least 1, got {max_evaluation_images}")
+    if not len(stream.train):
+        raise InputError("the streamed folder has no training images to calibrate the int8 model with")
+    # select_calibration_images only indexes its first argument: on positions it returns the positions it
+    # would pick from the in-memory images, so both paths calibrate on the same images.
+    chosen = select_calibration_images(np.arange(len(stream.train)), stream.train.labels, count=calibration_count,
+                                       seed=0)
+    calibration = stream.load("train", np.sort(chosen))
+    test_indices = np.arange(len(stream.test))
+    if len(stream.test) > max_evaluation_images:
+        logger.info("parity on a stratified sample of %d of %d test images", max_evaluation_images, len(stream.test))
+        test_indices = np.sort(select_calibration_images(test_indices, stream.test.labels, count=max_evaluation_images,
+                                                         seed=0))
+    return calibration, stream.load("test", test_indices)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -425,8 +484,14 @@ def _history(history) -> dict[str, list[float]]:
 
 
 def _train_head(train_embeddings, train_labels, validation_embeddings, validation_labels, num_classes: int,
-                options: FineTuneOptions, distribution_strategy) -> tuple[Head, dict]:
-    """Stage 1: a linear softmax head on cached embeddings (Keras, early stopping, best weights)."""
+                options: FineTuneOptions, distribution_strategy,
+                sharded_totals: tuple[int, int] | None = None) -> tuple[Head, dict]:
+    """Stage 1: a linear softmax head on cached embeddings (Keras, early stopping, best weights).
+
+    ``sharded_totals`` (train, validation sizes over all workers) means the embeddings are
+    this worker's shard only (a streamed folder under MultiWorkerMirroredStrategy): each
+    worker then feeds its own embeddings (:class:`edgeadapt.streaming.PerWorkerInput`).
+    """
     import keras
     import tensorflow as tf
 
@@ -438,6 +503,14 @@ def _train_head(train_embeddings, train_labels, validation_embeddings, validatio
         ], name="head")
         model.compile(optimizer=keras.optimizers.Adam(options.head_learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    if sharded_totals is not None:
+        train, validation = _sharded_embedding_inputs(train_embeddings, train_labels, validation_embeddings,
+                                                      validation_labels, sharded_totals, options,
+                                                      distribution_strategy)
+        history = _fit(model, train, validation, epochs=options.head_epochs, patience=options.head_patience,
+                       verbose=options.verbose, distribution_strategy=distribution_strategy)
+        kernel, bias = model.layers[-1].get_weights()
+        return Head(weights=kernel, bias=bias), history
     train = (tf.data.Dataset.from_tensor_slices((train_embeddings, train_labels.astype(np.int64)))
              .shuffle(len(train_labels), seed=options.seed, reshuffle_each_iteration=True)
              .batch(options.batch_size).prefetch(tf.data.AUTOTUNE))
@@ -451,6 +524,44 @@ def _train_head(train_embeddings, train_labels, validation_embeddings, validatio
                    verbose=options.verbose, distribution_strategy=distribution_strategy)
     kernel, bias = model.layers[-1].get_weights()
     return Head(weights=kernel, bias=bias), history
+
+
+def _sharded_embedding_inputs(train_embeddings, train_labels, validation_embeddings, validation_labels,
+                              totals: tuple[int, int], options: FineTuneOptions, distribution_strategy):
+    """Per-worker inputs over this worker's own embeddings (already one shard of the files)."""
+    import tensorflow as tf
+
+    from edgeadapt.streaming import PerWorkerInput, worker_shard
+
+    shard = worker_shard(distribution_strategy)
+
+    def check(num_workers: int, index: int) -> None:
+        if (num_workers, index) != shard:
+            raise InputError(f"TensorFlow gave this worker input pipeline {index} of {num_workers}, but its data "
+                             f"are shard {shard[1]} of {shard[0]}: check TF_CONFIG (cluster and task index)")
+
+    def train_batches(num_workers: int, index: int, batch_size: int):
+        check(num_workers, index)
+        return (tf.data.Dataset.from_tensor_slices((train_embeddings, train_labels.astype(np.int64)))
+                .shuffle(max(len(train_labels), 1), seed=options.seed, reshuffle_each_iteration=True)
+                .repeat().batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+
+    def validation_batches(num_workers: int, index: int, batch_size: int):
+        check(num_workers, index)
+        return tf.data.Dataset.from_tensor_slices((validation_embeddings, validation_labels.astype(np.int64))
+                                                  ).batch(batch_size)
+
+    replicas = distribution_strategy.num_replicas_in_sync
+    train = PerWorkerInput(train_batches, totals[0], options.batch_size, training=True)
+    validation = None
+    if totals[1]:
+        validation = PerWorkerInput(validation_batches, totals[1], _multiple_of(256, replicas), training=False)
+    return train, validation
+
+
+def _multiple_of(value: int, divisor: int) -> int:
+    """The smallest multiple of ``divisor`` that is at least ``value``."""
+    return -(-value // divisor) * divisor
 
 
 def _fit(model, train, validation, *, epochs: int, patience: int, verbose: int, distribution_strategy,
@@ -485,9 +596,14 @@ def _fit_multi_worker(model, train, validation, *, epochs: int, patience: int, v
     Every worker runs this with the same model, data and settings; per-example losses are
     summed across all replicas, gradients are all-reduced by the optimizer, and early
     stopping decides on the global validation loss, so all workers stop at the same epoch.
+    ``train`` and ``validation`` are tf.data pipelines sharded by TensorFlow, or
+    :class:`edgeadapt.streaming.PerWorkerInput` functions with which each worker reads
+    only its own data.
     """
     import keras
     import tensorflow as tf
+
+    from edgeadapt.streaming import PerWorkerInput, worker_shard
 
     optimizer = model.optimizer
     replicas = strategy.num_replicas_in_sync
@@ -530,30 +646,43 @@ def _fit_multi_worker(model, train, validation, *, epochs: int, patience: int, v
     def evaluate_step(batch):
         return summed(strategy.run(evaluate_replica, args=batch))
 
-    def run_epoch(dataset, step, progress=None):
+    def distribute(inputs):
+        """A function giving each epoch's distributed batches. An input function is distributed once: its
+        pipeline is built once per worker and every epoch's new iterator reshuffles it."""
+        if isinstance(inputs, PerWorkerInput):
+            distributed = strategy.distribute_datasets_from_function(inputs)
+            return lambda: distributed
+        return lambda: strategy.experimental_distribute_dataset(inputs)
+
+    def run_epoch(distributed, step, progress=None):
         totals = np.zeros(3)
-        for number, batch in enumerate(strategy.experimental_distribute_dataset(dataset), start=1):
+        for number, batch in enumerate(distributed, start=1):
             totals += np.array([float(value) for value in step(batch)])
             if progress is not None:
                 progress.update(number, [("loss", totals[0] / totals[2]), ("accuracy", totals[1] / totals[2])])
         return totals[0] / max(totals[2], 1.0), totals[1] / max(totals[2], 1.0)
 
+    distributed_train = distribute(train)
+    distributed_validation = distribute(validation) if validation is not None else None
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
     best_loss, best_weights, waited = np.inf, None, 0
     if validation is not None and start_is_candidate:
-        best_loss, _ = run_epoch(validation, evaluate_step)
+        best_loss, _ = run_epoch(distributed_validation(), evaluate_step)
         best_weights = model.get_weights()
-    steps = int(train.cardinality())
+    if isinstance(train, PerWorkerInput):
+        steps = train.steps(worker_shard(strategy)[0])
+    else:
+        steps = int(train.cardinality())
     for epoch in range(epochs):
         if verbose:
             print(f"Epoch {epoch + 1}/{epochs}")
         progress = keras.utils.Progbar(steps if steps > 0 else None, verbose=verbose, stateful_metrics=["loss", "accuracy"]) if verbose else None
-        loss, accuracy = run_epoch(train, train_step, progress)
+        loss, accuracy = run_epoch(distributed_train(), train_step, progress)
         history["loss"].append(loss)
         history["accuracy"].append(accuracy)
         if validation is None:
             continue
-        validation_loss, validation_accuracy = run_epoch(validation, evaluate_step)
+        validation_loss, validation_accuracy = run_epoch(distributed_validation(), evaluate_step)
         history["val_loss"].append(validation_loss)
         history["val_accuracy"].append(validation_accuracy)
         if verbose:
@@ -584,22 +713,24 @@ def _classifier(backbone: "keras.Model", head: Head) -> "keras.Model":
 # ----------------------------------------------------------------------------- the trainer
 def fine_tune(
     model: Any,
-    dataset: "Dataset",
+    dataset: "Dataset | StreamingImageFolder",
     options: FineTuneOptions = FineTuneOptions(),
     distribution_strategy: Any = None,
 ) -> FineTuneResult:
     """Adapt a pretrained ``model`` (Keras classifier, backbone, or ``.keras`` file) to ``dataset``.
 
     ``dataset`` is an :class:`edgeadapt.data.Dataset` prepared at the model's input size
-    (see :func:`edgeadapt.input_adaptation.adapt_input` to change it). The head is new
-    (one row per class of ``dataset``). ``distribution_strategy`` is an optional
-    ``tf.distribute.Strategy``; with MultiWorkerMirroredStrategy every worker runs this same
-    call. ``model`` is never modified.
+    (see :func:`edgeadapt.input_adaptation.adapt_input` to change it), or a
+    :class:`edgeadapt.streaming.StreamingImageFolder` (:func:`edgeadapt.streaming.stream_image_folder`)
+    whose images are read from disk batch by batch and never held in memory all at once.
+    The head is new (one row per class of ``dataset``). ``distribution_strategy`` is an
+    optional ``tf.distribute.Strategy``; with MultiWorkerMirroredStrategy every worker runs
+    this same call (and, on a streamed folder, reads only its own shard of the files).
+    ``model`` is never modified.
     """
     import keras
 
     from edgeadapt.converters.fingerprint import backbone_fingerprint
-    from edgeadapt.embeddings import EmbeddingCache, compute_embeddings
     from edgeadapt.model_split import load_keras_model
 
     if isinstance(options, str):
@@ -633,39 +764,43 @@ def fine_tune(
     if options.augment and options.strategy == "head_only":
         logger.warning("augment=True has no effect with head_only: the head trains on cached embeddings of the "
                        "original images (use top_layers:N or full to train on augmented images)")
+    if _is_stream(dataset):
+        data: _MemoryData | _StreamData = _StreamData(dataset, train_set, validation_set, options,
+                                                      distribution_strategy)
+    else:
+        data = _MemoryData(train_set, validation_set, spec)
     previous_fingerprint = backbone_fingerprint(backbone)
     seconds: dict[str, float] = {}
     history: dict[str, dict] = {}
-    logger.info("fine-tuning %s with strategy %s: %d classes, %d train / %d validation images", source.name,
-                options.label, num_classes, len(train_set), len(validation_set))
+    logger.info("fine-tuning %s with strategy %s: %d classes, %d train / %d validation images%s", source.name,
+                options.label, num_classes, len(train_set), len(validation_set), data.description)
 
     # Stage 1: the head on embeddings of the frozen backbone (computed once, cached if asked).
     start = time.perf_counter()
     progress = options.verbose == 1
-    if options.embedding_cache is not None:
-        cache = EmbeddingCache(options.embedding_cache)
-        embed = lambda images: cache.embeddings(backbone, previous_fingerprint, images, spec, progress=progress)  # noqa: E731
-    else:
-        embed = lambda images: compute_embeddings(backbone, images, spec, progress=progress)  # noqa: E731
-    train_embeddings = embed(train_set.images)
-    validation_embeddings = embed(validation_set.images)
+    cache = options.embedding_cache
+    train_embeddings = data.embeddings(backbone, "train", previous_fingerprint, cache, progress)
+    validation_embeddings = data.embeddings(backbone, "validation", previous_fingerprint, cache, progress)
     seconds["embeddings"] = time.perf_counter() - start
     start = time.perf_counter()
-    head, history["head"] = _train_head(train_embeddings, train_set.labels, validation_embeddings,
-                                        validation_set.labels, num_classes, options, distribution_strategy)
+    head, history["head"] = _train_head(train_embeddings, data.labels("train"), validation_embeddings,
+                                        data.labels("validation"), num_classes, options, distribution_strategy,
+                                        sharded_totals=data.sharded_totals)
     seconds["head"] = time.perf_counter() - start
     trainable_layers: list[str] = []
 
     if options.strategy != "head_only" and options.epochs > 0:
         start = time.perf_counter()
         backbone, head, trainable_layers, history["backbone"] = _train_backbone(
-            backbone, head, train_set, validation_set, spec, options, distribution_strategy)
+            backbone, head, data, spec, options, distribution_strategy)
         seconds["backbone"] = time.perf_counter() - start
         start = time.perf_counter()
-        train_embeddings = compute_embeddings(backbone, train_set.images, spec, progress=progress)
+        train_embeddings = data.embeddings(backbone, "train", None, None, progress)
         seconds["statistics"] = time.perf_counter() - start
 
-    class_stats = ClassStats.from_embeddings(train_embeddings, train_set.labels, num_classes)
+    class_stats = ClassStats.from_embeddings(train_embeddings, data.labels("train"), num_classes)
+    if data.sharded_totals is not None:
+        class_stats = _all_reduce_stats(class_stats, distribution_strategy)
     fingerprint = backbone_fingerprint(backbone)
     if fingerprint != previous_fingerprint:
         logger.warning(
@@ -686,15 +821,168 @@ def fine_tune(
         trainable_layers=trainable_layers,
         history=history,
         seconds=seconds,
+        worker_shard=data.shard,
     )
 
 
-def _train_backbone(backbone, head: Head, train_set, validation_set, spec: InputSpec, options: FineTuneOptions,
-                    distribution_strategy):
+# ----------------------------------------------------------------------------- data sources
+class _MemoryData:
+    """Training data held in memory: two :class:`edgeadapt.data.ImageSet` s."""
+
+    description = ""
+    sharded_totals = None
+    shard = (1, 0)
+
+    def __init__(self, train_set, validation_set, spec: InputSpec):
+        self.sets = {"train": train_set, "validation": validation_set}
+        self.spec = spec
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.sets[split].labels
+
+    def embeddings(self, backbone, split: str, fingerprint: str | None, cache, progress: bool) -> np.ndarray:
+        """Embeddings of a split's images; cached on disk when ``cache`` (a folder) and ``fingerprint`` are given."""
+        from edgeadapt.embeddings import EmbeddingCache, compute_embeddings
+
+        images = self.sets[split].images
+        if cache is not None and fingerprint is not None:
+            return EmbeddingCache(cache).embeddings(backbone, fingerprint, images, self.spec, progress=progress)
+        return compute_embeddings(backbone, images, self.spec, progress=progress)
+
+    def backbone_inputs(self, options: FineTuneOptions, augment, distribution_strategy):
+        """(train, validation) tf.data pipelines of the backbone stage; sharded per element by TensorFlow."""
+        from edgeadapt.training import make_tf_dataset
+
+        train_set, validation_set = self.sets["train"], self.sets["validation"]
+        train = make_tf_dataset(train_set.images, train_set.labels, self.spec, options.batch_size, True,
+                                options.seed, augment)
+        train = _distribute_options(train, distribution_strategy)
+        validation = None
+        if len(validation_set):
+            validation = make_tf_dataset(validation_set.images, validation_set.labels, self.spec,
+                                         max(options.batch_size, 64), False, options.seed)
+            validation = _distribute_options(validation, distribution_strategy)
+        return train, validation
+
+    def reading(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+class _StreamData:
+    """Training data streamed from files; under MultiWorkerMirroredStrategy each worker has its own shard."""
+
+    def __init__(self, stream: "StreamingImageFolder", train_files: "FileSet", validation_files: "FileSet",
+                 options: FineTuneOptions, distribution_strategy):
+        from edgeadapt.streaming import worker_shard
+
+        self.stream = stream
+        self.files = {"train": train_files, "validation": validation_files}
+        self.shard = worker_shard(distribution_strategy) if _is_multi_worker(distribution_strategy) else (1, 0)
+        num_workers, index = self.shard
+        self.sharded_totals = (len(train_files), len(validation_files)) if num_workers > 1 else None
+        self.local = {name: files.shard(num_workers, index) for name, files in self.files.items()}
+        self.description = f" (streamed from {stream.root}, {stream.options.decoder} decoder)"
+        if num_workers > 1:
+            replicas = distribution_strategy.num_replicas_in_sync
+            if options.batch_size % replicas:
+                raise InputError(f"batch_size {options.batch_size} must be a multiple of the {replicas} replicas to "
+                                 "stream shards to every worker in full batches; use e.g. "
+                                 f"{_multiple_of(options.batch_size, replicas)}")
+            if len(train_files) < num_workers:
+                raise InputError(f"{len(train_files)} training images cannot be shared by {num_workers} workers: "
+                                 "every worker needs at least one")
+            self.description += f", this worker reads shard {index} of {num_workers}: {len(self.local['train'])} " \
+                                f"train / {len(self.local['validation'])} validation files"
+
+    def labels(self, split: str) -> np.ndarray:
+        """Labels of this worker's files of ``split`` (all files on one machine)."""
+        return self.local[split].labels
+
+    def embeddings(self, backbone, split: str, fingerprint: str | None, cache, progress: bool) -> np.ndarray:
+        """Embeddings of this worker's files of ``split``, streamed in file order (cached when asked)."""
+        from edgeadapt.streaming import stream_embeddings
+
+        files = self.local[split]
+        compute = lambda: stream_embeddings(backbone, self.stream, files, progress=progress)  # noqa: E731
+        if cache is None or fingerprint is None or not files.digests:
+            return compute()
+        return _cached_embeddings(Path(cache), _stream_cache_key(fingerprint, files, self.stream), compute)
+
+    def backbone_inputs(self, options: FineTuneOptions, augment, distribution_strategy):
+        """(train, validation) of the backbone stage: tf.data pipelines, or per-worker inputs reading own shards."""
+        stream, train_files, validation_files = self.stream, self.files["train"], self.files["validation"]
+        validation_batch = max(options.batch_size, 64)
+        if self.sharded_totals is None:
+            train = stream.dataset(train_files, options.batch_size, shuffle=True, seed=options.seed, augment=augment)
+            validation = stream.dataset(validation_files, validation_batch) if len(validation_files) else None
+            return train, validation
+        train = stream.per_worker_input(train_files, options.batch_size, training=True, seed=options.seed,
+                                        augment=augment)
+        validation = None
+        if len(validation_files):
+            replicas = distribution_strategy.num_replicas_in_sync
+            validation = stream.per_worker_input(validation_files, _multiple_of(validation_batch, replicas),
+                                                 training=False)
+        return train, validation
+
+    def reading(self):
+        return self.stream.reading(self.local["train"], self.local["validation"])
+
+
+def _stream_cache_key(fingerprint: str, files: "FileSet", stream: "StreamingImageFolder") -> str:
+    """Cache key of streamed embeddings: backbone, input spec, decoder and the files' content digests, in order."""
+    import hashlib
+
+    digest = hashlib.sha256(fingerprint.encode())
+    digest.update(repr((sorted(stream.spec.to_dict().items()), stream.options.decoder, len(files))).encode())
+    for file_digest in files.digests:
+        digest.update(file_digest.encode())
+    return "stream-" + digest.hexdigest()[:32]
+
+
+def _cached_embeddings(directory: Path, key: str, compute) -> np.ndarray:
+    """``directory/key.npy`` if present, else ``compute()`` written there (temp file + rename)."""
+    path = directory / f"{key}.npy"
+    if path.is_file():
+        logger.info("embedding cache hit: %s", path.name)
+        return np.load(path, allow_pickle=False)
+    result = compute()
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.npy")
+    np.save(temporary, result, allow_pickle=False)
+    temporary.replace(path)
+    return result
+
+
+def _all_reduce_stats(stats: ClassStats, distribution_strategy) -> ClassStats:
+    """Sum every worker's class statistics (each computed on its own shard): the statistics of all files."""
+    import tensorflow as tf
+
+    from edgeadapt.streaming import worker_shard
+
+    num_workers, _ = worker_shard(distribution_strategy)
+    local_replicas = max(1, distribution_strategy.num_replicas_in_sync // num_workers)
+    parts = [stats.sums, stats.counts.astype(np.float64)] + ([stats.gram] if stats.gram is not None else [])
+    totals = []
+    for part in parts:
+        local, zeros = tf.constant(part, tf.float64), tf.zeros(part.shape, tf.float64)
+        # one contribution per worker: its first local replica carries the worker's sums
+        values = distribution_strategy.experimental_distribute_values_from_function(
+            lambda context, local=local, zeros=zeros: local if context.replica_id_in_sync_group % local_replicas == 0
+            else zeros)
+        totals.append(np.asarray(distribution_strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None)))
+    return ClassStats(sums=totals[0], counts=np.rint(totals[1]).astype(np.int64),
+                      gram=totals[2] if len(totals) > 2 else None)
+
+
+def _train_backbone(backbone, head: Head, data: "_MemoryData | _StreamData", spec: InputSpec,
+                    options: FineTuneOptions, distribution_strategy):
     """Stage 2: unfreeze the top blocks (or all), train them with the head; returns a plain copy."""
     import keras
 
-    from edgeadapt.training import augmentation_layers, make_tf_dataset
+    from edgeadapt.training import augmentation_layers
 
     if options.strategy == "top_layers":
         blocks = backbone_blocks(backbone)
@@ -722,16 +1010,11 @@ def _train_backbone(backbone, head: Head, train_set, validation_set, spec: Input
                 "BatchNorm in %s mode", len(trainable), ", ".join(trainable[:6]) + (" ..." if len(trainable) > 6 else ""),
                 options.head_learning_rate, backbone_rate, "inference" if options.batch_norm_inference else "training")
     augment = augmentation_layers(options.seed) if options.augment else None
-    train = make_tf_dataset(train_set.images, train_set.labels, spec, options.batch_size, True, options.seed, augment)
-    train = _distribute_options(train, distribution_strategy)
-    validation = None
-    if len(validation_set):
-        validation = make_tf_dataset(validation_set.images, validation_set.labels, spec,
-                                     max(options.batch_size, 64), False, options.seed)
-        validation = _distribute_options(validation, distribution_strategy)
-    history = _fit(training_model, train, validation, epochs=options.epochs, patience=options.patience,
-                   verbose=options.verbose, distribution_strategy=distribution_strategy,
-                   start_is_candidate=True, max_seconds=options.max_seconds)
+    train, validation = data.backbone_inputs(options, augment, distribution_strategy)
+    with data.reading():
+        history = _fit(training_model, train, validation, epochs=options.epochs, patience=options.patience,
+                       verbose=options.verbose, distribution_strategy=distribution_strategy,
+                       start_is_candidate=True, max_seconds=options.max_seconds)
     kernel, bias = dense.get_weights()
     plain = _copy_model(network)  # outside the strategy scope: ordinary variables, exportable
     plain.trainable = True
