@@ -55,7 +55,10 @@ def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
         )
         basis = statistics.get("ridge_basis")
         if isinstance(basis, dict):
-            lines.append(f"           + {_kib(basis.get('bytes', 0))} ridge solver state over {basis.get('classes')} classes "
+            files = bundle.manifest.files
+            size = basis.get("bytes") or sum(int(files.get(path, {}).get("size", 0))
+                                             for path in (basis.get("files") or {}).values())
+            lines.append(f"           + {_kib(size)} ridge solver state over {basis.get('classes')} classes "
                          f"(served {basis.get('updates')} update(s) since it was built)")
     else:
         lines.append("statistics none (updates that need class statistics will ask for examples of the old classes)")
