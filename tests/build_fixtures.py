@@ -12,9 +12,29 @@ from __future__ import annotations
 import json
 import os
 import sys
+import contextlib
 from pathlib import Path
 
 FIXTURE_VERSION = 1
+
+
+@contextlib.contextmanager
+def deterministic_tensorflow():
+    """TensorFlow with deterministic kernels inside the block, as it was afterwards.
+
+    Tests that train a model and assert accuracy floors use it, so the floors cannot fail on
+    an unlucky run (TF's CPU training is otherwise not bit-reproducible). Switched back off
+    because pytest runs every test in one process.
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    was_deterministic = tf_config.is_op_determinism_enabled()
+    tf_config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was_deterministic:
+            tf_config.disable_op_determinism()
 
 
 def build_fixtures(output: Path, seed: int = 0) -> Path:
@@ -40,19 +60,11 @@ def build_fixtures(output: Path, seed: int = 0) -> Path:
         stem_filters=16,
         blocks=(("conv", 16, 1), ("conv", 16, 2), ("conv", 32, 1), ("conv", 32, 2), ("separable", 64, 1)),
     )
-    from tensorflow.python.framework import config as tf_config
-
     # deterministic kernels: every CI run gets the same fixture, so accuracy floors in tests
-    # cannot fail on an unlucky training run (TF's CPU training is otherwise not reproducible).
-    # Switched off again afterwards: pytest builds the fixture inside the test process.
-    was_deterministic = tf_config.is_op_determinism_enabled()
-    tf_config.enable_op_determinism()
-    try:
+    # cannot fail on an unlucky training run (TF's CPU training is otherwise not reproducible)
+    with deterministic_tensorflow():
         model = train_classifier(dataset, ClassifierTrainingOptions(epochs=30, patience=10, seed=seed, verbose=0,
                                                                     backbone=backbone_options))
-    finally:
-        if not was_deterministic:
-            tf_config.disable_op_determinism()
     split = split_classifier(model)
     train_embeddings = compute_embeddings(split.backbone, dataset.train.images, dataset.spec, progress=False)
     stats = ClassStats.from_embeddings(train_embeddings, dataset.train.labels, len(dataset.class_names))
