@@ -109,6 +109,14 @@ class Head:
         """Softmax over the logits, (N, C) float32."""
         return softmax(self.logits(embeddings))
 
+    def same_normalisation(self, other: "Head") -> bool:
+        """Whether ``other`` turns embeddings into features exactly like this head (mean, L2, temperature)."""
+        if self.l2_normalize != other.l2_normalize or self.temperature != other.temperature:
+            return False
+        if (self.feature_mean is None) != (other.feature_mean is None):
+            return False
+        return self.feature_mean is None or bool(np.array_equal(self.feature_mean, other.feature_mean))
+
     def with_columns(self, weights: np.ndarray, bias: np.ndarray) -> "Head":
         """A copy with the same normalisation and new weights/bias."""
         return replace(self, weights=weights, bias=bias)

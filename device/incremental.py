@@ -268,14 +268,6 @@ def require_statistics(stats: ClassStats | None, method: str, action: str) -> Cl
     return stats
 
 
-def _same_normalisation(a: Head, b: Head) -> bool:
-    if a.l2_normalize != b.l2_normalize or a.temperature != b.temperature:
-        return False
-    if (a.feature_mean is None) != (b.feature_mean is None):
-        return False
-    return a.feature_mean is None or bool(np.array_equal(a.feature_mean, b.feature_mean))
-
-
 # ============================================================================= statistics
 def _features(head: Head, embeddings: np.ndarray) -> np.ndarray:
     """The head's feature normalisation in float64."""
@@ -687,7 +679,7 @@ def merge_heads(
     new_indices = np.arange(a.num_classes, a.num_classes + b.num_classes)
 
     def need_same_normalisation(reason: str) -> None:
-        if not _same_normalisation(a, b):
+        if not a.same_normalisation(b):
             raise IncompatibleModelError(
                 f"heads a and b normalise features differently (feature mean, L2, temperature), so {reason}; "
                 "give b's class statistics and use method 'ridge' (its columns are then recomputed in a's space)"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -266,6 +266,22 @@ def _alignment(
     return scale, offset, offset_bias
 
 
+def _moment_matrix(means: np.ndarray, mean_gram: np.ndarray, covariance_sum: np.ndarray,
+                   options: AddClassOptions) -> np.ndarray:
+    """``sum_c E_c[[x; 1][x; 1]^T] + l I`` ((D+1) x (D+1)) of classes with ``means`` (k, D), given
+    ``means^T means`` and the sum of their covariances; the ridge ``l`` is relative to the mean diagonal."""
+    size = means.shape[1]
+    moment = np.empty((size + 1, size + 1))
+    moment[:size, :size] = mean_gram + covariance_sum
+    column = means.sum(axis=0)
+    moment[:size, size] = column
+    moment[size, :size] = column
+    moment[size, size] = float(means.shape[0])
+    scale = float(np.trace(moment[:size, :size])) / size
+    moment[np.arange(size), np.arange(size)] += options.regularization * (scale if scale > 0 else 1.0)
+    return moment
+
+
 def _least_squares(
     means: np.ndarray, covariances: list[np.ndarray | None], shared: np.ndarray, options: AddClassOptions,
     mean_gram: np.ndarray | None = None,
@@ -279,23 +295,16 @@ def _least_squares(
     """
     size = means.shape[1]
     augmented = np.concatenate([means, np.ones((means.shape[0], 1))], axis=1)
-    moment = np.empty((size + 1, size + 1))
-    moment[:size, :size] = means.T @ means if mean_gram is None else mean_gram
-    column = means.sum(axis=0)
-    moment[:size, size] = column
-    moment[size, :size] = column
-    moment[size, size] = float(means.shape[0])
     # sum of the per-class covariances: each distinct matrix once, times how many classes use it
     distinct: dict[int, list] = {}
     for covariance in covariances:
         matrix = shared if covariance is None else covariance
         entry = distinct.setdefault(id(matrix), [matrix, 0])
         entry[1] += 1
-    block = moment[:size, :size]
+    covariance_sum = np.zeros((size, size))
     for matrix, repeats in distinct.values():
-        block += matrix if repeats == 1 else repeats * matrix
-    scale = float(np.trace(block)) / size
-    moment[np.arange(size), np.arange(size)] += options.regularization * (scale if scale > 0 else 1.0)
+        covariance_sum += matrix if repeats == 1 else repeats * matrix
+    moment = _moment_matrix(means, means.T @ means if mean_gram is None else mean_gram, covariance_sum, options)
     try:
         solution = np.linalg.solve(moment, augmented.T)
     except np.linalg.LinAlgError as error:
@@ -618,14 +627,7 @@ def build_ridge_basis(head: Head, stats: ClassStats, options: "AddClassOptions")
     discriminant_bias = -0.5 * (quadratic - options.small_sample_correction * effective / np.maximum(counts, 1.0))
 
     mean_gram = means.T @ means
-    moment = np.empty((size + 1, size + 1))
-    moment[:size, :size] = mean_gram + usable.size * model.covariance
-    column = means.sum(axis=0)
-    moment[:size, size] = column
-    moment[size, :size] = column
-    moment[size, size] = float(usable.size)
-    scale = float(np.trace(moment[:size, :size])) / size
-    moment[np.arange(size), np.arange(size)] += options.regularization * (scale if scale > 0 else 1.0)
+    moment = _moment_matrix(means, mean_gram, usable.size * model.covariance, options)
     least_squares_inverse = _stored(_inverse(moment, "class second-moment matrix"), True)
     augmented = np.concatenate([means, np.ones((usable.size, 1))], axis=1)
     solution = _stored(least_squares_inverse.astype(np.float64) @ augmented.T).astype(np.float64)

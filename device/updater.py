@@ -235,14 +235,6 @@ def _replace_paths(section: Any, mapping: Mapping[str, str]) -> Any:
     return section
 
 
-def _same_normalisation(first: Head, second: Head) -> bool:
-    if first.l2_normalize != second.l2_normalize or first.temperature != second.temperature:
-        return False
-    if (first.feature_mean is None) != (second.feature_mean is None):
-        return False
-    return first.feature_mean is None or bool(np.array_equal(first.feature_mean, second.feature_mean))
-
-
 # ----------------------------------------------------------------------------- update gate
 def _column_range(indices: np.ndarray) -> slice | np.ndarray:
     """``indices`` as a slice when they are consecutive (a view instead of a copy)."""
@@ -349,7 +341,7 @@ def evaluate_gate(
         return GateReport(source=source if source != "none" else "none (no references or class statistics)",
                           checked=0, disturbed=0, budget=budget, passed=True, forced=force)
     changed: np.ndarray | None = None
-    if _same_normalisation(old_head, new_head):
+    if old_head.same_normalisation(new_head):
         kept_old = np.flatnonzero(index_map >= 0)
         kept_new = index_map[kept_old]
         equal = _equal_columns(old_head, new_head, kept_old, kept_new)

@@ -146,7 +146,7 @@ def merge_deltas(
         if delta.info.get("bundle_id") != manifest.data.get("bundle_id"):
             report.notes.append(f"delta {number} ({delta.source}) comes from bundle {delta.info.get('bundle_id')}, "
                                 f"not {manifest.data.get('bundle_id')} (same backbone, merged anyway)")
-        if options.use_device_rows and not _same_normalisation(delta, head):
+        if options.use_device_rows and not delta.head.same_normalisation(head):
             raise IncompatibleModelError(
                 f"delta {number}'s head normalisation differs from the bundle's; its device rows cannot be merged "
                 "(merge without use_device_rows to recompute them from the example embeddings)"
@@ -275,14 +275,6 @@ def merge_deltas(
     write_bundle(output, new_manifest, files, overwrite=options.overwrite)
     logger.info("merged %d delta(s) into %s", len(deltas), output)
     return report
-
-
-def _same_normalisation(delta: Delta, head) -> bool:
-    if delta.head.l2_normalize != head.l2_normalize or delta.head.temperature != head.temperature:
-        return False
-    if (delta.head.feature_mean is None) != (head.feature_mean is None):
-        return False
-    return head.feature_mean is None or bool(np.array_equal(delta.head.feature_mean, head.feature_mean))
 
 
 def _collect(target: dict, name: str, kind: str, embeddings: np.ndarray, source: str, added_at, column) -> None:
