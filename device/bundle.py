@@ -118,6 +118,7 @@ def head_file_names(version: int) -> dict[str, str]:
         "gram": f"{base}/gram.npy",
         "reference_embeddings": f"{base}/reference_embeddings.npy",
         "reference_labels": f"{base}/reference_labels.npy",
+        "background": f"{base}/background.npy",
         **{name: f"{base}/{name}.npy" for name in BASIS_ARRAYS},
     }
 
@@ -192,8 +193,14 @@ def head_payload(
     version: int,
     backbone_fingerprint: str,
     reference_embeddings: ReferenceEmbeddings | None = None,
+    background: np.ndarray | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """Manifest ``head`` section and the files that hold ``head``, ``stats`` and the references."""
+    """Manifest ``head`` section and the files that hold ``head``, ``stats``, the references and the background.
+
+    ``background``: optional (N, D) raw embeddings of ordinary, unlabelled photos (float16 or
+    float32). Few-shot methods calibrate a new class against them so that it claims only what
+    is its own (see :mod:`edgeadapt.device.fewshot`).
+    """
     names = head_file_names(version)
     files: dict[str, np.ndarray] = {names["weights"]: head.weights, names["bias"]: head.bias}
     section: dict = {
@@ -258,6 +265,17 @@ def head_payload(
             "per_class": references.per_class_count(),
             "dtype": references.embeddings.dtype.name,
         }
+    if background is not None and len(background):
+        background = np.asarray(background)
+        if background.ndim != 2 or background.shape[1] != head.embedding_size:
+            raise IncompatibleModelError(
+                f"background embeddings have shape {background.shape}, expected (N, {head.embedding_size})"
+            )
+        if background.dtype not in (np.float16, np.float32):
+            background = background.astype(np.float32)
+        files[names["background"]] = background
+        section["background"] = {"embeddings": names["background"], "count": int(background.shape[0]),
+                                 "dtype": background.dtype.name}
     return section, files
 
 
@@ -438,6 +456,18 @@ class Bundle:
         return ReferenceEmbeddings(
             embeddings=self._load_array(section["embeddings"]), labels=self._load_array(section["labels"])
         )
+
+    def load_background(self) -> np.ndarray | None:
+        """The background embeddings of the current version ((N, D) float16 or float32 as stored), or None."""
+        section = self.manifest.data["head"].get("background")
+        if not section:
+            return None
+        background = self._load_array(section["embeddings"])
+        if background.ndim != 2 or background.shape[1] != self.manifest.embedding_size \
+                or background.dtype not in (np.float16, np.float32):
+            raise BundleError(f"background embeddings are {background.dtype} {background.shape}, expected float16 or "
+                              f"float32 (N, {self.manifest.embedding_size}); the bundle is damaged, re-export it")
+        return background
 
     def model_entry(self, model_format: str) -> dict | None:
         """The manifest entry of the backbone file in ``model_format`` ("tflite"/"onnx")."""

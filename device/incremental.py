@@ -435,6 +435,7 @@ def add_classes(
     options: AddClassOptions = AddClassOptions(),
     *,
     replay: tuple[np.ndarray, np.ndarray] | None = None,
+    calibration: np.ndarray | None = None,
 ) -> tuple[Head, ClassStats | None]:
     """Append one column per new class; the old columns stay bit-identical.
 
@@ -447,6 +448,10 @@ def add_classes(
     ``replay`` (keyword only): optional old-class examples (raw embeddings (n, D), class
     indices (n,)). The trained methods (weight_align, none) use them as negatives; the
     closed-form methods use the statistics instead.
+
+    ``calibration`` (keyword only): optional raw embeddings (N, D) of ordinary photos or of
+    old-class examples (the bundle's background and references). Methods that calibrate a new
+    class against what it may claim use them; the others ignore them.
 
     Raises :class:`InputError` for an empty list, a class without examples, NaN/inf values
     or embeddings of the wrong size, and :class:`IncompatibleModelError` when the method

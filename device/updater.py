@@ -135,6 +135,7 @@ class HeadState:
     references: ReferenceEmbeddings | None
     device_examples: ReferenceEmbeddings | None
     unknown: UnknownRejection | None
+    background: np.ndarray | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -169,6 +170,7 @@ def load_state(bundle_path: Path, manifest: Manifest, verify: bool = True) -> He
         references=bundle.load_reference_embeddings(),
         device_examples=device_examples,
         unknown=load_unknown(bundle),
+        background=bundle.load_background(),
     )
 
 
@@ -864,7 +866,8 @@ class HeadUpdater:
             mark = time.perf_counter()
             committed = self.store.commit(manifest, new_files)
             timings["commit"] = time.perf_counter() - mark
-        new_state = HeadState(committed, plan.head, plan.stats, plan.references, plan.device_examples, plan.unknown)
+        new_state = HeadState(committed, plan.head, plan.stats, plan.references, plan.device_examples, plan.unknown,
+                              state.background)
         self._remember(new_state)
         self._apply(new_state)
         timings["total"] = embed_seconds + time.perf_counter() - start
@@ -894,7 +897,8 @@ class HeadUpdater:
                   state: HeadState | None = None) -> tuple[Manifest, dict[str, np.ndarray]]:
         """The new manifest and the head files it needs written (unchanged files are shared)."""
         fingerprint = current.backbone_fingerprint
-        section, arrays = head_payload(plan.head, plan.stats, version, fingerprint, plan.references)
+        section, arrays = head_payload(plan.head, plan.stats, version, fingerprint, plan.references,
+                                       background=state.background if state is not None else None)
         base = f"{HEADS_DIR}/v{version}"
         if plan.device_examples is not None and len(plan.device_examples):
             embeddings_path, labels_path = (f"{base}/{name}" for name in _DEVICE_EXAMPLE_FILES)
@@ -908,7 +912,7 @@ class HeadUpdater:
             previous = current.data["head"].get("unknown") or {}
             calibrated_in = version if plan.action == "calibrate-unknown" else previous.get("calibrated_in_version", version)
             section["unknown"] = plan.unknown.section(center_path, calibrated_in)
-        managed = set(section) | {"references", "device_examples", "unknown", "statistics", "feature_mean"}
+        managed = set(section) | {"references", "device_examples", "unknown", "statistics", "feature_mean", "background"}
         for key, value in current.data["head"].items():  # keep fields this code does not manage
             if key not in managed:
                 section[key] = value
@@ -975,6 +979,8 @@ def _state_arrays(state: HeadState) -> dict[str, np.ndarray]:
                        _DEVICE_EXAMPLE_FILES[1]: state.device_examples.labels})
     if state.unknown is not None:
         arrays[_UNKNOWN_CENTER_FILE] = state.unknown.center
+    if state.background is not None:
+        arrays["background.npy"] = state.background
     return {name: array for name, array in arrays.items() if array is not None}
 
 
