@@ -1,4 +1,4 @@
-"""Device figures of issue 3: cold start, peak RSS, and Runtime.predict overhead.
+"""Device figures: cold start, peak RSS, and Runtime.predict overhead.
 
     python benchmarks/bench_device.py --bundle OUT/model.eab [--image IMG] [--repeats 300]
 

@@ -1,4 +1,4 @@
-"""Figures of issue 5: on-device head updates (HeadUpdater).
+"""Figures of on-device head updates (HeadUpdater).
 
     python benchmarks/bench_device_update.py --data ../shared/data/flowers [--work DIR] [--json OUT]
 

@@ -1,4 +1,4 @@
-"""Host figure of issue 3: head training on cached embeddings vs model.fit with the frozen backbone.
+"""Host figure: head training on cached embeddings vs model.fit with the frozen backbone.
 
     python benchmarks/bench_head_training.py --data ../shared/data/flowers [--image-size 96] [--epochs 10]
 

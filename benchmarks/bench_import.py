@@ -185,7 +185,7 @@ def run(data: Path, output: Path, new_classes: list[str], device_shots: int, rep
     try:
         from edgeadapt.device import incremental
     except ImportError:
-        print("edgeadapt.device.incremental is not available (issue 4): adding classes skipped")
+        print("edgeadapt.device.incremental is not available: adding classes skipped")
         results["add_classes"] = additions
         return results
     fallback = incremental.AddClassOptions(method=FALLBACK_METHOD)

@@ -7,8 +7,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import sys
+
 import numpy as np
 
+from edgeadapt.device.cli_common import progress_enabled
 from edgeadapt.device.manifest import InputSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,7 +44,8 @@ def compute_embeddings(
         .map(lambda batch: tf.cast(batch, tf.float32) * scale + offset)
         .prefetch(2)
     )
-    verbose = 1 if progress and images.shape[0] > 4 * batch_size else 0
+    # Keras draws its bar (with colour codes) on stdout: only on a terminal
+    verbose = 1 if progress and images.shape[0] > 4 * batch_size and progress_enabled(sys.stdout) else 0
     return np.asarray(backbone.predict(dataset, verbose=verbose), dtype=np.float32)
 
 

@@ -50,9 +50,9 @@ def test_inspect_and_device_predict(fixture_dir, fixture_info, capsys):
 
 
 def test_cli_errors_are_clear_and_typed(tmp_path, capsys):
-    assert cli.main(["inspect", str(tmp_path / "missing.eab")]) == 2
+    assert cli.main(["inspect", str(tmp_path / "missing.eab")]) == 1
     assert "does not exist" in capsys.readouterr().err
-    assert device_cli.main(["predict", str(tmp_path / "missing.eab"), "x.png"]) == 2
+    assert device_cli.main(["predict", str(tmp_path / "missing.eab"), "x.png"]) == 1
     assert "edgeadapt-device: error" in capsys.readouterr().err
 
 

@@ -206,7 +206,7 @@ def test_cli_train_writes_a_bundle_with_the_new_fingerprint(base, dataset, tmp_p
     output = tmp_path / "tuned.eab"
     code = main(["train", "--data", str(folder), "--model", str(model_path), "--strategy", "top_layers:1",
                  "--epochs", "1", "--head-epochs", "4", "--out", str(output), "--formats", "tflite",
-                 "--keras-verbose", "0", "--json", str(tmp_path / "report.json"), "--save-model",
+                 "--keras-verbose", "0", "--json-out", str(tmp_path / "report.json"), "--save-model",
                  str(tmp_path / "tuned.keras")])
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())

@@ -251,7 +251,7 @@ def test_class_incremental_benchmark_on_builtin_data(tmp_path):
     assert all(row["old_logits_identical"] for row in report.rows
                if row["old_logits_identical"] is not None and row["method"] != "resolve_all")
     text = report.table()
-    assert "ridge (default)" in text and "figures (issue 4)" in text
+    assert "ridge (default)" in text and "figures (targets of docs/INCREMENTAL.md)" in text
     report.write_json(tmp_path / "report.json")
     assert json.loads((tmp_path / "report.json").read_text())["rows"]
 

@@ -217,15 +217,16 @@ def test_model_file_round_trip_and_cli(tmp_path, rgb_model, capsys):
     rgb_model.save(source)
     before = source.read_bytes()
     output = tmp_path / "adapted.keras"
-    assert main(["adapt-input", str(source), "--size", "48x40", "--channels", "1", "--out", str(output)]) == 0
+    assert main(["adapt-input", str(source), "--image-size", "48x40", "--channels", "1", "--out", str(output)]) == 0
     adapted = keras.models.load_model(output, compile=False)
     assert tuple(adapted.inputs[0].shape) == (None, 48, 40, 1)
     assert source.read_bytes() == before
     assert "stem_conv" in capsys.readouterr().out
-    # errors are typed, printed, exit status 2
-    assert main(["adapt-input", str(source), "--channels", "2", "--out", str(tmp_path / "x.keras")]) == 2
-    assert main(["adapt-input", str(source), "--size", "2x2", "--out", str(tmp_path / "y.keras")]) == 2
-    assert "4x4" in capsys.readouterr().err
+    # errors are typed, printed on one line, exit status 1; the old --size spelling still works, with a warning
+    assert main(["adapt-input", str(source), "--channels", "2", "--out", str(tmp_path / "x.keras")]) == 1
+    assert main(["adapt-input", str(source), "--size", "2x2", "--out", str(tmp_path / "y.keras")]) == 1
+    errors = capsys.readouterr().err
+    assert "4x4" in errors and "--size is deprecated; use --image-size" in errors
     assert not (tmp_path / "x.keras").exists() and not (tmp_path / "y.keras").exists()
 
 

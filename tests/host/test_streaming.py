@@ -268,7 +268,7 @@ def test_cli_train_streams_a_folder(folder, base, tmp_path, capsys):
     base.save(model_path)
     code = main(["train", "--data", str(folder), "--model", str(model_path), "--strategy", "top_layers:1", "--stream",
                  "--distribute", "mirrored", "--head-epochs", "5", "--epochs", "1", "--out",
-                 str(tmp_path / "tuned.keras"), "--keras-verbose", "0", "--json", str(tmp_path / "report.json")])
+                 str(tmp_path / "tuned.keras"), "--keras-verbose", "0", "--json-out", str(tmp_path / "report.json")])
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["streamed"] and report["test_images"] == len(stream_image_folder(folder, SPEC).test)
