@@ -32,6 +32,19 @@ def compute_embeddings(
 
     Images are normalised batch by batch inside a tf.data pipeline, so memory stays at one
     batch of floats; Keras shows its progress bar when ``progress`` and there are many batches.
+
+    Args:
+        backbone: The Keras backbone (image -> embedding).
+        images: uint8 images (N, H, W, C) prepared for ``spec``.
+        spec: The input spec (pixel scale and offset).
+        batch_size: Images per inference batch.
+        progress: Allow Keras' progress bar (only drawn on a terminal).
+
+    Returns:
+        The (N, D) float32 embeddings.
+
+    Raises:
+        InputError: When the images do not match ``spec``.
     """
     import tensorflow as tf
 

@@ -727,6 +727,19 @@ def fine_tune(
     optional ``tf.distribute.Strategy``; with MultiWorkerMirroredStrategy every worker runs
     this same call (and, on a streamed folder, reads only its own shard of the files).
     ``model`` is never modified.
+
+    Args:
+        model: A Keras classifier or backbone, or a ``.keras`` file.
+        dataset: In-memory dataset or streamed folder at the model's input size.
+        options: Strategy (head_only, top_layers:N, full), epochs, learning rates, seed.
+        distribution_strategy: Optional ``tf.distribute.Strategy``.
+
+    Returns:
+        The fine-tuned backbone and head with timings and fingerprints; it exports bundles.
+
+    Raises:
+        InputError: When the options do not fit the model or the data.
+        IncompatibleModelError: When the model cannot be split into backbone and head.
     """
     import keras
 

@@ -351,7 +351,22 @@ def import_classifier(
     output: str | Path,
     settings: ImportSettings = ImportSettings(),
 ) -> ImportReport:
-    """Import a .tflite/.onnx/.keras classifier into a bundle at ``output`` (see the module doc)."""
+    """Import a .tflite/.onnx/.keras classifier into a bundle at ``output`` (see the module doc).
+
+    Args:
+        model_path: The classifier file: ``.tflite``, ``.onnx`` or ``.keras``.
+        labels: A labels file (one class name per line, output order) or the names.
+        output: The bundle directory to write.
+        settings: Input options, optional class-image folder, probes, agreement floor, overwrite.
+
+    Returns:
+        What was imported and the measured top-1 agreement with the original per format.
+
+    Raises:
+        ConversionError: When the file cannot be read or converted.
+        IncompatibleModelError: When the model has no recognisable classifier head.
+        InputError: When the labels or settings do not fit the model or the agreement is too low.
+    """
     from edgeadapt.converters.bundle_export import created_by
     from edgeadapt.converters.parity import run_exported
     from edgeadapt.device.bundle import Bundle, head_payload, write_bundle
