@@ -26,15 +26,14 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from edgeadapt.device.backends import AUTO_ORDER
+from edgeadapt.device.console import filtered_native_stderr, progress_enabled, set_output_mode
 from edgeadapt.device.errors import EdgeAdaptError
 
 EXIT_OK = 0
@@ -54,16 +53,6 @@ BACKEND_CHOICES: tuple[str, ...] = ("auto", *AUTO_ORDER)
 
 #: Loggers of third-party libraries that are chatty at INFO level.
 NOISY_LOGGERS = ("tensorflow", "absl", "h5py", "tf2onnx", "onnx", "PIL", "jax", "matplotlib")
-
-# Native (C++/absl) start-up log lines TensorFlow writes to file descriptor 2 while it is imported,
-# before TF_CPP_MIN_LOG_LEVEL takes effect: "I0000 00:00:1796104956.131802    7148 port.cc:153] ...".
-_NATIVE_NOISE = (
-    re.compile(r"^[IW]\d{4} [\d:.]+\s+\d+ [\w./-]+:\d+\]"),
-    re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"),
-    re.compile(r"^To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\."),
-)
-
-_state = {"quiet": False}
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -260,27 +249,6 @@ def verbosity_of(arguments: argparse.Namespace) -> int:
     return min(int(getattr(arguments, "verbose", 0) or 0), 2)
 
 
-def progress_enabled(stream: Any = None) -> bool:
-    """Whether to draw a progress bar on ``stream`` (default ``sys.stderr``).
-
-    Only on a terminal and not with ``-q``: redirected logs get no carriage returns or
-    colour codes.
-
-    Args:
-        stream: The stream the bar writes to.
-
-    Returns:
-        True when a progress bar may be drawn.
-    """
-    if _state["quiet"]:
-        return False
-    stream = sys.stderr if stream is None else stream
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
 def keras_verbosity(verbosity: int) -> int:
     """Keras ``verbose`` for training: a bar on a terminal, one line per epoch with ``-v``, else nothing.
 
@@ -309,7 +277,7 @@ def configure_output(verbosity: int) -> None:
         None.
     """
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}[verbosity]
-    _state["quiet"] = verbosity < 0
+    set_output_mode(quiet=verbosity < 0, native_logs=verbosity >= 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
@@ -326,51 +294,6 @@ def _module_available(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
-
-
-def is_native_noise(line: str) -> bool:
-    """Whether ``line`` is one of TensorFlow's native start-up info/warning log lines.
-
-    Args:
-        line: One line of text written to stderr.
-
-    Returns:
-        True for absl ``I``/``W`` lines and the banner lines that go with them.
-    """
-    return any(pattern.match(line) for pattern in _NATIVE_NOISE)
-
-
-@contextlib.contextmanager
-def filtered_native_stderr() -> Iterator[None]:
-    """Hold back TensorFlow's native start-up log lines written to file descriptor 2.
-
-    What is written to fd 2 inside the block is collected and written back afterwards
-    without the lines :func:`is_native_noise` recognises; nothing else is lost.
-
-    Yields:
-        None.
-    """
-    try:
-        saved = os.dup(2)
-    except OSError:  # no usable stderr descriptor: nothing to filter
-        yield
-        return
-    with tempfile.TemporaryFile() as sink:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            kept = [line for line in sink.read().decode("utf-8", "replace").splitlines(keepends=True)
-                    if not is_native_noise(line)]
-            if kept:
-                os.write(2, "".join(kept).encode("utf-8"))
 
 
 class _QuietLoader(importlib.abc.Loader):

@@ -195,20 +195,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("add-examples", help="strengthen an existing class with more examples")
     parser.add_argument("bundle", type=Path, help=bundle_help)
     parser.add_argument("name", help="existing class")
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="example images or folders of images")
     _writer_options(parser)
     parser.set_defaults(handler=_add_examples)
 
     parser = subparsers.add_parser("remove-class", help="remove a class (a new head version)")
     parser.add_argument("bundle", type=Path, help=bundle_help)
-    parser.add_argument("name")
+    parser.add_argument("name", help="the class to remove")
     _writer_options(parser)
     parser.set_defaults(handler=_remove_class)
 
     parser = subparsers.add_parser("rename-class", help="rename a class (a new head version)")
     parser.add_argument("bundle", type=Path, help=bundle_help)
-    parser.add_argument("old_name")
-    parser.add_argument("new_name")
+    parser.add_argument("old_name", help="the class's current name")
+    parser.add_argument("new_name", help="its new name")
     _writer_options(parser, gate=False)
     parser.set_defaults(handler=_rename_class)
 
@@ -237,7 +237,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description="Embed a few images per class and store them as the update gate's "
                                    "reference embeddings. Give one folder per class, named after the class.")
     parser.add_argument("bundle", type=Path, help=bundle_help)
-    parser.add_argument("folders", nargs="+", type=Path, metavar="CLASS_FOLDER")
+    parser.add_argument("folders", nargs="+", type=Path, metavar="CLASS_FOLDER",
+                        help="one folder of images per class, named after the class")
     parser.add_argument("--per-class", type=int, default=5, help="references kept per class")
     _writer_options(parser, gate=False)
     parser.set_defaults(handler=_set_references)
@@ -255,7 +256,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser("classify-unknown", help="classify images, answering 'unknown' when unsure")
     parser.add_argument("bundle", type=Path, help=bundle_help)
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="images or folders of images")
     add_backend_option(parser)
     parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
     parser.set_defaults(handler=_classify_unknown)

@@ -256,7 +256,7 @@ def split_entries(labels: np.ndarray, options: SplitOptions) -> tuple[np.ndarray
 
 
 def _progress(items: list, enabled: bool):
-    from edgeadapt.device.cli_common import progress_enabled
+    from edgeadapt.device.console import progress_enabled
 
     if not enabled or len(items) <= _PROGRESS_MIN_IMAGES or not progress_enabled():
         return items  # no bar in redirected logs

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from edgeadapt.device.cli_common import progress_enabled
+from edgeadapt.device.console import progress_enabled
 from edgeadapt.device.manifest import InputSpec
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -125,7 +125,7 @@ class ImportReport:
             f"float = pixel*{spec['scale']:.6g} + {spec['offset']:.6g} ({self.normalization_source})",
             f"classes       {self.num_classes}, embedding {self.embedding_size}, head {self.head_size / 1024:.0f} KiB "
             f"float32",
-            f"statistics    " + (f"{self.statistics_examples} images of {self.statistics_classes} classes"
+            "statistics    " + (f"{self.statistics_examples} images of {self.statistics_classes} classes"
                                  if self.statistics_examples else "none (updaters use the statistics-free fallback)"),
             f"import time   {self.import_seconds:.1f} s",
         ]
@@ -441,7 +441,7 @@ def import_classifier(
     fingerprint = file_fingerprint(model_path.read_bytes())
     files: dict[str, Any] = {}
     models = []
-    for check, (model_format, exported) in zip(checks, prepared.backbones.items()):
+    for check, exported in zip(checks, prepared.backbones.values()):
         files[check.file] = exported.content
         models.append({"file": check.file, **exported.describe()})
     stats = with_ridge_basis(head, stats)  # lets the device add classes to large heads fast

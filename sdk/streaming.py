@@ -484,7 +484,7 @@ def stream_embeddings(backbone: "keras.Model", stream: StreamingImageFolder, spl
     if not len(files):
         return np.zeros((0, int(backbone.outputs[0].shape[-1])), np.float32)
     dataset = stream.dataset(files, batch_size, labels=False)
-    from edgeadapt.device.cli_common import progress_enabled
+    from edgeadapt.device.console import progress_enabled
 
     verbose = 1 if progress and len(files) > 4 * batch_size and progress_enabled(sys.stdout) else 0
     with stream.reading(files):

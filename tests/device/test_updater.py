@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeadapt.device.bundle import Bundle
+from edgeadapt.device import Bundle
 from edgeadapt.device.delta import read_delta
-from edgeadapt.device.head import Head
-from edgeadapt.device.runtime import Runtime
-from edgeadapt.device.unknown import UnknownAwareClassifier, load_unknown
-from edgeadapt.device.updater import GateReport, HeadUpdater, UpdateGateError, evaluate_gate
+from edgeadapt.device import Head, Runtime, UnknownAwareClassifier
+from edgeadapt.device.unknown import load_unknown
+from edgeadapt.device import HeadUpdater, UpdateGateError
+from edgeadapt.device.updater import GateReport, evaluate_gate
 
 
 

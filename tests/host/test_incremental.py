@@ -12,9 +12,10 @@ import pytest
 from edgeadapt import cli
 from edgeadapt.data import write_image_folder
 from edgeadapt.device import Bundle, Runtime
-from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError
+from edgeadapt import BundleError, IncompatibleModelError, InputError
 from edgeadapt.device.incremental import AddClassOptions, remove_class
-from edgeadapt.incremental import NamedHead, add_classes, merge_heads, write_version
+from edgeadapt import add_classes, merge_heads
+from edgeadapt.incremental import NamedHead, write_version
 
 NEW = ["cross", "ring"]
 
@@ -189,7 +190,7 @@ def test_existing_output_is_refused(base_bundle, new_class_folder, tmp_path):
 
 # ----------------------------------------------------------------------------- merge heads
 def test_merge_heads(base_bundle, new_class_folder, test_images, fixture_dir, tmp_path):
-    from edgeadapt.device.head import ClassStats
+    from edgeadapt import ClassStats
     from edgeadapt.head_training import HeadTrainingOptions, train_head
     from edgeadapt.incremental import folder_examples
 

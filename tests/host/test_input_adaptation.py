@@ -10,8 +10,7 @@ pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
 from edgeadapt.backbones import BackboneOptions, build_classifier  # noqa: E402
-from edgeadapt.device.errors import EdgeAdaptError, IncompatibleModelError, InputError  # noqa: E402
-from edgeadapt.device.manifest import InputSpec  # noqa: E402
+from edgeadapt import EdgeAdaptError, IncompatibleModelError, InputError, InputSpec  # noqa: E402
 from edgeadapt.input_adaptation import (  # noqa: E402
     LUMA_WEIGHTS,
     adapt_input,
@@ -242,10 +241,10 @@ def test_errors_share_the_base_type(rgb_model):
 ])
 def test_bundle_of_adapted_model_makes_the_runtime_resize_and_convert(tmp_path, source_shape, target, image):
     pytest.importorskip("ai_edge_litert")
-    from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
+    from edgeadapt.converters import BundleExportOptions, export_bundle
     from edgeadapt.device.preprocessing import prepare_image
-    from edgeadapt.device.runtime import Runtime
-    from edgeadapt.model_split import split_classifier
+    from edgeadapt import Runtime
+    from edgeadapt import split_classifier
 
     adapted = adapt_input(_classifier(source_shape, seed=4), height=target[0], width=target[1], channels=target[2])
     split = split_classifier(adapted)

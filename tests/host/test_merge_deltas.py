@@ -10,11 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeadapt.deltas import MergeDeltasOptions, merge_deltas, parse_renames
-from edgeadapt.device.bundle import Bundle
-from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError
-from edgeadapt.device.runtime import Runtime
-from edgeadapt.device.updater import HeadUpdater
+from edgeadapt import MergeDeltasOptions, merge_deltas
+from edgeadapt.deltas import parse_renames
+from edgeadapt import Bundle, BundleError, HeadUpdater, IncompatibleModelError, InputError, Runtime
 
 
 @pytest.fixture(scope="module")
