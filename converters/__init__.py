@@ -28,7 +28,6 @@ _EXPORTS: dict[str, str] = {
     "ParityReport": "edgeadapt.converters.parity",
     "inspect_model": "edgeadapt.converters.model_info",
     "ExportedModel": "edgeadapt.converters.model_info",
-    "tflite_to_onnx": "edgeadapt.converters.tflite_to_onnx",
     "backbone_fingerprint": "edgeadapt.converters.fingerprint",
     "ConversionError": "edgeadapt.device.errors",
 }

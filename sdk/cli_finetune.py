@@ -8,7 +8,14 @@ import logging
 import os
 from pathlib import Path
 
-from edgeadapt.device.cli_common import add_deprecated_alias, add_json_options, emit_report, parse_image_size
+from edgeadapt.device.cli_common import (
+    add_deprecated_alias,
+    add_json_options,
+    emit_report,
+    keras_verbosity,
+    parse_image_size,
+    verbosity_of,
+)
 from edgeadapt.device.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -98,8 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--save-model", type=Path, help="also save the fine-tuned classifier here (.keras)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     train.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the augmentation")
-    train.add_argument("--keras-verbose", type=int, choices=(0, 1, 2), default=2,
-                       help="Keras progress output: 0 none, 1 bar, 2 one line per epoch (default)")
+    train.add_argument("--keras-verbose", type=int, choices=(0, 1, 2),
+                       help="Keras progress output: 0 none, 1 bar, 2 one line per epoch (default: a bar on a "
+                       "terminal, nothing in a redirected log, one line per epoch with -v)")
     add_json_options(train)
     train.set_defaults(handler=run_train)
 
@@ -199,7 +207,8 @@ def run_train(arguments: argparse.Namespace) -> int:
         validation_fraction=arguments.validation_fraction,
         embedding_cache=arguments.embedding_cache,
         seed=arguments.seed,
-        verbose=arguments.keras_verbose,
+        verbose=(keras_verbosity(verbosity_of(arguments)) if arguments.keras_verbose is None
+                 else arguments.keras_verbose),
     )
     chief = is_chief()
     if chief:

@@ -124,7 +124,7 @@ def test_add_classes_cli(base_bundle, new_class_folder, tmp_path, capsys):
     assert Bundle.open(output).manifest.class_names[-2:] == NEW
     status = cli.main(["add-classes", str(base_bundle), "--data", str(new_class_folder), "--classes", "cross",
                        "--out", str(output)])
-    assert status == 2 and "already exists" in capsys.readouterr().err
+    assert status == 1 and "already exists" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -221,7 +221,7 @@ def test_merge_heads(base_bundle, new_class_folder, test_images, fixture_dir, tm
     with pytest.raises(InputError, match="exist in both"):
         merge_heads(base_bundle, NamedHead(two_class, ["circle", "x"], stats), tmp_path / "never.eab")
     status = cli.main(["merge-heads", str(base_bundle), str(tmp_path / "merged.eab"), "--out", str(tmp_path / "x")])
-    assert status == 2  # every class of the second bundle's base already exists in the first
+    assert status == 1  # every class of the second bundle's base already exists in the first
 
 
 # ----------------------------------------------------------------------------- benchmark

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +24,10 @@ def test_every_exported_name_resolves(package):
         assert getattr(value, "__name__", name) == name, (package, name)
     with pytest.raises(AttributeError):
         module.no_such_name  # noqa: B018
+    # a name equal to a sub-module's would turn into the module once that sub-module is imported
+    folder = importlib.util.find_spec(package).submodule_search_locations[0]
+    clashes = sorted(set(module.__all__) & {path.stem for path in Path(folder).glob("*.py")})
+    assert clashes == []
 
 
 def test_errors_are_the_device_error_types():
