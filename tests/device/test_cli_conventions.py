@@ -157,3 +157,15 @@ def test_native_start_up_lines_are_recognised_and_nothing_else():
     assert not is_native_noise("Traceback (most recent call last):")
     assert not is_native_noise("edgeadapt: error: model file 'x.keras' does not exist")
     assert error_line("edgeadapt", ValueError("first\n  second\n")) == "edgeadapt: error: first; second"
+
+
+@pytest.mark.parametrize(("argv", "verbose", "quiet"), [
+    (["demo", "--out", "o"], 0, False),
+    (["demo", "--out", "o", "-v"], 1, False),
+    (["-vv", "demo", "--out", "o"], 2, False),
+    (["demo", "--out", "o", "-q"], 0, True),
+    (["-q", "demo", "--out", "o"], 0, True),
+])
+def test_verbosity_options_work_before_and_after_the_command(argv, verbose, quiet):
+    arguments = _parsers()["edgeadapt"].parse_args(argv)
+    assert (arguments.verbose, arguments.quiet) == (verbose, quiet)
