@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=10, help="head epochs for both paths")
     parser.add_argument("--base-epochs", type=int, default=8, help="epochs to train the base backbone")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json-out", dest="json", type=Path, metavar="FILE", help="also write the figures as JSON")
     arguments = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
