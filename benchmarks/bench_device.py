@@ -1,4 +1,4 @@
-"""Device figures of issue 3: cold start, peak RSS, and Runtime.predict overhead.
+"""Device figures: cold start, peak RSS, and Runtime.predict overhead.
 
     python benchmarks/bench_device.py --bundle OUT/model.eab [--image IMG] [--repeats 300]
 
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, help="bundle directory (default: build one with the demo)")
     parser.add_argument("--repeats", type=int, default=300, help="timed predictions per round")
     parser.add_argument("--cold-runs", type=int, default=3, help="fresh processes per cold-start measurement")
-    parser.add_argument("--json", type=Path, help="write the figures as JSON")
+    parser.add_argument("--json-out", dest="json", type=Path, metavar="FILE", help="write the figures as JSON")
     arguments = parser.parse_args()
     import numpy as np
 

@@ -1,6 +1,6 @@
-"""Figures of issue 5: on-device head updates (HeadUpdater).
+"""Figures of on-device head updates (HeadUpdater).
 
-    python benchmarks/bench_device_update.py --data ../shared/data/flowers [--work DIR] [--json OUT]
+    python benchmarks/bench_device_update.py --data ../shared/data/flowers [--work DIR] [--json-out OUT]
 
 1. Head update time excluding embeddings, 1000 classes x 1280-d (synthetic class statistics
    with a Gram matrix): the head math (edgeadapt.device.incremental.add_classes), the update
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=25, help="base training epochs (default 25)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--draws", type=int, default=10, help="random draws of the k examples (default 10)")
-    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    parser.add_argument("--json-out", dest="json", type=Path, metavar="FILE", help="also write the figures as JSON")
     arguments = parser.parse_args(argv)
     work = arguments.work
     work.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Host figure of issue 3: head training on cached embeddings vs model.fit with the frozen backbone.
+"""Host figure: head training on cached embeddings vs model.fit with the frozen backbone.
 
     python benchmarks/bench_head_training.py --data ../shared/data/flowers [--image-size 96] [--epochs 10]
 
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=10, help="head epochs for both paths")
     parser.add_argument("--base-epochs", type=int, default=8, help="epochs to train the base backbone")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json-out", dest="json", type=Path, metavar="FILE", help="also write the figures as JSON")
     arguments = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras

@@ -1,6 +1,6 @@
 """Import a real third-party classifier, fuse it for apps, and add two flower classes to it.
 
-    python benchmarks/bench_import.py --data ../shared/data [--out DIR] [--json FILE]
+    python benchmarks/bench_import.py --data ../shared/data [--out DIR] [--json-out FILE]
 
 Uses ``DATA/imagenet_mobilenet/mobilenet_v1_0.25_128_quant.tflite`` (uint8, 1001 ImageNet
 classes) with its labels and the Coral test images, and ``DATA/flowers``. Prints:
@@ -185,7 +185,7 @@ def run(data: Path, output: Path, new_classes: list[str], device_shots: int, rep
     try:
         from edgeadapt.device import incremental
     except ImportError:
-        print("edgeadapt.device.incremental is not available (issue 4): adding classes skipped")
+        print("edgeadapt.device.incremental is not available: adding classes skipped")
         results["add_classes"] = additions
         return results
     fallback = incremental.AddClassOptions(method=FALLBACK_METHOD)
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-classes", default="rose,sunflower", help="flower classes to add (default rose,sunflower)")
     parser.add_argument("--device-shots", type=int, default=20, help="photos per new class on the device (default 20)")
     parser.add_argument("--repeats", type=int, default=200, help="latency repetitions (default 200)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON")
+    parser.add_argument("--json-out", dest="json", type=Path, metavar="FILE", help="write the results as JSON")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not (arguments.data / "imagenet_mobilenet" / MODEL).is_file():

@@ -1,14 +1,14 @@
-"""Class-incremental benchmark (issue 4): the same as ``edgeadapt bench incremental``.
+"""Class-incremental benchmark: the same as ``edgeadapt bench incremental``.
 
     python benchmarks/bench_incremental.py --data ../shared/data/flowers --base 2 --step 2 --image-size 64 \\
-        [--shots 1,5,20,all] [--orders 3] [--cache .cache/incremental] [--json OUT]
+        [--shots 1,5,20,all] [--orders 3] [--cache .cache/incremental] [--json-out OUT]
         [--backbone-bundle mobilenet.eab]
 
 Trains the built-in classifier on the base classes only (one backbone per class order), or
 with --backbone-bundle embeds the images with a bundle's pretrained backbone (e.g. the
 ImageNet MobileNet imported with `edgeadapt import`), then adds the new classes with every
 method of edgeadapt.device.incremental and the baselines; prints the table and, with
---json, writes every figure. See docs/INCREMENTAL.md.
+--json-out, writes every figure. See docs/INCREMENTAL.md.
 """
 
 from __future__ import annotations

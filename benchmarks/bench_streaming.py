@@ -1,7 +1,7 @@
 """Benchmark: peak memory and wall time of fine-tuning from memory vs streaming from files.
 
     python benchmarks/bench_streaming.py --data ../shared/data/flowers [--image-size 128]
-        [--strategies head_only,top_layers:1] [--epochs 1] [--base model.keras] [--json out.json]
+        [--strategies head_only,top_layers:1] [--epochs 1] [--base model.keras] [--json-out out.json]
 
 Every row is its own subprocess, so its peak resident memory (``ru_maxrss``) belongs to that
 run alone (the launcher never imports TensorFlow: Linux carries a process's peak RSS over
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-epochs", type=int, default=20, help="head-stage epochs (default 20)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--json-out", dest="json", type=Path, metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="head_only", help=argparse.SUPPRESS)
     parser.add_argument("--classes", help=argparse.SUPPRESS)

@@ -106,6 +106,30 @@ def export_bundle(
     the float and the quantized file of each format, both run by the device interpreters,
     on ``evaluation_images`` with the same head. ``reference_embeddings`` (a few per class,
     see :meth:`ReferenceEmbeddings.select`) let the device's update gate check old classes.
+
+    Args:
+        output: The bundle directory to write (``NAME.eab``).
+        backbone: The Keras backbone (image -> embedding).
+        head: The linear head over the backbone's embeddings.
+        input_spec: Input size, channels, colour order and pixel normalisation.
+        class_names: One name per head column.
+        calibration_images: Real uint8 training images for int8 calibration.
+        calibration_labels: Their labels (balances the calibration sample per class).
+        evaluation_images: uint8 images for the float-vs-int8 parity check.
+        evaluation_labels: Their labels.
+        class_stats: Per-class embedding sums/counts (needed for later class additions).
+        backbone_fingerprint: The backbone's fingerprint (computed when None).
+        class_infos: Provenance of each class (default: trained on the host).
+        reference_embeddings: A few embeddings per class for the device's update gate.
+        options: Formats, quantization, bundle name, ``overwrite``.
+
+    Returns:
+        The bundle path, the exported models and the parity measured for each format.
+
+    Raises:
+        InputError: When the arguments disagree (names vs head columns, image shapes).
+        ConversionError: When a format cannot be converted or quantized.
+        BundleError: When ``output`` exists and ``options.overwrite`` is not set.
     """
     if len(set(class_names)) != len(class_names):
         raise InputError(f"duplicate class names in {list(class_names)}")

@@ -16,6 +16,12 @@ def backbone_fingerprint(backbone: "keras.Model") -> str:
 
     Two backbones with the same weights get the same fingerprint whatever file format they
     are exported to, so a head trained on one fits every export of it.
+
+    Args:
+        backbone: The Keras backbone.
+
+    Returns:
+        ``"sha256:<hex>"``.
     """
     digest = hashlib.sha256()
     digest.update(repr([tuple(tensor.shape) for tensor in backbone.inputs]).encode())

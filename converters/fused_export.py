@@ -591,6 +591,21 @@ def export_fused(
     ``probe_images`` (uint8, prepared for the bundle's input spec) are used for the check,
     plus ``probes`` generated images. Raises :class:`ConversionError` if the top-1 agreement
     is below ``min_agreement`` (nothing is written then).
+
+    Args:
+        bundle: The bundle (path or opened :class:`Bundle`).
+        output: The file to write (``.tflite`` or ``.onnx``).
+        model_format: "tflite" or "onnx".
+        probe_images: Optional real images for the check.
+        probes: Number of generated probe images.
+        min_agreement: Lowest top-1 agreement with the split bundle that is accepted.
+
+    Returns:
+        The written file, its size, class count and the measured agreement.
+
+    Raises:
+        ConversionError: When fusing fails or the agreement is below ``min_agreement``.
+        InputError: When the format is unknown.
     """
     opened = _bundle(bundle)
     content, quantization = fused_model_bytes(opened, model_format)

@@ -275,7 +275,17 @@ def inspect_onnx(content: bytes) -> ExportedModel:
 
 
 def inspect_model(path: str | os.PathLike) -> ExportedModel:
-    """Read a ``.tflite`` or ``.onnx`` file and describe it as an :class:`ExportedModel`."""
+    """Read a ``.tflite`` or ``.onnx`` file and describe it as an :class:`ExportedModel`.
+
+    Args:
+        path: The model file.
+
+    Returns:
+        Its format, operators, input/output tensors and quantization.
+
+    Raises:
+        ConversionError: When the file cannot be read as TFLite or ONNX.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"model file {str(path)!r} does not exist")

@@ -212,6 +212,18 @@ def export_onnx(
     The model's input is the normalized float image (``pixel * scale + offset``) in both
     modes. Raises :class:`ConversionError` when conversion, quantization or the final
     onnxruntime check fails.
+
+    Args:
+        backbone: The Keras backbone (image -> embedding).
+        spec: The input spec.
+        calibration_images: Real uint8 images for int8 calibration (None for float export).
+        options: Quantization, opset, calibration sample size.
+
+    Returns:
+        The ``.onnx`` bytes with their operators and quantization.
+
+    Raises:
+        ConversionError: When conversion, quantization or the onnxruntime check fails.
     """
     embedding_size = check_backbone(backbone, spec)
     images: np.ndarray | None = None

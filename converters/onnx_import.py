@@ -256,7 +256,19 @@ def _layout(dimensions: list[Any]) -> str:
 
 
 def import_onnx_classifier(content: bytes, options: ImportOptions = ImportOptions()) -> ImportedClassifier:
-    """Split an ONNX classifier into an embedding backbone and a float32 head (see the module doc)."""
+    """Split an ONNX classifier into an embedding backbone and a float32 head (see the module doc).
+
+    Args:
+        content: The ``.onnx`` file's bytes.
+        options: Input normalisation, colour order, resize rule and input size.
+
+    Returns:
+        The backbone bytes, the head, the input spec and what was cut.
+
+    Raises:
+        ConversionError: Unreadable file.
+        IncompatibleModelError: No recognisable classifier head.
+    """
     model = load_onnx_model(content)
     graph = OnnxGraph(model)
     inputs = graph.inputs

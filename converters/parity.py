@@ -59,7 +59,23 @@ def measure_parity(
     images: np.ndarray,
     labels: np.ndarray,
 ) -> ParityReport:
-    """Top-1 accuracy of float and quantized backbones (same head) and their agreement."""
+    """Top-1 accuracy of float and quantized backbones (same head) and their agreement.
+
+    Args:
+        model_format: "tflite" or "onnx".
+        float_content: The float model's bytes.
+        quantized_content: The quantized model's bytes.
+        spec: The input spec.
+        head: The head applied to both models' embeddings.
+        images: uint8 evaluation images.
+        labels: Their labels.
+
+    Returns:
+        Both accuracies, top-1 agreement, embedding cosine and file sizes.
+
+    Raises:
+        ConversionError: When a model cannot be run.
+    """
     float_embeddings = run_exported(float_content, model_format, spec, images)
     quantized_embeddings = run_exported(quantized_content, model_format, spec, images)
     float_top1 = head.logits(float_embeddings).argmax(axis=1)

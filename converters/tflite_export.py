@@ -250,6 +250,18 @@ def export_tflite(
     The embedding output stays float32; a quantized model's input is int8/uint8 with the
     scale and zero point recorded in the result. Raises :class:`ConversionError` when
     the model cannot be converted or would need Flex/custom operators.
+
+    Args:
+        backbone: The Keras backbone (image -> embedding).
+        spec: The input spec.
+        calibration_images: Real uint8 images for int8 calibration (None for float export).
+        options: Quantization, input type, calibration sample size.
+
+    Returns:
+        The ``.tflite`` bytes with their operators and quantization.
+
+    Raises:
+        ConversionError: When the model cannot be converted (see above).
     """
     tf, _ = import_tensorflow()
     embedding_size = check_backbone(backbone, spec)

@@ -770,6 +770,17 @@ def import_tflite_classifier(content: bytes, options: ImportOptions = ImportOpti
     :class:`IncompatibleModelError` (saying what was found) for models without a
     recognisable classifier head: several outputs (detection), per-pixel outputs
     (segmentation), sigmoid outputs, or a non-linear last layer.
+
+    Args:
+        content: The ``.tflite`` file's bytes.
+        options: Input normalisation, colour order, resize rule and input size.
+
+    Returns:
+        The backbone bytes, the head, the input spec and what was cut.
+
+    Raises:
+        ConversionError: Unreadable or truncated file.
+        IncompatibleModelError: No recognisable classifier head (see above).
     """
     model = read_tflite_model(content)
     graph = TFLiteGraph(model)

@@ -54,7 +54,18 @@ class BackboneParity:
 
 
 def tflite_to_onnx(content: bytes, opset: int = 17) -> ExportedModel:
-    """Convert a TFLite backbone (one image input, one float embedding output) to ONNX."""
+    """Convert a TFLite backbone (one image input, one float embedding output) to ONNX.
+
+    Args:
+        content: The ``.tflite`` backbone's bytes.
+        opset: The ONNX opset to write.
+
+    Returns:
+        The ``.onnx`` bytes with their operators and quantization.
+
+    Raises:
+        ConversionError: When tf2onnx cannot convert the model.
+    """
     from edgeadapt.converters.tflite_export import captured_native_output, import_tensorflow
 
     described = inspect_tflite(content)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeadapt.device.console import filtered_native_stderr
 from edgeadapt.device.errors import BackendUnavailableError, BundleError
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ class TFLiteBackend:
         module = importlib.import_module(BACKENDS[name][0])
         self.name = name
         try:
-            self.interpreter = module.Interpreter(model_path=str(model_path), num_threads=num_threads)
-            self.interpreter.allocate_tensors()
+            with filtered_native_stderr():  # the interpreter announces its CPU delegate on stderr
+                self.interpreter = module.Interpreter(model_path=str(model_path), num_threads=num_threads)
+                self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as error:
             raise BundleError(f"{name} cannot load {model_path.name}: {error}") from error
         input_detail = self.interpreter.get_input_details()[0]

@@ -1,15 +1,18 @@
-"""``edgeadapt-device``: the device command line (no TensorFlow)."""
+"""``edgeadapt-device``: the device command line (no TensorFlow).
+
+Conventions (help with defaults, ``-v/-q``, exit codes 0/1/2, ``--json``) come from
+:mod:`edgeadapt.device.cli_common` and reach every sub-command registered here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
-import logging
 import sys
 from pathlib import Path
 
-from edgeadapt.device.errors import EdgeAdaptError
+from edgeadapt.device.cli_common import add_backend_option, apply_conventions, run_main
 
 #: Modules that add sub-commands; each defines ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -44,49 +47,60 @@ def _inspect(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def register_inspect(subparsers) -> None:
-    """The ``inspect`` sub-command, shared by ``edgeadapt`` and ``edgeadapt-device``."""
+def register_inspect(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``inspect`` sub-command, shared by ``edgeadapt`` and ``edgeadapt-device``.
+
+    Args:
+        subparsers: The sub-parser group of the main parser.
+
+    Returns:
+        None.
+    """
     inspect = subparsers.add_parser("inspect", help="print a readable summary of a bundle",
                                     description="Verify a bundle's checksums and summarise it.")
     inspect.add_argument("bundle", type=Path, help="bundle directory (NAME.eab) or packed bundle (.zip)")
-    inspect.add_argument("--max-classes", type=int, default=20, help="list at most this many classes (default 20)")
+    inspect.add_argument("--max-classes", type=int, default=20, help="list at most this many classes")
     inspect.set_defaults(handler=_inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``edgeadapt-device`` parser with every sub-command of :data:`COMMAND_MODULES` and the shared conventions.
+
+    Returns:
+        The parser; each sub-command sets ``handler``.
+    """
     parser = argparse.ArgumentParser(
         prog="edgeadapt-device",
         description="Run an edgeadapt bundle on the device with LiteRT, tflite-runtime or ONNX Runtime "
         "(no TensorFlow): classify images and update the head from a few examples.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     predict = subparsers.add_parser("predict", help="classify images with a bundle",
                                     description="Print the top-k classes of each image.")
     predict.add_argument("bundle", type=Path, help="bundle directory (NAME.eab) or packed bundle (.zip)")
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG/PNG/BMP files")
-    predict.add_argument("--top-k", type=int, default=5, help="how many classes to show per image (default 5)")
-    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    predict.add_argument("--backend", default="auto",
-                         help="auto (default), litert, tflite-runtime or onnxruntime")
+    predict.add_argument("--top-k", type=int, default=5, help="how many classes to show per image")
+    predict.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
+    add_backend_option(predict)
     predict.add_argument("--threads", type=int, help="interpreter threads (default: the backend's choice)")
     predict.set_defaults(handler=_predict)
     register_inspect(subparsers)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
-    return parser
+    return apply_conventions(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    arguments = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(arguments.verbose, 2),
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(arguments.handler(arguments) or 0)
-    except EdgeAdaptError as error:
-        print(f"edgeadapt-device: error: {error}", file=sys.stderr)
-        return 2
+    """Run ``edgeadapt-device``.
+
+    Args:
+        argv: Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 success, 1 error, 2 usage error (raised as ``SystemExit`` by
+        argparse).
+    """
+    return run_main(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgeadapt.device.cli_common import add_backend_option
 from edgeadapt.device.errors import InputError
 from edgeadapt.device.preprocessing import IMAGE_SUFFIXES
 
@@ -40,7 +41,7 @@ def _open_updater(arguments: argparse.Namespace):
         keep_versions=arguments.keep_versions,
         wait_for_lock=arguments.wait,
         lock_timeout=arguments.lock_timeout,
-        gate_budget=arguments.gate_budget,
+        **({"gate_budget": arguments.gate_budget} if "gate_budget" in arguments else {}),
     )
     return runtime, updater
 
@@ -168,14 +169,15 @@ def _classify_unknown(arguments: argparse.Namespace) -> int:
 
 
 def _writer_options(parser: argparse.ArgumentParser, gate: bool = True) -> None:
-    parser.add_argument("--keep-versions", type=int, default=5, help="head versions to keep for rollback (default 5)")
+    """Options of every command that commits a head version; ``gate``: the command runs the update gate."""
+    parser.add_argument("--keep-versions", type=int, default=5, help="head versions to keep for rollback")
     parser.add_argument("--wait", action="store_true", help="wait for another writer instead of failing")
     parser.add_argument("--lock-timeout", type=float, default=None, help="with --wait: give up after this many seconds")
-    parser.add_argument("--backend", default="auto", help="auto (default), litert, tflite-runtime or onnxruntime")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--gate-budget", type=float, default=0.10,
-                        help="largest fraction of old-class reference embeddings an update may disturb (default 0.10)")
-    if gate:
+    add_backend_option(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
+    if gate:  # only the commands that run the update gate take its budget
+        parser.add_argument("--gate-budget", type=float, default=0.10,
+                            help="largest fraction of old-class reference embeddings an update may disturb")
         parser.add_argument("--force", action="store_true", help="commit even if the update gate refuses")
 
 
@@ -193,26 +195,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("add-examples", help="strengthen an existing class with more examples")
     parser.add_argument("bundle", type=Path, help=bundle_help)
     parser.add_argument("name", help="existing class")
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="example images or folders of images")
     _writer_options(parser)
     parser.set_defaults(handler=_add_examples)
 
     parser = subparsers.add_parser("remove-class", help="remove a class (a new head version)")
     parser.add_argument("bundle", type=Path, help=bundle_help)
-    parser.add_argument("name")
+    parser.add_argument("name", help="the class to remove")
     _writer_options(parser)
     parser.set_defaults(handler=_remove_class)
 
     parser = subparsers.add_parser("rename-class", help="rename a class (a new head version)")
     parser.add_argument("bundle", type=Path, help=bundle_help)
-    parser.add_argument("old_name")
-    parser.add_argument("new_name")
+    parser.add_argument("old_name", help="the class's current name")
+    parser.add_argument("new_name", help="its new name")
     _writer_options(parser, gate=False)
     parser.set_defaults(handler=_rename_class)
 
     parser = subparsers.add_parser("history", help="list the kept head versions and what changed")
     parser.add_argument("bundle", type=Path, help=bundle_help)
-    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
     parser.set_defaults(handler=_history)
 
     parser = subparsers.add_parser("rollback", help="restore an earlier head version (committed as a new version)")
@@ -228,15 +230,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("bundle", type=Path, help=bundle_help)
     parser.add_argument("output", type=Path, help="delta file to write (e.g. device42.eadelta)")
     parser.add_argument("--source", help="name of this device in the host's provenance (default: host name)")
-    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
     parser.set_defaults(handler=_export_delta)
 
     parser = subparsers.add_parser("set-references", help="store update-gate reference embeddings from images",
                                    description="Embed a few images per class and store them as the update gate's "
                                    "reference embeddings. Give one folder per class, named after the class.")
     parser.add_argument("bundle", type=Path, help=bundle_help)
-    parser.add_argument("folders", nargs="+", type=Path, metavar="CLASS_FOLDER")
-    parser.add_argument("--per-class", type=int, default=5, help="references kept per class (default 5)")
+    parser.add_argument("folders", nargs="+", type=Path, metavar="CLASS_FOLDER",
+                        help="one folder of images per class, named after the class")
+    parser.add_argument("--per-class", type=int, default=5, help="references kept per class")
     _writer_options(parser, gate=False)
     parser.set_defaults(handler=_set_references)
 
@@ -247,13 +250,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--unknown", nargs="+", type=Path, metavar="IMAGE",
                         help="optional images of none of the classes")
     parser.add_argument("--accept-rate", type=float, default=0.95,
-                        help="fraction of known images to accept (default 0.95)")
+                        help="fraction of known images to accept")
     _writer_options(parser, gate=False)
     parser.set_defaults(handler=_calibrate_unknown)
 
     parser = subparsers.add_parser("classify-unknown", help="classify images, answering 'unknown' when unsure")
     parser.add_argument("bundle", type=Path, help=bundle_help)
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="images or folders of images")
+    add_backend_option(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
     parser.set_defaults(handler=_classify_unknown)

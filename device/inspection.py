@@ -20,7 +20,7 @@ def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
         f"name       {data.get('name', '?')}   version {data.get('version')}   parent {data.get('parent_version')}",
         f"id         {data.get('bundle_id')}",
         f"created    {data.get('created_at')}   schema {data.get('schema_version')}   checksums OK",
-        f"made by    " + ", ".join(f"{name} {version}" for name, version in data.get("created_by", {}).items()),
+        "made by    " + ", ".join(f"{name} {version}" for name, version in data.get("created_by", {}).items()),
         f"input      {spec.height}x{spec.width}x{spec.channels} {spec.color_order} uint8, resize={spec.resize}, "
         f"float = pixel*{spec.scale:.6g} + {spec.offset:.6g}",
         f"embedding  {bundle.manifest.embedding_size} floats",

@@ -171,7 +171,7 @@ class Manifest:
             if key not in data:
                 raise BundleError(f"{source} lacks the required field {key!r}; the bundle is incomplete")
         try:
-            self.input_spec
+            self.input_spec  # noqa: B018 - building the spec validates it
         except (InputError, TypeError) as error:
             raise BundleError(f"{source} has an invalid input spec: {error}") from error
         names = [entry.get("name") for entry in data["classes"]]

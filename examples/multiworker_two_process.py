@@ -167,7 +167,7 @@ def launch(output: Path, timeout: float, stream: bool = False, epochs: int = 4, 
     deadline = time.monotonic() + timeout
     failures = []
     try:
-        for index, (process, log) in enumerate(processes):
+        for index, (process, _log) in enumerate(processes):
             try:
                 code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

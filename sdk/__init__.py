@@ -1,9 +1,79 @@
 """edgeadapt: adapt image classifiers on and for edge devices (host side).
 
-Nothing heavy is imported here: TensorFlow loads only when a host function that needs
-it is called, so ``import edgeadapt.device`` works without TensorFlow installed.
+Everything a host user needs is one import away::
+
+    from edgeadapt import synthetic_dataset, train_classifier, split_classifier, export_bundle
+
+Data (:func:`load_image_folder`, :func:`synthetic_dataset`), training (:func:`train_classifier`,
+:func:`fine_tune`), the backbone/head split (:func:`split_classifier`), bundles
+(:func:`export_bundle`, :func:`import_classifier`, :func:`add_classes`, :func:`merge_heads`,
+:func:`merge_deltas`), input adaptation (:func:`adapt_input`), the option dataclasses they take,
+the device runtime (:class:`Runtime`, :class:`HeadUpdater`) and every error type
+(:class:`EdgeAdaptError` and its subclasses, from :mod:`edgeadapt.device.errors`).
+
+Nothing heavy is imported here: names load on first use, and TensorFlow loads only when a
+host function that needs it runs, so ``import edgeadapt.device`` works without TensorFlow.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_ERRORS = ("EdgeAdaptError", "BundleError", "InputError", "IncompatibleModelError", "DatasetError",
+           "ConversionError", "BackendUnavailableError", "UpdateError", "ConcurrentUpdateError")
+
+#: public name -> module that defines it (imported on first access)
+_EXPORTS: dict[str, str] = {
+    # data
+    "load_image_folder": "edgeadapt.data",
+    "SplitOptions": "edgeadapt.data",
+    "Dataset": "edgeadapt.data",
+    "synthetic_dataset": "edgeadapt.synthetic",
+    "SyntheticOptions": "edgeadapt.synthetic",
+    # training and fine-tuning
+    "train_classifier": "edgeadapt.training",
+    "ClassifierTrainingOptions": "edgeadapt.training",
+    "fine_tune": "edgeadapt.finetune",
+    "FineTuneOptions": "edgeadapt.finetune",
+    "split_classifier": "edgeadapt.model_split",
+    "load_keras_model": "edgeadapt.model_split",
+    "compute_embeddings": "edgeadapt.embeddings",
+    "adapt_input": "edgeadapt.input_adaptation",
+    # bundles
+    "export_bundle": "edgeadapt.converters.bundle_export",
+    "BundleExportOptions": "edgeadapt.converters.bundle_export",
+    "import_classifier": "edgeadapt.importing",
+    "ImportSettings": "edgeadapt.importing",
+    "add_classes": "edgeadapt.incremental",
+    "merge_heads": "edgeadapt.incremental",
+    "merge_deltas": "edgeadapt.deltas",
+    "MergeDeltasOptions": "edgeadapt.deltas",
+    "run_demo": "edgeadapt.pipeline",
+    "DemoOptions": "edgeadapt.pipeline",
+    # the device side, re-exported
+    "InputSpec": "edgeadapt.device.manifest",
+    "ClassStats": "edgeadapt.device.head",
+    "Head": "edgeadapt.device.head",
+    "Bundle": "edgeadapt.device.bundle",
+    "Runtime": "edgeadapt.device.runtime",
+    "HeadUpdater": "edgeadapt.device.updater",
+    **{name: "edgeadapt.device.errors" for name in _ERRORS},
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'edgeadapt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -207,7 +207,7 @@ class IncrementalBenchmarkReport:
         )
         if self.figures:
             lines.append("")
-            lines.append("figures (issue 4):")
+            lines.append("figures (targets of docs/INCREMENTAL.md):")
             for entry in self.figures.get("checks", []):
                 lines.append(f"  [{'PASS' if entry['passed'] else 'FAIL'}] {entry['text']}")
         lines.append(f"total time {self.seconds:.0f} s")

@@ -1,15 +1,18 @@
-"""``edgeadapt``: the host command line (train, export, inspect, adapt)."""
+"""``edgeadapt``: the host command line (train, export, inspect, adapt).
+
+Conventions (help with defaults, ``-v/-q``, exit codes 0/1/2, ``--json``/``--json-out``) come
+from :mod:`edgeadapt.device.cli_common` and reach every sub-command registered here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
-from pathlib import Path
 
+from edgeadapt import __version__
 from edgeadapt.device.cli import register_inspect
-from edgeadapt.device.errors import EdgeAdaptError
+from edgeadapt.device.cli_common import apply_conventions, run_main
 
 #: Modules that add sub-commands; each defines ``register(subparsers)``.
 COMMAND_MODULES = (
@@ -22,35 +25,35 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``edgeadapt`` parser with every sub-command of :data:`COMMAND_MODULES` and the shared conventions.
+
+    Returns:
+        The parser; each sub-command sets ``handler``.
+    """
     parser = argparse.ArgumentParser(
         prog="edgeadapt",
         description="Adapt image classifiers for edge devices: train a head, add classes without forgetting, "
         "export int8 TFLite/ONNX bundles that the TensorFlow-free device runtime (edgeadapt-device) runs.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_inspect(subparsers)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
-    return parser
-
-
-def configure_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * min(verbosity, 2) if verbosity else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("tensorflow", "absl", "h5py", "tf2onnx", "onnx", "PIL"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    return apply_conventions(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    arguments = parser.parse_args(argv)
-    configure_logging(arguments.verbose)
-    try:
-        return int(arguments.handler(arguments) or 0)
-    except EdgeAdaptError as error:
-        print(f"edgeadapt: error: {error}", file=sys.stderr)
-        return 2
+    """Run ``edgeadapt``.
+
+    Args:
+        argv: Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 success, 1 error or failed check, 2 usage error (raised as
+        ``SystemExit`` by argparse).
+    """
+    return run_main(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

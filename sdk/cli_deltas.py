@@ -29,6 +29,14 @@ def _merge_deltas(arguments: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``merge-deltas`` sub-command.
+
+    Args:
+        subparsers: The sub-parser group of the main parser.
+
+    Returns:
+        None.
+    """
     parser = subparsers.add_parser(
         "merge-deltas",
         help="fold delta files exported by devices into a new bundle version",
@@ -49,7 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="ignore examples that devices added to existing classes")
     parser.add_argument("--use-device-rows", action="store_true",
                         help="keep the devices' own head columns instead of recomputing them from the examples")
-    parser.add_argument("--method", help="head math method (edgeadapt.device.incremental.METHODS)")
+    from edgeadapt.device.incremental import DEFAULT_METHOD, METHODS
+
+    parser.add_argument("--method", choices=tuple(METHODS),
+                        help=f"head math of the recomputed columns (default: {DEFAULT_METHOD})")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of a table")
     parser.set_defaults(handler=_merge_deltas)

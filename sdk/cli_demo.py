@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import sys
 from pathlib import Path
 
+from edgeadapt.device.cli_common import add_json_options, emit_report, keras_verbosity, verbosity_of
 
-def register(subparsers) -> None:
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``demo`` sub-command.
+
+    Args:
+        subparsers: The sub-parser group of the main parser.
+
+    Returns:
+        None.
+    """
     parser = subparsers.add_parser(
         "demo",
         help="train a classifier, export an int8 TFLite + ONNX bundle, classify with the device runtime",
@@ -21,16 +30,26 @@ def register(subparsers) -> None:
     parser.add_argument("--data", type=Path, help="image folder: one sub-folder per class (default: built-in data)")
     parser.add_argument("--image-size", type=int, help="train/export resolution (default 32 built-in, 64 for --data)")
     parser.add_argument("--epochs", type=int, help="training epochs (default 15)")
-    parser.add_argument("--formats", default="tflite,onnx", help="comma-separated: tflite,onnx (default both)")
+    parser.add_argument("--formats", default="tflite,onnx", help="comma-separated: tflite,onnx")
     parser.add_argument("--seed", type=int, default=0, help="random seed for split, init and augmentation")
-    parser.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    add_json_options(parser)
     parser.add_argument("--min-accuracy", type=float,
                         help="exit with status 1 if the int8 device accuracy of any format is below this")
     parser.set_defaults(handler=run)
 
 
 def run(arguments: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Run ``edgeadapt demo``.
+
+    Args:
+        arguments: The parsed command line.
+
+    Returns:
+        0, or 1 when ``--min-accuracy`` is not reached.
+
+    Raises:
+        EdgeAdaptError: When the data, the training or an export fails.
+    """
     from edgeadapt.pipeline import DemoOptions, run_demo
 
     report = run_demo(
@@ -41,14 +60,14 @@ def run(arguments: argparse.Namespace) -> int:
             epochs=arguments.epochs,
             formats=tuple(name.strip() for name in arguments.formats.split(",") if name.strip()),
             seed=arguments.seed,
+            verbose=keras_verbosity(verbosity_of(arguments)),
         )
     )
-    print(report.table())
-    if arguments.json:
-        arguments.json.write_text(json.dumps(report.to_dict(), indent=2))
+    emit_report(arguments, report.table(), report.to_dict())
     if arguments.min_accuracy is not None:
         worst = min(row.runtime_accuracy for row in report.formats)
         if worst < arguments.min_accuracy:
-            print(f"int8 device accuracy {worst:.3f} is below the floor {arguments.min_accuracy:.3f}")
+            print(f"edgeadapt: int8 device accuracy {worst:.3f} is below the floor {arguments.min_accuracy:.3f}",
+                  file=sys.stderr)
             return 1
     return 0

@@ -8,27 +8,33 @@ import logging
 import os
 from pathlib import Path
 
+from edgeadapt.device.cli_common import (
+    add_deprecated_alias,
+    add_json_options,
+    emit_report,
+    keras_verbosity,
+    parse_image_size,
+    verbosity_of,
+)
 from edgeadapt.device.errors import InputError
 
 logger = logging.getLogger(__name__)
 DISTRIBUTIONS = ("none", "mirrored", "multi-worker")
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """"128x96" -> (128, 96) (height x width); "128" -> (128, 128)."""
-    parts = text.lower().replace("*", "x").split("x")
-    try:
-        values = [int(part) for part in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be HxW (e.g. 128x128) or one number, got {text!r}") from None
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"size must be HxW with positive numbers, got {text!r}")
-    return values[0], values[1]
+#: "128x96" -> (128, 96) (height x width); "128" -> (128, 128).
+parse_size = parse_image_size
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``adapt-input`` and ``train`` sub-commands.
+
+    Args:
+        subparsers: The sub-parser group of the main parser.
+
+    Returns:
+        None.
+    """
     adapt = subparsers.add_parser(
         "adapt-input",
         help="give a Keras model a new input size and/or channel count, reusing its weights",
@@ -40,7 +46,9 @@ def register(subparsers) -> None:
         "the head, e.g. `edgeadapt train --strategy head_only`). MODEL is never modified.",
     )
     adapt.add_argument("model", type=Path, help="Keras model file (.keras)")
-    adapt.add_argument("--size", type=parse_size, help="new input size HxW, e.g. 128x128 (default: unchanged)")
+    adapt.add_argument("--image-size", type=parse_size, dest="size", metavar="HxW",
+                       help="new input size HxW, e.g. 128x128 (default: unchanged)")
+    add_deprecated_alias(adapt, "--size", "--image-size", dest="size", type=parse_size)
     adapt.add_argument("--channels", type=int, help="new channel count: 1 (grayscale) or 3 (RGB) (default: unchanged)")
     adapt.add_argument("--out", type=Path, required=True, help="new model file (.keras)")
     adapt.add_argument("--replace-flatten", action="store_true",
@@ -65,9 +73,11 @@ def register(subparsers) -> None:
     )
     train.add_argument("--data", type=Path, required=True, help="image folder: one sub-folder per class")
     train.add_argument("--model", type=Path, required=True, help="pretrained Keras classifier or backbone (.keras)")
-    train.add_argument("--strategy", default="head_only", help="head_only | top_layers:N | full (default head_only)")
+    train.add_argument("--strategy", default="head_only", help="head_only | top_layers:N | full")
     train.add_argument("--out", type=Path, required=True, help="OUT.keras (model) or a bundle directory, e.g. OUT.eab")
-    train.add_argument("--size", type=parse_size, help="adapt the model to this input size HxW first")
+    train.add_argument("--image-size", type=parse_size, dest="size", metavar="HxW",
+                       help="adapt the model to this input size HxW first")
+    add_deprecated_alias(train, "--size", "--image-size", dest="size", type=parse_size)
     train.add_argument("--channels", type=int, help="adapt the model to 1 or 3 channels first")
     train.add_argument("--classes", help="comma-separated subset of class folders (default: all)")
     train.add_argument("--stream", action="store_true",
@@ -76,28 +86,29 @@ def register(subparsers) -> None:
                        "(identical with --stream-decoder pillow); only calibration and parity images are loaded for "
                        "a bundle. With --distribute multi-worker each worker reads only its shard of the files")
     train.add_argument("--stream-decoder", choices=("tensorflow", "pillow"), default="tensorflow",
-                       help="with --stream: decode with TensorFlow ops (fast, default) or with the device's Pillow "
+                       help="with --stream: decode with TensorFlow ops (fast) or with the device's Pillow "
                        "preprocessing (identical pixels, slower)")
-    train.add_argument("--epochs", type=int, default=10, help="backbone-stage epochs (top_layers/full, default 10)")
-    train.add_argument("--head-epochs", type=int, default=40, help="head-stage epochs (default 40)")
-    train.add_argument("--learning-rate", type=float, default=1e-3, help="head learning rate (default 1e-3)")
+    train.add_argument("--epochs", type=int, default=10, help="backbone-stage epochs (top_layers/full)")
+    train.add_argument("--head-epochs", type=int, default=40, help="head-stage epochs")
+    train.add_argument("--learning-rate", type=float, default=1e-3, help="head learning rate")
     train.add_argument("--backbone-learning-rate", type=float,
                        help="backbone learning rate (default: head learning rate / 10)")
-    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--batch-size", type=int, default=32, help="images per training step")
     train.add_argument("--patience", type=int, default=3, help="early-stopping patience of the backbone stage")
     train.add_argument("--augment", action="store_true", help="random flip/zoom/shift/brightness/contrast (backbone stage)")
-    train.add_argument("--validation-fraction", type=float, default=0.15, help="validation share per class (default 0.15)")
-    train.add_argument("--test-fraction", type=float, default=0.15, help="held-out test share per class (default 0.15)")
+    train.add_argument("--validation-fraction", type=float, default=0.15, help="validation share per class")
+    train.add_argument("--test-fraction", type=float, default=0.15, help="held-out test share per class")
     train.add_argument("--embedding-cache", type=Path, help="folder to cache embeddings in (head stage)")
     train.add_argument("--distribute", choices=DISTRIBUTIONS, default="none",
                        help="tf.distribute strategy: none, mirrored (all local devices) or multi-worker (TF_CONFIG)")
-    train.add_argument("--formats", default="tflite,onnx", help="bundle formats, comma-separated (default tflite,onnx)")
+    train.add_argument("--formats", default="tflite,onnx", help="bundle formats, comma-separated")
     train.add_argument("--save-model", type=Path, help="also save the fine-tuned classifier here (.keras)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--keras-verbose", type=int, choices=(0, 1, 2), default=2,
-                       help="Keras progress output: 0 none, 1 bar, 2 one line per epoch (default)")
-    train.add_argument("--json", type=Path, help="also write a JSON report here")
+    train.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the augmentation")
+    train.add_argument("--keras-verbose", type=int, choices=(0, 1, 2),
+                       help="Keras progress output: 0 none, 1 bar, 2 one line per epoch (default: a bar on a "
+                       "terminal, nothing in a redirected log, one line per epoch with -v)")
+    add_json_options(train)
     train.set_defaults(handler=run_train)
 
 
@@ -107,13 +118,23 @@ def _check_output(path: Path, overwrite: bool) -> None:
 
 
 def run_adapt_input(arguments: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Run ``edgeadapt adapt-input``.
+
+    Args:
+        arguments: The parsed command line.
+
+    Returns:
+        0.
+
+    Raises:
+        EdgeAdaptError: When the model cannot take the new input shape or --out exists.
+    """
     from edgeadapt.input_adaptation import adapt_input_with_report
 
     if arguments.out.suffix != ".keras":
         raise InputError(f"--out must be a .keras file, got {arguments.out.name}")
     if arguments.size is None and arguments.channels is None:
-        raise InputError("nothing to change: give --size HxW and/or --channels N")
+        raise InputError("nothing to change: give --image-size HxW and/or --channels N")
     _check_output(arguments.out, arguments.overwrite)
     height, width = arguments.size if arguments.size else (None, None)
     model, report = adapt_input_with_report(arguments.model, height=height, width=width,
@@ -155,7 +176,17 @@ def is_chief() -> bool:
 
 
 def run_train(arguments: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Run ``edgeadapt train``.
+
+    Args:
+        arguments: The parsed command line.
+
+    Returns:
+        0.
+
+    Raises:
+        EdgeAdaptError: When the data, the model, the training or the export fails.
+    """
     # A multi-worker strategy must exist before any other TensorFlow work.
     distribution = _distribution(arguments.distribute)
     from edgeadapt.data import SplitOptions, load_image_folder
@@ -176,7 +207,8 @@ def run_train(arguments: argparse.Namespace) -> int:
         validation_fraction=arguments.validation_fraction,
         embedding_cache=arguments.embedding_cache,
         seed=arguments.seed,
-        verbose=arguments.keras_verbose,
+        verbose=(keras_verbosity(verbosity_of(arguments)) if arguments.keras_verbose is None
+                 else arguments.keras_verbose),
     )
     chief = is_chief()
     if chief:
@@ -215,17 +247,18 @@ def run_train(arguments: argparse.Namespace) -> int:
         "output": str(arguments.out),
     }
     tested = f"test accuracy {accuracy:.3f}" if accuracy == accuracy else "test split evaluated by the chief"
-    print(f"strategy {options.label}: {tested} on {len(dataset.test)} images ({result.total_seconds:.0f} s)")
+    lines = [f"strategy {options.label}: {tested} on {len(dataset.test)} images ({result.total_seconds:.0f} s)"]
     if result.backbone_changed:
-        print(f"the backbone changed: fingerprint {result.backbone_fingerprint[:19]}... (was "
+        lines.append(f"the backbone changed: fingerprint {result.backbone_fingerprint[:19]}... (was "
               f"{result.previous_backbone_fingerprint[:19]}...). Heads and device-added classes of bundles made "
               "from the old backbone are not compatible with it; ship this new bundle instead.")
     if not chief:
-        print("not the chief worker: nothing written")
+        lines.append("not the chief worker: nothing written")
+        print(json.dumps(report, indent=2) if arguments.json else "\n".join(lines))
         return 0
     if arguments.out.suffix == ".keras":
         result.save_model(arguments.out)
-        print(f"saved {arguments.out}")
+        lines.append(f"saved {arguments.out}")
     else:
         from edgeadapt.converters.bundle_export import BundleExportOptions
 
@@ -233,10 +266,9 @@ def run_train(arguments: argparse.Namespace) -> int:
         export = result.export_bundle(arguments.out, dataset, BundleExportOptions(
             formats=formats, name=arguments.out.stem, overwrite=arguments.overwrite))
         report["parity"] = {name: parity.to_dict() for name, parity in export.parity.items()}
-        print(f"bundle written: {arguments.out}")
+        lines.append(f"bundle written: {arguments.out}")
     if arguments.save_model:
         result.save_model(arguments.save_model)
-        print(f"saved {arguments.save_model}")
-    if arguments.json:
-        arguments.json.write_text(json.dumps(report, indent=2))
+        lines.append(f"saved {arguments.save_model}")
+    emit_report(arguments, "\n".join(lines), report)
     return 0

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
+from edgeadapt.device.cli_common import add_deprecated_alias, add_json_options, emit_report, parse_image_size
 from edgeadapt.device.errors import InputError
 
 
@@ -17,16 +16,15 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
 
 
-def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        height, width = (int(part) for part in parts)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 224x224), got {text!r}") from error
-    return height, width
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``import`` and ``export-fused`` sub-commands.
 
+    Args:
+        subparsers: The sub-parser group of the main parser.
 
-def register(subparsers) -> None:
+    Returns:
+        None.
+    """
     parser = subparsers.add_parser(
         "import",
         help="import a third-party .tflite/.onnx/.keras classifier into a bundle",
@@ -42,7 +40,7 @@ def register(subparsers) -> None:
                         "for later updates; for .keras also the int8 calibration images")
     parser.add_argument("--probe-images", type=Path, nargs="+", default=(), metavar="IMAGE",
                         help="images to check the import on (besides generated probes)")
-    parser.add_argument("--probes", type=int, default=32, help="number of generated probe images (default 32)")
+    parser.add_argument("--probes", type=int, default=32, help="number of generated probe images")
     parser.add_argument("--name", help="bundle name (default: the model file name)")
     parser.add_argument("--input-scale", type=float, help="float models: model input = pixel * SCALE + OFFSET")
     parser.add_argument("--input-offset", type=float, help="float models: see --input-scale")
@@ -50,16 +48,18 @@ def register(subparsers) -> None:
     parser.add_argument("--std", type=_floats, help="ONNX: per-channel std, e.g. 0.229,0.224,0.225")
     parser.add_argument("--color-order", choices=("RGB", "BGR"), default="RGB", help="colour order the model expects")
     parser.add_argument("--resize", choices=("stretch", "center_crop"), default="stretch",
-                        help="how the device fits images to the input size (default stretch)")
+                        help="how the device fits images to the input size")
     parser.add_argument("--resample", choices=("lanczos", "bilinear", "bicubic", "nearest"), default="lanczos",
                         help="resize filter the device uses for images of another size (default lanczos, as in "
                              "model-zoo reference pipelines; bilinear is cheaper)")
-    parser.add_argument("--input-size", type=_size, help="HxW for models with a dynamic input size")
+    parser.add_argument("--image-size", type=parse_image_size, dest="input_size", metavar="HxW",
+                        help="input size for models with a dynamic input size, e.g. 224x224")
+    add_deprecated_alias(parser, "--input-size", "--image-size", dest="input_size", type=parse_image_size)
     parser.add_argument("--no-onnx", action="store_true", help="TFLite imports: do not add an ONNX backbone")
     parser.add_argument("--min-agreement", type=float,
                         help="fail below this top-1 agreement with the original (default 1.0; 0.9 for int8 Keras)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
-    parser.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    add_json_options(parser)
     parser.set_defaults(handler=run_import)
 
     fused = subparsers.add_parser(
@@ -67,20 +67,30 @@ def register(subparsers) -> None:
         help="write one model file (backbone + head + softmax, labels embedded) for phone apps",
         description="Fuse the bundle's backbone (int8 where it is int8), current head and softmax into one .tflite "
         "(TFLite Metadata + labels.txt packed in) or .onnx (metadata_props) file that takes uint8 pixels and returns "
-        "probabilities, and check it against the split bundle on probe images (100%% top-1 agreement required).",
+        "probabilities, and check it against the split bundle on probe images (100% top-1 agreement required).",
     )
     fused.add_argument("bundle", type=Path, help="bundle directory (NAME.eab) or packed bundle (.zip)")
     fused.add_argument("--format", choices=("tflite", "onnx"), required=True, help="fused file format")
     fused.add_argument("--out", type=Path, required=True, help="file to write (.tflite or .onnx)")
     fused.add_argument("--probe-images", type=Path, nargs="+", default=(), metavar="IMAGE",
                        help="images to check the fused file on (besides generated probes)")
-    fused.add_argument("--probes", type=int, default=16, help="number of generated probe images (default 16)")
-    fused.add_argument("--json", type=Path, help="also write the result as JSON to this file")
+    fused.add_argument("--probes", type=int, default=16, help="number of generated probe images")
+    add_json_options(fused, "the result")
     fused.set_defaults(handler=run_export_fused)
 
 
 def run_import(arguments: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Run ``edgeadapt import``.
+
+    Args:
+        arguments: The parsed command line.
+
+    Returns:
+        0.
+
+    Raises:
+        EdgeAdaptError: When the model cannot be imported or fails the agreement check.
+    """
     from edgeadapt.converters.tflite_import import ImportOptions
     from edgeadapt.importing import ImportSettings, import_classifier
 
@@ -101,13 +111,22 @@ def run_import(arguments: argparse.Namespace) -> int:
         overwrite=arguments.overwrite,
     )
     report = import_classifier(arguments.model, arguments.labels, arguments.out, settings)
-    print(report.table())
-    if arguments.json:
-        arguments.json.write_text(json.dumps(report.to_dict(), indent=2))
+    emit_report(arguments, report.table(), report.to_dict())
     return 0
 
 
 def run_export_fused(arguments: argparse.Namespace) -> int:
+    """Run ``edgeadapt export-fused``.
+
+    Args:
+        arguments: The parsed command line.
+
+    Returns:
+        0.
+
+    Raises:
+        EdgeAdaptError: When the bundle cannot be fused or the fused file disagrees with it.
+    """
     from edgeadapt.converters.fused_export import export_fused
     from edgeadapt.device.bundle import Bundle
     from edgeadapt.device.preprocessing import prepare_batch
@@ -117,11 +136,10 @@ def run_export_fused(arguments: argparse.Namespace) -> int:
     if arguments.probe_images:
         probe_images = prepare_batch([str(path) for path in arguments.probe_images], bundle.manifest.input_spec)
     result = export_fused(bundle, arguments.out, arguments.format, probe_images=probe_images, probes=arguments.probes)
-    print(
+    text = (
         f"wrote {result.path} ({result.format}, {result.size / 1024:.0f} KiB, {result.num_classes} classes, "
         f"backbone {result.backbone_quantization}, float32 head); vs split bundle on {result.probes} probes: "
         f"top-1 agreement {result.top1_agreement:.3f}, max score difference {result.max_score_difference:.2g}"
     )
-    if arguments.json:
-        arguments.json.write_text(json.dumps(result.to_dict(), indent=2))
+    emit_report(arguments, text, result.to_dict())
     return 0

@@ -256,8 +256,10 @@ def split_entries(labels: np.ndarray, options: SplitOptions) -> tuple[np.ndarray
 
 
 def _progress(items: list, enabled: bool):
-    if not enabled or len(items) <= _PROGRESS_MIN_IMAGES:
-        return items
+    from edgeadapt.device.console import progress_enabled
+
+    if not enabled or len(items) <= _PROGRESS_MIN_IMAGES or not progress_enabled():
+        return items  # no bar in redirected logs
     try:
         from tqdm import tqdm
     except ImportError:
@@ -272,7 +274,21 @@ def load_image_folder(
     classes: Sequence[str] | None = None,
     progress: bool = True,
 ) -> Dataset:
-    """Scan, split and decode a dataset folder into a :class:`Dataset` prepared for ``spec``."""
+    """Scan, split and decode a dataset folder into a :class:`Dataset` prepared for ``spec``.
+
+    Args:
+        root: Folder with one sub-folder of JPEG/PNG/BMP images per class.
+        spec: Input size, channels and resize rule the images are prepared for.
+        options: Validation/test fractions and seed of the per-class split.
+        classes: Sub-folders to load, in this label order (default: all, sorted).
+        progress: Draw a progress bar (only on a terminal).
+
+    Returns:
+        The split dataset with uint8 images prepared exactly as the device runtime prepares them.
+
+    Raises:
+        DatasetError: When the folder, a class or an image cannot be used.
+    """
     class_names, entries = scan_image_folder(root, classes)
     images = np.empty((len(entries),) + spec.shape, dtype=np.uint8)
     for index, entry in enumerate(_progress(entries, progress)):

@@ -121,6 +121,20 @@ def merge_deltas(
     Raises :class:`InputError` on unresolved name clashes (listing all of them) and
     :class:`IncompatibleModelError` for a delta made with another backbone; nothing is
     written on error.
+
+    Args:
+        bundle_path: The base bundle the devices started from.
+        delta_paths: Delta files written by ``edgeadapt-device export-delta``.
+        output: The directory of the new bundle version.
+        options: Clash handling, renames, method, ``overwrite``.
+
+    Returns:
+        The classes merged, from which device, and how clashes were resolved.
+
+    Raises:
+        InputError: Unresolved name clashes.
+        IncompatibleModelError: A delta made with another backbone.
+        BundleError: A file that cannot be read or an existing ``output``.
     """
     from edgeadapt.device.updater import check_class_name
     from edgeadapt.device import incremental

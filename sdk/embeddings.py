@@ -7,8 +7,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import sys
+
 import numpy as np
 
+from edgeadapt.device.console import progress_enabled
 from edgeadapt.device.manifest import InputSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,6 +32,19 @@ def compute_embeddings(
 
     Images are normalised batch by batch inside a tf.data pipeline, so memory stays at one
     batch of floats; Keras shows its progress bar when ``progress`` and there are many batches.
+
+    Args:
+        backbone: The Keras backbone (image -> embedding).
+        images: uint8 images (N, H, W, C) prepared for ``spec``.
+        spec: The input spec (pixel scale and offset).
+        batch_size: Images per inference batch.
+        progress: Allow Keras' progress bar (only drawn on a terminal).
+
+    Returns:
+        The (N, D) float32 embeddings.
+
+    Raises:
+        InputError: When the images do not match ``spec``.
     """
     import tensorflow as tf
 
@@ -41,7 +57,8 @@ def compute_embeddings(
         .map(lambda batch: tf.cast(batch, tf.float32) * scale + offset)
         .prefetch(2)
     )
-    verbose = 1 if progress and images.shape[0] > 4 * batch_size else 0
+    # Keras draws its bar (with colour codes) on stdout: only on a terminal
+    verbose = 1 if progress and images.shape[0] > 4 * batch_size and progress_enabled(sys.stdout) else 0
     return np.asarray(backbone.predict(dataset, verbose=verbose), dtype=np.float32)
 
 

@@ -241,7 +241,7 @@ class FineTuneResult:
 
         options = options or BundleExportOptions()
         if _is_stream(dataset):
-            train, test = _export_samples(dataset, options.calibration_samples, max_evaluation_images)
+            train, test = export_samples(dataset, options.calibration_samples, max_evaluation_images)
         else:
             train, test = dataset.train, dataset.test
         has_test = len(test) > 0
@@ -267,8 +267,22 @@ def _is_stream(dataset: Any) -> bool:
     return isinstance(dataset, StreamingImageFolder)
 
 
-def _export_samples(stream: "StreamingImageFolder", calibration_count: int, max_evaluation_images: int):
-    """(calibration ImageSet, evaluation ImageSet) loaded from a streamed folder: only the images export uses."""
+def export_samples(stream: "StreamingImageFolder", calibration_count: int, max_evaluation_images: int):
+    """Load from a streamed folder only the images a bundle export uses.
+
+    The calibration images are the ones the in-memory path would pick, so both calibrate alike.
+
+    Args:
+        stream: The streamed folder.
+        calibration_count: Calibration images to pick (stratified by class).
+        max_evaluation_images: Most test images for the parity check (a stratified sample).
+
+    Returns:
+        ``(calibration ImageSet, evaluation ImageSet)``.
+
+    Raises:
+        InputError: When there are no training images or ``max_evaluation_images`` < 1.
+    """
     from edgeadapt.converters.calibration import select_calibration_images
 
     if max_evaluation_images < 1:
@@ -727,6 +741,19 @@ def fine_tune(
     optional ``tf.distribute.Strategy``; with MultiWorkerMirroredStrategy every worker runs
     this same call (and, on a streamed folder, reads only its own shard of the files).
     ``model`` is never modified.
+
+    Args:
+        model: A Keras classifier or backbone, or a ``.keras`` file.
+        dataset: In-memory dataset or streamed folder at the model's input size.
+        options: Strategy (head_only, top_layers:N, full), epochs, learning rates, seed.
+        distribution_strategy: Optional ``tf.distribute.Strategy``.
+
+    Returns:
+        The fine-tuned backbone and head with timings and fingerprints; it exports bundles.
+
+    Raises:
+        InputError: When the options do not fit the model or the data.
+        IncompatibleModelError: When the model cannot be split into backbone and head.
     """
     import keras
 

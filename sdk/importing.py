@@ -125,7 +125,7 @@ class ImportReport:
             f"float = pixel*{spec['scale']:.6g} + {spec['offset']:.6g} ({self.normalization_source})",
             f"classes       {self.num_classes}, embedding {self.embedding_size}, head {self.head_size / 1024:.0f} KiB "
             f"float32",
-            f"statistics    " + (f"{self.statistics_examples} images of {self.statistics_classes} classes"
+            "statistics    " + (f"{self.statistics_examples} images of {self.statistics_classes} classes"
                                  if self.statistics_examples else "none (updaters use the statistics-free fallback)"),
             f"import time   {self.import_seconds:.1f} s",
         ]
@@ -351,7 +351,22 @@ def import_classifier(
     output: str | Path,
     settings: ImportSettings = ImportSettings(),
 ) -> ImportReport:
-    """Import a .tflite/.onnx/.keras classifier into a bundle at ``output`` (see the module doc)."""
+    """Import a .tflite/.onnx/.keras classifier into a bundle at ``output`` (see the module doc).
+
+    Args:
+        model_path: The classifier file: ``.tflite``, ``.onnx`` or ``.keras``.
+        labels: A labels file (one class name per line, output order) or the names.
+        output: The bundle directory to write.
+        settings: Input options, optional class-image folder, probes, agreement floor, overwrite.
+
+    Returns:
+        What was imported and the measured top-1 agreement with the original per format.
+
+    Raises:
+        ConversionError: When the file cannot be read or converted.
+        IncompatibleModelError: When the model has no recognisable classifier head.
+        InputError: When the labels or settings do not fit the model or the agreement is too low.
+    """
     from edgeadapt.converters.bundle_export import created_by
     from edgeadapt.converters.parity import run_exported
     from edgeadapt.device.bundle import Bundle, head_payload, write_bundle
@@ -426,7 +441,7 @@ def import_classifier(
     fingerprint = file_fingerprint(model_path.read_bytes())
     files: dict[str, Any] = {}
     models = []
-    for check, (model_format, exported) in zip(checks, prepared.backbones.items()):
+    for check, exported in zip(checks, prepared.backbones.values()):
         files[check.file] = exported.content
         models.append({"file": check.file, **exported.describe()})
     stats = with_ridge_basis(head, stats)  # lets the device add classes to large heads fast

@@ -368,6 +368,25 @@ def add_classes(
     Old-class rows are bit-identical to the parent's unless ``resolve``. Raises
     :class:`InputError` (names, examples), :class:`IncompatibleModelError` (missing
     statistics, unsupported head) or :class:`BundleError`; nothing is written on error.
+
+    Args:
+        bundle: The parent bundle (path or opened :class:`Bundle`).
+        new_data: The new classes' examples (see above).
+        output: The directory of the new bundle version.
+        classes: The classes of ``new_data`` to add (default: all).
+        options: The head math (:class:`AddClassOptions`).
+        replay: Optional examples of the old classes.
+        resolve: Re-fit all rows jointly (old-class outputs change).
+        backend: Interpreter that embeds images: auto, litert, tflite-runtime or onnxruntime.
+        overwrite: Replace ``output`` if it exists.
+
+    Returns:
+        The new version's path, classes, per-class figures and whether old rows stayed identical.
+
+    Raises:
+        InputError: Bad class names or examples.
+        IncompatibleModelError: Missing statistics or an unsupported head.
+        BundleError: The parent cannot be read or ``output`` exists.
     """
     parent = _open(bundle)
     output = _check_output(output, overwrite, [parent])
@@ -511,6 +530,21 @@ def merge_heads(
     b's columns are recomputed from its class statistics and calibrated against a's
     columns (see :func:`edgeadapt.device.incremental.merge_heads`); a's rows stay
     bit-identical. Class names must not clash.
+
+    Args:
+        a: The base bundle.
+        b: The bundle (or named head) whose classes are appended.
+        output: The directory of the new version of ``a``.
+        options: The head math (:class:`AddClassOptions`).
+        overwrite: Replace ``output`` if it exists.
+
+    Returns:
+        The new version's path, classes and per-class figures.
+
+    Raises:
+        IncompatibleModelError: When the backbones differ or statistics are missing.
+        InputError: When class names clash.
+        BundleError: When a bundle cannot be read or ``output`` exists.
     """
     parent = _open(a)
     output = _check_output(output, overwrite, [parent])

@@ -362,6 +362,22 @@ def adapt_input(
     new size without ``replace_flatten``, an unadaptable first layer, a non-Keras file) or
     :class:`InputError` (a size below the model's minimum, channels other than 1 or 3).
     ``model`` itself is never modified; see :func:`adapt_input_with_report` for details.
+
+    Args:
+        model: A Keras model or ``.keras`` file.
+        height: New input height (None: unchanged).
+        width: New input width (None: unchanged).
+        channels: New channel count, 1 or 3 (None: unchanged).
+        replace_flatten: Swap Flatten for global average pooling when a Dense layer depends on
+            the input size.
+        spread: Gray -> RGB rule for the first kernel: "equal" or "luma".
+
+    Returns:
+        The new Keras model.
+
+    Raises:
+        IncompatibleModelError: When the structure cannot follow the change (see above).
+        InputError: When the size or channel count is invalid.
     """
     return adapt_input_with_report(model, height, width, channels, replace_flatten, spread)[0]
 

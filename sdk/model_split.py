@@ -34,7 +34,17 @@ class SplitModel:
 
 
 def load_keras_model(source: ModelSource) -> "keras.Model":
-    """Load a ``.keras`` file (or return an in-memory model); clear errors for anything else."""
+    """Load a ``.keras`` file (or return an in-memory model); clear errors for anything else.
+
+    Args:
+        source: A ``.keras`` file or a Keras model.
+
+    Returns:
+        The Keras model.
+
+    Raises:
+        IncompatibleModelError: When the file is missing, is not a Keras file or cannot be loaded.
+    """
     import keras
 
     if isinstance(source, keras.Model):
@@ -73,6 +83,17 @@ def split_classifier(source: ModelSource, embedding_layer: str | None = None) ->
     The head keeps the Dense weights as float32 (softmax is applied by the runtime). If the
     named layer does not feed the final Dense directly, ``head`` is None and a head must be
     trained on the embeddings.
+
+    Args:
+        source: A Keras classifier or a ``.keras`` file.
+        embedding_layer: Name of the layer whose output is the embedding (default: the input of
+            the final Dense layer).
+
+    Returns:
+        The backbone (image -> embedding) and the linear head (or None, see above).
+
+    Raises:
+        IncompatibleModelError: When the model has no final Dense layer or no such layer.
     """
     import keras
 

@@ -12,6 +12,8 @@ import numpy as np
 from edgeadapt.device.head import ClassStats
 
 logger = logging.getLogger(__name__)
+#: Held-out test images per class that the demo writes to OUT/samples/ (for trying the bundle).
+SAMPLES_PER_CLASS = 3
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class DemoReport:
     float_bundle_size: int
     train_seconds: float
     formats: list[FormatResult] = field(default_factory=list)
+    samples_path: Path | None = None
 
     def table(self) -> str:
         """A short human-readable table of the results."""
@@ -63,6 +66,8 @@ class DemoReport:
             f"keras test accuracy: {self.keras_accuracy:.3f}  (trained in {self.train_seconds:.0f} s)",
             f"bundle             : {self.bundle_path}  ({self.bundle_size / 1024:.0f} KiB int8; "
             f"float32 backbones would be {self.float_bundle_size / 1024:.0f} KiB)",
+            *([f"sample images      : {self.samples_path}/<class>/0000.png ... (held-out test images)"]
+              if self.samples_path else []),
             "",
             f"{'format':<8}{'float acc':>10}{'int8 acc':>10}{'agree':>8}{'float KiB':>11}{'int8 KiB':>10}"
             f"{'device acc':>12}{'ms/image':>10}  backend",
@@ -80,6 +85,7 @@ class DemoReport:
 
         data = asdict(self)
         data["bundle_path"] = str(self.bundle_path)
+        data["samples_path"] = None if self.samples_path is None else str(self.samples_path)
         return data
 
 
@@ -108,8 +114,28 @@ def measure_latency(runtime, images: np.ndarray, repeats: int = 50) -> float:
     return float(np.median(timings) * 1000.0)
 
 
+def _write_samples(folder: Path, dataset, per_class: int = SAMPLES_PER_CLASS) -> Path:
+    """A few held-out test images per class as PNG files, to try the bundle on (README)."""
+    from edgeadapt.data import write_image_folder
+
+    chosen = np.concatenate([np.flatnonzero(dataset.test.labels == label)[:per_class]
+                             for label in range(len(dataset.class_names))])
+    return write_image_folder(folder, dataset.class_names, dataset.test.images[chosen], dataset.test.labels[chosen])
+
+
 def run_demo(options: DemoOptions) -> DemoReport:
-    """Train the built-in classifier, export an int8 TFLite + ONNX bundle, classify with the device runtime."""
+    """Train the built-in classifier, export an int8 TFLite + ONNX bundle, classify with the device runtime.
+
+    Args:
+        options: Output folder, data (default: built-in), image size, epochs, formats, seed.
+
+    Returns:
+        Accuracy, sizes and latency of each format, with the bundle path.
+
+    Raises:
+        DatasetError: When ``options.data`` cannot be loaded.
+        ConversionError: When an export fails.
+    """
     from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
     from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings
     from edgeadapt.device.runtime import Runtime
@@ -172,6 +198,7 @@ def run_demo(options: DemoOptions) -> DemoReport:
         bundle_size=bundle.total_size(),
         float_bundle_size=head_bytes + sum(export.float_sizes.values()),
         train_seconds=train_seconds,
+        samples_path=_write_samples(output / "samples", dataset),
     )
     backend_for = {"tflite": "auto", "onnx": "onnxruntime"}
     for model_format in options.formats:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -483,6 +484,8 @@ def stream_embeddings(backbone: "keras.Model", stream: StreamingImageFolder, spl
     if not len(files):
         return np.zeros((0, int(backbone.outputs[0].shape[-1])), np.float32)
     dataset = stream.dataset(files, batch_size, labels=False)
-    verbose = 1 if progress and len(files) > 4 * batch_size else 0
+    from edgeadapt.device.console import progress_enabled
+
+    verbose = 1 if progress and len(files) > 4 * batch_size and progress_enabled(sys.stdout) else 0
     with stream.reading(files):
         return np.asarray(backbone.predict(dataset, verbose=verbose), dtype=np.float32)

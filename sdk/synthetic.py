@@ -130,7 +130,18 @@ def synthetic_dataset(
     options: SyntheticOptions = SyntheticOptions(),
     split: SplitOptions = SplitOptions(),  # noqa: B008 (frozen)
 ) -> Dataset:
-    """The synthetic shapes as a split :class:`Dataset` (no files involved)."""
+    """The synthetic shapes as a split :class:`Dataset` (no files involved).
+
+    Args:
+        options: Which shapes, how many images per class, image size and seed.
+        split: Validation/test fractions and seed of the per-class split.
+
+    Returns:
+        The split dataset with its :class:`InputSpec` and class names.
+
+    Raises:
+        InputError: When an option is out of range.
+    """
     class_names, images, labels = generate_images(options)
     spec = InputSpec(
         height=options.image_size,

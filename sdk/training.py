@@ -75,6 +75,17 @@ def train_classifier(dataset, options: ClassifierTrainingOptions = ClassifierTra
     Early stopping on validation loss restores the best weights. Keras prints its progress
     bar when ``options.verbose`` is 1 (one line per epoch with 2). ``callbacks`` are extra
     Keras callbacks (e.g. :func:`edgeadapt.finetune.time_budget` for a wall-time limit).
+
+    Args:
+        dataset: The split dataset to train on (its validation split drives early stopping).
+        options: Epochs, learning rate, backbone architecture, augmentation, seed, verbosity.
+        callbacks: Extra Keras callbacks.
+
+    Returns:
+        The trained Keras classifier (backbone + Dense head); split it with :func:`split_classifier`.
+
+    Raises:
+        DatasetError: When the dataset is empty or has fewer than two classes.
     """
     import keras
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edgeadapt.device import Bundle, Runtime, pack_bundle, unpack_bundle
-from edgeadapt.device.errors import BundleError, EdgeAdaptError, IncompatibleModelError
+from edgeadapt.device import BundleError, EdgeAdaptError, IncompatibleModelError
 
 
 def snapshot(path: Path) -> dict[str, str]:

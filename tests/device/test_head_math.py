@@ -10,9 +10,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from edgeadapt.device import Bundle, Runtime
-from edgeadapt.device.errors import IncompatibleModelError, InputError
-from edgeadapt.device.head import COLUMN_BLOCK, ClassStats, Head, column_stable_matmul
+from edgeadapt.device import Bundle, ClassStats, Head, IncompatibleModelError, InputError, Runtime
+from edgeadapt.device.head import COLUMN_BLOCK, column_stable_matmul
 from edgeadapt.device.incremental import (
     DEFAULT_METHOD,
     METHODS,

@@ -8,14 +8,11 @@ rebuilt when it must be, and that bundles carry it and share its files between v
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
 
-from edgeadapt.device import Bundle, Runtime
-from edgeadapt.device.errors import BundleError, IncompatibleModelError
-from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device import Bundle, BundleError, ClassStats, IncompatibleModelError, Runtime
 from edgeadapt.device.incremental import (
     AddClassOptions,
     add_classes,
@@ -26,7 +23,7 @@ from edgeadapt.device.incremental import (
     with_ridge_basis,
 )
 from edgeadapt.device.ridge import RidgeBasis, basis_new_columns, build_ridge_basis, new_class_examples
-from edgeadapt.device.updater import HeadUpdater
+from edgeadapt.device import HeadUpdater
 
 from test_head_math import gaussian_classes, trained_head
 

@@ -10,7 +10,7 @@ import pytest
 
 from edgeadapt.device import Runtime
 from edgeadapt.device.backends import available_backends
-from edgeadapt.device.errors import BackendUnavailableError, InputError
+from edgeadapt.device import BackendUnavailableError, InputError
 
 BACKENDS = [name for name in ("litert", "tflite-runtime", "onnxruntime") if name in available_backends()]
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeadapt.device.bundle import Bundle
+from edgeadapt.device import Bundle
 from edgeadapt.device.delta import read_delta
-from edgeadapt.device.head import Head
-from edgeadapt.device.runtime import Runtime
-from edgeadapt.device.unknown import UnknownAwareClassifier, load_unknown
-from edgeadapt.device.updater import GateReport, HeadUpdater, UpdateGateError, evaluate_gate
+from edgeadapt.device import Head, Runtime, UnknownAwareClassifier
+from edgeadapt.device.unknown import load_unknown
+from edgeadapt.device import HeadUpdater, UpdateGateError
+from edgeadapt.device.updater import GateReport, evaluate_gate
 
 
 
@@ -279,7 +279,7 @@ def test_device_cli_update_commands(bundle_copy, fixture_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["classes"][0]["name"] == "ring2"
     assert main(["history", str(bundle_copy), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[-1]["action"] == "rollback"
-    assert main(["rollback", str(bundle_copy), "99"]) == 2
+    assert main(["rollback", str(bundle_copy), "99"]) == 1
     assert "version 99 does not exist" in capsys.readouterr().err
-    assert main(["add-class", str(bundle_copy), "circle", *images]) == 2
+    assert main(["add-class", str(bundle_copy), "circle", *images]) == 1
     assert "already exists" in capsys.readouterr().err

@@ -15,11 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeadapt.device import versions
-from edgeadapt.device.bundle import Bundle
-from edgeadapt.device.errors import BundleError, EdgeAdaptError, InputError, UpdateError
-from edgeadapt.device.runtime import Runtime
-from edgeadapt.device.updater import HeadUpdater
+from edgeadapt.device import Bundle, BundleError, EdgeAdaptError, InputError, Runtime, UpdateError, versions
+from edgeadapt.device import HeadUpdater
 from edgeadapt.device.versions import LOCK_NAME
 
 
@@ -150,7 +147,7 @@ def test_rollback_to_a_version_whose_files_were_damaged_is_refused(bundle_copy, 
 
 
 def test_a_packed_bundle_or_missing_directory_is_a_clear_error(tmp_path, bundle_copy):
-    from edgeadapt.device.bundle import pack_bundle
+    from edgeadapt.device import pack_bundle
     from edgeadapt.device.versions import VersionStore
 
     packed = pack_bundle(bundle_copy, tmp_path / "tiny.zip")
@@ -246,9 +243,7 @@ def test_full_disk_simulated_at_different_points_of_the_commit(setup, bundle_cop
 FULL_DISK_CHILD = """
 import resource, signal, sys
 import numpy as np
-from edgeadapt.device.runtime import Runtime
-from edgeadapt.device.updater import HeadUpdater
-from edgeadapt.device.errors import UpdateError
+from edgeadapt.device import HeadUpdater, Runtime, UpdateError
 runtime = Runtime.open(sys.argv[1])
 examples = list(np.load(sys.argv[2]))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # writes beyond the limit fail with EFBIG instead

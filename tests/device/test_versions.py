@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeadapt.device.bundle import Bundle
-from edgeadapt.device.errors import ConcurrentUpdateError, InputError, UpdateError
-from edgeadapt.device.runtime import Runtime
-from edgeadapt.device.updater import HeadUpdater, head_file_paths, refresh_runtime
+from edgeadapt.device import Bundle, ConcurrentUpdateError, HeadUpdater, InputError, Runtime, UpdateError
+from edgeadapt.device.updater import head_file_paths, refresh_runtime
 from edgeadapt.device.versions import LOCK_NAME, BundleLock, VersionStore
 
 CRASH_WORKER = Path(__file__).with_name("test_crash_safety.py")
@@ -223,49 +221,71 @@ def test_concurrent_readers_keep_predicting_while_a_writer_commits(bundle_copy, 
             except Exception as error:  # noqa: BLE001
                 errors.append(f"fresh runtime reader: {type(error).__name__}: {error}")
 
+    def enough() -> bool:  # every reader kept reading while the versions changed under it
+        return (commits >= 5 and len(counts["versions"]) >= 3 and counts["open"] > 5 and counts["refresh"] > 5
+                and counts["fresh-runtime"] > 2)
+
     threads = [threading.Thread(target=target) for target in
                (reader_bundle_open, reader_long_lived_runtime, reader_fresh_runtime)]
+    stop_file = tmp_path / "stop-reading"
     reader_process = subprocess.Popen(
-        [sys.executable, "-c", READER_PROCESS, str(bundle_copy), "5.0"],
+        [sys.executable, "-c", READER_PROCESS, str(bundle_copy), str(stop_file)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert reader_process.stdout.readline().strip() == "ready", reader_process.stderr.read()
     for thread in threads:
         thread.start()
     writer_process = subprocess.Popen(
         [sys.executable, str(CRASH_WORKER), "worker", str(bundle_copy), str(examples_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert writer_process.stdout.readline().strip() == "ready"
-    time.sleep(4.0)
+    # No fixed duration: the writer commits until every reader has read across several versions
+    # (each commit line is the event to check on); the deadline only bounds a hung or failing run.
+    commits = 0
+    deadline = time.monotonic() + 240
+    while not enough() and time.monotonic() < deadline:
+        line = writer_process.stdout.readline()
+        if not line:  # the writer died
+            break
+        commits += line.startswith("committed")
+    reached = enough()
     writer_process.terminate()
     writer_process.wait(timeout=30)
-    writer_output, writer_errors = writer_process.stdout.read(), writer_process.stderr.read()
+    writer_errors = writer_process.stderr.read()
     writer_process.stdout.close()
     writer_process.stderr.close()
     stop.set()
+    stop_file.touch()
     for thread in threads:
         thread.join(timeout=30)
-    reader_output, reader_errors = reader_process.communicate(timeout=60)
-    commits = [line for line in writer_output.splitlines() if line.startswith("committed")]
-    assert len(commits) >= 5, writer_errors
+    reader_process.wait(timeout=60)
+    reader_output, reader_errors = reader_process.stdout.read(), reader_process.stderr.read()
+    reader_process.stdout.close()
+    reader_process.stderr.close()
     assert errors == []
+    assert reached, (commits, counts, writer_errors[-2000:])
     assert reader_process.returncode == 0, reader_errors
-    assert int(reader_output.split()[0]) > 0
-    assert counts["open"] > 5 and counts["refresh"] > 5 and counts["fresh-runtime"] > 2
-    assert len(counts["versions"]) >= 3  # the readers really saw the versions change
+    reads, versions_seen = (int(value) for value in reader_output.split())
+    assert reads > 0 and versions_seen >= 2, reader_output  # the other process read while versions changed
 
 
 READER_PROCESS = """
-import sys, time
+import sys
+from pathlib import Path
 import numpy as np
-from edgeadapt.device.runtime import Runtime
+from edgeadapt.device import Runtime
 from edgeadapt.device.updater import refresh_runtime
 runtime = Runtime.open(sys.argv[1])
 images = np.zeros((4,) + runtime.input_spec.shape, np.uint8)
-deadline = time.monotonic() + float(sys.argv[2])
+stop = Path(sys.argv[2])
 count = 0
-while time.monotonic() < deadline:
+versions = set()
+while not stop.exists():  # until the test has seen enough commits
     refresh_runtime(runtime)
     predictions = runtime.predict(images, top_k=1)
     assert len(predictions) == 4 and all(row[0].label in runtime.class_names for row in predictions)
+    versions.add(runtime.manifest.version)
+    if not count:
+        print("ready", flush=True)
     count += 1
-print(count)
+print(count, len(versions))
 """

@@ -20,10 +20,8 @@ from edgeadapt.converters.model_info import (  # noqa: E402
     tflite_custom_operator_names,
     tflite_operator_names,
 )
-from edgeadapt.converters.onnx_export import OnnxExportOptions, export_onnx  # noqa: E402
-from edgeadapt.converters.tflite_export import TFLiteExportOptions, export_tflite  # noqa: E402
-from edgeadapt.device.errors import ConversionError, InputError  # noqa: E402
-from edgeadapt.device.manifest import InputSpec  # noqa: E402
+from edgeadapt.converters import OnnxExportOptions, TFLiteExportOptions, export_onnx, export_tflite  # noqa: E402
+from edgeadapt import ConversionError, InputError, InputSpec  # noqa: E402
 from edgeadapt.device.preprocessing import InputQuantizer  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -96,13 +94,13 @@ def calibration_images() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def test_images() -> np.ndarray:
+def probe_images() -> np.ndarray:
     return _generated_images(8, seed=2)
 
 
 @pytest.fixture(scope="module")
-def keras_embeddings(backbone, test_images) -> np.ndarray:
-    (batch,) = list(normalized_batches(test_images, SPEC, batch_size=len(test_images)))
+def keras_embeddings(backbone, probe_images) -> np.ndarray:
+    (batch,) = list(normalized_batches(probe_images, SPEC, batch_size=len(probe_images)))
     return np.asarray(backbone(batch, training=False))
 
 
@@ -190,27 +188,27 @@ def test_select_calibration_images_is_stratified_and_reproducible():
 
 # -- TFLite -----------------------------------------------------------------------------
 
-def test_float_tflite_matches_keras(tflite_float, test_images, keras_embeddings):
+def test_float_tflite_matches_keras(tflite_float, probe_images, keras_embeddings):
     assert tflite_float.format == "tflite" and tflite_float.quantization == "float32"
     assert tflite_float.input.dtype == "float32" and tflite_float.input.scale == 0.0
-    embeddings = run_tflite(tflite_float, test_images[:4])
+    embeddings = run_tflite(tflite_float, probe_images[:4])
     assert embeddings.shape == (4, EMBEDDING_SIZE)
     np.testing.assert_allclose(embeddings, keras_embeddings[:4], rtol=1e-4, atol=1e-4)
     assert tflite_custom_operator_names(tflite_float.content) == []
 
 
-def test_int8_tflite_is_close_to_float(tflite_int8, tflite_float, test_images, keras_embeddings):
+def test_int8_tflite_is_close_to_float(tflite_int8, tflite_float, probe_images, keras_embeddings):
     assert tflite_int8.quantization == "int8"
     assert tflite_int8.input.dtype == "int8" and tflite_int8.input.scale > 0
     assert -128 <= tflite_int8.input.zero_point <= 127
     assert tflite_int8.output.dtype == "float32"
-    single = np.concatenate([run_tflite(tflite_int8, test_images[i : i + 1]) for i in range(4)])
-    batch = run_tflite(tflite_int8, test_images[:4])  # batch of 4 after resize_tensor_input
+    single = np.concatenate([run_tflite(tflite_int8, probe_images[i : i + 1]) for i in range(4)])
+    batch = run_tflite(tflite_int8, probe_images[:4])  # batch of 4 after resize_tensor_input
     assert batch.shape == (4, EMBEDDING_SIZE) and batch.dtype == np.float32
     np.testing.assert_allclose(batch, single, atol=1e-5)
-    everything = run_tflite(tflite_int8, test_images)
+    everything = run_tflite(tflite_int8, probe_images)
     assert float(np.mean(_cosine(everything, keras_embeddings))) > 0.98
-    assert float(np.mean(_cosine(everything, run_tflite(tflite_float, test_images)))) > 0.98
+    assert float(np.mean(_cosine(everything, run_tflite(tflite_float, probe_images)))) > 0.98
 
 
 def test_int8_tflite_is_small_and_builtin_only(tflite_int8, tflite_float):
@@ -221,10 +219,10 @@ def test_int8_tflite_is_small_and_builtin_only(tflite_int8, tflite_float):
     assert tflite_custom_operator_names(tflite_int8.content) == []
 
 
-def test_uint8_input_tflite(tflite_uint8, tflite_int8, test_images):
+def test_uint8_input_tflite(tflite_uint8, tflite_int8, probe_images):
     assert tflite_uint8.input.dtype == "uint8" and 0 <= tflite_uint8.input.zero_point <= 255
-    uint8_embeddings = run_tflite(tflite_uint8, test_images)
-    int8_embeddings = run_tflite(tflite_int8, test_images)
+    uint8_embeddings = run_tflite(tflite_uint8, probe_images)
+    int8_embeddings = run_tflite(tflite_int8, probe_images)
     assert float(np.mean(_cosine(uint8_embeddings, int8_embeddings))) > 0.98
 
 
@@ -275,15 +273,15 @@ def test_tflite_needs_calibration_images_and_valid_options(backbone):
 
 # -- ONNX -------------------------------------------------------------------------------
 
-def test_float_onnx_matches_keras(onnx_float, test_images, keras_embeddings):
+def test_float_onnx_matches_keras(onnx_float, probe_images, keras_embeddings):
     assert onnx_float.format == "onnx" and onnx_float.quantization == "float32"
     assert onnx_float.input_name == "input" and onnx_float.output_name == "embedding"
-    embeddings = run_onnx(onnx_float, test_images[:3])  # dynamic batch: 3
+    embeddings = run_onnx(onnx_float, probe_images[:3])  # dynamic batch: 3
     assert embeddings.shape == (3, EMBEDDING_SIZE)
     np.testing.assert_allclose(embeddings, keras_embeddings[:3], rtol=1e-4, atol=1e-4)
 
 
-def test_int8_onnx_is_close_to_float(onnx_int8, onnx_float, test_images, keras_embeddings):
+def test_int8_onnx_is_close_to_float(onnx_int8, onnx_float, probe_images, keras_embeddings):
     import onnx
 
     assert onnx_int8.quantization == "int8"
@@ -293,11 +291,11 @@ def test_int8_onnx_is_close_to_float(onnx_int8, onnx_float, test_images, keras_e
     graph = onnx.load_from_string(onnx_int8.content).graph
     assert [output.name for output in graph.output] == ["embedding"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
-    embeddings = run_onnx(onnx_int8, test_images[:3])
+    embeddings = run_onnx(onnx_int8, probe_images[:3])
     assert embeddings.shape == (3, EMBEDDING_SIZE)
-    everything = run_onnx(onnx_int8, test_images)
+    everything = run_onnx(onnx_int8, probe_images)
     assert float(np.mean(_cosine(everything, keras_embeddings))) > 0.98
-    assert float(np.mean(_cosine(everything, run_onnx(onnx_float, test_images)))) > 0.98
+    assert float(np.mean(_cosine(everything, run_onnx(onnx_float, probe_images)))) > 0.98
     assert onnx_int8.size < 0.5 * onnx_float.size
     assert inspect_model_bytes_roundtrip(onnx_int8)
 
@@ -308,16 +306,16 @@ def inspect_model_bytes_roundtrip(model: ExportedModel) -> bool:
     return inspect_onnx(model.content).describe() == model.describe()
 
 
-def test_onnx_exports_a_sequential_built_by_calling(test_images):
+def test_onnx_exports_a_sequential_built_by_calling(probe_images):
     """Keras 3 quirk: tf2onnx.convert.from_keras fails on such models; export_onnx must not."""
     import keras
 
     keras.utils.set_random_seed(5)
     model = keras.Sequential([keras.layers.Conv2D(8, 3), keras.layers.GlobalAveragePooling2D()])
-    (batch,) = list(normalized_batches(test_images[:2], SPEC, batch_size=2))
+    (batch,) = list(normalized_batches(probe_images[:2], SPEC, batch_size=2))
     expected = np.asarray(model(batch, training=False))
     exported = export_onnx(model, SPEC, None, OnnxExportOptions(quantize=False))
-    np.testing.assert_allclose(run_onnx(exported, test_images[:2]), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_onnx(exported, probe_images[:2]), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_onnx_needs_calibration_images(backbone):

@@ -19,9 +19,8 @@ from edgeadapt.data import (
     split_entries,
     write_image_folder,
 )
-from edgeadapt.device.errors import DatasetError, InputError
-from edgeadapt.device.manifest import InputSpec
-from edgeadapt.synthetic import SHAPE_NAMES, SyntheticOptions, generate_images, synthetic_dataset
+from edgeadapt import DatasetError, InputError, InputSpec, SyntheticOptions, synthetic_dataset
+from edgeadapt.synthetic import SHAPE_NAMES, generate_images
 
 SPEC = InputSpec(height=16, width=16, channels=3)
 
@@ -347,6 +346,7 @@ def test_bad_synthetic_options(kwargs) -> None:
         SyntheticOptions(**kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels", [3, 1])
 def test_synthetic_classes_are_learnable_by_shape_not_trivially(channels: int) -> None:
     dataset = synthetic_dataset(

@@ -16,8 +16,7 @@ pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
 from edgeadapt.backbones import BackboneOptions, block_names  # noqa: E402
-from edgeadapt.data import SplitOptions  # noqa: E402
-from edgeadapt.device.errors import IncompatibleModelError, InputError  # noqa: E402
+from edgeadapt import IncompatibleModelError, InputError, SplitOptions  # noqa: E402
 from edgeadapt.finetune import (  # noqa: E402
     FineTuneOptions,
     _early_stopping,
@@ -25,8 +24,7 @@ from edgeadapt.finetune import (  # noqa: E402
     backbone_blocks,
     fine_tune,
 )
-from edgeadapt.synthetic import SyntheticOptions, synthetic_dataset  # noqa: E402
-from edgeadapt.training import ClassifierTrainingOptions, train_classifier  # noqa: E402
+from edgeadapt import ClassifierTrainingOptions, SyntheticOptions, synthetic_dataset, train_classifier  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = BackboneOptions(stem_filters=8, blocks=(("conv", 8, 1), ("conv", 16, 2), ("separable", 32, 2)))
@@ -79,6 +77,7 @@ def test_blocks_of_the_built_in_backbone(base):
 
 
 # ----------------------------------------------------------------------------- strategies
+@pytest.mark.slow
 def test_head_only_keeps_the_backbone_and_its_fingerprint(base, dataset):
     before = [np.array(w) for w in base.get_weights()]
     result = fine_tune(base, dataset, FineTuneOptions.head_only(**QUICK))
@@ -93,6 +92,7 @@ def test_head_only_keeps_the_backbone_and_its_fingerprint(base, dataset):
     np.testing.assert_array_equal(again.head.weights, result.head.weights)
 
 
+@pytest.mark.slow
 def test_top_layers_trains_only_the_top_blocks_with_batchnorm_frozen(base, dataset):
     before = [np.array(w) for w in base.get_weights()]
     result = fine_tune(base, dataset, FineTuneOptions.top_layers(1, head_learning_rate=5e-3, **QUICK))
@@ -121,6 +121,7 @@ def _without_validation(dataset):
     return dataclasses.replace(dataset, validation=ImageSet(dataset.train.images[:0], dataset.train.labels[:0]))
 
 
+@pytest.mark.slow
 def test_full_unfreezes_everything_and_batchnorm_learns(base, dataset):
     # no validation data: no early stopping, so the last epoch's weights are kept
     result = fine_tune(base, _without_validation(dataset),
@@ -166,6 +167,7 @@ def test_validation_is_carved_out_when_the_dataset_has_none(dataset, base, caplo
     assert result.class_stats.counts.sum() < len(dataset.train)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_and_time_budget(base, dataset):
     import tensorflow as tf
 
@@ -179,7 +181,7 @@ def test_mirrored_strategy_and_time_budget(base, dataset):
 
 
 def test_bad_input(base, dataset, tmp_path):
-    from edgeadapt.input_adaptation import adapt_input
+    from edgeadapt import adapt_input
 
     with pytest.raises(InputError, match="blocks"):
         fine_tune(base, dataset, FineTuneOptions.top_layers(9, **QUICK))
@@ -192,11 +194,12 @@ def test_bad_input(base, dataset, tmp_path):
         fine_tune(text, dataset, FineTuneOptions.head_only(**QUICK))
 
 
+@pytest.mark.slow
 def test_cli_train_writes_a_bundle_with_the_new_fingerprint(base, dataset, tmp_path, capsys):
     pytest.importorskip("ai_edge_litert")
     from edgeadapt.cli import main
     from edgeadapt.data import write_image_folder
-    from edgeadapt.device.bundle import Bundle
+    from edgeadapt import Bundle
 
     model_path = tmp_path / "base.keras"
     base.save(model_path)
@@ -206,7 +209,7 @@ def test_cli_train_writes_a_bundle_with_the_new_fingerprint(base, dataset, tmp_p
     output = tmp_path / "tuned.eab"
     code = main(["train", "--data", str(folder), "--model", str(model_path), "--strategy", "top_layers:1",
                  "--epochs", "1", "--head-epochs", "4", "--out", str(output), "--formats", "tflite",
-                 "--keras-verbose", "0", "--json", str(tmp_path / "report.json"), "--save-model",
+                 "--keras-verbose", "0", "--json-out", str(tmp_path / "report.json"), "--save-model",
                  str(tmp_path / "tuned.keras")])
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())

@@ -25,12 +25,9 @@ from edgeadapt.converters.fused_export import (  # noqa: E402
     read_tflite_fused_metadata,
     verify_fused,
 )
-from edgeadapt.device.bundle import Bundle, head_payload, write_bundle  # noqa: E402
-from edgeadapt.device.errors import BundleError, InputError  # noqa: E402
-from edgeadapt.device.head import Head  # noqa: E402
-from edgeadapt.device.manifest import InputSpec  # noqa: E402
-from edgeadapt.device.runtime import Runtime  # noqa: E402
-from edgeadapt.importing import ImportSettings, import_classifier  # noqa: E402
+from edgeadapt.device import Bundle  # noqa: E402
+from edgeadapt.device.bundle import head_payload, write_bundle  # noqa: E402
+from edgeadapt import BundleError, Head, ImportSettings, InputError, InputSpec, Runtime, import_classifier  # noqa: E402
 
 SIZE = 32
 LABELS = ["ant", "bee", "cicada", "dragonfly", "earwig", "firefly"]

@@ -18,18 +18,17 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("ai_edge_litert")
 
 from edgeadapt.converters.fused_export import probe_image_batch  # noqa: E402
-from edgeadapt.converters.onnx_import import import_onnx_classifier, onnx_scores  # noqa: E402
+from edgeadapt.converters import import_onnx_classifier  # noqa: E402
+from edgeadapt.converters.onnx_import import onnx_scores  # noqa: E402
 from edgeadapt.converters.parity import run_exported  # noqa: E402
 from edgeadapt.converters.tflite_import import (  # noqa: E402
     ImportOptions,
     import_tflite_classifier,
     tflite_scores,
 )
-from edgeadapt.device.bundle import Bundle  # noqa: E402
-from edgeadapt.device.errors import ConversionError, IncompatibleModelError, InputError  # noqa: E402
-from edgeadapt.device.manifest import InputSpec  # noqa: E402
-from edgeadapt.device.runtime import Runtime  # noqa: E402
-from edgeadapt.importing import ImportSettings, import_classifier, top1_agreement, unique_labels  # noqa: E402
+from edgeadapt import Bundle, ConversionError, IncompatibleModelError, InputError, InputSpec, Runtime  # noqa: E402
+from edgeadapt import ImportSettings, import_classifier  # noqa: E402
+from edgeadapt.importing import top1_agreement, unique_labels  # noqa: E402
 
 SIZE = 32
 CLASSES = 5

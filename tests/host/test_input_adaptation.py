@@ -10,8 +10,7 @@ pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
 from edgeadapt.backbones import BackboneOptions, build_classifier  # noqa: E402
-from edgeadapt.device.errors import EdgeAdaptError, IncompatibleModelError, InputError  # noqa: E402
-from edgeadapt.device.manifest import InputSpec  # noqa: E402
+from edgeadapt import EdgeAdaptError, IncompatibleModelError, InputError, InputSpec  # noqa: E402
 from edgeadapt.input_adaptation import (  # noqa: E402
     LUMA_WEIGHTS,
     adapt_input,
@@ -217,15 +216,16 @@ def test_model_file_round_trip_and_cli(tmp_path, rgb_model, capsys):
     rgb_model.save(source)
     before = source.read_bytes()
     output = tmp_path / "adapted.keras"
-    assert main(["adapt-input", str(source), "--size", "48x40", "--channels", "1", "--out", str(output)]) == 0
+    assert main(["adapt-input", str(source), "--image-size", "48x40", "--channels", "1", "--out", str(output)]) == 0
     adapted = keras.models.load_model(output, compile=False)
     assert tuple(adapted.inputs[0].shape) == (None, 48, 40, 1)
     assert source.read_bytes() == before
     assert "stem_conv" in capsys.readouterr().out
-    # errors are typed, printed, exit status 2
-    assert main(["adapt-input", str(source), "--channels", "2", "--out", str(tmp_path / "x.keras")]) == 2
-    assert main(["adapt-input", str(source), "--size", "2x2", "--out", str(tmp_path / "y.keras")]) == 2
-    assert "4x4" in capsys.readouterr().err
+    # errors are typed, printed on one line, exit status 1; the old --size spelling still works, with a warning
+    assert main(["adapt-input", str(source), "--channels", "2", "--out", str(tmp_path / "x.keras")]) == 1
+    assert main(["adapt-input", str(source), "--size", "2x2", "--out", str(tmp_path / "y.keras")]) == 1
+    errors = capsys.readouterr().err
+    assert "4x4" in errors and "--size is deprecated; use --image-size" in errors
     assert not (tmp_path / "x.keras").exists() and not (tmp_path / "y.keras").exists()
 
 
@@ -241,10 +241,10 @@ def test_errors_share_the_base_type(rgb_model):
 ])
 def test_bundle_of_adapted_model_makes_the_runtime_resize_and_convert(tmp_path, source_shape, target, image):
     pytest.importorskip("ai_edge_litert")
-    from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
+    from edgeadapt.converters import BundleExportOptions, export_bundle
     from edgeadapt.device.preprocessing import prepare_image
-    from edgeadapt.device.runtime import Runtime
-    from edgeadapt.model_split import split_classifier
+    from edgeadapt import Runtime
+    from edgeadapt import split_classifier
 
     adapted = adapt_input(_classifier(source_shape, seed=4), height=target[0], width=target[1], channels=target[2])
     split = split_classifier(adapted)

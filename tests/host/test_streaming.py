@@ -27,17 +27,16 @@ from edgeadapt.data import (  # noqa: E402
     split_entries,
     write_image_folder,
 )
-from edgeadapt.device.errors import DatasetError, EdgeAdaptError, InputError  # noqa: E402
-from edgeadapt.device.manifest import InputSpec  # noqa: E402
-from edgeadapt.finetune import FineTuneOptions, fine_tune  # noqa: E402
+from edgeadapt import DatasetError, EdgeAdaptError, FineTuneOptions, InputError, InputSpec, fine_tune  # noqa: E402
 from edgeadapt.streaming import (  # noqa: E402
     FileSet,
     StreamOptions,
     stream_embeddings,
     stream_image_folder,
 )
-from edgeadapt.synthetic import SyntheticOptions, generate_images  # noqa: E402
-from edgeadapt.training import ClassifierTrainingOptions, train_classifier  # noqa: E402
+from edgeadapt import SyntheticOptions  # noqa: E402
+from edgeadapt.synthetic import generate_images  # noqa: E402
+from edgeadapt import ClassifierTrainingOptions, train_classifier  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 16
@@ -167,6 +166,7 @@ def test_decoded_pixels_match_the_in_memory_loader(jpeg_folder, spec):
 
 
 # ----------------------------------------------------------------------------- fine-tuning from files
+@pytest.mark.slow
 def test_head_only_from_files_equals_in_memory_and_learns(folder, in_memory, base):
     memory = fine_tune(base, in_memory, FineTuneOptions.head_only(**QUICK))
     exact = fine_tune(base, stream_image_folder(folder, SPEC, SPLIT, options=PILLOW),
@@ -182,6 +182,7 @@ def test_head_only_from_files_equals_in_memory_and_learns(folder, in_memory, bas
     assert accuracy == pytest.approx(result.evaluate(in_memory.test.images, in_memory.test.labels), abs=0.1)
 
 
+@pytest.mark.slow
 def test_top_layers_from_files(folder, in_memory, base):
     options = FineTuneOptions.top_layers(1, **{**QUICK, "epochs": 2})
     memory = fine_tune(base, in_memory, options)
@@ -212,9 +213,9 @@ def test_augmentation_acts_as_in_the_in_memory_pipeline(folder, in_memory):
 
 def test_export_from_a_stream_calibrates_on_the_in_memory_choice(folder, in_memory):
     from edgeadapt.converters.calibration import select_calibration_images
-    from edgeadapt.finetune import _export_samples
+    from edgeadapt.finetune import export_samples
 
-    calibration, evaluation = _export_samples(stream_image_folder(folder, SPEC, SPLIT), 40, 10)
+    calibration, evaluation = export_samples(stream_image_folder(folder, SPEC, SPLIT), 40, 10)
     chosen = select_calibration_images(in_memory.train.images, in_memory.train.labels, count=40, seed=0)
     assert sorted(_image_digests([calibration.images])) == sorted(_image_digests([chosen]))
     assert len(evaluation) == 10 and set(evaluation.labels.tolist()) == set(range(4))  # stratified sample
@@ -258,6 +259,7 @@ def test_bad_options():
 
 
 # ----------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_cli_train_streams_a_folder(folder, base, tmp_path, capsys):
     from edgeadapt.cli import main
 
@@ -268,7 +270,7 @@ def test_cli_train_streams_a_folder(folder, base, tmp_path, capsys):
     base.save(model_path)
     code = main(["train", "--data", str(folder), "--model", str(model_path), "--strategy", "top_layers:1", "--stream",
                  "--distribute", "mirrored", "--head-epochs", "5", "--epochs", "1", "--out",
-                 str(tmp_path / "tuned.keras"), "--keras-verbose", "0", "--json", str(tmp_path / "report.json")])
+                 str(tmp_path / "tuned.keras"), "--keras-verbose", "0", "--json-out", str(tmp_path / "report.json")])
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["streamed"] and report["test_images"] == len(stream_image_folder(folder, SPEC).test)
