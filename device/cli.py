@@ -14,6 +14,7 @@ from edgeadapt.device.errors import EdgeAdaptError
 #: Modules that add sub-commands; each defines ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
     "edgeadapt.device.cli_update",
+    "edgeadapt.device.cli_detect",
 )
 
 

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "edgeadapt.cli_import",
     "edgeadapt.cli_finetune",
     "edgeadapt.cli_incremental",
+    "edgeadapt.cli_detector",
 )
 
 

@@ -37,17 +37,17 @@ POSITIVE, NEGATIVE, IGNORED = 1, 0, -1
 class TrainingOptions:
     """Matching thresholds and optimiser settings for the new rows."""
 
-    positive_iou: float = 0.5
-    negative_iou: float = 0.4
+    positive_iou: float = 0.7
+    negative_iou: float = 0.5
     min_best_iou: float = 0.3
-    random_negatives_per_positive: float = 4.0
+    random_negatives_per_positive: float = 8.0
     hard_negatives_per_positive: float = 4.0
-    rounds: int = 3
-    steps: int = 250
+    rounds: int = 2
+    steps: int = 100
     learning_rate: float = 0.01
     bias_learning_rate: float = 0.05
     l2: float = 1e-4
-    negative_weight: float = 3.0
+    negative_weight: float = 300.0
     seed: int = 0
 
 
@@ -188,7 +188,7 @@ def train_new_rows(structure: SSDStructure, extractor: FeatureExtractor, feature
         weights = np.zeros((size, anchors * num_classes), np.float32)
         bias = np.full(anchors * num_classes, -4.0, np.float32)
         if total_pos == 0:
-            logger.info("predictor %d (%dx%d): no positive anchors; new rows stay at score ~0", index,
+            logger.debug("predictor %d (%dx%d): no positive anchors; new rows stay at score ~0", index,
                         predictor.height, predictor.width)
             result.append(_as_rows(weights, bias, predictor, num_classes))
             continue
@@ -223,7 +223,7 @@ def train_new_rows(structure: SSDStructure, extractor: FeatureExtractor, feature
             for position in top:
                 if np.isfinite(flat[position]):
                     chosen[int(owners[position])].add(int(locs[position]))
-        logger.info("predictor %d (%dx%d): %d positive outputs, %d training locations", index, predictor.height,
+        logger.debug("predictor %d (%dx%d): %d positive outputs, %d training locations", index, predictor.height,
                     predictor.width, total_pos, sum(len(c) for c in chosen))
         result.append(_as_rows(weights, bias, predictor, num_classes))
     return result
