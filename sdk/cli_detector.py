@@ -20,9 +20,14 @@ def _split_classes(text: str) -> list[str]:
 
 def _add_classes(arguments: argparse.Namespace) -> int:
     from edgeadapt.detection.add_classes import DetectorOptions, add_detector_classes
+    from edgeadapt.detection.training import TrainingOptions
+    from edgeadapt.device.errors import InputError
 
+    if arguments.steps < 1:
+        raise InputError(f"--steps must be at least 1, got {arguments.steps}")
     options = DetectorOptions(nms=arguments.nms, cache_dir=arguments.cache, use_cache=not arguments.no_cache,
-                              progress=not arguments.quiet, num_threads=arguments.threads)
+                              progress=not arguments.quiet, num_threads=arguments.threads,
+                              training=TrainingOptions(steps=arguments.steps))
     result = add_detector_classes(arguments.model, arguments.labels, arguments.data, _split_classes(arguments.classes),
                                   arguments.out, negatives=arguments.negatives, options=options,
                                   overwrite=arguments.overwrite)
@@ -69,6 +74,8 @@ def register(subparsers) -> None:
     add.add_argument("--out", type=Path, required=True, help="the new .tflite (NEW.labels.txt is written beside it)")
     add.add_argument("--cache", type=Path, help="embedding cache folder (default ~/.cache/edgeadapt/detection)")
     add.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    add.add_argument("--steps", type=int, default=100,
+                     help="optimiser steps per training round (default 100; raise it for a few dozen boxes)")
     add.add_argument("--threads", type=int, help="LiteRT threads (default: LiteRT's choice)")
     add.add_argument("--overwrite", action="store_true", help="replace --out and its labels file if they exist")
     add.add_argument("--quiet", action="store_true", help="no progress bar")
