@@ -13,12 +13,12 @@ from __future__ import annotations
 import importlib
 import io
 import zipfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 from edgeadapt.device.backends import AUTO_ORDER, BACKENDS, _module_available
 from edgeadapt.device.errors import BackendUnavailableError, BundleError, InputError
 from edgeadapt.device.manifest import InputSpec

@@ -30,7 +30,7 @@ _FEATURE_SCALE = 2.0 / 255
 
 def _quantize(values: np.ndarray, low: float, high: float) -> tuple[np.ndarray, float, int]:
     scale = (high - low) / 255.0
-    zero_point = int(round(-low / scale))
+    zero_point = round(-low / scale)
     return np.clip(np.round(values / scale) + zero_point, 0, 255).astype(np.uint8), scale, zero_point
 
 
@@ -60,9 +60,8 @@ def _anchors() -> np.ndarray:
 
 def build_tiny_ssd(path: str | Path, variant: str = "ssd", seed: int = 0) -> Path:
     """Write the tiny detector (or a ``variant`` that is not one) to ``path``; returns the path."""
-    import flatbuffers.flexbuffers as flexbuffers
-
     from edgeadapt.converters.tflite_import import TFLiteGraph, tflite_schema, write_tflite_model
+    from flatbuffers import flexbuffers
 
     schema = tflite_schema()
     rng = np.random.default_rng(seed)
@@ -89,7 +88,7 @@ def build_tiny_ssd(path: str | Path, variant: str = "ssd", seed: int = 0) -> Pat
                                        zero_point=0)
         low, high = out_range
         scale = (high - low) / 255.0
-        output = graph.add_tensor(name, out_shape, "UINT8", scale=scale, zero_point=int(round(-low / scale)))
+        output = graph.add_tensor(name, out_shape, "UINT8", scale=scale, zero_point=round(-low / scale))
         options = schema.Conv2DOptionsT()
         options.padding = schema.Padding.SAME
         options.strideH = options.strideW = stride
@@ -112,7 +111,7 @@ def build_tiny_ssd(path: str | Path, variant: str = "ssd", seed: int = 0) -> Pat
     def concat(sources: list[int], shape: list[int], out_range: tuple[float, float], name: str) -> int:
         low, high = out_range
         scale = (high - low) / 255.0
-        output = graph.add_tensor(name, shape, "UINT8", scale=scale, zero_point=int(round(-low / scale)))
+        output = graph.add_tensor(name, shape, "UINT8", scale=scale, zero_point=round(-low / scale))
         options = schema.ConcatenationOptionsT()
         options.axis = 1
         graph.add_operator("CONCATENATION", sources, [output], options, "ConcatenationOptions")
@@ -215,8 +214,8 @@ def write_voc(folder: Path, stem: str, image: np.ndarray, objects: list[tuple[st
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(folder / f"{stem}.png")
     height, width = size or image.shape[:2]
-    parts = [f"<annotation><filename>{stem}.png</filename><size><width>{width}</width><height>{height}</height>"
-             "<depth>3</depth></size>"]
+    parts = [(f"<annotation><filename>{stem}.png</filename><size><width>{width}</width><height>{height}</height>"
+              "<depth>3</depth></size>")]
     for name, (xmin, ymin, xmax, ymax) in objects:
         parts.append(f"<object><name>{name}</name><bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax>"
                      f"<ymax>{ymax}</ymax></bndbox></object>")

@@ -12,14 +12,17 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 from edgeadapt.detection.annotations import (
-    ImageBoxes, class_names_from_labelmap, load_new_classes, read_labelmap,
+    ImageBoxes,
+    class_names_from_labelmap,
+    load_new_classes,
+    read_labelmap,
 )
 from edgeadapt.detection.features import FeatureExtractor, default_cache_dir, extract_all, load_pixels
 from edgeadapt.detection.rewrite import NMS_MODES, add_rows, serialize

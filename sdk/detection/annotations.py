@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from xml.etree import ElementTree
 
 import numpy as np
-
 from edgeadapt.device.errors import DatasetError, IncompatibleModelError
 from edgeadapt.device.preprocessing import IMAGE_SUFFIXES
 

@@ -22,12 +22,12 @@ import io
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 from edgeadapt.detection.add_classes import DetectorOptions, extend_detector
 from edgeadapt.detection.annotations import ImageBoxes, load_new_classes, read_coco, read_labelmap
 from edgeadapt.detection.features import input_spec, load_pixels
@@ -237,7 +237,6 @@ def run_detection_bench(options: DetectionBenchOptions) -> DetectionBenchResult:
     # latency: the device Detector, LiteRT
     from edgeadapt.device.detector import Detector
 
-    timing = [item.image for item in coco[: options.timing_images]]
     with tempfile.TemporaryDirectory() as folder:
         for name in ("original/fast", "original/regular", "added/fast", "added/regular"):
             path = Path(folder) / (name.replace("/", "_") + ".tflite")
@@ -251,15 +250,14 @@ def run_detection_bench(options: DetectionBenchOptions) -> DetectionBenchResult:
                     detector.detect(frame)
                 elapsed = (time.perf_counter() - started) / max(len(frames), 1)
                 result.ms_per_image.setdefault(name, {})[f"{threads}_threads"] = round(elapsed * 1000, 2)
-    del timing
     return result
 
 
 def format_table(result: DetectionBenchResult) -> str:
     """The benchmark as a readable table."""
     lines = ["old classes on COCO photos (pycocotools; 'unseen' = photos not used as negatives)",
-             f"{'model':<18} {'mAP all':>8} {'AP50 all':>9} {'mAP unseen':>11} {'AP50 unseen':>12} "
-             f"{'ms 1 thr':>9} {'ms 2 thr':>9}"]
+             (f"{'model':<18} {'mAP all':>8} {'AP50 all':>9} {'mAP unseen':>11} {'AP50 unseen':>12} "
+              f"{'ms 1 thr':>9} {'ms 2 thr':>9}")]
     for name, values in result.old_map.items():
         timing = result.ms_per_image.get(name, {})
         lines.append(f"{name:<18} {values['mAP_all']:>8.4f} {values['AP50_all']:>9.4f} {values['mAP_unseen']:>11.4f} "

@@ -13,12 +13,11 @@ import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
-
 from edgeadapt.detection.runner import TensorRunner, box_scales, decode_boxes, model_with_outputs, pixels_to_input
 from edgeadapt.detection.structure import SSDStructure
 from edgeadapt.device.errors import DatasetError

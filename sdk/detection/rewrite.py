@@ -18,11 +18,11 @@ fused export does.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 from edgeadapt.detection.structure import SSDStructure
 from edgeadapt.device.errors import ConversionError, IncompatibleModelError
 

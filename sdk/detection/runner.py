@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-
 from edgeadapt.detection.structure import SSDStructure
 from edgeadapt.device.detector import pixels_to_input
 from edgeadapt.device.errors import ConversionError

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from edgeadapt.device.errors import IncompatibleModelError
 
 POSTPROCESS_OP = "TFLite_Detection_PostProcess"
@@ -55,7 +54,7 @@ class PostProcessOptions:
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_flexbuffer(cls, data: bytes | None) -> "PostProcessOptions":
+    def from_flexbuffer(cls, data: bytes | None) -> PostProcessOptions:
         """Parse the operator's custom options.
 
         Raises:
@@ -279,7 +278,7 @@ def read_ssd(graph: Any) -> SSDStructure:
     path: list[int] = [score_tensor]
     tensor = score_tensor
     while True:  # walk back through activation/quantization to the concatenation
-        op_position, operator = _producer(graph, producers, tensor)
+        _, operator = _producer(graph, producers, tensor)
         if operator is None:
             raise IncompatibleModelError("the class scores are a model input, not computed by a class head")
         name = graph.operator_name(operator)

@@ -20,11 +20,10 @@ highest-scoring negative anchors over all images), as SSD training does.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
-
 from edgeadapt.detection.features import FeatureExtractor, ImageFeatures
 from edgeadapt.detection.rewrite import NewRows, logit_limits, weight_limits
 from edgeadapt.detection.structure import ClassPredictor, SSDStructure
@@ -178,7 +177,7 @@ def train_new_rows(structure: SSDStructure, extractor: FeatureExtractor, feature
         start, stop = predictor.anchor_offset, predictor.anchor_offset + predictor.num_anchors
         per_image = [lab[start:stop].reshape(locations, anchors * num_classes) for lab in labels]
 
-        def rows(image: int, chosen: np.ndarray) -> np.ndarray:
+        def rows(image: int, chosen: np.ndarray, index: int = index, predictor: ClassPredictor = predictor) -> np.ndarray:
             values = extractor.dequantize(index, features[image].maps[index])
             return patches(values, predictor)[chosen]
 

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from edgeadapt.device.backends import available_backends
 from edgeadapt.device.errors import BackendUnavailableError, BundleError
 
@@ -45,10 +44,9 @@ def _iou(a, b) -> float:
 
 @pytest.mark.parametrize("backend", TFLITE_BACKENDS)
 def test_detects_boxes_in_image_pixels(model, labels, backend):
+    from edgeadapt.device import DetectionResult, Detector
     from PIL import Image
     from tiny_ssd import square_box, square_image
-
-    from edgeadapt.device import DetectionResult, Detector
 
     detector = Detector(model, labels=labels, backend=backend, num_threads=1)
     assert detector.labels == ["blue", "green"] and detector.backend_name == backend
@@ -69,9 +67,8 @@ def test_detects_boxes_in_image_pixels(model, labels, backend):
 
 
 def test_labels_fallback_and_errors(model, tmp_path):
-    from tiny_ssd import build_tiny_ssd, square_image
-
     from edgeadapt.device.detector import Detector, labels_from_lines
+    from tiny_ssd import build_tiny_ssd, square_image
 
     detector = Detector(model)  # no labels file, none embedded
     assert detector.detect(square_image("blue", (3, 3)), 0.5).detections[0].label == "class_0"
@@ -85,10 +82,9 @@ def test_labels_fallback_and_errors(model, tmp_path):
 
 
 def test_device_cli_detect_json(model, labels, tmp_path, capsys):
+    from edgeadapt.device.cli import main
     from PIL import Image
     from tiny_ssd import square_box, square_image
-
-    from edgeadapt.device.cli import main
 
     path = tmp_path / "blue.png"
     Image.fromarray(square_image("blue", (2, 4), seed=9)).save(path)

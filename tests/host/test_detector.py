@@ -11,11 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tiny_ssd import (
-    build_tiny_ssd, square_box, square_image, write_labelmap, write_red_squares, write_voc,
-)
-
 from edgeadapt.detection.add_classes import DetectorOptions, add_detector_classes, extend_detector
 from edgeadapt.detection.annotations import load_new_classes, read_coco, read_voc
 from edgeadapt.detection.rewrite import EMBEDDED_LABELS_FILE
@@ -24,6 +19,14 @@ from edgeadapt.detection.structure import PostProcessOptions, load_ssd
 from edgeadapt.detection.training import TrainingOptions, box_iou, corners, match
 from edgeadapt.device.detector import Detector
 from edgeadapt.device.errors import DatasetError, IncompatibleModelError, InputError
+from tiny_ssd import (
+    build_tiny_ssd,
+    square_box,
+    square_image,
+    write_labelmap,
+    write_red_squares,
+    write_voc,
+)
 
 TRAINING = TrainingOptions(steps=300)
 OPTIONS = DetectorOptions(use_cache=False, progress=False, training=TRAINING)
