@@ -58,8 +58,13 @@ def _anchors() -> np.ndarray:
     return np.asarray(rows, np.float32)
 
 
-def build_tiny_ssd(path: str | Path, variant: str = "ssd", seed: int = 0) -> Path:
-    """Write the tiny detector (or a ``variant`` that is not one) to ``path``; returns the path."""
+def build_tiny_ssd(path: str | Path, variant: str = "ssd", seed: int = 0, precision: str = "uint8") -> Path:
+    """Write the tiny detector (or a ``variant`` that is not one) to ``path``; returns the path.
+
+    ``precision``: ``uint8`` (per-tensor asymmetric weights, like the COCO SSD), ``int8``
+    (per-channel symmetric weights, DEQUANTIZE before the post-process, as newer converters
+    write) or ``float32``.
+    """
     from edgeadapt.converters.tflite_import import TFLiteGraph, tflite_schema, write_tflite_model
     from flatbuffers import flexbuffers
 
@@ -74,21 +79,40 @@ def build_tiny_ssd(path: str | Path, variant: str = "ssd", seed: int = 0) -> Pat
     subgraph.tensors, subgraph.operators = [], []
     model.subgraphs = [subgraph]
     graph = TFLiteGraph(model)
+    kind = precision.upper()
 
-    def conv(source: int, source_scale: float, weights: np.ndarray, bias: np.ndarray, stride: int, out_shape: list[int],
-             out_range: tuple[float, float], relu6: bool, name: str, weight_tensor: int | None = None) -> int:
-        if weight_tensor is None:
-            limit = max(float(np.abs(weights).max()), 1e-3)
-            quantized, w_scale, w_zero = _quantize(weights, -limit, limit)
-            weight_tensor = graph.add_tensor(f"{name}/weights", list(weights.shape), "UINT8", data=quantized,
-                                             scale=w_scale, zero_point=w_zero)
-        w_scale = float(graph.quantization(weight_tensor)[0][0])
-        bias_q = np.round(bias / (source_scale * w_scale)).astype(np.int32)
-        bias_tensor = graph.add_tensor(f"{name}/bias", [bias.size], "INT32", data=bias_q, scale=source_scale * w_scale,
-                                       zero_point=0)
-        low, high = out_range
+    def activation(name: str, shape: list[int], low: float, high: float) -> int:
+        if precision == "float32":
+            return graph.add_tensor(name, shape, "FLOAT32")
         scale = (high - low) / 255.0
-        output = graph.add_tensor(name, out_shape, "UINT8", scale=scale, zero_point=round(-low / scale))
+        zero_point = round(-low / scale) - (128 if precision == "int8" else 0)
+        return graph.add_tensor(name, shape, kind, scale=scale, zero_point=zero_point)
+
+    def conv(source: int, weights: np.ndarray, bias: np.ndarray, stride: int, out_shape: list[int],
+             out_range: tuple[float, float], relu6: bool, name: str, weight_tensor: int | None = None) -> int:
+        source_scale = graph.quantization(source)[0]
+        if weight_tensor is None:
+            if precision == "uint8":
+                limit = max(float(np.abs(weights).max()), 1e-3)
+                quantized, w_scale, w_zero = _quantize(weights, -limit, limit)
+                weight_tensor = graph.add_tensor(f"{name}/weights", list(weights.shape), "UINT8", data=quantized,
+                                                 scale=w_scale, zero_point=w_zero)
+            elif precision == "int8":
+                scales = np.maximum(np.abs(weights).reshape(weights.shape[0], -1).max(axis=1), 1e-3) / 127.0
+                quantized = np.round(weights / scales[:, None, None, None]).astype(np.int8)
+                weight_tensor = graph.add_tensor(f"{name}/weights", list(weights.shape), "INT8", data=quantized,
+                                                 scale=scales, zero_point=np.zeros(scales.size, np.int64))
+            else:
+                weight_tensor = graph.add_tensor(f"{name}/weights", list(weights.shape), "FLOAT32", data=weights)
+        if precision == "float32":
+            bias_tensor = graph.add_tensor(f"{name}/bias", [bias.size], "FLOAT32", data=bias.astype(np.float32))
+        else:
+            w_scales = graph.quantization(weight_tensor)[0]
+            bias_scales = source_scale[0] * w_scales
+            bias_q = np.round(bias / bias_scales).astype(np.int32)
+            bias_tensor = graph.add_tensor(f"{name}/bias", [bias.size], "INT32", data=bias_q, scale=bias_scales,
+                                           zero_point=np.zeros(bias_scales.size, np.int64))
+        output = activation(name, out_shape, *out_range)
         options = schema.Conv2DOptionsT()
         options.padding = schema.Padding.SAME
         options.strideH = options.strideW = stride
@@ -99,28 +123,29 @@ def build_tiny_ssd(path: str | Path, variant: str = "ssd", seed: int = 0) -> Pat
         return output
 
     def reshape(source: int, shape: list[int], name: str) -> int:
-        quantization = graph.tensor(source).quantization
         shape_tensor = graph.add_tensor(f"{name}/shape", [len(shape)], "INT32", data=np.asarray(shape, np.int32))
-        output = graph.add_tensor(name, shape, "UINT8", scale=float(quantization.scale[0]),
-                                  zero_point=int(quantization.zeroPoint[0]))
+        scales, zero_points, _ = graph.quantization(source)
+        output = (graph.add_tensor(name, shape, kind, scale=float(scales[0]), zero_point=int(zero_points[0]))
+                  if scales.size else graph.add_tensor(name, shape, "FLOAT32"))
         options = schema.ReshapeOptionsT()
         options.newShape = np.asarray(shape, np.int32)
         graph.add_operator("RESHAPE", [source, shape_tensor], [output], options, "ReshapeOptions")
         return output
 
     def concat(sources: list[int], shape: list[int], out_range: tuple[float, float], name: str) -> int:
-        low, high = out_range
-        scale = (high - low) / 255.0
-        output = graph.add_tensor(name, shape, "UINT8", scale=scale, zero_point=round(-low / scale))
+        output = activation(name, shape, *out_range)
         options = schema.ConcatenationOptionsT()
         options.axis = 1
         graph.add_operator("CONCATENATION", sources, [output], options, "ConcatenationOptions")
         return output
 
-    image = graph.add_tensor("image", [1, SIZE, SIZE, 3], "UINT8", scale=1 / 128, zero_point=128)
-    map1 = conv(image, 1 / 128, _feature_weights("rgb"), np.zeros(6, np.float32), 2, [1, 8, 8, 6], (0.0, 2.0), True, "map1")
-    map2 = conv(map1, _FEATURE_SCALE, _feature_weights("map"), np.zeros(6, np.float32), 2, [1, 4, 4, 6], (0.0, 2.0),
-                True, "map2")
+    if precision == "float32":
+        image = graph.add_tensor("image", [1, SIZE, SIZE, 3], "FLOAT32")
+    else:
+        image = graph.add_tensor("image", [1, SIZE, SIZE, 3], kind, scale=1 / 128,
+                                 zero_point=128 if precision == "uint8" else 0)
+    map1 = conv(image, _feature_weights("rgb"), np.zeros(6, np.float32), 2, [1, 8, 8, 6], (0.0, 2.0), True, "map1")
+    map2 = conv(map1, _feature_weights("map"), np.zeros(6, np.float32), 2, [1, 4, 4, 6], (0.0, 2.0), True, "map2")
     if variant == "classifier":
         pooled = reshape(map2, [1, 96], "flatten")
         graph.set_io([image], [pooled], ["image"], ["embedding"])
@@ -130,7 +155,7 @@ def build_tiny_ssd(path: str | Path, variant: str = "ssd", seed: int = 0) -> Pat
     class_outputs, box_outputs = [], []
     shared = None
     for index, (source, grid, kernel) in enumerate(((map1, 8, 3), (map2, 4, 1))):
-        box = conv(source, _FEATURE_SCALE, np.zeros((ANCHORS * 4, 1, 1, 6), np.float32), np.zeros(ANCHORS * 4, np.float32),
+        box = conv(source, np.zeros((ANCHORS * 4, 1, 1, 6), np.float32), np.zeros(ANCHORS * 4, np.float32),
                    1, [1, grid, grid, ANCHORS * 4], (-12.8, 12.7), False, f"box{index}")
         box_outputs.append(reshape(box, [1, grid * grid * ANCHORS, 4], f"box{index}/reshape"))
         if variant == "shared_head":
@@ -142,7 +167,7 @@ def build_tiny_ssd(path: str | Path, variant: str = "ssd", seed: int = 0) -> Pat
             weights[anchor, 1, centre, centre, 4] += 4.0  # blue-ness -> "blue"
             weights[anchor, 2, centre, centre, 5] += 4.0  # green-ness -> "green"
             bias[anchor, 1:] = -2.5
-        output = conv(source, _FEATURE_SCALE, weights.reshape(ANCHORS * width, kernel, kernel, 6), bias.reshape(-1), 1,
+        output = conv(source, weights.reshape(ANCHORS * width, kernel, kernel, 6), bias.reshape(-1), 1,
                       [1, grid, grid, ANCHORS * width], (-10.0, 2.75), False, f"class{index}", weight_tensor=shared)
         if variant == "shared_head":
             shared = int(graph.subgraph.operators[-1].inputs[1])
@@ -150,15 +175,28 @@ def build_tiny_ssd(path: str | Path, variant: str = "ssd", seed: int = 0) -> Pat
     count = 8 * 8 * ANCHORS + 4 * 4 * ANCHORS
     boxes = concat(box_outputs, [1, count, 4], (-12.8, 12.7), "boxes")
     logits = concat(class_outputs, [1, count, width], (-10.0, 2.75), "class_logits")
-    scores = graph.add_tensor("scores", [1, count, width], "UINT8", scale=1 / 256, zero_point=0)
+    if precision == "float32":
+        scores = graph.add_tensor("scores", [1, count, width], "FLOAT32")
+    else:
+        scores = graph.add_tensor("scores", [1, count, width], kind, scale=1 / 256,
+                                  zero_point=0 if precision == "uint8" else -128)
     graph.add_operator("LOGISTIC", [logits], [scores])
     if variant == "raw_head":
         graph.set_io([image], [boxes, scores], ["image"], ["boxes", "scores"])
         (path := Path(path)).write_bytes(write_tflite_model(model))
         return path
-    # uint8 box encodings need uint8 anchors: the kernel dequantizes both with their own parameters
-    anchors = graph.add_tensor("anchors", [count, 4], "UINT8", data=np.round(_anchors() * 128).astype(np.uint8),
-                               scale=1 / 128, zero_point=0)
+    if precision == "int8":  # newer converters dequantize before the post-process op
+        float_boxes = graph.add_tensor("boxes/float", [1, count, 4], "FLOAT32")
+        float_scores = graph.add_tensor("scores/float", [1, count, width], "FLOAT32")
+        graph.add_operator("DEQUANTIZE", [boxes], [float_boxes])
+        graph.add_operator("DEQUANTIZE", [scores], [float_scores])
+        boxes, scores = float_boxes, float_scores
+    if precision == "uint8":
+        # uint8 box encodings need uint8 anchors: the kernel dequantizes both with their own parameters
+        anchors = graph.add_tensor("anchors", [count, 4], "UINT8", data=np.round(_anchors() * 128).astype(np.uint8),
+                                   scale=1 / 128, zero_point=0)
+    else:
+        anchors = graph.add_tensor("anchors", [count, 4], "FLOAT32", data=_anchors())
     outputs = [graph.add_tensor("TFLite_Detection_PostProcess" + suffix, shape, "FLOAT32")
                for suffix, shape in (("", [1, 5, 4]), (":1", [1, 5]), (":2", [1, 5]), (":3", [1]))]
     code = schema.OperatorCodeT()
@@ -172,7 +210,7 @@ def build_tiny_ssd(path: str | Path, variant: str = "ssd", seed: int = 0) -> Pat
     operator.outputs = np.asarray(outputs, np.int32)
     options = {"max_detections": 5, "max_classes_per_detection": 1, "num_classes": len(OLD_CLASSES),
                "nms_score_threshold": 1e-8, "nms_iou_threshold": 0.6, "y_scale": 10.0, "x_scale": 10.0,
-               "h_scale": 5.0, "w_scale": 5.0, "use_regular_nms": False, "_output_quantized": True}
+               "h_scale": 5.0, "w_scale": 5.0, "use_regular_nms": False, "_output_quantized": precision == "uint8"}
     operator.customOptions = np.frombuffer(bytes(flexbuffers.Dumps(options)), np.uint8).copy()
     operator.customOptionsFormat = schema.CustomOptionsFormat.FLEXBUFFERS
     graph.subgraph.operators.append(operator)

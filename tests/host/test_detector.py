@@ -14,7 +14,7 @@ import pytest
 from edgeadapt.detection.add_classes import DetectorOptions, add_detector_classes, extend_detector
 from edgeadapt.detection.annotations import load_new_classes, read_coco, read_voc
 from edgeadapt.detection.rewrite import EMBEDDED_LABELS_FILE
-from edgeadapt.detection.runner import TensorRunner, model_with_outputs
+from edgeadapt.detection.runner import TensorRunner, model_with_outputs, pixels_to_input
 from edgeadapt.detection.structure import PostProcessOptions, load_ssd
 from edgeadapt.detection.training import TrainingOptions, box_iou, corners, match
 from edgeadapt.device.detector import Detector
@@ -54,7 +54,7 @@ def _raw_scores(content: bytes, image: np.ndarray) -> np.ndarray:
     from PIL import Image
 
     pixels = np.asarray(Image.fromarray(image).resize((16, 16), Image.BILINEAR))[None]
-    return runner.run(pixels, raw=True)[0]
+    return runner.run(pixels_to_input(pixels, structure.input_dtype), raw=True)[0]
 
 
 def _iou(a, b) -> float:
@@ -90,6 +90,23 @@ def test_add_class_keeps_old_scores_bit_identical_and_detects_the_new_one(tiny, 
     assert not [d for d in detector.detect(square_image(None, None, seed=7), 0.5).detections if d.label == "red"]
     blue = detector.detect(square_image("blue", (3, 3), seed=8), 0.5).detections
     assert blue[0].label == "blue" and _iou(blue[0].box, square_box((3, 3))) > 0.7
+
+
+@pytest.mark.parametrize("precision", ["int8", "float32"])
+def test_add_class_to_int8_per_channel_and_float_detectors(tiny, tmp_path, precision):
+    model = build_tiny_ssd(tmp_path / f"{precision}.tflite", precision=precision)
+    out = tmp_path / f"{precision}_red.tflite"
+    add_detector_classes(model, tiny["labels"], tiny["data"], ["red"], out, options=OPTIONS)
+    for seed, (colour, cell) in enumerate([("blue", (2, 3)), ("red", (3, 4))]):
+        image = square_image(colour, cell, seed=600 + seed)
+        assert np.array_equal(_raw_scores(model.read_bytes(), image), _raw_scores(out.read_bytes(), image)[..., :3])
+    before, after = load_ssd(model.read_bytes()), load_ssd(out.read_bytes())
+    if precision == "int8":  # per-channel: old scales kept, new rows got their own
+        old_scales = before.graph.quantization(before.predictors[0].weights_tensor)[0].reshape(2, 3)
+        new_scales = after.graph.quantization(after.predictors[0].weights_tensor)[0].reshape(2, 4)
+        assert np.array_equal(old_scales, new_scales[:, :3]) and (new_scales[:, 3] > 0).all()
+    best = Detector(out).detect(square_image("red", (2, 4), seed=5), score_threshold=0.5).detections[0]
+    assert best.label == "red" and _iou(best.box, square_box((2, 4))) > 0.7
 
 
 def test_rows_are_interleaved_per_anchor_and_old_rows_copied(tiny, extended):
