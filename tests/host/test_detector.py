@@ -133,7 +133,31 @@ def test_labels_file_and_embedded_metadata(tiny, extended):
     assert info["added"] == ["red"] and info["nms"] == "regular"
     model = load_ssd(content).graph.model
     entry = [m for m in model.metadata if (m.name.decode() if isinstance(m.name, bytes) else m.name) == "TFLITE_METADATA"]
-    assert entry and bytes(np.asarray(model.buffers[entry[0].buffer].data, np.uint8))[4:8] == b"M001"
+    buffer = bytes(np.asarray(model.buffers[entry[0].buffer].data, np.uint8))
+    assert buffer[4:8] == b"M001"
+    # walk the TFLite Support ModelMetadata flatbuffer: subgraph -> output tensors -> names, label file
+    from flatbuffers import table
+
+    def sub(tab, slot):
+        offset = tab.Offset(4 + 2 * slot)
+        return table.Table(bytearray(buffer), tab.Indirect(offset + tab.Pos))
+
+    def items(tab, slot):
+        offset = tab.Offset(4 + 2 * slot)
+        start = tab.Vector(offset)
+        return [table.Table(bytearray(buffer), tab.Indirect(start + 4 * i)) for i in range(tab.VectorLen(offset))]
+
+    def text(tab, slot):
+        return tab.String(tab.Offset(4 + 2 * slot) + tab.Pos).decode()
+
+    root = table.Table(bytearray(buffer), int.from_bytes(buffer[:4], "little"))
+    outputs = items(items(root, 3)[0], 3)
+    assert [text(t, 0) for t in outputs] == ["location", "category", "score", "number of detections"]
+    label_file = items(outputs[1], 6)[0]
+    assert text(label_file, 0) == EMBEDDED_LABELS_FILE
+    assert buffer[label_file.Pos + label_file.Offset(8)] == 3  # TENSOR_VALUE_LABELS
+    content = sub(outputs[0], 3)
+    assert buffer[content.Pos + content.Offset(4)] == 3  # location: BoundingBoxProperties
 
 
 def test_fast_nms_option_and_options_roundtrip(tiny, tmp_path):
