@@ -161,6 +161,8 @@ class SSDStructure:
 
 def _refuse_non_detector(graph: Any) -> None:
     outputs = graph.outputs
+    if not outputs:
+        raise IncompatibleModelError(f"the model has no outputs and no {POSTPROCESS_OP} operator; not a detector")
     shapes = [graph.tensor_shape(index) for index in outputs]
     customs = sorted({graph.operator_name(op) for op in graph.subgraph.operators if graph.is_custom(op)})
     if customs:
