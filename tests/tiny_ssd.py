@@ -12,7 +12,9 @@ green-ness), so the old classes are real detectors: class 0 "blue" (blue squares
 "green" (green squares). The box predictors output zeros, so a decoded box is its anchor:
 anchors are 0.25 and 0.375 of the image on map1, 0.5 and 0.75 on map2 (uint8, scale 1/128: exact). ``variant`` builds the
 inputs the detector reader must refuse: ``"classifier"``, ``"raw_head"`` (no post-process op,
-YOLO-like outputs) and ``"shared_head"`` (one class-weight tensor for both maps).
+YOLO-like outputs), ``"shared_head"`` (one class-weight tensor for both maps) and
+``"duplicated_head"`` (the same class weights stored once per map, as an EfficientDet export
+of its shared class net may look).
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def build_tiny_ssd(path: str | Path, variant: str = "ssd", seed: int = 0, precis
         box = conv(source, np.zeros((ANCHORS * 4, 1, 1, 6), np.float32), np.zeros(ANCHORS * 4, np.float32),
                    1, [1, grid, grid, ANCHORS * 4], (-12.8, 12.7), False, f"box{index}")
         box_outputs.append(reshape(box, [1, grid * grid * ANCHORS, 4], f"box{index}/reshape"))
-        if variant == "shared_head":
+        if variant in ("shared_head", "duplicated_head"):
             kernel = 1
         weights = rng.normal(0, 0.05, (ANCHORS, width, kernel, kernel, 6)).astype(np.float32)
         centre = kernel // 2
@@ -171,6 +173,8 @@ def build_tiny_ssd(path: str | Path, variant: str = "ssd", seed: int = 0, precis
                       [1, grid, grid, ANCHORS * width], (-10.0, 2.75), False, f"class{index}", weight_tensor=shared)
         if variant == "shared_head":
             shared = int(graph.subgraph.operators[-1].inputs[1])
+        if variant == "duplicated_head":  # same weights stored once per level (separate tensors and buffers)
+            rng = np.random.default_rng(seed)
         class_outputs.append(reshape(output, [1, grid * grid * ANCHORS, width], f"class{index}/reshape"))
     count = 8 * 8 * ANCHORS + 4 * 4 * ANCHORS
     boxes = concat(box_outputs, [1, count, 4], (-12.8, 12.7), "boxes")

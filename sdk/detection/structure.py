@@ -295,17 +295,18 @@ def read_ssd(graph: Any) -> SSDStructure:
         branches = [tensor]
         path.pop()
     found_predictors = []
-    seen_weights: dict[int, int] = {}
+    seen_weights: dict[bytes, int] = {}
     offset = 0
     for branch in branches:
         conv_position, reshapes = _trace_predictor(graph, producers, branch, path)
         details = _predictor(graph, conv_position, reshapes, width)
-        buffer = int(graph.tensor(details["weights_tensor"]).buffer)
-        if buffer in seen_weights:
+        # one tensor for several levels, or the same weights stored once per level: a shared class net
+        weights = graph.buffer_data(details["weights_tensor"]).tobytes()
+        if weights in seen_weights:
             raise IncompatibleModelError(
-                "the class head is shared across feature maps (EfficientDet/RetinaNet style); only SSD heads with "
-                "one class predictor per feature map are supported")
-        seen_weights[buffer] = conv_position
+                "the class head is shared across feature maps (EfficientDet/RetinaNet style: the same class-net "
+                "weights on every level); only SSD heads with one class predictor per feature map are supported")
+        seen_weights[weights] = conv_position
         predictor = ClassPredictor(**details, anchor_offset=offset)
         found_predictors.append(predictor)
         offset += predictor.num_anchors

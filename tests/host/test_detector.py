@@ -227,8 +227,9 @@ def test_refuses_a_detector_without_postprocess(tiny, tmp_path):
     _assert_refused(IncompatibleModelError, "no TFLite_Detection_PostProcess", tiny, tmp_path, model=model)
 
 
-def test_refuses_a_shared_class_head(tiny, tmp_path):
-    model = build_tiny_ssd(tmp_path / "shared.tflite", variant="shared_head")
+@pytest.mark.parametrize("variant", ["shared_head", "duplicated_head"])
+def test_refuses_a_shared_class_head(tiny, tmp_path, variant):
+    model = build_tiny_ssd(tmp_path / f"{variant}.tflite", variant=variant)
     _assert_refused(IncompatibleModelError, "shared across feature maps", tiny, tmp_path, model=model)
 
 
