@@ -8,7 +8,7 @@ Figures (all printed by :func:`format_table`, or as JSON):
 - new classes: AP50 per class on held-out photos (every 4th photo of each class by sorted
   name, never used for training), with regular NMS and fast NMS;
 - false positives: new-class detections scoring >= 0.5 on COCO photos (held-out half, and all);
-- ms per image (Detector.detect, LiteRT) at 1 and 2 threads, and the add-classes wall time
+- ms per image (Detector.detect, LiteRT, best of 3 passes) at 1 and 2 threads, and the add-classes wall time
   (cold embedding cache: embedding + matching + training + rewrite + verification).
 
 The COCO photos are split in two by sorted name: the even ones are the ``--negatives`` of
@@ -38,6 +38,7 @@ from edgeadapt.device.errors import DatasetError
 
 MODEL_FILE = "ssd_mobilenet_v1_coco_quant.tflite"
 HOLDOUT_EVERY = 4
+TIMING_PASSES = 3
 
 
 @dataclass(frozen=True)
@@ -245,10 +246,13 @@ def run_detection_bench(options: DetectionBenchOptions) -> DetectionBenchResult:
                 detector = Detector(path, num_threads=threads)
                 frames = [np.asarray(pixels) for pixels in coco_pixels[: options.timing_images]]
                 detector.detect(frames[0])
-                started = time.perf_counter()
-                for frame in frames:
-                    detector.detect(frame)
-                elapsed = (time.perf_counter() - started) / max(len(frames), 1)
+                passes = []
+                for _ in range(TIMING_PASSES):  # best pass: the CPU is shared, other jobs only add time
+                    started = time.perf_counter()
+                    for frame in frames:
+                        detector.detect(frame)
+                    passes.append((time.perf_counter() - started) / max(len(frames), 1))
+                elapsed = min(passes)
                 result.ms_per_image.setdefault(name, {})[f"{threads}_threads"] = round(elapsed * 1000, 2)
     return result
 
