@@ -162,7 +162,8 @@ def run_detection_bench(options: DetectionBenchOptions) -> DetectionBenchResult:
     unseen = {p.name for p in coco_all[1::2]}
     result = DetectionBenchResult(split={
         "train_images": {n: len(v) for n, v in train.items()}, "heldout_images": {n: len(v) for n, v in held.items()},
-        "coco_negatives": len(negatives), "coco_unseen": len(unseen), "coco_annotated": len(coco)})
+        "coco_negatives": len(negatives), "coco_unseen": len(unseen), "coco_annotated": len(coco),
+        "coco_unseen_annotated": sum(item.image.name in unseen for item in coco)})
 
     with tempfile.TemporaryDirectory() as cache:
         started = time.perf_counter()
@@ -277,7 +278,8 @@ def format_table(result: DetectionBenchResult) -> str:
         f"{name}: " + ", ".join(f"{cls} {value:.3f}" for cls, value in values.items())
         for name, values in result.new_ap50.items()))
     lines.append("new-class detections >= 0.5 on COCO photos: " + "; ".join(
-        f"{name}: {values['unseen']} on {result.split['coco_unseen']} unseen, {values['all']} on all"
+        f"{name}: {values['unseen']} on {result.split['coco_unseen_annotated']} unseen, {values['all']} on "
+        f"{result.split['coco_annotated']}"
         for name, values in result.false_positives.items()))
     lines.append(f"add-classes run: {result.add_classes_seconds:.1f} s (embedding {result.embed_seconds:.1f} s, "
                  f"matching + training {result.train_seconds:.1f} s); split {json.dumps(result.split)}")
