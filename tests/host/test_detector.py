@@ -332,3 +332,17 @@ def test_real_coco_ssd_gets_raccoon_and_kangaroo(tmp_path):
             truth = [(b[1] * item.width, b[0] * item.height, b[3] * item.width, b[2] * item.height) for b in item.boxes]
             hits += any(d.label == name and max(_iou(d.box, t) for t in truth) >= 0.5 for d in result.detections)
     assert hits >= 14  # of 20 held-out photos (the benchmark measures AP50 on all of them)
+
+
+def test_cli_errors_exit_2_with_a_message(tiny, tmp_path, capsys):
+    from edgeadapt.cli import main
+
+    classifier = build_tiny_ssd(tmp_path / "classifier.tflite", variant="classifier")
+    code = main(["detector", "add-classes", str(classifier), "--labels", str(tiny["labels"]), "--data",
+                 str(tiny["data"]), "--classes", "red", "--out", str(tmp_path / "x.tflite"), "--no-cache", "--quiet"])
+    assert code == 2 and "classifier" in capsys.readouterr().err and not (tmp_path / "x.tflite").exists()
+    assert main(["bench", "detection", "--data", str(tmp_path)]) == 2
+    assert "is missing; pass --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["detector", "add-classes", str(tiny["model"]), "--labels", str(tiny["labels"]), "--data", "d",
+              "--classes", "red", "--out", "x.tflite", "--nms", "slow"])
