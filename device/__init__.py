@@ -34,6 +34,8 @@ _EXPORTS = {
     "ReferenceEmbeddings": "edgeadapt.device.bundle",
     "UnknownAwareClassifier": "edgeadapt.device.unknown",
     "Prediction": "edgeadapt.device.runtime",
+    "Detector": "edgeadapt.device.detector",
+    "DetectionResult": "edgeadapt.device.detector",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,6 +17,7 @@ from edgeadapt.device.cli_common import add_backend_option, apply_conventions, r
 #: Modules that add sub-commands; each defines ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
     "edgeadapt.device.cli_update",
+    "edgeadapt.device.cli_detect",
 )
 
 

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "edgeadapt.cli_import",
     "edgeadapt.cli_finetune",
     "edgeadapt.cli_incremental",
+    "edgeadapt.cli_detector",
 )
 
 

@@ -1,0 +1,46 @@
+"""``edgeadapt-device detect``: run an SSD detector on images (no TensorFlow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _detect(arguments: argparse.Namespace) -> int:
+    from edgeadapt.device.detector import Detector
+
+    detector = Detector(arguments.model, labels=arguments.labels, backend=arguments.backend,
+                        num_threads=arguments.threads)
+    results = []
+    for image in arguments.images:
+        result = detector.detect(image, score_threshold=arguments.threshold)
+        results.append({"image": str(image), **result.to_dict()})
+    if arguments.json:
+        print(json.dumps({"backend": detector.backend_name, "results": results}, indent=2))
+        return 0
+    for entry in results:
+        print(f"{entry['image']} ({entry['width']}x{entry['height']}): {len(entry['detections'])} detections")
+        for detection in entry["detections"]:
+            xmin, ymin, xmax, ymax = detection["box"]
+            print(f"  {detection['label']:<20} {detection['score']:.3f}  "
+                  f"x {xmin:.0f}..{xmax:.0f}  y {ymin:.0f}..{ymax:.0f}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``detect``."""
+    detect = subparsers.add_parser(
+        "detect", help="detect objects with an SSD .tflite (boxes in image pixels)",
+        description="Run a detector ending in TFLite_Detection_PostProcess (e.g. one written by `edgeadapt detector "
+        "add-classes`) on images and print label, score and box (pixels of the original image).")
+    detect.add_argument("model", type=Path, help="detector .tflite")
+    detect.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG/PNG/BMP files")
+    detect.add_argument("--labels", type=Path,
+                        help="labelmap file (line 0 '???' -> class i is line i+1; default: labels embedded in the model)")
+    detect.add_argument("--threshold", type=float, default=0.5, help="minimum score of a box (default 0.5)")
+    detect.add_argument("--backend", choices=("auto", "litert", "tflite-runtime"), default="auto",
+                        help="TFLite interpreter (default auto: LiteRT first)")
+    detect.add_argument("--threads", type=int, help="interpreter threads (default: the backend's choice)")
+    detect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    detect.set_defaults(handler=_detect)
