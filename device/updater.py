@@ -1029,6 +1029,10 @@ def _incremental():
 
 
 def _package_version() -> str:
-    import edgeadapt
+    """The installed edgeadapt version, from the package metadata (the device never imports the host package)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return str(getattr(edgeadapt, "__version__", "unknown"))
+    try:
+        return version("edgeadapt")
+    except PackageNotFoundError:
+        return "unknown"
