@@ -20,6 +20,7 @@ _EXPORTS = {
     "BackendUnavailableError": "edgeadapt.device.errors",
     "UpdateError": "edgeadapt.device.errors",
     "ConcurrentUpdateError": "edgeadapt.device.errors",
+    "StorageError": "edgeadapt.device.errors",
     "InputSpec": "edgeadapt.device.manifest",
     "Manifest": "edgeadapt.device.manifest",
     "ClassInfo": "edgeadapt.device.manifest",

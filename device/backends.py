@@ -72,6 +72,9 @@ class TFLiteBackend:
         out_scale, out_zero = output_detail["quantization"]
         self.input = TensorInfo(np.dtype(input_detail["dtype"]).name, float(in_scale), int(in_zero))
         self.output = TensorInfo(np.dtype(output_detail["dtype"]).name, float(out_scale), int(out_zero))
+        #: the model's input shape without the batch dimension (None = any size)
+        self.input_shape: tuple[int | None, ...] = tuple(
+            int(value) if int(value) > 0 else None for value in input_detail.get("shape_signature", input_detail["shape"])[1:])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Embeddings (N, D) float32 for a batch already in the model's input dtype."""
@@ -111,6 +114,9 @@ class OnnxBackend:
             raise BundleError(f"unsupported ONNX input type {model_input.type} in {model_path.name}")
         self.input = TensorInfo(dtype)
         self.output = TensorInfo("float32")
+        #: the model's input shape without the batch dimension (None = a dynamic size)
+        self.input_shape: tuple[int | None, ...] = tuple(
+            value if isinstance(value, int) and value > 0 else None for value in (model_input.shape or [None])[1:])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         output = self.session.run(self._output_names, {self._input_name: batch})[0]

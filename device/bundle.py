@@ -32,17 +32,28 @@ import logging
 import os
 import shutil
 import tempfile
-import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Union
+from typing import Any, Iterable, Mapping, Union
 
 import numpy as np
 
 from edgeadapt.device.errors import BundleError, IncompatibleModelError
 from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.manifest import MAX_MANIFEST_BYTES, Manifest, check_relative_path
+from edgeadapt.device.npyio import read_npy
 from edgeadapt.device.ridge import BASIS_ARRAYS, RidgeBasis
-from edgeadapt.device.manifest import Manifest, check_relative_path
+from edgeadapt.device.packing import UnpackedCopy
+from edgeadapt.device.safefs import (
+    check_tree,
+    create_exclusive,
+    inside,
+    open_regular,
+    read_regular,
+    sha256_and_size,
+    storage_error,
+    temporary_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +67,8 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 of the regular file ``path`` (never through a symlink)."""
+    return sha256_and_size(path, chunk_size)[0]
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -97,12 +105,17 @@ def fsync_directory(path: Path) -> None:
 def write_file_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    temporary = temporary_name(path)
+    descriptor = create_exclusive(temporary)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     fsync_directory(path.parent)
 
 
@@ -295,15 +308,18 @@ def write_bundle(
         raise BundleError(f"{target} already exists; pass overwrite=True or choose another output path")
     manifest = manifest.copy()
     table: dict[str, dict] = {}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as error:
+        raise storage_error(error, target.parent, f"write the bundle {target.name}") from error
     try:
         for relative_path, content in files.items():
             check_relative_path(relative_path)
             data = _content_bytes(content)
             destination = staging / relative_path
             destination.parent.mkdir(parents=True, exist_ok=True)
-            with open(destination, "wb") as handle:
+            with os.fdopen(create_exclusive(destination), "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -321,8 +337,10 @@ def write_bundle(
         else:
             os.replace(staging, target)
         fsync_directory(target.parent)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise storage_error(error, target.parent, f"write the bundle {target.name}") from error
         raise
     logger.info("wrote bundle %s (%d files)", target, len(table))
     return target
@@ -331,32 +349,67 @@ def write_bundle(
 # ----------------------------------------------------------------------------- reading
 @dataclass
 class Bundle:
-    """A verified bundle directory and its manifest."""
+    """A verified bundle directory and its manifest.
+
+    A bundle opened from a packed ``.zip`` runs from a temporary unpacked copy that
+    :meth:`close` (or ``with Bundle.open(...)``, or interpreter exit) removes.
+    """
 
     path: Path
     manifest: Manifest
+    unpacked: UnpackedCopy | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> "Bundle":
         """Open a bundle directory (or a packed ``.zip``, unpacked to a temporary folder).
 
-        With ``verify`` every listed file is checked for presence, size and sha256.
-        Raises :class:`BundleError` naming the first problem.
+        The folder may hold no symlink or special file anywhere; the manifest is parsed and
+        checked against the schema; with ``verify`` every listed file is checked for
+        presence, size and sha256 (a packed bundle is always verified while unpacking).
+
+        Raises:
+            BundleError: naming the first problem.
+            IncompatibleModelError: the head is bound to another backbone.
         """
         location = Path(path)
-        if location.is_file() and zipfile.is_zipfile(location):
-            location = unpack_bundle(location, Path(tempfile.mkdtemp(prefix="edgeadapt-bundle-")) / location.stem)
+        if location.is_file():
+            return cls._open_packed(location)
         if not location.is_dir():
             raise BundleError(f"bundle {str(path)!r} does not exist or is not a bundle directory or packed bundle")
-        manifest_path = location / MANIFEST_NAME
-        if not manifest_path.is_file():
-            raise BundleError(f"{location} has no {MANIFEST_NAME}; it is not a bundle (or it is incomplete)")
-        manifest = Manifest.from_json(manifest_path.read_text(encoding="utf-8"), str(manifest_path))
-        bundle = cls(location, manifest)
+        check_tree(location)
+        bundle = cls(location, read_manifest(location))
+        # (a signature check of the manifest belongs here, before any listed file is used)
         if verify:
             bundle.verify()
         bundle._check_head_binding()
         return bundle
+
+    @classmethod
+    def _open_packed(cls, location: Path) -> "Bundle":
+        try:
+            copy = UnpackedCopy(Path(tempfile.mkdtemp(prefix="edgeadapt-bundle-")))
+        except OSError as error:
+            raise storage_error(error, Path(tempfile.gettempdir()), "unpack the packed bundle") from error
+        try:
+            stem = location.stem if location.stem and not location.stem.startswith(".") else "bundle"
+            folder = unpack_bundle(location, copy.path / stem[:200])
+            bundle = cls.open(folder, verify=False)  # unpack_bundle checked every file's size and sha256
+        except BaseException:
+            copy.close()
+            raise
+        bundle.unpacked = copy
+        return bundle
+
+    def close(self) -> None:
+        """Remove the temporary unpacked copy of a packed bundle (nothing for a directory)."""
+        if self.unpacked is not None:
+            self.unpacked.close()
+
+    def __enter__(self) -> "Bundle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def verify(self, only: Iterable[str] | None = None) -> None:
         """Check every file listed in the manifest (or just ``only``): present, right size, right sha256."""
@@ -368,18 +421,22 @@ class Bundle:
                     raise BundleError(f"{relative_path!r} is not listed in the bundle manifest of {self.path}")
             files = {relative_path: files[relative_path] for relative_path in wanted}
         for relative_path, entry in files.items():
-            file_path = self.path / relative_path
-            if not file_path.is_file():
+            file_path = self.file_path(relative_path)
+            try:
+                size = os.lstat(file_path).st_size  # lstat: a link is never followed
+            except FileNotFoundError:
                 raise BundleError(
                     f"bundle file {relative_path!r} is missing from {self.path}; re-copy or re-export the bundle"
-                )
-            size = file_path.stat().st_size
+                ) from None
+            except OSError as error:
+                raise BundleError(f"cannot read bundle file {relative_path!r}: {error.strerror or error}") from error
             if size != entry.get("size"):
                 raise BundleError(
                     f"bundle file {relative_path!r} has {size} bytes, the manifest says {entry.get('size')}: "
                     "the file is truncated or was replaced; re-copy or re-export the bundle"
                 )
-            if sha256_file(file_path) != entry.get("sha256"):
+            digest, size = sha256_and_size(file_path, what=f"bundle file {relative_path!r} in")
+            if size != entry.get("size") or digest != entry.get("sha256"):
                 raise BundleError(
                     f"bundle file {relative_path!r} fails its sha256 check: it is corrupted or was edited; "
                     "re-copy or re-export the bundle"
@@ -393,42 +450,51 @@ class Bundle:
                 f"the head in {self.path} is bound to backbone {bound}, but the bundle's backbone is "
                 f"{self.manifest.backbone_fingerprint}; retrain or re-export the head for this backbone"
             )
-        for key in ("weights", "bias"):
-            if head.get(key) not in self.manifest.files:
-                raise BundleError(f"head file {head.get(key)!r} is not listed in the manifest's files")
 
     def file_path(self, relative_path: str) -> Path:
-        check_relative_path(relative_path)
-        if relative_path not in self.manifest.files:
+        """The path of a listed file, checked after resolution to stay inside the bundle."""
+        if relative_path not in self.manifest.data["files"]:
+            check_relative_path(relative_path)
             raise BundleError(f"{relative_path!r} is not listed in the bundle manifest")
+        check_relative_path(relative_path)
+        folder = relative_path.rpartition("/")[0]
+        checked = self.__dict__.setdefault("_checked_folders", set())
+        if folder and folder not in checked:  # folders resolved once per opened bundle (a link -> refused)
+            inside(self.path, relative_path)
+            checked.add(folder)
         return self.path / relative_path
 
+    def _array_checks(self) -> dict:
+        cached = self.__dict__.get("_checks")
+        if cached is None or cached[0] is not self.manifest.data:
+            cached = (self.manifest.data, self.manifest.head_files.arrays)
+            self.__dict__["_checks"] = cached
+        return cached[1]
+
     def _load_array(self, relative_path: str) -> np.ndarray:
+        """A listed ``.npy`` file, header checked (dtype, the shape the manifest implies, size) before
+        anything is allocated, values checked finite."""
+        shape, kinds = self._array_checks().get(relative_path, (None, "biuf"))
+        path = self.file_path(relative_path)
+        descriptor = open_regular(path, f"bundle file {relative_path!r} in")
         try:
-            return np.load(self.file_path(relative_path), allow_pickle=False)
-        except (ValueError, OSError) as error:
-            raise BundleError(f"cannot read {relative_path!r} from {self.path}: {error}") from error
+            with os.fdopen(descriptor, "rb", closefd=False) as handle:
+                return read_npy(handle, os.fstat(descriptor).st_size, f"bundle file {relative_path!r}",
+                                shape=shape, kinds=kinds)
+        except OSError as error:
+            raise BundleError(f"cannot read {relative_path!r} from {self.path}: {error.strerror or error}") from error
+        finally:
+            os.close(descriptor)
 
     def load_head(self) -> Head:
         """The head of the current version."""
-        section = self.manifest.data["head"]
-        mean = self._load_array(section["feature_mean"]) if section.get("feature_mean") else None
-        head = Head(
-            weights=self._load_array(section["weights"]),
-            bias=self._load_array(section["bias"]),
-            feature_mean=mean,
-            l2_normalize=bool(section.get("l2_normalize", False)),
-            temperature=float(section.get("temperature", 1.0)),
-        )
-        if head.num_classes != len(self.manifest.data["classes"]):
-            raise BundleError(
-                f"head has {head.num_classes} classes but the manifest lists {len(self.manifest.data['classes'])}"
-            )
-        if head.embedding_size != self.manifest.embedding_size:
-            raise BundleError(
-                f"head expects {head.embedding_size}-d embeddings but the manifest says {self.manifest.embedding_size}"
-            )
-        return head
+        section = self.manifest.head_files
+        mean = self._load_array(section.feature_mean) if section.feature_mean else None
+        try:
+            return Head(weights=self._load_array(section.weights), bias=self._load_array(section.bias),
+                        feature_mean=mean, l2_normalize=section.l2_normalize, temperature=section.temperature)
+        except IncompatibleModelError as error:
+            raise BundleError(f"the head in {self.path} is inconsistent: {error}") from error
 
     def load_class_stats(self) -> ClassStats | None:
         """The class statistics of the current version, or None if the bundle has none."""
@@ -440,22 +506,37 @@ class Bundle:
         section = statistics.get("ridge_basis")
         if isinstance(section, dict) and isinstance(section.get("files"), dict):
             arrays = {name: self._load_array(path) for name, path in section["files"].items() if name in BASIS_ARRAYS}
-            basis = RidgeBasis.from_parts(section, arrays)
-        return ClassStats(
-            sums=self._load_array(statistics["class_sums"]),
-            counts=self._load_array(statistics["class_counts"]),
-            gram=gram,
-            ridge_basis=basis,
-        )
+            try:
+                basis = RidgeBasis.from_parts(section, arrays)
+            except (KeyError, TypeError, ValueError, IndexError, OverflowError) as error:
+                raise BundleError(f"the ridge solver state in {self.path} is malformed ({error}); re-export the bundle") \
+                    from error
+        counts = self._load_array(statistics["class_counts"])
+        if counts.size and counts.min() < 0:
+            raise BundleError(f"class_counts in {self.path} holds negative counts; the bundle is corrupted")
+        try:
+            return ClassStats(sums=self._load_array(statistics["class_sums"]), counts=counts, gram=gram,
+                              ridge_basis=basis)
+        except IncompatibleModelError as error:
+            raise BundleError(f"the class statistics in {self.path} are inconsistent: {error}") from error
 
     def load_reference_embeddings(self) -> ReferenceEmbeddings | None:
         """The update-gate reference embeddings of the current version, or None if the bundle has none."""
         section = self.manifest.data["head"].get("references")
         if not section:
             return None
-        return ReferenceEmbeddings(
-            embeddings=self._load_array(section["embeddings"]), labels=self._load_array(section["labels"])
-        )
+        return self._load_pair(section, "references")
+
+    def _load_pair(self, section: dict, what: str) -> ReferenceEmbeddings:
+        embeddings, labels = self._load_array(section["embeddings"]), self._load_array(section["labels"])
+        count = len(self.manifest.data["classes"])
+        if labels.shape[0] != embeddings.shape[0] or (labels.size and (labels.min() < 0 or labels.max() >= count)):
+            raise BundleError(f"the {what} in {self.path} do not match (labels must be class indices 0..{count - 1}, "
+                              "one per embedding); the bundle is corrupted")
+        try:
+            return ReferenceEmbeddings(embeddings=embeddings, labels=labels)
+        except IncompatibleModelError as error:
+            raise BundleError(f"the {what} in {self.path} are inconsistent: {error}") from error
 
     def load_background(self) -> np.ndarray | None:
         """The background embeddings of the current version ((N, D) float16 or float32 as stored), or None."""
@@ -482,65 +563,36 @@ class Bundle:
         return sizes + (self.path / MANIFEST_NAME).stat().st_size
 
 
+def read_manifest(folder: Path) -> Manifest:
+    """Read and validate ``folder/manifest.json`` (a regular file, never through a symlink)."""
+    manifest_path = folder / MANIFEST_NAME
+    if not os.path.lexists(manifest_path):
+        raise BundleError(f"{folder} has no {MANIFEST_NAME}; it is not a bundle (or it is incomplete)")
+    raw = read_regular(manifest_path, MAX_MANIFEST_BYTES, "bundle manifest")
+    return Manifest.from_json(raw, str(manifest_path))
+
+
 # ----------------------------------------------------------------------------- packing
 def pack_bundle(bundle_path: str | Path, output: str | Path) -> Path:
-    """Pack a verified bundle directory into one ``.zip`` file (manifest first)."""
-    bundle = Bundle.open(bundle_path)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.write(bundle.path / MANIFEST_NAME, MANIFEST_NAME)
-            for relative_path in sorted(bundle.manifest.files):
-                archive.write(bundle.path / relative_path, relative_path)
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, output)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return output
+    """Pack a verified bundle directory into one ``.zip`` file (manifest first).
+
+    Raises:
+        BundleError: the bundle is invalid.
+        StorageError: the output cannot be written (disk full, read-only); nothing is left behind.
+    """
+    from edgeadapt.device.packing import write_packed
+
+    with Bundle.open(bundle_path) as bundle:
+        return write_packed(bundle, Path(output))
 
 
 def unpack_bundle(packed: str | Path, output_dir: str | Path) -> Path:
-    """Unpack a packed bundle, refusing any member path that escapes ``output_dir``."""
-    packed = Path(packed)
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise BundleError(f"{output_dir} exists and is not empty; unpack into a new directory")
-    try:
-        archive = zipfile.ZipFile(packed)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise BundleError(f"{packed} is not a packed bundle (zip): {error}") from error
-    with archive:
-        members = archive.infolist()
-        for member in members:
-            check_relative_path(member.filename)
-            if member.is_dir():
-                continue
-            mode = (member.external_attr >> 16) & 0o170000
-            if mode == 0o120000:
-                raise BundleError(f"packed bundle member {member.filename!r} is a symbolic link; refusing it")
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-        try:
-            root = staging.resolve()
-            for member in members:
-                destination = (staging / member.filename).resolve()
-                if root not in destination.parents and destination != root:
-                    raise BundleError(f"packed bundle member {member.filename!r} escapes the bundle directory")
-                if member.is_dir():
-                    destination.mkdir(parents=True, exist_ok=True)
-                    continue
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(member) as source, open(destination, "wb") as sink:
-                    shutil.copyfileobj(source, sink)
-            Bundle.open(staging)  # verify before the bundle becomes visible
-            if output_dir.exists():
-                output_dir.rmdir()
-            os.replace(staging, output_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return output_dir
+    """Unpack a packed bundle into the new folder ``output_dir``, every member checked before it is inflated.
+
+    Raises:
+        BundleError: the archive is damaged, holds unlisted or oversized members, links, etc.
+        StorageError: the folder cannot be written; nothing is left behind.
+    """
+    from edgeadapt.device.packing import extract_packed
+
+    return extract_packed(Path(packed), Path(output_dir))

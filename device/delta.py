@@ -21,10 +21,11 @@ numpy + stdlib only; the host reads deltas with :func:`read_delta` from this mod
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import zipfile
 from dataclasses import dataclass
@@ -34,9 +35,13 @@ from typing import Any
 import numpy as np
 
 from edgeadapt.device.bundle import npy_bytes, sha256_bytes
-from edgeadapt.device.errors import BundleError, InputError, UpdateError
+from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError, UpdateError
 from edgeadapt.device.head import ClassStats, Head
-from edgeadapt.device.manifest import utc_timestamp
+from edgeadapt.device.manifest import MAX_CLASSES, MAX_EMBEDDING_SIZE, MAX_NAME_LENGTH, MAX_VERSION, utc_timestamp
+from edgeadapt.device.npyio import read_npy
+from edgeadapt.device.packing import check_member, read_member, zip_errors
+from edgeadapt.device.safefs import create_exclusive, storage_error, temporary_name
+from edgeadapt.device.schema import Fields, parse_document
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,9 @@ DELTA_SUFFIX = ".eadelta"
 METADATA_NAME = "delta.json"
 _ARRAY_MEMBERS = ("weights.npy", "bias.npy", "feature_mean.npy", "example_embeddings.npy", "example_labels.npy")
 _MAX_METADATA_BYTES = 16 << 20
+#: Largest delta member (and total) accepted: 1 GiB of example embeddings is ~200000 1280-d examples.
+MAX_DELTA_BYTES = 1 << 30
+MAX_DELTA_HISTORY = 10_000
 
 
 @dataclass(frozen=True)
@@ -151,88 +159,172 @@ def export_delta(bundle_path: str | Path, output: str | Path, source: str | None
         "files": {name: {"sha256": sha256_bytes(data), "size": len(data)} for name, data in members.items()},
     }
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    temporary = temporary_name(output)
     try:
-        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.writestr(METADATA_NAME, json.dumps(info, indent=2) + "\n")
-            for name, data in members.items():
-                archive.writestr(name, data)
-        with open(temporary, "rb") as handle:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(create_exclusive(temporary), "w+b") as handle:
+            with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr(METADATA_NAME, json.dumps(info, indent=2) + "\n")
+                for name, data in members.items():
+                    archive.writestr(name, data)
+            handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, output)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        from edgeadapt.device.versions import describe_os_error
-
-        raise describe_os_error(error, output.parent, f"write the delta {output.name}") from error
+        raise storage_error(error, output.parent, f"write the delta {output.name}") from error
     logger.info("exported %d class(es), %d example(s) to %s", len(classes), len(examples), output)
     return output
 
 
 # ----------------------------------------------------------------------------- read
+class _HashingReader:
+    """A read-only stream over a zip member that hashes and counts what is read, never past ``limit``."""
+
+    def __init__(self, stream: Any, limit: int, source: str):
+        self.stream = stream
+        self.limit = limit
+        self.source = source
+        self.digest = hashlib.sha256()
+        self.position = 0
+
+    def _account(self, data: bytes | memoryview) -> None:
+        self.position += len(data)
+        if self.position > self.limit:
+            raise BundleError(f"{self.source} inflates beyond its listed {self.limit} bytes; refusing it")
+        self.digest.update(data)
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.limit - self.position + 1 if size is None or size < 0 else min(size, self.limit - self.position + 1)
+        data = self.stream.read(size)
+        self._account(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        count = self.stream.readinto(view[: self.limit - self.position + 1])
+        self._account(view[:count])
+        return count
+
+    def tell(self) -> int:
+        return self.position
+
+
+def _delta_info(raw: bytes, source: str) -> dict:
+    """Parse and check ``delta.json`` (types, ranges, lengths, depth, UTF-8)."""
+    info = parse_document(raw, source, _MAX_METADATA_BYTES)
+    top = Fields(info, "", source)
+    if info.get("format") != DELTA_FORMAT or info.get("format_version") != DELTA_FORMAT_VERSION:
+        raise BundleError(
+            f"{source} is format {info.get('format')!r} version {info.get('format_version')!r}; this edgeadapt "
+            f"reads {DELTA_FORMAT!r} version {DELTA_FORMAT_VERSION}"
+        )
+    for key in ("created_at", "source", "bundle_id", "bundle_name"):
+        top.string(key, MAX_NAME_LENGTH, default=None, nullable=True)
+    top.integer("device_version", 0, MAX_VERSION, default=None, nullable=True)
+    top.string("backbone_fingerprint", MAX_NAME_LENGTH)
+    top.integer("embedding_size", 1, MAX_EMBEDDING_SIZE)
+    head = top.mapping("head")
+    head.boolean("l2_normalize", default=False)
+    head.number("temperature", 0.0, 1e6, default=1.0, exclusive_minimum=True)
+    head.string("feature_mean", 64, choices=("feature_mean.npy",), default=None, nullable=True)
+    classes = top.sequence("classes", MAX_CLASSES)
+    for position, entry in enumerate(classes):
+        fields = Fields(entry, f"classes[{position}]", source)
+        fields.string("name", MAX_NAME_LENGTH, min_length=1)
+        fields.string("kind", choices=("added", "strengthened"))
+        fields.integer("examples", 0, 2**53)
+        fields.integer("device_index", 0, MAX_CLASSES)
+        fields.string("added_at", 64, default=None, nullable=True)
+        fields.integer("added_in_version", 0, MAX_VERSION, default=None, nullable=True)
+    top.sequence("history", MAX_DELTA_HISTORY, default=None, nullable=True)
+    files = top.mapping("files")
+    for name in files.data:
+        if name not in _ARRAY_MEMBERS:
+            raise BundleError(f"{source}: field files lists {name[:80]!r}, which a delta may not hold")
+        entry = files.mapping(name)
+        sha = entry.string("sha256", 64, min_length=64)
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise entry.fail("sha256", "64 lowercase hexadecimal digits", sha)
+        entry.integer("size", 0, MAX_DELTA_BYTES)
+    return info
+
+
 def read_delta(path: str | Path) -> Delta:
-    """Read and verify a delta file; :class:`BundleError` names the first problem."""
+    """Read and verify a delta file; :class:`BundleError` names the first problem.
+
+    ``delta.json`` is read first (size-capped) and checked against the schema; every member
+    must be listed with its size (checked against the zip header before inflating), is
+    streamed with a byte budget, checksummed, and its ``.npy`` header checked against the
+    shapes ``delta.json`` implies before any array is allocated.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"delta file {str(path)!r} does not exist")
-    try:
+    with zip_errors(path, "delta file"):
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise BundleError(f"{path} is not a delta file (not a zip archive): {error}") from error
-    with archive:
-        names = set(archive.namelist())
-        if METADATA_NAME not in names:
+    with archive, zip_errors(path, "delta file"):
+        members = archive.infolist()
+        if len(members) > len(_ARRAY_MEMBERS) + 1:
+            raise BundleError(f"{path} holds {len(members)} members; a delta holds at most {len(_ARRAY_MEMBERS) + 1}")
+        by_name = {}
+        for member in members:
+            check_member(member, path, "delta")
+            if member.filename in by_name:
+                raise BundleError(f"{path} holds the member {member.filename!r} twice; refusing it")
+            by_name[member.filename] = member
+        if METADATA_NAME not in by_name:
             raise BundleError(f"{path} has no {METADATA_NAME}; it is not an edgeadapt delta")
-        unexpected = names - {METADATA_NAME, *_ARRAY_MEMBERS}
+        unexpected = set(by_name) - {METADATA_NAME, *_ARRAY_MEMBERS}
         if unexpected:
-            raise BundleError(f"{path} holds unexpected members {sorted(unexpected)}; refusing it")
-        if archive.getinfo(METADATA_NAME).file_size > _MAX_METADATA_BYTES:
-            raise BundleError(f"{path}: {METADATA_NAME} is implausibly large")
-        try:
-            info = json.loads(archive.read(METADATA_NAME))
-        except json.JSONDecodeError as error:
-            raise BundleError(f"{path}: {METADATA_NAME} is not valid JSON ({error})") from error
-        if info.get("format") != DELTA_FORMAT or info.get("format_version") != DELTA_FORMAT_VERSION:
-            raise BundleError(
-                f"{path} is format {info.get('format')!r} version {info.get('format_version')!r}; this edgeadapt "
-                f"reads {DELTA_FORMAT!r} version {DELTA_FORMAT_VERSION}"
-            )
+            raise BundleError(f"{path} holds unexpected members {sorted(unexpected)[:5]}; refusing it")
+        info = _delta_info(read_member(archive, by_name[METADATA_NAME], _MAX_METADATA_BYTES, path),
+                           f"{path}:{METADATA_NAME}")
+        size, count = info["embedding_size"], len(info["classes"])
+        shapes = {"weights.npy": ((size, count), "f"), "bias.npy": ((count,), "f"), "feature_mean.npy": ((size,), "f"),
+                  "example_embeddings.npy": ((None, size), "f"), "example_labels.npy": ((None,), "iu")}
+        listed = info["files"]
+        if set(listed) != set(by_name) - {METADATA_NAME}:
+            raise BundleError(f"{path}: the members {sorted(set(by_name) - {METADATA_NAME})} do not match the files "
+                              f"{METADATA_NAME} lists {sorted(listed)}; the delta is inconsistent")
+        if sum(entry["size"] for entry in listed.values()) > MAX_DELTA_BYTES:
+            raise BundleError(f"{path} lists more than {MAX_DELTA_BYTES} bytes of arrays; refusing it")
         arrays: dict[str, np.ndarray] = {}
-        for name, entry in info.get("files", {}).items():
-            if name not in _ARRAY_MEMBERS or name not in names:
-                raise BundleError(f"{path}: listed member {name!r} is missing or not allowed")
-            data = archive.read(name)
-            if len(data) != entry.get("size") or sha256_bytes(data) != entry.get("sha256"):
-                raise BundleError(f"{path}: member {name!r} fails its checksum; the delta is corrupted")
-            try:
-                arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
-            except ValueError as error:
-                raise BundleError(f"{path}: member {name!r} is not a valid .npy array: {error}") from error
+        for name, entry in listed.items():
+            member = by_name[name]
+            if member.file_size != entry["size"]:
+                raise BundleError(f"{path}: member {name!r} declares {member.file_size} bytes, {METADATA_NAME} lists "
+                                  f"{entry['size']}; refusing it before inflating it")
+            with archive.open(member) as stream:
+                reader = _HashingReader(stream, entry["size"], f"{path}: member {name!r}")
+                shape, kinds = shapes[name]
+                arrays[name] = read_npy(reader, entry["size"], f"{path}: member {name!r}", shape=shape, kinds=kinds)
+                if reader.position != entry["size"] or stream.read(1) or reader.digest.hexdigest() != entry["sha256"]:
+                    raise BundleError(f"{path}: member {name!r} fails its checksum; the delta is corrupted")
     for required in ("weights.npy", "bias.npy", "example_embeddings.npy", "example_labels.npy"):
         if required not in arrays:
             raise BundleError(f"{path} lacks {required}")
+    if (info["head"].get("feature_mean") is None) != ("feature_mean.npy" not in arrays):
+        raise BundleError(f"{path}: {METADATA_NAME} head.feature_mean does not match the members")
+    known = DeltaClass.__dataclass_fields__
+    classes = [DeltaClass(**{key: value for key, value in entry.items() if key in known}) for entry in info["classes"]]
+    head_info = info["head"]
     try:
-        classes = [DeltaClass(**entry) for entry in info["classes"]]
-        head_info = info["head"]
         head = Head(
             weights=arrays["weights.npy"], bias=arrays["bias.npy"], feature_mean=arrays.get("feature_mean.npy"),
-            l2_normalize=bool(head_info.get("l2_normalize", False)), temperature=float(head_info.get("temperature", 1.0)),
+            l2_normalize=head_info.get("l2_normalize", False), temperature=float(head_info.get("temperature", 1.0)),
         )
-    except (KeyError, TypeError) as error:
-        raise BundleError(f"{path}: {METADATA_NAME} is incomplete ({error})") from error
+    except (IncompatibleModelError, InputError) as error:
+        raise BundleError(f"{path}: the head columns are inconsistent ({error})") from error
     embeddings = np.asarray(arrays["example_embeddings.npy"], dtype=np.float32)
     labels = np.asarray(arrays["example_labels.npy"], dtype=np.int64)
-    if head.num_classes != len(classes) or embeddings.ndim != 2 or embeddings.shape[1] != head.embedding_size \
-            or labels.shape != (embeddings.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() >= len(classes))):
+    if labels.shape != (embeddings.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() >= len(classes))):
         raise BundleError(f"{path}: the arrays do not match the class list; the delta is inconsistent")
-    if int(info.get("embedding_size", head.embedding_size)) != head.embedding_size:
-        raise BundleError(f"{path}: embedding_size does not match the head columns")
+    names = [entry.name for entry in classes]
+    if len(set(names)) != len(names):
+        raise BundleError(f"{path}: {METADATA_NAME} lists a class name twice")
+    present = np.bincount(labels, minlength=len(classes)) > 0 if labels.size else np.zeros(len(classes), bool)
     for position, entry in enumerate(classes):
-        if entry.kind not in ("added", "strengthened"):
-            raise BundleError(f"{path}: class {entry.name!r} has unknown kind {entry.kind!r}")
-        if not np.any(labels == position):
+        if not present[position]:
             raise BundleError(f"{path}: class {entry.name!r} has no example embeddings")
-    if not np.all(np.isfinite(embeddings)):
-        raise BundleError(f"{path}: example embeddings contain NaN or infinite values")
     return Delta(info=info, classes=classes, head=head, example_embeddings=embeddings, example_labels=labels, path=path)

@@ -41,3 +41,7 @@ class UpdateError(EdgeAdaptError):
 
 class ConcurrentUpdateError(UpdateError):
     """Another writer holds the bundle's lock."""
+
+
+class StorageError(EdgeAdaptError):
+    """A file could not be written: the disk is full, the folder is read-only or not writable."""

@@ -9,16 +9,36 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeadapt.device.errors import BundleError, InputError
+from edgeadapt.device.schema import Fields, parse_document
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgeadapt.device.manifest_schema import HeadFiles
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 RESIZE_POLICIES = ("stretch", "center_crop")
 RESAMPLE_FILTERS = ("bilinear", "bicubic", "lanczos", "nearest")
 CLASS_ORIGINS = ("base", "host-added", "device-added", "imported")
+
+# Caps on every size a manifest can declare (a manifest comes from other people).
+MAX_MANIFEST_BYTES = 32 << 20
+MAX_INPUT_SIDE = 4096
+MAX_EMBEDDING_SIZE = 1 << 16
+MAX_CLASSES = 200_000
+MAX_FILES = 100_000
+MAX_FILE_SIZE = 1 << 40
+MAX_VERSION = 2**31 - 1
+MAX_NAME_LENGTH = 1024
+MAX_PATH_LENGTH = 1024
+MAX_PATH_COMPONENT = 255
+MAX_MODELS = 16
+#: Top-level path components a listed file may not use: the updater owns them.
+RESERVED_TOP_LEVEL = ("manifest.json", "versions")
 
 
 @dataclass(frozen=True)
@@ -42,8 +62,17 @@ class InputSpec:
     resample: str = "bilinear"
 
     def __post_init__(self) -> None:
+        for name in ("height", "width", "channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputError(f"input {name} must be an integer, got {value!r}")
         if self.height < 1 or self.width < 1:
             raise InputError(f"input height and width must be positive, got {self.height}x{self.width}")
+        if self.height > MAX_INPUT_SIDE or self.width > MAX_INPUT_SIDE:
+            raise InputError(
+                f"input {self.height}x{self.width} is larger than {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}; "
+                "no supported backbone takes such images"
+            )
         if self.channels not in (1, 3):
             raise InputError(f"input channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
         if self.color_order not in ("RGB", "BGR", "GRAY"):
@@ -69,12 +98,28 @@ class InputSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "InputSpec":
+    def from_dict(cls, data: dict[str, Any], source: str = "manifest.json") -> "InputSpec":
+        """Build from the manifest's ``input`` object; :class:`BundleError` names a wrong field."""
+        fields = Fields(data, "input", source)
         known = {name for name in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
-            raise BundleError(f"manifest input spec has unknown fields {sorted(unknown)}")
-        return cls(**data)
+            raise BundleError(f"{source}: manifest input spec has unknown fields {sorted(unknown)}")
+        values = {
+            "height": fields.integer("height", 1, MAX_INPUT_SIDE),
+            "width": fields.integer("width", 1, MAX_INPUT_SIDE),
+            "channels": fields.integer("channels", 1, 3, default=3),
+            "color_order": fields.string("color_order", choices=("RGB", "BGR", "GRAY"), default="RGB"),
+            "dtype": fields.string("dtype", choices=("uint8",), default="uint8"),
+            "resize": fields.string("resize", choices=RESIZE_POLICIES, default="stretch"),
+            "scale": fields.number("scale", -1e6, 1e6, default=1.0 / 127.5),
+            "offset": fields.number("offset", -1e6, 1e6, default=-1.0),
+            "resample": fields.string("resample", choices=RESAMPLE_FILTERS, default="bilinear"),
+        }
+        try:
+            return cls(**values)
+        except InputError as error:
+            raise BundleError(f"{source} has an invalid input spec: {error}") from None
 
 
 @dataclass
@@ -93,6 +138,20 @@ class ClassInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ClassInfo":
+        """From a (validated) manifest class entry; fields this version does not know are ignored."""
+        known = cls.__dataclass_fields__
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One row of the manifest's ``files`` table."""
+
+    sha256: str
+    size: int
 
 
 @dataclass
@@ -120,7 +179,7 @@ class Manifest:
 
     @property
     def classes(self) -> list[ClassInfo]:
-        return [ClassInfo(**entry) for entry in self.data["classes"]]
+        return [ClassInfo.from_dict(entry) for entry in self.data["classes"]]
 
     @property
     def class_names(self) -> list[str]:
@@ -138,6 +197,18 @@ class Manifest:
     def files(self) -> dict[str, dict[str, Any]]:
         return dict(self.data.get("files", {}))
 
+    @property
+    def file_table(self) -> dict[str, FileEntry]:
+        """The ``files`` table as typed entries."""
+        return {name: FileEntry(entry["sha256"], int(entry["size"])) for name, entry in self.files.items()}
+
+    @property
+    def head_files(self) -> "HeadFiles":
+        """The head section, typed, with the shape of each array (validated by :meth:`validate`)."""
+        from edgeadapt.device.manifest_schema import head_files
+
+        return head_files(self.data, "manifest.json")
+
     def copy(self) -> "Manifest":
         return Manifest(copy.deepcopy(self.data))
 
@@ -145,56 +216,43 @@ class Manifest:
         return json.dumps(self.data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, source: str = "manifest.json") -> "Manifest":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise BundleError(
-                f"{source} is not valid JSON ({error}); the bundle is corrupted: re-export or re-copy it"
-            ) from error
+    def from_json(cls, text: str | bytes, source: str = "manifest.json") -> "Manifest":
+        """Parse and validate a manifest; :class:`BundleError` names the first problem."""
+        data = parse_document(text, source, MAX_MANIFEST_BYTES, flat_keys=("classes", "files"),
+                              unique_keys=False)
         manifest = cls(data)
         manifest.validate(source)
         return manifest
 
     def validate(self, source: str = "manifest.json") -> None:
-        """Check the structure; raise :class:`BundleError` naming the first problem."""
-        data = self.data
-        if not isinstance(data, dict):
-            raise BundleError(f"{source} must hold a JSON object")
-        version = data.get("schema_version")
-        if version not in SUPPORTED_SCHEMA_VERSIONS:
-            raise BundleError(
-                f"{source} has schema_version {version!r}, but this edgeadapt reads "
-                f"{list(SUPPORTED_SCHEMA_VERSIONS)}: upgrade edgeadapt or re-export the bundle"
-            )
-        for key in ("input", "embedding_size", "classes", "backbone", "head", "files"):
-            if key not in data:
-                raise BundleError(f"{source} lacks the required field {key!r}; the bundle is incomplete")
-        try:
-            self.input_spec  # noqa: B018 - building the spec validates it
-        except (InputError, TypeError) as error:
-            raise BundleError(f"{source} has an invalid input spec: {error}") from error
-        names = [entry.get("name") for entry in data["classes"]]
-        if len(set(names)) != len(names):
-            raise BundleError(f"{source} lists duplicate class names")
-        indices = [entry.get("index") for entry in data["classes"]]
-        if indices != list(range(len(indices))):
-            raise BundleError(f"{source} class indices must be 0..{len(indices) - 1} in order")
-        if "fingerprint" not in data["backbone"] or "models" not in data["backbone"]:
-            raise BundleError(f"{source} backbone section needs 'fingerprint' and 'models'")
-        for relative_path in data["files"]:
-            check_relative_path(relative_path)
+        """Check every field (types, ranges, sizes, lengths, paths); raise :class:`BundleError` naming the first problem."""
+        from edgeadapt.device.manifest_schema import validate_manifest
+
+        validate_manifest(self.data, source)
 
 
-def check_relative_path(relative_path: str) -> None:
-    """Refuse a path that could escape the bundle directory."""
-    from pathlib import PurePosixPath
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
-    path = PurePosixPath(relative_path)
-    if path.is_absolute() or ".." in path.parts or relative_path.startswith(("/", "\\")) or "\\" in relative_path:
+
+def check_relative_path(relative_path: Any) -> None:
+    """Refuse a path (as text) that could escape the bundle directory or is not a plain relative path."""
+    if not isinstance(relative_path, str) or not relative_path or relative_path == ".":
+        raise BundleError(f"bundle path {relative_path!r} must be a non-empty relative path")
+    if len(relative_path) > MAX_PATH_LENGTH:
+        raise BundleError(f"bundle path {relative_path[:60]!r}... is longer than {MAX_PATH_LENGTH} characters")
+    if relative_path.startswith(("/", "\\")) or "\\" in relative_path or ":" in relative_path.split("/")[0]:
         raise BundleError(f"bundle path {relative_path!r} escapes the bundle directory; refusing it")
-    if not relative_path or relative_path in (".",):
-        raise BundleError("empty path in bundle file list")
+    if _CONTROL.search(relative_path):
+        raise BundleError(f"bundle path {relative_path!r} contains control characters; refusing it")
+    parts = relative_path.split("/")
+    if ".." in parts:
+        raise BundleError(f"bundle path {relative_path!r} escapes the bundle directory; refusing it")
+    for part in parts:
+        if part in ("", "."):
+            raise BundleError(f"bundle path {relative_path!r} has an empty or '.' component; refusing it")
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_PATH_COMPONENT:
+            raise BundleError(f"bundle path {relative_path[:60]!r} has a component longer than {MAX_PATH_COMPONENT} bytes")
 
 
 def utc_timestamp() -> str:

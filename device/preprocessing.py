@@ -39,6 +39,9 @@ def _pil_to_array(image: Any, description: str) -> np.ndarray:
             f"{description} has image mode {mode!r}; edgeadapt reads 8-bit images "
             "(RGB, RGBA, L, P, CMYK): convert it, e.g. image.convert('RGB')"
         )
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InputError(f"{description} is empty ({width}x{height} pixels); give an image with pixels")
     if mode in ("L", "1", "LA"):
         return np.asarray(image.convert("L"), dtype=np.uint8)
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
@@ -82,6 +85,8 @@ def _check_array(array: np.ndarray) -> np.ndarray:
             f"image array has dtype {array.dtype}, expected uint8 pixels 0..255; "
             "convert with np.clip(x, 0, 255).astype(np.uint8)"
         )
+    if array.ndim in (2, 3) and (array.shape[0] < 1 or array.shape[1] < 1):
+        raise InputError(f"image array has shape {array.shape}: the image is empty; give an image with pixels")
     if array.ndim == 2:
         return array
     if array.ndim == 3 and array.shape[2] in (1, 3, 4):
@@ -158,6 +163,8 @@ def prepare_batch(sources: Any, spec: InputSpec) -> np.ndarray:
             raise InputError(
                 f"image batch has dtype {sources.dtype}, expected uint8 pixels 0..255"
             )
+        if sources.shape[0] < 1:
+            raise InputError(f"image batch has shape {sources.shape}: it holds no image; give at least one image")
         if sources.shape[1:] == spec.shape:
             return sources
         return np.stack([prepare_image(image, spec) for image in sources])

@@ -18,6 +18,10 @@ from edgeadapt.device.preprocessing import InputQuantizer, is_single_image, prep
 logger = logging.getLogger(__name__)
 
 
+def _shape_fits(model: tuple, spec: tuple) -> bool:
+    return all(want is None or want == got for want, got in zip(model, spec))
+
+
 class Prediction(NamedTuple):
     """One ranked class: its label, softmax score and index in the head."""
 
@@ -34,6 +38,8 @@ class Runtime:
     """
 
     def __init__(self, bundle: Bundle, backend: str = "auto", num_threads: int | None = None, batch_size: int = 32):
+        #: the temporary unpacked copy of a packed bundle, removed by :meth:`close`
+        self._unpacked = bundle.unpacked
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.input_spec: InputSpec = bundle.manifest.input_spec
@@ -60,7 +66,12 @@ class Runtime:
 
         ``backend`` is "auto" (LiteRT, else tflite-runtime, else ONNX Runtime), or one name.
         """
-        return cls(Bundle.open(path, verify=verify), backend=backend, num_threads=num_threads, batch_size=batch_size)
+        bundle = Bundle.open(path, verify=verify)
+        try:
+            return cls(bundle, backend=backend, num_threads=num_threads, batch_size=batch_size)
+        except BaseException:
+            bundle.close()
+            raise
 
     @property
     def head(self) -> Head:
@@ -78,7 +89,15 @@ class Runtime:
         self._snapshot = (head, list(class_names))
 
     def _check_model_shapes(self) -> None:
-        recorded = self._model_entry.get("input", {})
+        shape = tuple(getattr(self._backend, "input_shape", ()) or ())
+        spec = self.input_spec.shape
+        if len(shape) == 3 and not _shape_fits(shape, spec) and not _shape_fits(shape, (spec[2], spec[0], spec[1])):
+            raise BundleError(
+                f"{self._model_entry['file']} takes {tuple('?' if value is None else value for value in shape)} input "
+                f"but the manifest's input spec says {spec[0]}x{spec[1]}x{spec[2]}; the bundle is inconsistent: "
+                "re-export it"
+            )
+        recorded = self._model_entry.get("input") or {}
         if recorded.get("dtype") and recorded["dtype"] != self._backend.input.dtype:
             raise BundleError(
                 f"{self._model_entry['file']} takes {self._backend.input.dtype} input but the manifest records "
@@ -146,7 +165,10 @@ class Runtime:
         }
 
     def close(self) -> None:
+        """Release the interpreter and remove the temporary unpacked copy of a packed bundle."""
         self._backend = None  # type: ignore[assignment]
+        if self._unpacked is not None:
+            self._unpacked.close()
 
     def __enter__(self) -> "Runtime":
         return self

@@ -38,6 +38,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,8 @@ import numpy as np
 
 from edgeadapt.device.bundle import MANIFEST_NAME, Bundle, fsync_directory
 from edgeadapt.device.errors import BundleError, ConcurrentUpdateError, InputError, UpdateError
-from edgeadapt.device.manifest import Manifest, check_relative_path, utc_timestamp
+from edgeadapt.device.manifest import MAX_MANIFEST_BYTES, Manifest, check_relative_path, utc_timestamp
+from edgeadapt.device.safefs import check_tree, read_regular, refuse_link, temporary_name
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +83,15 @@ def describe_os_error(error: OSError, path: Path, what: str) -> UpdateError:
 
 # ----------------------------------------------------------------------------- durable writes
 def _open_file(path: Path, flags: int) -> int:
-    """``os.open`` with mode 0o644 (one place, so tests can simulate a read-only or full file system)."""
-    return os.open(path, flags, 0o644)
+    """``os.open`` with mode 0o644 and ``O_NOFOLLOW`` (one place, so tests can simulate a read-only or full
+    file system). A symlink planted at ``path`` is never followed."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+
+
+def _create_temporary(path: Path) -> tuple[Path, int]:
+    """A new temporary file next to ``path`` (fresh random name, ``O_EXCL``: never an existing file or link)."""
+    temporary = temporary_name(path, _TEMPORARY_MARKER)
+    return temporary, _open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
 
 
 def _write_all(descriptor: int, data: bytes) -> None:
@@ -124,8 +133,7 @@ class _PendingFile:
 
 def _write_temporary(path: Path, data: bytes | np.ndarray) -> _PendingFile:
     """Write ``data`` (bytes, or an array as ``.npy``, streamed) to a temporary file next to ``path``."""
-    temporary = path.with_name(f".{path.name}{_TEMPORARY_MARKER}{os.getpid()}")
-    descriptor = _open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    temporary, descriptor = _create_temporary(path)
     try:
         writer = _HashingWriter(descriptor)
         if isinstance(data, np.ndarray):
@@ -241,8 +249,7 @@ def write_durably(path: Path, data: bytes | np.ndarray) -> tuple[str, int]:
     here (callers fsync each folder once). On error the temporary file is removed and the
     OSError propagates.
     """
-    temporary = path.with_name(f".{path.name}{_TEMPORARY_MARKER}{os.getpid()}")
-    descriptor = _open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    temporary, descriptor = _create_temporary(path)
     try:
         try:
             writer = _HashingWriter(descriptor)
@@ -296,7 +303,15 @@ class BundleLock:
         try:
             descriptor = _open_file(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise BundleError(f"the lock file {self.path} is a symbolic link; refusing to write through it "
+                                  "(remove it; the bundle may have been tampered with)") from error
             raise describe_os_error(error, self.path.parent, "lock the bundle for writing") from error
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+            os.close(descriptor)
+            raise BundleError(f"the lock file {self.path} is not a plain regular file (a device, FIFO or hard link "
+                              "to another file); refusing to write to it: remove it")
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             try:
@@ -453,11 +468,9 @@ class VersionStore:
     def read_manifest(self) -> Manifest:
         """The current manifest (validated, files not verified)."""
         manifest_path = self.path / MANIFEST_NAME
-        try:
-            text = manifest_path.read_text(encoding="utf-8")
-        except FileNotFoundError as error:
-            raise BundleError(f"{self.path} has no {MANIFEST_NAME}; it is not a bundle (or it is incomplete)") from error
-        return Manifest.from_json(text, str(manifest_path))
+        if not os.path.lexists(manifest_path):
+            raise BundleError(f"{self.path} has no {MANIFEST_NAME}; it is not a bundle (or it is incomplete)")
+        return Manifest.from_json(read_regular(manifest_path, MAX_MANIFEST_BYTES, "bundle manifest"), str(manifest_path))
 
     def record_path(self, version: int) -> Path:
         return self.path / VERSIONS_DIR / f"v{int(version)}.json"
@@ -465,6 +478,7 @@ class VersionStore:
     def record_versions(self) -> list[int]:
         """Version numbers that have a record in ``versions/``, ascending."""
         folder = self.path / VERSIONS_DIR
+        refuse_link(folder, "version folder")
         if not folder.is_dir():
             return []
         numbers = []
@@ -477,13 +491,14 @@ class VersionStore:
     def read_record(self, version: int) -> Manifest:
         """The manifest copy of ``version`` (parsed once and cached while the file is unchanged)."""
         path = self.record_path(version)
+        refuse_link(path.parent, "version folder")
         try:
-            status = path.stat()
+            status = os.lstat(path)
             signature = (status.st_mtime_ns, status.st_size, status.st_ino)
             cached = self._record_cache.get(version)
             if cached is not None and cached[0] == signature:
                 return cached[1]
-            manifest = Manifest.from_json(path.read_text(encoding="utf-8"), str(path))
+            manifest = Manifest.from_json(read_regular(path, MAX_MANIFEST_BYTES, "version record"), str(path))
         except FileNotFoundError as error:
             raise BundleError(f"version {version} has no record in {path.parent}") from error
         self._record_cache[version] = (signature, manifest)
@@ -521,6 +536,7 @@ class VersionStore:
         Deletes version records newer than ``manifest.json``, head files no kept version
         references, and temporary files. Returns the current manifest.
         """
+        check_tree(self.path)  # no symlink or special file anywhere (lock file, heads/, versions/ included)
         current = self.read_manifest()
         try:
             for number in self.record_versions():
@@ -543,6 +559,7 @@ class VersionStore:
         ``new_files`` (bytes, or arrays written as ``.npy``) are added while they are written.
         New files must live directly in ``heads/v{N}/`` where N is the new version.
         """
+        check_tree(self.path)
         manifest = manifest.copy()
         version = manifest.version
         head_folder = self.path / HEADS_DIR / f"v{version}"
@@ -567,6 +584,7 @@ class VersionStore:
                 batch.append((self.record_path(parent.version), parent.to_json().encode()))
             for relative_path, data in new_files.items():
                 batch.append((self.path / relative_path, data))
+            refuse_link(self.path / VERSIONS_DIR, "version folder")
             (self.path / VERSIONS_DIR).mkdir(exist_ok=True)
             if new_files:
                 head_folder.mkdir(parents=True, exist_ok=True)
@@ -639,28 +657,35 @@ class VersionStore:
         return removed
 
     def _collect_garbage(self, manifests: Mapping[int, Manifest]) -> None:
+        """Delete unreferenced head files and temporary files. Never follows a link: a symlinked
+        entry is refused (:class:`BundleError`), so nothing outside the bundle is ever deleted."""
         referenced = {name for manifest in manifests.values() for name in manifest.files}
         heads = self.path / HEADS_DIR
+        refuse_link(heads, "head folder")
         if heads.is_dir():
-            for folder in sorted(heads.iterdir()):
-                if not folder.is_dir():
+            for folder in sorted(os.scandir(heads), key=lambda entry: entry.name):
+                refuse_link(Path(folder.path), "head folder")
+                if not folder.is_dir(follow_symlinks=False):
                     relative = f"{HEADS_DIR}/{folder.name}"
                     if relative not in referenced:
-                        folder.unlink(missing_ok=True)
+                        os.unlink(folder.path)
                     continue
-                for entry in folder.iterdir():
+                for entry in os.scandir(folder.path):
+                    refuse_link(Path(entry.path), "head file")
                     relative = f"{HEADS_DIR}/{folder.name}/{entry.name}"
-                    if relative not in referenced and entry.is_file():
-                        entry.unlink(missing_ok=True)
+                    if relative not in referenced and entry.is_file(follow_symlinks=False):
+                        Path(entry.path).unlink(missing_ok=True)
                 try:
-                    folder.rmdir()  # only succeeds when empty
+                    os.rmdir(folder.path)  # only succeeds when empty
                 except OSError:
                     pass
         for folder in (self.path, self.path / VERSIONS_DIR):
+            refuse_link(folder, "bundle folder")
             if folder.is_dir():
-                for entry in folder.iterdir():
-                    if entry.name.startswith(".") and _TEMPORARY_MARKER in entry.name and entry.is_file():
-                        entry.unlink(missing_ok=True)
+                for entry in os.scandir(folder):
+                    if entry.name.startswith(".") and _TEMPORARY_MARKER in entry.name and not entry.is_dir(
+                            follow_symlinks=False):
+                        Path(entry.path).unlink(missing_ok=True)  # a planted link is removed, never followed
 
     # ------------------------------------------------------------------ rollback
     def rollback_manifest(self, version: int, current: Manifest, change: dict | None = None) -> Manifest:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
 def _merge_deltas(arguments: argparse.Namespace) -> int:
     from edgeadapt.deltas import MergeDeltasOptions, merge_deltas, parse_renames
+    from edgeadapt.device.updater import UpdateGateError
 
     add_options = None
     if arguments.method:
@@ -22,8 +24,14 @@ def _merge_deltas(arguments: argparse.Namespace) -> int:
         use_device_rows=arguments.use_device_rows,
         add_options=add_options,
         overwrite=arguments.overwrite,
+        gate_budget=arguments.gate_budget,
+        force=arguments.force,
     )
-    report = merge_deltas(arguments.bundle, arguments.deltas, arguments.out, options)
+    try:
+        report = merge_deltas(arguments.bundle, arguments.deltas, arguments.out, options)
+    except UpdateGateError as error:  # the full gate report, then the one-line error of the CLI
+        print(json.dumps({"gate": error.report.to_dict()}, indent=2), file=sys.stderr)
+        raise
     print(json.dumps(report.to_dict(), indent=2) if arguments.json else report.table())
     return 0
 
@@ -43,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Fold the classes that devices learned (delta files from `edgeadapt-device export-delta`) "
         "into BUNDLE and write a new bundle version to --out. Rows are recomputed from the devices' example "
         "embeddings with the same head math the devices use; old-class rows stay unchanged. Name clashes "
-        "stop the merge unless --on-clash or --rename says how to resolve them.",
+        "stop the merge unless --on-clash or --rename says how to resolve them. The merged head must pass the "
+        "device update gate (old-class predictions kept within --gate-budget) unless --force.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("bundle", type=Path, help="base bundle directory (NAME.eab) or packed bundle")
     parser.add_argument("deltas", nargs="+", type=Path, metavar="DELTA", help="delta files (.eadelta)")
@@ -61,6 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser.add_argument("--method", choices=tuple(METHODS),
                         help=f"head math of the recomputed columns (default: {DEFAULT_METHOD})")
+    parser.add_argument("--gate-budget", type=float, default=0.10,
+                        help="update gate: the largest fraction of old-class reference embeddings the merged head "
+                        "may change the prediction of (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="write the merged bundle even when the update gate refuses it (the report is kept in "
+                        "the manifest's change record)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of a table")
     parser.set_defaults(handler=_merge_deltas)

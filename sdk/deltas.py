@@ -53,10 +53,17 @@ class MergeDeltasOptions:
     add_options: Any = None
     references_per_class: int = 5
     overwrite: bool = False
+    #: update gate on the merged head: the largest fraction of old-class references it may disturb
+    gate_budget: float = 0.10
+    #: write the merged bundle even when the gate refuses it
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.on_clash not in CLASH_POLICIES:
             raise InputError(f"on_clash must be one of {CLASH_POLICIES}, got {self.on_clash!r}")
+        if isinstance(self.gate_budget, bool) or not isinstance(self.gate_budget, (int, float)) \
+                or not 0.0 <= float(self.gate_budget) <= 1.0:
+            raise InputError(f"gate_budget must be a fraction in [0, 1], got {self.gate_budget!r}")
 
 
 @dataclass
@@ -70,6 +77,8 @@ class MergeReport:
     strengthened: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: the update gate's report on the merged head (``GateReport.to_dict()``)
+    gate: dict | None = None
 
     def table(self) -> str:
         lines = [f"wrote {self.output} (version {self.version}, parent {self.parent_version})"]
@@ -80,11 +89,15 @@ class MergeReport:
         for entry in self.skipped:
             lines.append(f"  skipped      {entry['name']:<24} from {entry['source']}: {entry['reason']}")
         lines.extend(f"  note: {note}" for note in self.notes)
+        if self.gate is not None:
+            lines.append(f"  gate: {self.gate['disturbed']} of {self.gate['checked']} old-class references disturbed "
+                         f"(budget {self.gate['budget']:.1%}){' -- FORCED past the gate' if self.gate['forced'] and not self.gate['passed'] else ''}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"output": str(self.output), "version": self.version, "parent_version": self.parent_version,
-                "added": self.added, "strengthened": self.strengthened, "skipped": self.skipped, "notes": self.notes}
+                "added": self.added, "strengthened": self.strengthened, "skipped": self.skipped, "notes": self.notes,
+                "gate": self.gate}
 
 
 def parse_renames(items: Sequence[str]) -> dict[str, str]:
@@ -118,34 +131,41 @@ def merge_deltas(
 ) -> MergeReport:
     """Fold ``delta_paths`` into the bundle at ``bundle_path`` and write the result to ``output``.
 
-    Raises :class:`InputError` on unresolved name clashes (listing all of them) and
-    :class:`IncompatibleModelError` for a delta made with another backbone; nothing is
+    The merged head passes the device update gate (old-class reference embeddings must keep
+    their predictions, within ``options.gate_budget``) unless ``options.force``. Nothing is
     written on error.
 
     Args:
         bundle_path: The base bundle the devices started from.
         delta_paths: Delta files written by ``edgeadapt-device export-delta``.
         output: The directory of the new bundle version.
-        options: Clash handling, renames, method, ``overwrite``.
+        options: Clash handling, renames, method, gate budget, ``force``, ``overwrite``.
 
     Returns:
         The classes merged, from which device, and how clashes were resolved.
 
     Raises:
-        InputError: Unresolved name clashes.
+        InputError: Unresolved name clashes (listing all of them), or no delta given.
         IncompatibleModelError: A delta made with another backbone.
-        BundleError: A file that cannot be read or an existing ``output``.
+        UpdateGateError: The merged head would change too many old-class predictions (the report is attached).
+        BundleError: A damaged bundle or delta, or an existing ``output``.
     """
+    if not delta_paths:
+        raise InputError("give at least one delta file")
+    with Bundle.open(bundle_path) as bundle:  # a packed bundle's unpacked copy is removed afterwards
+        return _merge(bundle, delta_paths, output, options)
+
+
+def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path,
+           options: MergeDeltasOptions) -> MergeReport:
     from edgeadapt.device.updater import check_class_name
     from edgeadapt.device import incremental
 
-    if not delta_paths:
-        raise InputError("give at least one delta file")
-    bundle = Bundle.open(bundle_path)
     manifest = bundle.manifest
     deltas: list[Delta] = [read_delta(path) for path in delta_paths]
     head = bundle.load_head()
     stats = bundle.load_class_stats()
+    base_head, base_stats = head, stats
     base_names = manifest.class_names
     report = MergeReport(output=Path(output), version=manifest.version + 1, parent_version=manifest.version)
     for number, delta in enumerate(deltas, start=1):
@@ -240,6 +260,8 @@ def merge_deltas(
             entry["examples"] = int(entry["examples"]) + int(sum(part.shape[0] for part in item.embeddings))
 
     references = bundle.load_reference_embeddings()
+    report.gate = _gate(manifest, base_head, base_stats, references, head, [entry["name"] for entry in classes],
+                        options).to_dict()
     for offset, embeddings in enumerate(new_embeddings):
         chosen = embeddings[: options.references_per_class]
         labels = np.full(chosen.shape[0], old_count + offset, np.int64)
@@ -255,7 +277,7 @@ def merge_deltas(
     files: dict[str, Any] = {name: bundle.path / name for name in manifest.files if not name.startswith("heads/")}
     if old_section.get("unknown"):
         center_path = f"heads/v{version}/unknown_center.npy"
-        head_files[center_path] = np.load(bundle.file_path(old_section["unknown"]["center"]), allow_pickle=False)
+        head_files[center_path] = bundle._load_array(old_section["unknown"]["center"])
         section["unknown"] = {**old_section["unknown"], "center": center_path}
     managed = set(section) | {"references", "device_examples", "unknown", "statistics", "feature_mean"}
     for key, value in old_section.items():
@@ -281,6 +303,7 @@ def merge_deltas(
             "on_clash": options.on_clash,
             "rows": "device" if options.use_device_rows else "recomputed",
             "method": getattr(add_options, "method", None),
+            "gate": report.gate,
         },
     })
     from edgeadapt.converters.bundle_export import created_by
@@ -288,6 +311,31 @@ def merge_deltas(
     data["created_by"] = {**manifest.data.get("created_by", {}), **created_by()}
     write_bundle(output, new_manifest, files, overwrite=options.overwrite)
     logger.info("merged %d delta(s) into %s", len(deltas), output)
+    return report
+
+
+def _gate(manifest: Any, base_head: Any, base_stats: Any, references: ReferenceEmbeddings | None, head: Any,
+          new_names: list[str], options: MergeDeltasOptions) -> Any:
+    """Run the device update gate (old head -> merged head) on the base bundle's references.
+
+    Returns:
+        The ``GateReport``.
+
+    Raises:
+        UpdateGateError: the gate refused and ``options.force`` is false (the report is attached).
+    """
+    from edgeadapt.device.updater import HeadState, UpdateGateError, evaluate_gate, gate_references
+
+    state = HeadState(manifest, base_head, base_stats, references, None, None)
+    embeddings, labels, source = gate_references(state, options.references_per_class)
+    index_map = np.arange(base_head.num_classes, dtype=np.int64)
+    report = evaluate_gate(base_head, head, embeddings, labels, index_map, manifest.class_names, new_names,
+                           float(options.gate_budget), source=source, force=options.force)
+    if not report.passed and not options.force:
+        raise UpdateGateError(
+            f"merge refused by the update gate: {report.describe()}. Nothing was written. Check the deltas (a "
+            "delta whose examples look like old classes takes their predictions), raise the budget "
+            "(--gate-budget), or merge anyway (--force)", report)
     return report
 
 
