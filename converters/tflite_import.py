@@ -660,7 +660,8 @@ def locate_head(graph: TFLiteGraph) -> HeadLocation:
         raise IncompatibleModelError(
             f"no classifier head found: the output {graph.tensor_name(output)!r} {shape} is produced by {chain}; "
             "edgeadapt looks for the last FULLY_CONNECTED, or a 1x1 CONV_2D on a pooled 1x1 map, followed only by "
-            f"{'/'.join(_TAIL_OPERATORS)}"
+            f"{'/'.join(_TAIL_OPERATORS)}. If the model is a feature extractor (its output is the embedding), import "
+            "it without labels: `edgeadapt import MODEL.tflite --out B.eab` makes a bundle with zero classes"
         )
     raise IncompatibleModelError("no classifier head found: the output tail is longer than 32 operators")
 

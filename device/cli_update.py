@@ -35,6 +35,11 @@ def _open_updater(arguments: argparse.Namespace):
     from edgeadapt.device.runtime import Runtime
     from edgeadapt.device.updater import HeadUpdater
 
+    options = None
+    if getattr(arguments, "method", None):
+        from edgeadapt.device.incremental import AddClassOptions
+
+        options = AddClassOptions(method=arguments.method)
     runtime = Runtime.open(arguments.bundle, backend=getattr(arguments, "backend", "auto"))
     updater = HeadUpdater(
         runtime,
@@ -42,6 +47,7 @@ def _open_updater(arguments: argparse.Namespace):
         wait_for_lock=arguments.wait,
         lock_timeout=arguments.lock_timeout,
         **({"gate_budget": arguments.gate_budget} if "gate_budget" in arguments else {}),
+        options=options,
     )
     return runtime, updater
 
@@ -181,6 +187,15 @@ def _writer_options(parser: argparse.ArgumentParser, gate: bool = True) -> None:
         parser.add_argument("--force", action="store_true", help="commit even if the update gate refuses")
 
 
+def _method_option(parser: argparse.ArgumentParser) -> None:
+    from edgeadapt.device.incremental import DEFAULT_METHOD, METHODS, STATISTICS_FREE_METHOD
+
+    parser.add_argument("--method", choices=METHODS, default=None,
+                        help=f"how the head column is computed (default: chosen from what the bundle carries: "
+                        f"{DEFAULT_METHOD} when it has class statistics with a Gram matrix, else "
+                        f"{STATISTICS_FREE_METHOD}; a method the bundle cannot support is refused)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     bundle_help = "bundle directory (NAME.eab)"
     parser = subparsers.add_parser("add-class", help="add a class from a few example images",
@@ -189,6 +204,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("bundle", type=Path, help=bundle_help)
     parser.add_argument("name", help="name of the new class")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="example images or folders of images")
+    _method_option(parser)
     _writer_options(parser)
     parser.set_defaults(handler=_add_class)
 
@@ -196,6 +212,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("bundle", type=Path, help=bundle_help)
     parser.add_argument("name", help="existing class")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="example images or folders of images")
+    _method_option(parser)
     _writer_options(parser)
     parser.set_defaults(handler=_add_examples)
 

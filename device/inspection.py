@@ -61,10 +61,20 @@ def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
             lines.append(f"           + {_kib(size)} ridge solver state over {basis.get('classes')} classes "
                          f"(served {basis.get('updates')} update(s) since it was built)")
     else:
-        lines.append("statistics none (updates that need class statistics will ask for examples of the old classes)")
+        lines.append("statistics none (updates use a method that needs none unless one is chosen; methods that "
+                     "need them ask for examples of the old classes)")
+    background = head.get("background")
+    if background:
+        size = bundle.manifest.files.get(background.get("embeddings"), {}).get("size", 0)
+        lines.append(f"background {background.get('count')} embeddings of ordinary photos, {background.get('dtype')}, "
+                     f"{_kib(size)}")
     classes = data["classes"]
     origins = Counter(entry.get("origin", "base") for entry in classes)
-    lines.append(f"classes    {len(classes)} (" + ", ".join(f"{count} {origin}" for origin, count in origins.items()) + ")")
+    if classes:
+        lines.append(f"classes    {len(classes)} (" + ", ".join(f"{count} {origin}" for origin, count in origins.items())
+                     + ")")
+    else:
+        lines.append("classes    0 (none yet: teach the first ones with `edgeadapt-device add-class BUNDLE NAME PHOTOS`)")
     for entry in classes[:max_classes]:
         extra = f"  {entry['examples']} examples" if entry.get("examples") is not None else ""
         lines.append(f"  {entry['index']:>4}  {entry['name']:<24} {entry.get('origin', 'base'):<13}{extra}")
@@ -74,6 +84,10 @@ def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
     if parity:
         lines.append("parity     format   float acc  int8 acc  top-1 agreement  samples")
         for model_format, figures in parity.items():
+            if "embedding_cosine" in figures and "top1_agreement" not in figures:  # a headless import
+                lines.append(f"           {model_format:<8} embedding cosine with the original "
+                             f"{figures['embedding_cosine']:.6f} on {figures.get('samples')} probes")
+                continue
             lines.append(
                 f"           {model_format:<8} {figures.get('float_accuracy', float('nan')):>9.3f} "
                 f"{figures.get('quantized_accuracy', float('nan')):>9.3f} {figures.get('top1_agreement', float('nan')):>16.3f}"

@@ -125,12 +125,19 @@ class Runtime:
         return self.head.logits(self.embed(images))
 
     def probabilities(self, images: Any) -> np.ndarray:
-        """Softmax scores (N, C)."""
-        return softmax(self.logits(images))
+        """Softmax scores (N, C); :class:`BundleError` when the bundle has no classes yet."""
+        head = self.head
+        _require_classes(head, self.bundle.path)
+        return softmax(head.logits(self.embed(images)))
 
     def predict(self, images: Any, top_k: int = 5) -> list[Prediction] | list[list[Prediction]]:
-        """Top-k predictions: a list for one image, a list of lists for a batch."""
+        """Top-k predictions: a list for one image, a list of lists for a batch.
+
+        Raises:
+            BundleError: the bundle has no classes yet (a headless import before its first class).
+        """
         head, names = self._snapshot
+        _require_classes(head, self.bundle.path)
         scores = softmax(head.logits(self.embed(images)))
         ranked = self.rank(scores, top_k, names)
         return ranked[0] if is_single_image(images) else ranked
@@ -175,3 +182,11 @@ class Runtime:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _require_classes(head: Head, path: Any) -> None:
+    if head.num_classes == 0:
+        raise BundleError(
+            f"the bundle {path} has no classes yet, so there is nothing to predict; teach it one with "
+            "`edgeadapt-device add-class BUNDLE NAME PHOTO...` (or HeadUpdater(runtime).add_class(name, photos))"
+        )

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings, head_payload
-from edgeadapt.device.errors import BundleError, InputError, UpdateError
+from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError, UpdateError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.manifest import Manifest, utc_timestamp
 from edgeadapt.device.preprocessing import _is_pil_image, prepare_image
@@ -219,6 +219,21 @@ def _describe_example(example: Any) -> str:
     if isinstance(example, np.ndarray):
         return f"array {example.dtype} {example.shape}"
     return type(example).__name__
+
+
+def distinct_examples(embeddings: np.ndarray) -> np.ndarray:
+    """``embeddings`` (n, D) without exact duplicate rows, in first-seen order.
+
+    The same photo given several times is one example: it gives bit-identical embeddings, and
+    counting it n times would make the head math trust a mean "estimated" from n examples.
+    So duplicates learn exactly like the single example (different photos never collide).
+    """
+    if embeddings.shape[0] < 2:
+        return embeddings
+    _, first = np.unique(np.ascontiguousarray(embeddings), axis=0, return_index=True)
+    if first.size == embeddings.shape[0]:
+        return embeddings
+    return embeddings[np.sort(first)]
 
 
 def _finite_embeddings(embeddings: np.ndarray, what: str) -> np.ndarray:
@@ -475,7 +490,10 @@ class HeadUpdater:
     ``gate_budget``: the largest fraction of old-class reference embeddings an update may
     disturb (:class:`GateReport`); ``force=True`` on a method commits anyway.
     ``options``: :class:`edgeadapt.device.incremental.AddClassOptions` for the head math
-    (default: the library default method, the same the host uses).
+    (default: per update, the method :func:`edgeadapt.device.incremental.choose_method` picks
+    for what the bundle carries, as the host does; a chosen method the bundle cannot support
+    is refused with :class:`~edgeadapt.device.errors.IncompatibleModelError` before any image
+    is embedded).
     ``references_per_class``: how many of a device-added class's own examples the gate uses
     as its references in later updates (default: as many as the bundle stores per class, else 5).
     ``reader_grace_seconds``: a version superseded less than this long ago is not pruned yet,
@@ -520,6 +538,7 @@ class HeadUpdater:
     def add_classes(self, examples_by_name: Mapping[str, Any], *, force: bool = False) -> UpdateResult:
         """Add several classes in one version: ``{name: examples}``."""
         names = self._check_new_names(list(examples_by_name))
+        self._check_method_early()
         start = time.perf_counter()
         embeddings = [self._embed(examples_by_name[name], f"class {name!r}") for name in names]
         return self._add(names, embeddings, force, embed_seconds=time.perf_counter() - start)
@@ -532,6 +551,7 @@ class HeadUpdater:
     def add_examples(self, name: str, examples: Any, *, force: bool = False) -> UpdateResult:
         """Strengthen the existing class ``name`` with more examples."""
         self._existing_index(name, self.store.read_manifest())
+        self._check_method_early(strengthen=True)
         start = time.perf_counter()
         embeddings = self._embed(examples, f"class {name!r}")
         return self._add_examples(name, embeddings, force, embed_seconds=time.perf_counter() - start)
@@ -603,6 +623,9 @@ class HeadUpdater:
         """
         manifest = self.store.read_manifest()
         names = manifest.class_names
+        if not names:
+            raise InputError("the bundle has no classes yet, so there are no classes to store references for; "
+                             "add classes first (their photos become their references); nothing was changed")
         if examples_by_name is not None:
             if embeddings is not None:
                 raise InputError("give either examples_by_name or embeddings, not both")
@@ -659,6 +682,9 @@ class HeadUpdater:
         unknown = self._embed(unknown_examples, "unknown examples") if unknown_examples is not None else None
 
         def build(state: HeadState) -> _Plan:
+            if state.head.num_classes == 0:
+                raise InputError("the bundle has no classes yet, so there is nothing to tell unknowns from; teach it "
+                                 "classes first (add_class / `edgeadapt-device add-class`); nothing was changed")
             embeddings = known
             if embeddings is None:
                 if state.references is None or not len(state.references):
@@ -770,10 +796,34 @@ class HeadUpdater:
             raise InputError(f"embeddings for {what} must be floats, got {array.dtype}")
         return _finite_embeddings(array.astype(np.float32), what)
 
-    def _options(self):
+    def _options(self, state: HeadState, has_calibration: bool):
+        """The options of an add/strengthen on ``state``: the method the user chose (checked against what the
+        bundle carries), else the one :func:`~edgeadapt.device.incremental.choose_method` picks for it."""
+        incremental = _incremental()
         if self.options is not None:
+            incremental.choose_method(state.stats, has_calibration, self.options.method)
             return self.options
-        return _incremental().AddClassOptions()
+        return incremental.AddClassOptions(method=incremental.choose_method(state.stats, has_calibration, None))
+
+    def _check_method_early(self, strengthen: bool = False) -> None:
+        """Refuse a chosen method the bundle cannot support before any image is embedded (checked again under
+        the lock on the state the update really uses)."""
+        incremental = _incremental()
+        section = self.store.read_manifest().data["head"]
+        if self.options is None:
+            method = incremental.choose_method(None, False, None)
+            if strengthen and not section.get("statistics") and method in _STRENGTHEN_NEEDS_STATISTICS:
+                _refuse_strengthen_without_statistics(method)
+            return
+        statistics = section.get("statistics")
+        stats = None
+        if statistics:  # what the manifest says the statistics hold (the arrays are read under the lock)
+            gram = np.zeros((0, 0)) if statistics.get("gram") else None
+            stats = ClassStats(sums=np.zeros((0, 0)), counts=np.zeros(0, np.int64), gram=gram)
+        has_calibration = bool(section.get("background") or section.get("references"))
+        incremental.choose_method(stats, has_calibration, self.options.method)
+        if self.options.method == "center_l2" and not (section.get("feature_mean") and section.get("l2_normalize")):
+            incremental._require_cosine_head(self.runtime.head, "center_l2")  # says what it needs
 
     def _references_per_class(self, state: HeadState) -> int:
         if self.references_per_class is not None:
@@ -783,14 +833,19 @@ class HeadUpdater:
         return DEFAULT_REFERENCES_PER_CLASS
 
     def _add(self, names: list[str], embeddings: list[np.ndarray], force: bool, embed_seconds: float) -> UpdateResult:
-        options = self._options()
+        given = sum(int(part.shape[0]) for part in embeddings)
+        embeddings = [distinct_examples(part) for part in embeddings]
+        duplicates = given - sum(int(part.shape[0]) for part in embeddings)
 
         def build(state: HeadState) -> _Plan:
             for name in names:
                 self._check_name_free(name, state.manifest)
             incremental = _incremental()
+            calibration = _calibration(state)
+            options = self._options(state, calibration is not None)
             start = time.perf_counter()
-            head, stats = incremental.add_classes(state.head, state.stats, embeddings, options)
+            head, stats = incremental.add_classes(state.head, state.stats, embeddings, options,
+                                                  calibration=calibration)
             seconds = time.perf_counter() - start
             old_count = state.head.num_classes
             if head.num_classes != old_count + len(names):
@@ -808,19 +863,29 @@ class HeadUpdater:
             change = {"action": "add-class", "classes": list(names),
                       "examples": int(sum(part.shape[0] for part in embeddings)),
                       "method": getattr(options, "method", None), "old_rows_unchanged": unchanged}
+            if duplicates:
+                change["duplicates_ignored"] = duplicates
             return _Plan("add-class", classes, head, stats, state.references, examples, state.unknown,
                          np.arange(old_count, dtype=np.int64), change, timings={"math": seconds})
 
         return self._update(build, force, embed_seconds=embed_seconds)
 
     def _add_examples(self, name: str, embeddings: np.ndarray, force: bool, embed_seconds: float) -> UpdateResult:
-        options = self._options()
+        given = int(embeddings.shape[0])
+        embeddings = distinct_examples(embeddings)
+        duplicates = given - int(embeddings.shape[0])
 
         def build(state: HeadState) -> _Plan:
             index = self._existing_index(name, state.manifest)
             incremental = _incremental()
+            options = self._options(state, _calibration(state) is not None)
             start = time.perf_counter()
-            head, stats = incremental.add_examples(state.head, state.stats, index, embeddings, options)
+            try:
+                head, stats = incremental.add_examples(state.head, state.stats, index, embeddings, options)
+            except IncompatibleModelError:
+                if self.options is None and state.stats is None:  # the automatic method needs what is missing
+                    _refuse_strengthen_without_statistics(options.method)
+                raise
             seconds = time.perf_counter() - start
             classes = state.classes
             entry = classes[index]
@@ -829,6 +894,8 @@ class HeadUpdater:
             examples = _append(state.device_examples, embeddings, index, np.float32)
             change = {"action": "add-examples", "classes": [name], "examples": int(embeddings.shape[0]),
                       "method": getattr(options, "method", None)}
+            if duplicates:
+                change["duplicates_ignored"] = duplicates
             return _Plan("add-examples", classes, head, stats, state.references, examples, state.unknown,
                          np.arange(state.head.num_classes, dtype=np.int64), change, timings={"math": seconds})
 
@@ -1018,6 +1085,31 @@ def refresh_runtime(runtime: Any) -> bool:
     bundle.verify(only=head_file_paths(manifest))
     _apply_to_runtime(runtime, store_path, manifest, bundle.load_head())
     return True
+
+
+#: Methods whose add_examples recomputes the column from the class statistics (see incremental.add_examples).
+_STRENGTHEN_NEEDS_STATISTICS = ("ridge", "imprint", "center_l2", "imprint_calibrated")
+
+
+def _refuse_strengthen_without_statistics(method: str) -> None:
+    raise IncompatibleModelError(
+        f"strengthening a class recomputes its column from the class statistics with the automatic method "
+        f"({method}), and this bundle has none (imported without --data). Give --method weight_align (options="
+        "AddClassOptions(method='weight_align')), which trains the column further on the new photos, or remove "
+        "the class and add it again with all its photos; nothing was changed"
+    )
+
+
+def _calibration(state: HeadState) -> np.ndarray | None:
+    """The calibration embeddings of a state: its background and its reference embeddings, float32 (N, D)."""
+    parts = []
+    if state.background is not None and len(state.background):
+        parts.append(np.asarray(state.background, dtype=np.float32))
+    if state.references is not None and len(state.references):
+        parts.append(state.references.as_float32())
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _incremental():

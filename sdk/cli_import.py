@@ -16,6 +16,25 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from error
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        height, width = (int(part) for part in parts)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 224x224), got {text!r}") from error
+    return height, width
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``import`` and ``export-fused`` sub-commands.
 
@@ -27,17 +46,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """
     parser = subparsers.add_parser(
         "import",
-        help="import a third-party .tflite/.onnx/.keras classifier into a bundle",
+        help="import a third-party .tflite/.onnx/.keras classifier (or a headless .tflite/.keras extractor) into a bundle",
         description="Cut a classifier into backbone (image -> embedding) and a float32 linear head, write a bundle "
         "(TFLite imports also get an ONNX backbone), and check that the bundle's top-1 equals the original's on "
-        "probe images (generated + --probe-images).",
+        "probe images (generated + --probe-images). Without --labels the model must be a feature extractor whose "
+        "output is the embedding (e.g. it ends in a global average pooling): the bundle gets zero classes, and "
+        "the device learns its first classes from a few photos each (edgeadapt-device add-class).",
     )
     parser.add_argument("model", type=Path, help="classifier file: .tflite, .onnx or .keras")
-    parser.add_argument("--labels", type=Path, required=True, help="labels file: one class name per line, output order")
+    parser.add_argument("--labels", type=Path,
+                        help="labels file: one class name per line, output order; leave it out for a headless "
+                        "feature extractor (.tflite or .keras): a bundle with zero classes")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to write (NAME.eab)")
     parser.add_argument("--data", type=Path,
                         help="folder of images of existing classes (sub-folders named like labels): class statistics "
                         "for later updates; for .keras also the int8 calibration images")
+    parser.add_argument("--background", type=Path, metavar="DIR",
+                        help="folder of ordinary, unlabelled photos (searched recursively): their embeddings are "
+                        "stored with the head (float16) so that new classes can be calibrated to claim only what is "
+                        "theirs; headless .keras extractors also use them as int8 calibration images")
+    parser.add_argument("--background-limit", type=_positive, default=1000, metavar="N",
+                        help="embed at most N background photos, a fixed subsample (default 1000)")
     parser.add_argument("--probe-images", type=Path, nargs="+", default=(), metavar="IMAGE",
                         help="images to check the import on (besides generated probes)")
     parser.add_argument("--probes", type=int, default=32, help="number of generated probe images")
@@ -109,6 +138,8 @@ def run_import(arguments: argparse.Namespace) -> int:
         onnx=not arguments.no_onnx,
         min_agreement=arguments.min_agreement,
         overwrite=arguments.overwrite,
+        background=arguments.background,
+        background_limit=arguments.background_limit,
     )
     report = import_classifier(arguments.model, arguments.labels, arguments.out, settings)
     emit_report(arguments, report.table(), report.to_dict())

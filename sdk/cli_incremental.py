@@ -22,6 +22,12 @@ def _method_help() -> str:
     return f"calibration method: {', '.join(METHODS)} (default {DEFAULT_METHOD}; see docs/INCREMENTAL.md)"
 
 
+def _methods() -> tuple[str, ...]:
+    from edgeadapt.device.incremental import METHODS
+
+    return METHODS
+
+
 def _add_options(arguments: argparse.Namespace):
     from edgeadapt.device.incremental import DEFAULT_METHOD, AddClassOptions
 
@@ -47,7 +53,7 @@ def _add_classes(arguments: argparse.Namespace) -> int:
         arguments.data,
         arguments.out,
         classes=_split_names(arguments.classes),
-        options=_add_options(arguments),
+        options=_add_options(arguments) if arguments.method else None,  # None: chosen for what the bundle carries
         replay=arguments.replay,
         resolve=arguments.resolve,
         backend=arguments.backend,
@@ -196,7 +202,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("bundle", type=Path, help="the bundle to extend (NAME.eab or packed .zip)")
     add.add_argument("--data", type=Path, required=True, help="folder with one sub-folder of images per class")
     add.add_argument("--classes", help="comma-separated sub-folders of --data to add (default: all of them)")
-    add.add_argument("--method", choices=_methods(), help=_method_help())
+    add.add_argument("--method", choices=_methods(),
+                     help="calibration method (default: chosen for what the bundle carries: the default method when "
+                     "it has class statistics, else the statistics-free one; see docs/INCREMENTAL.md)")
     add.add_argument("--out", type=Path, required=True, help="directory of the new bundle version")
     add.add_argument("--replay", type=Path,
                      help="optional folder with images of the OLD classes: builds missing class statistics, "

@@ -164,13 +164,16 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
-def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[FolderEntry]]:
+def scan_image_folder(
+    root: str | Path, classes: Sequence[str] | None = None, min_images: int = 2
+) -> tuple[list[str], list[FolderEntry]]:
     """List the images of a dataset folder: ``root/<class name>/<image file>``.
 
     Classes are the sorted sub-folder names, or ``classes`` (a subset, in that order).
     Exact duplicate files (same sha256) are dropped, keeping the first one seen.
     Raises :class:`DatasetError` for a missing/empty root, an unknown class, or a class
-    with fewer than 2 images. Nothing on disk is changed.
+    with fewer than ``min_images`` distinct images (2 by default, to split into train and
+    test; 1 for few-shot class addition). Nothing on disk is changed.
     """
     root = Path(root)
     if not root.is_dir():
@@ -223,9 +226,9 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
             kept += 1
         if dropped:
             logger.info("class %r: dropped %d exact duplicate image(s)", name, dropped)
-        if kept < 2:
+        if kept < min_images:
             raise DatasetError(
-                f"class folder {str(folder)!r} has {kept} distinct image(s) but needs at least 2 "
+                f"class folder {str(folder)!r} has {kept} distinct image(s) but needs at least {min_images} "
                 "images to split into train and test; add more images or remove the folder"
             )
     return class_names, entries

@@ -233,7 +233,12 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
     if not incoming and not strengthen:
         raise InputError("the deltas hold nothing to merge (every class was skipped)")
 
-    add_options = options.add_options if options.add_options is not None else incremental.AddClassOptions()
+    if options.add_options is not None:
+        add_options = options.add_options
+    else:  # the method this bundle supports (issue 11): ridge with statistics, else the statistics-free one
+        has_calibration = bundle.manifest.data["head"].get("background") is not None \
+            or bundle.manifest.data["head"].get("references") is not None
+        add_options = incremental.AddClassOptions(method=incremental.choose_method(stats, has_calibration, None))
     for name, item in strengthen.items():
         embeddings = np.concatenate(item.embeddings)
         head, stats = incremental.add_examples(head, stats, base_names.index(name), embeddings, add_options)

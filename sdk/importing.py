@@ -17,9 +17,15 @@ with :class:`ConversionError` if the top-1 agreement of the primary format is be
 Class statistics: with ``data`` (a folder with one sub-folder of images per *existing*
 class, folder names equal to labels, any number of images, even one), the per-class
 embedding sums/counts and the Gram matrix of those images are stored with the head, so the
-updaters can use them. Without it the bundle has no statistics: the default method refuses and
-the updaters need the statistics-free fallback, ``AddClassOptions(method="imprint_calibrated")``
-(see docs/APPS.md, "Imported models and class statistics").
+updaters can use them. Without it the bundle has no statistics, and the updaters choose a
+method that needs none (:func:`edgeadapt.device.incremental.choose_method`; the import table
+names it). ``background`` (any folder of ordinary, unlabelled photos) stores their embeddings
+with the head (float16), so that new classes can be calibrated to claim only what is theirs.
+
+Headless import: with ``labels=None`` the model (.tflite or .keras) must be an embedding extractor
+(its output is the embedding, e.g. after a global average pooling); the bundle gets zero classes and empty
+class statistics, and the device learns its first classes from a few photos each (see
+docs/APPS.md, "Imported models and class statistics").
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,9 +44,10 @@ from edgeadapt.converters.model_info import ExportedModel
 from edgeadapt.converters.tflite_import import ImportedClassifier, ImportOptions
 from edgeadapt.device.errors import ConversionError, DatasetError, IncompatibleModelError, InputError
 from edgeadapt.device.head import ClassStats, Head, softmax
-from edgeadapt.device.incremental import with_ridge_basis
+from edgeadapt.device.incremental import choose_method, with_ridge_basis
 from edgeadapt.device.manifest import ClassInfo, InputSpec, new_manifest, utc_timestamp
 from edgeadapt.device.preprocessing import IMAGE_SUFFIXES, prepare_batch, prepare_image
+from edgeadapt.import_report import FormatCheck, ImportReport  # noqa: F401  (public names of this module)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +68,11 @@ class ImportSettings:
     onnx: also write an ONNX backbone for TFLite imports (tf2onnx); Keras imports write both.
     min_agreement: smallest top-1 agreement with the original on the probes (primary
         format); None: 1.0 for TFLite/ONNX cuts and float Keras exports, 0.9 for int8 Keras
-        exports (quantizing a float backbone changes some near-tie top-1s).
+        exports (quantizing a float backbone changes some near-tie top-1s). Headless imports
+        need the primary format's embeddings to equal the original's output.
+    background: folder of ordinary, unlabelled photos (recursive) whose embeddings are stored
+        with the head as the bundle's background (float16); at most ``background_limit`` of
+        them, a deterministic subsample (``seed``).
     """
 
     name: str | None = None
@@ -75,81 +86,8 @@ class ImportSettings:
     overwrite: bool = False
     calibration_samples: int = 200
     seed: int = 0
-
-
-@dataclass
-class FormatCheck:
-    """How one backbone format of the bundle agrees with the original model on the probes."""
-
-    format: str
-    file: str
-    size: int
-    quantization: str
-    top1_agreement: float
-    strict_top1_agreement: float
-    original_ties: int
-    probes: int
-    parity_with_primary: dict[str, Any] | None = None
-
-
-@dataclass
-class ImportReport:
-    """What :func:`import_classifier` did and measured."""
-
-    path: Path
-    source: str
-    source_format: str
-    source_size: int
-    head_operator: str
-    tail: list[str]
-    output_kind: str
-    num_classes: int
-    embedding_size: int
-    input_spec: dict[str, Any]
-    normalization_source: str
-    head_size: int
-    statistics_examples: int
-    statistics_classes: int
-    renamed_labels: dict[int, str]
-    import_seconds: float
-    formats: list[FormatCheck] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def table(self) -> str:
-        spec = self.input_spec
-        lines = [
-            f"bundle        {self.path}",
-            f"source        {self.source} ({self.source_format}, {self.source_size / 1024:.0f} KiB)",
-            f"head          {self.head_operator} + {' -> '.join(self.tail) or 'no tail'} ({self.output_kind})",
-            f"input         {spec['height']}x{spec['width']}x{spec['channels']} {spec['color_order']}, "
-            f"float = pixel*{spec['scale']:.6g} + {spec['offset']:.6g} ({self.normalization_source})",
-            f"classes       {self.num_classes}, embedding {self.embedding_size}, head {self.head_size / 1024:.0f} KiB "
-            f"float32",
-            "statistics    " + (f"{self.statistics_examples} images of {self.statistics_classes} classes"
-                                 if self.statistics_examples else "none (updaters use the statistics-free fallback)"),
-            f"import time   {self.import_seconds:.1f} s",
-        ]
-        if self.renamed_labels:
-            lines.append(f"renamed       duplicate labels: {self.renamed_labels}")
-        for check in self.formats:
-            parity = ""
-            if check.parity_with_primary:
-                parity = (f"; vs {check.parity_with_primary['reference']}: top-1 "
-                          f"{check.parity_with_primary['top1_agreement']:.3f}, cosine "
-                          f"{check.parity_with_primary['embedding_cosine']:.6f}")
-            lines.append(
-                f"{check.format:<7} {check.file:<24} {check.size / 1024:>7.0f} KiB {check.quantization:<8} "
-                f"top-1 agreement with original {check.top1_agreement:.3f} on {check.probes} probes "
-                f"(strict {check.strict_top1_agreement:.3f}, {check.original_ties} ties in the original){parity}"
-            )
-        lines += [f"warning       {text}" for text in self.warnings]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["path"] = str(self.path)
-        data["renamed_labels"] = {str(key): value for key, value in self.renamed_labels.items()}
-        return data
+    background: Path | None = None
+    background_limit: int = 1000
 
 
 # ----------------------------------------------------------------------------- labels and data
@@ -347,25 +285,28 @@ def _output_activation(model: Any) -> str:
 
 def import_classifier(
     model_path: str | Path,
-    labels: str | Path | Sequence[str],
+    labels: str | Path | Sequence[str] | None,
     output: str | Path,
     settings: ImportSettings = ImportSettings(),
 ) -> ImportReport:
-    """Import a .tflite/.onnx/.keras classifier into a bundle at ``output`` (see the module doc).
+    """Import a .tflite/.onnx/.keras classifier (or a headless .tflite/.keras extractor) into a bundle at ``output``.
 
     Args:
-        model_path: The classifier file: ``.tflite``, ``.onnx`` or ``.keras``.
-        labels: A labels file (one class name per line, output order) or the names.
-        output: The bundle directory to write.
-        settings: Input options, optional class-image folder, probes, agreement floor, overwrite.
+        model_path: the model file.
+        labels: labels file or list of class names in output order; None for a headless
+            extractor (a model whose output is the embedding): the bundle gets zero classes.
+        output: the bundle directory to write.
+        settings: see :class:`ImportSettings` (statistics ``data``, ``background`` photos, ...).
 
     Returns:
-        What was imported and the measured top-1 agreement with the original per format.
+        The :class:`ImportReport` (what was found, written and measured).
 
     Raises:
-        ConversionError: When the file cannot be read or converted.
-        IncompatibleModelError: When the model has no recognisable classifier head.
-        InputError: When the labels or settings do not fit the model or the agreement is too low.
+        InputError: missing files, labels that do not fit the model, ``data`` with a headless model.
+        DatasetError: unusable ``data`` or ``background`` folders.
+        IncompatibleModelError: a model edgeadapt cannot cut (the message says what was found).
+        ConversionError: the bundle does not reproduce the original model.
+        Nothing is written when any error is raised.
     """
     from edgeadapt.converters.bundle_export import created_by
     from edgeadapt.converters.parity import run_exported
@@ -378,9 +319,21 @@ def import_classifier(
         raise InputError(f"model file {str(model_path)!r} does not exist")
     if output.exists() and not settings.overwrite:
         raise InputError(f"{output} already exists; choose another --out or pass --overwrite")
-    names = read_labels(labels)
+    headless = labels is None
+    names = [] if headless else read_labels(labels)
     kind = _model_kind(model_path)
-    if kind == "keras":
+    if headless and settings.data is not None:
+        raise InputError("--data gives statistics of existing classes, and a headless model (no --labels) has none; "
+                         "leave --data out (the device learns the classes), or give --labels")
+    if settings.background is not None:
+        from edgeadapt.background import background_files
+
+        background_files(settings.background)  # an unusable folder fails before any conversion work
+    if headless:
+        from edgeadapt.import_headless import prepare_headless
+
+        prepared = prepare_headless(model_path, kind, settings)
+    elif kind == "keras":
         prepared = _prepare_keras(model_path, settings, unique_labels(names)[0])
     elif kind == "tflite":
         prepared = _prepare_tflite(model_path, settings)
@@ -388,7 +341,7 @@ def import_classifier(
         prepared = _prepare_onnx(model_path, settings)
     imported = prepared.imported
     head, spec = imported.head, imported.input_spec
-    if len(names) != head.num_classes:
+    if not headless and len(names) != head.num_classes:
         raise InputError(
             f"the labels file has {len(names)} names but the model has {head.num_classes} classes; "
             "give the labels file that belongs to this model (one name per line, in output order)"
@@ -406,11 +359,14 @@ def import_classifier(
         stats = ClassStats.from_embeddings(embeddings, labels_index, head.num_classes, with_gram=True)
         references = _reference_embeddings(embeddings, labels_index)
         logger.info("class statistics from %d images of %d classes", len(images), int(np.sum(stats.counts > 0)))
+    elif headless:  # empty statistics: the device accumulates them for every class it learns
+        stats = ClassStats(sums=np.zeros((0, head.embedding_size)), counts=np.zeros(0, np.int64))
 
     # verification before writing: device interpreter + head vs the original model
     probes = _probe_images(spec, settings)
     original = prepared.reference_scores(probes)
-    if original.shape != (len(probes), head.num_classes):
+    expected_width = head.embedding_size if headless else head.num_classes
+    if original.shape != (len(probes), expected_width):
         raise ConversionError(f"the original model returns {original.shape} scores for {len(probes)} probes")
     minimum = settings.min_agreement if settings.min_agreement is not None else (1.0 if prepared.exact else 0.9)
     checks: list[FormatCheck] = []
@@ -420,6 +376,12 @@ def import_classifier(
     for model_format, exported in prepared.backbones.items():
         embeddings = run_exported(exported.content, model_format, spec, probes)
         embeddings_by_format[model_format] = embeddings
+        if headless:
+            from edgeadapt.import_headless import check_headless
+
+            checks.append(check_headless(model_format, exported, original, embeddings, embeddings_by_format,
+                                         primary_format, len(probes), report_warnings, exact=prepared.exact))
+            continue
         top1 = head.logits(embeddings).argmax(axis=1)
         aware, strict, ties = top1_agreement(original, top1)
         file_name = f"backbone.{exported.quantization}.{model_format}"
@@ -437,6 +399,13 @@ def import_classifier(
             logger.warning(message)
             report_warnings.append(message)
 
+    background = None
+    if settings.background is not None:
+        from edgeadapt.background import embed_background
+
+        background = embed_background(settings.background, imported.backbone.content, primary_format, spec,
+                                      limit=settings.background_limit, seed=settings.seed)
+
     # write the bundle
     fingerprint = file_fingerprint(model_path.read_bytes())
     files: dict[str, Any] = {}
@@ -445,11 +414,9 @@ def import_classifier(
         files[check.file] = exported.content
         models.append({"file": check.file, **exported.describe()})
     stats = with_ridge_basis(head, stats)  # lets the device add classes to large heads fast
-    if references is not None:
-        head_section, head_files = head_payload(head, stats, version=1, backbone_fingerprint=fingerprint,
-                                                reference_embeddings=references)
-    else:
-        head_section, head_files = head_payload(head, stats, version=1, backbone_fingerprint=fingerprint)
+    head_section, head_files = head_payload(head, stats, version=1, backbone_fingerprint=fingerprint,
+                                            reference_embeddings=references,
+                                            background=None if background is None else background.embeddings)
     files.update(head_files)
     created = utc_timestamp()
     infos = [
@@ -467,9 +434,10 @@ def import_classifier(
         head=head_section,
         created_by=created_by(),
         parity={check.format: {"reference": f"original {imported.source_format} model", "samples": check.probes,
-                               "top1_agreement": check.top1_agreement,
-                               "strict_top1_agreement": check.strict_top1_agreement,
-                               "original_ties": check.original_ties,
+                               **({"embedding_cosine": round(check.embedding_cosine, 6)} if headless else {
+                                   "top1_agreement": check.top1_agreement,
+                                   "strict_top1_agreement": check.strict_top1_agreement,
+                                   "original_ties": check.original_ties}),
                                **({"vs_primary": check.parity_with_primary} if check.parity_with_primary else {})}
                 for check in checks},
     )
@@ -482,7 +450,12 @@ def import_classifier(
         "output_kind": imported.output_kind,
         "normalization_source": imported.normalization_source,
         "renamed_labels": {str(key): value for key, value in renamed.items()},
-        "statistics": "from images of existing classes" if stats is not None else None,
+        "statistics": ("empty: a headless model; the device accumulates them for the classes it learns" if headless
+                       else "from images of existing classes" if stats is not None else None),
+        "headless": headless,
+        "background": None if background is None else {
+            "folder": str(background.folder), "photos": background.count, "files_found": background.found,
+            "unreadable_skipped": background.skipped, "limit": settings.background_limit, "seed": settings.seed},
         "details": json.loads(json.dumps(imported.details, default=str)),
     }
     write_bundle(output, manifest, files, overwrite=settings.overwrite)
@@ -492,7 +465,8 @@ def import_classifier(
     written_head = bundle.load_head()
     if not np.array_equal(written_head.weights, head.weights) or not np.array_equal(written_head.bias, head.bias):
         raise ConversionError("the written head differs from the imported one; the bundle is inconsistent")
-    head_size = sum(int(entry["size"]) for name, entry in bundle.manifest.files.items() if name.startswith("heads/"))
+    head_size = sum(int(entry["size"]) for name, entry in bundle.manifest.files.items()
+                    if name.startswith("heads/") and not name.endswith("/background.npy"))  # stated on its own line
     report = ImportReport(
         path=output, source=str(model_path), source_format=imported.source_format,
         source_size=model_path.stat().st_size, head_operator=imported.head_operator, tail=imported.tail,
@@ -501,6 +475,11 @@ def import_classifier(
         statistics_examples=int(stats.counts.sum()) if stats is not None else 0,
         statistics_classes=int(np.sum(stats.counts > 0)) if stats is not None else 0,
         renamed_labels=renamed, import_seconds=time.perf_counter() - start, formats=checks, warnings=report_warnings,
+        background=None if background is None else background.describe(),
+        background_count=0 if background is None else background.count,
+        background_bytes=0 if background is None else background.nbytes,
+        update_method=choose_method(stats, background is not None or references is not None, None),
+        headless=headless,
     )
     if "onnx_conversion_error" in imported.details:
         report.warnings.append(f"no ONNX backbone: {imported.details['onnx_conversion_error']}")

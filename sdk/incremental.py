@@ -44,6 +44,7 @@ from edgeadapt.device.incremental import (
 )
 from edgeadapt.device import incremental as head_math
 from edgeadapt.device.manifest import utc_timestamp
+from edgeadapt.device.updater import distinct_examples
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def folder_examples(folder: str | Path, classes: Sequence[str] | None = None) ->
     from edgeadapt.device.errors import DatasetError
 
     try:
-        names, entries = scan_image_folder(folder, classes)
+        names, entries = scan_image_folder(folder, classes, min_images=1)  # one photo is enough to learn from
     except DatasetError as error:
         raise InputError(str(error)) from error
     examples: dict[str, list[Path]] = {name: [] for name in names}
@@ -345,7 +346,7 @@ def add_classes(
     output: str | Path,
     *,
     classes: Sequence[str] | None = None,
-    options: AddClassOptions = AddClassOptions(),
+    options: AddClassOptions | None = None,
     replay: Any = None,
     resolve: bool = False,
     backend: str = "auto",
@@ -357,7 +358,10 @@ def add_classes(
     ``{name: images}`` (image paths, PIL images, a uint8 (N, H, W, C) batch) or
     ``{name: embeddings}`` (float (N, D) computed with this bundle's backbone).
     ``classes``: which classes of ``new_data`` to add (default: all of them).
-    ``options``: the head math (method and knobs, :class:`AddClassOptions`).
+    ``options``: the head math (method and knobs, :class:`AddClassOptions`); None: the method
+    :func:`edgeadapt.device.incremental.choose_method` picks for what the bundle carries (the
+    default method with class statistics, else the statistics-free one). A chosen method the
+    bundle cannot support is refused before any image is embedded.
     ``replay``: optional examples of the bundle's OLD classes (same forms as ``new_data``).
     They supply class statistics when the bundle has none, act as negatives for the trained
     methods, and give the joint re-fit of ``resolve`` real data.
@@ -390,8 +394,8 @@ def add_classes(
     """
     parent = _open(bundle)
     output = _check_output(output, overwrite, [parent])
-    if not isinstance(options, AddClassOptions):
-        raise InputError(f"options must be an AddClassOptions, got {type(options).__name__}")
+    if options is not None and not isinstance(options, AddClassOptions):
+        raise InputError(f"options must be an AddClassOptions or None, got {type(options).__name__}")
     manifest = parent.manifest
     old_names = manifest.class_names
     mapping = _as_mapping(new_data, classes, "new data")
@@ -408,27 +412,44 @@ def add_classes(
         )
     head = parent.load_head()
     stats = parent.load_class_stats()
+    calibration = _calibration(parent)
+    if options is not None and (replay is None or options.method not in STATISTICS_METHODS):
+        # replay can supply missing statistics; otherwise the method must fit the bundle as it is
+        head_math.choose_method(stats, calibration is not None, options.method)
+    if options is not None and options.method == "center_l2" and (head.feature_mean is None or not head.l2_normalize):
+        raise IncompatibleModelError(
+            "method 'center_l2' needs a head trained on centred, L2-normalised features (feature_mean set and "
+            "l2_normalize true), and this head is not; leave the method out for the automatic choice, or use "
+            "imprint_calibrated, weight_align or imprint; nothing was written"
+        )
     size = head.embedding_size
     embedder = _Embedder(parent, backend)
-    arrays = [embedder(name, mapping[name], size) for name in names]
+    given = [embedder(name, mapping[name], size) for name in names]
+    arrays = [distinct_examples(array) for array in given]  # the same photo twice is one example
     replay_data = _replay_embeddings(replay, old_names, embedder, size)
     notes: list[str] = []
+    duplicates = {name: int(a.shape[0] - b.shape[0]) for name, a, b in zip(names, given, arrays) if a.shape != b.shape}
+    if duplicates:
+        notes.append(f"identical examples counted once: {duplicates} duplicate(s) ignored")
     if stats is None and replay_data is not None:
         missing = sorted(set(range(len(old_names))) - set(np.unique(replay_data[1]).tolist()))
         if not missing:
             stats = ClassStats.from_embeddings(replay_data[0], replay_data[1], len(old_names))
             notes.append(f"class statistics computed from {replay_data[0].shape[0]} replay examples")
-        elif options.method in STATISTICS_METHODS:
+        elif options is not None and options.method in STATISTICS_METHODS:
             raise IncompatibleModelError(
                 f"the bundle has no class statistics and the replay lacks the old classes "
                 f"{[old_names[index] for index in missing]}; give examples of every old class"
             )
-    if options.method in STATISTICS_METHODS and stats is None:
-        head_math.require_statistics(stats, options.method, "add classes")
+    method = head_math.choose_method(stats, calibration is not None, None if options is None else options.method)
+    if options is None:
+        options = AddClassOptions(method=method)
+        notes.append(f"method {method} chosen automatically for what the bundle carries")
 
     start = time.perf_counter()
     trained_replay = replay_data if options.method in TRAINED_METHODS else None
-    new_head, new_stats = head_math.add_classes(head, stats, arrays, options, replay=trained_replay)
+    new_head, new_stats = head_math.add_classes(head, stats, arrays, options, replay=trained_replay,
+                                                calibration=calibration)
     resolved = None
     if resolve:
         new_head, resolved = _resolve(new_head, new_stats, arrays, replay_data, len(old_names), options)
@@ -454,6 +475,21 @@ def add_classes(
     return IncrementalResult(output=output, version=version, parent_version=manifest.version,
                              action="add-classes", method=options.method, added=added, old_rows_unchanged=unchanged,
                              resolved=resolved, seconds=seconds, notes=notes)
+
+
+def _calibration(parent: Bundle) -> np.ndarray | None:
+    """The parent's background and reference embeddings, float32 (N, D), for methods that calibrate with them."""
+    parts = []
+    loader = getattr(parent, "load_background", None)
+    background = None if loader is None else loader()
+    if background is not None and len(background):
+        parts.append(np.asarray(background, dtype=np.float32))
+    references = _parent_references(parent)
+    if references is not None and len(references):
+        parts.append(references.as_float32())
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _resolve(

@@ -147,8 +147,8 @@ def test_gate_refuses_an_update_that_swamps_old_classes_and_force_commits_it(bun
     version = runtime.manifest.version
     real_add_classes = incremental.add_classes
 
-    def swamping_add_classes(head, stats, new_embeddings, options):
-        new_head, new_stats = real_add_classes(head, stats, new_embeddings, options)
+    def swamping_add_classes(head, stats, new_embeddings, options, **keywords):
+        new_head, new_stats = real_add_classes(head, stats, new_embeddings, options, **keywords)
         bias = new_head.bias.copy()
         bias[-1] += 1000.0  # an uncalibrated row that wins everywhere
         return new_head.with_columns(new_head.weights, bias), new_stats

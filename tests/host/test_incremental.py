@@ -13,7 +13,7 @@ from edgeadapt import cli
 from edgeadapt.data import write_image_folder
 from edgeadapt.device import Bundle, Runtime
 from edgeadapt import BundleError, IncompatibleModelError, InputError
-from edgeadapt.device.incremental import AddClassOptions, remove_class
+from edgeadapt.device.incremental import STATISTICS_FREE_METHOD, AddClassOptions, remove_class
 from edgeadapt import add_classes, merge_heads
 from edgeadapt.incremental import NamedHead, write_version
 
@@ -168,10 +168,13 @@ def test_missing_statistics_say_what_to_do_and_replay_fixes_it(
     write_version(parent, parent.load_head(), None, [dict(e) for e in parent.manifest.data["classes"]], without,
                   {"action": "test-drop-statistics"})
     output = tmp_path / "out.eab"
-    with pytest.raises(IncompatibleModelError, match="class statistics") as error:
-        add_classes(without, new_class_folder, output, classes=NEW)
-    assert "replay" in str(error.value)
+    with pytest.raises(IncompatibleModelError, match="'ridge' needs class statistics") as error:
+        add_classes(without, new_class_folder, output, classes=NEW, options=AddClassOptions(method="ridge"))
+    assert "--data" in str(error.value)
     assert not output.exists()
+    # without a chosen method, the bundle learns with the statistics-free method (issue 11)
+    automatic = add_classes(without, new_class_folder, tmp_path / "automatic.eab", classes=NEW)
+    assert automatic.method == STATISTICS_FREE_METHOD and automatic.old_rows_unchanged
     result = add_classes(without, new_class_folder, output, classes=NEW, replay=old_class_folder)
     assert result.old_rows_unchanged and any("replay" in note for note in result.notes)
     assert Bundle.open(output).load_class_stats().num_classes == 5
