@@ -9,9 +9,11 @@
    flowers bundle and on a 1000-class bundle with a 1280-d int8 backbone.
 3. Flowers (--data): a 3-class base bundle built with the host pipeline (train the built-in
    classifier, refine the head on cached embeddings, export int8 with class statistics),
-   then the 4th class added on the device from k = 1, 5, 20 examples (several random draws):
-   all / old / new-class accuracy of the device int8 runtime, against the host's joint
-   retrain of the head on all data of the 4 classes (upper bound) and against plain imprinting.
+   then the 4th class added on the device from k = 1, 5, 20 examples (several random draws),
+   scored with the fair measure (edgeadapt.fewshot_measure) on the device int8 runtime:
+   old-class accuracy (mean per class), new-class recall, their harmonic mean and its ratio to
+   the host's joint retrain of the head on all data of the 4 classes (upper bound), and the
+   old-class drop against the base bundle; against plain imprinting.
 4. Peak RSS of an update in a TensorFlow-free child process.
 
 Building the bundles needs TensorFlow (host); every device measurement runs the device code.
@@ -276,6 +278,7 @@ def bench_flowers(work: Path, seeds: int) -> dict:
     from edgeadapt.device import incremental
     from edgeadapt.device.runtime import Runtime
     from edgeadapt.device.updater import HeadUpdater
+    from edgeadapt.fewshot_measure import against_joint, fair_scores, per_class_accuracy
     from edgeadapt.head_training import HeadTrainingOptions, train_head
 
     classes = json.loads((work / "flowers.json").read_text())["classes"]
@@ -286,16 +289,17 @@ def bench_flowers(work: Path, seeds: int) -> dict:
     embeddings = {name: runtime.embed(images[name]) for name in images}  # device int8 embeddings
     test_labels = labels["test"]
     old = test_labels != new_label
+    old_classes = [index for index in range(len(classes)) if index != new_label]
 
     def scores(predicted: np.ndarray) -> dict:
-        return {"all": float(np.mean(predicted == test_labels)), "old": float(np.mean(predicted[old] == test_labels[old])),
-                "new": float(np.mean(predicted[~old] == test_labels[~old]))}
+        return fair_scores(predicted, test_labels, old_classes, [new_label])
 
     base_predictions = runtime.head.logits(embeddings["test"][old]).argmax(axis=1)
-    base_accuracy = float(np.mean(base_predictions == test_labels[old]))
+    base_accuracy = per_class_accuracy(base_predictions, test_labels[old], old_classes)
     joint = train_head(embeddings["train"], labels["train"], len(classes), HeadTrainingOptions(seed=0),
                        validation=(embeddings["validation"], labels["validation"]))
-    upper = scores(joint.logits(embeddings["test"]).argmax(axis=1))
+    joint_scores = scores(joint.logits(embeddings["test"]).argmax(axis=1))
+    upper = against_joint(joint_scores, joint_scores, base_accuracy)  # ratio 1 by definition
     new_pool = np.flatnonzero(labels["train"] == new_label)
     rows = []
     for shots in SHOTS:
@@ -310,11 +314,12 @@ def bench_flowers(work: Path, seeds: int) -> dict:
                     updater = HeadUpdater(device, options=incremental.AddClassOptions(method=method))
                     result = updater.add_class(NEW_CLASS, list(images["train"][chosen]), force=True)
                     predicted = device.head.logits(embeddings["test"]).argmax(axis=1)
-                    results.append({**scores(predicted), "gate_passed": result.gate.passed})
-            summary = {key: float(np.mean([entry[key] for entry in results])) for key in ("all", "old", "new")}
-            spread = {f"{key}_std": float(np.std([entry[key] for entry in results])) for key in ("all", "old", "new")}
+                    results.append({**against_joint(scores(predicted), upper, base_accuracy),
+                                    "gate_passed": result.gate.passed})
+            keys = ("old_accuracy", "new_recall", "harmonic_mean", "ratio_to_joint", "old_drop")
+            summary = {key: float(np.median([entry[key] for entry in results])) for key in keys}
+            spread = {f"{key}_std": float(np.std([entry[key] for entry in results])) for key in keys}
             rows.append({"shots": shots, "method": method, **summary, **spread,
-                         "all_vs_upper": summary["all"] / upper["all"],
                          "gate_passed": float(np.mean([entry["gate_passed"] for entry in results])),
                          "draws": seeds})
     return {"classes": classes, "base_old_accuracy": base_accuracy, "upper_bound": upper, "rows": rows,
@@ -400,13 +405,19 @@ def report_text(results: dict) -> str:
         upper = flowers["upper_bound"]
         lines.append("")
         lines.append(f"3. flowers: base {', '.join(BASE_CLASSES)} (old-class accuracy {flowers['base_old_accuracy']:.3f}), "
-                     f"+ {NEW_CLASS} on the device; int8 {flowers['backend']}; mean of {flowers['rows'][0]['draws']} draws")
-        lines.append(f"   {'k':>3} {'method':<10}{'all':>8}{'old':>8}{'new':>8}{'all/upper':>11}{'gate ok':>9}")
-        lines.append(f"   {'all':>3} {'joint':<10}{upper['all']:>8.3f}{upper['old']:>8.3f}{upper['new']:>8.3f}"
-                     f"{1.0:>11.3f}{'':>9}   (host joint retrain of the head on all data = upper bound)")
+                     f"+ {NEW_CLASS} on the device; int8 {flowers['backend']}; median of {flowers['rows'][0]['draws']} draws")
+        lines.append(f"   {'k':>3} {'method':<10}{'old acc':>8}{'new rec':>8}{'h-mean':>8}{'/joint':>8}{'old drop':>9}"
+                     f"{'gate ok':>9}")
+        lines.append(f"   {'all':>3} {'joint':<10}{upper['old_accuracy']:>8.3f}{upper['new_recall']:>8.3f}"
+                     f"{upper['harmonic_mean']:>8.3f}{1.0:>8.3f}{upper['old_drop']:>+9.3f}{'':>9}"
+                     "   (host joint retrain of the head on all data = upper bound)")
         for row in flowers["rows"]:
-            lines.append(f"   {row['shots']:>3} {row['method']:<10}{row['all']:>8.3f}{row['old']:>8.3f}{row['new']:>8.3f}"
-                         f"{row['all_vs_upper']:>11.3f}{row['gate_passed']:>9.0%}")
+            lines.append(f"   {row['shots']:>3} {row['method']:<10}{row['old_accuracy']:>8.3f}{row['new_recall']:>8.3f}"
+                         f"{row['harmonic_mean']:>8.3f}{row['ratio_to_joint']:>8.3f}{row['old_drop']:>+9.3f}"
+                         f"{row['gate_passed']:>9.0%}")
+        lines.append("   old acc: mean per-class accuracy of the old classes, new rec: recall of the new class "
+                     "(argmax over all classes), h-mean: their harmonic mean, /joint: over the joint's, old drop: "
+                     "old-class accuracy lost against the base bundle (positive = lost)")
     lines.append("")
     lines.append("4. peak RSS of one add_class (5 images) in a TensorFlow-free process:")
     for row in results["peak_rss"]:

@@ -19,10 +19,14 @@ upper bound), ``joint (old data + shots)`` retrains it on all old data plus the 
 bound and ``imprint`` plain imprinting. ``center_l2`` is run on a cosine base head (centred +
 L2-normalised features, temperature 0.1) trained on the same embeddings, because it needs one.
 
-Columns: accuracy on all seen classes, on old classes, on new classes; old-class drop
-against the base model before the step (old test images, old classes only); new-class
-false-positive rate on old-class test images; time of the update; bytes stored per class;
-whether old-class logits stayed bit-identical.
+Columns (the fair measure, :mod:`edgeadapt.fewshot_measure`): old-class accuracy (mean over
+the old classes of each one's accuracy, predictions over all seen classes), new-class recall
+(mean over the new classes), their harmonic mean and its ratio to the joint retrain's in the
+same order; old-class drop against the base model before the step (old test images, old
+classes only; positive = lost); new-class false-positive rate on old-class test images; time
+of the update; bytes stored per class; whether old-class logits stayed bit-identical. The
+all-class accuracy is not reported: old-class photos dominate a test set, so a head that
+never predicts a new class already scored 0.8 of the joint on it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device import incremental as head_math
 from edgeadapt.device.incremental import DEFAULT_METHOD, METHODS, AddClassOptions
 from edgeadapt.device.manifest import InputSpec
+from edgeadapt.fewshot_measure import fair_scores, per_class_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -138,11 +143,12 @@ class OrderData:
 
 @dataclass
 class Measurement:
-    """One method at one shot count in one order."""
+    """One method at one shot count in one order (old/new: mean per-class accuracy/recall)."""
 
-    all: float
     old: float
     new: float
+    harmonic_mean: float
+    ratio_to_joint: float
     old_drop: float
     new_false_positive_rate: float
     update_seconds: float
@@ -179,7 +185,7 @@ class IncrementalBenchmarkReport:
             )
         lines.append("")
         lines.append(
-            f"{'shots':>5}  {'method':<26}{'all':>13}{'old':>7}{'new':>7}{'old drop':>10}{'new FPR':>9}"
+            f"{'shots':>5}  {'method':<26}{'old':>7}{'new':>7}{'h-mean':>13}{'/joint':>8}{'old drop':>10}{'new FPR':>9}"
             f"{'update ms':>11}{'bytes/class':>13}  old logits"
         )
         previous = None
@@ -193,14 +199,17 @@ class IncrementalBenchmarkReport:
             identical_text = "-" if identical is None else ("identical" if identical else "changed")
             label = row["method"] + (" (default)" if row["method"] == DEFAULT_METHOD else "")
             lines.append(
-                f"{shots:>5}  {label:<26}{mean['all']:>7.3f}±{row['std']['all']:.3f}{mean['old']:>7.3f}"
-                f"{mean['new']:>7.3f}{mean['old_drop']:>+10.3f}{mean['new_false_positive_rate']:>9.3f}"
+                f"{shots:>5}  {label:<26}{mean['old']:>7.3f}{mean['new']:>7.3f}{mean['harmonic_mean']:>7.3f}±"
+                f"{row['std']['harmonic_mean']:.3f}{mean['ratio_to_joint']:>8.3f}{mean['old_drop']:>+10.3f}"
+                f"{mean['new_false_positive_rate']:>9.3f}"
                 f"{mean['update_seconds'] * 1000:>11.1f}{row['bytes_per_class']:>13,}  {identical_text}"
             )
         lines.append("")
         lines.append(
-            "all/old/new: test accuracy on all seen / old / new classes (mean±std over orders for all); old drop: "
-            "old-class accuracy change against the base model before the step; new FPR: share of old-class test "
+            "old: mean per-class accuracy of the old classes, new: mean per-class recall of the new classes "
+            "(argmax over all seen classes); h-mean: their harmonic mean (mean±std over orders); /joint: h-mean over "
+            "the joint retrain's; old drop: old-class accuracy lost against the base model before the step "
+            "(positive = lost); new FPR: share of old-class test "
             f"images predicted as a new class; bytes/class: head column + what the method keeps per class "
             f"(ridge, resolve_all also share a {self.embedding_size}x{self.embedding_size} Gram matrix = "
             f"{8 * self.embedding_size ** 2:,} bytes; joint keeps every training embedding)"
@@ -505,22 +514,20 @@ def _select_shots(embeddings: np.ndarray, labels: np.ndarray, classes: Sequence[
     return arrays
 
 
-def _evaluate(head: Head, test: tuple[np.ndarray, np.ndarray], base: int) -> tuple[float, float, float, float]:
+def _evaluate(head: Head, test: tuple[np.ndarray, np.ndarray], base: int) -> tuple[dict[str, float], float]:
+    """The fair scores (old-class accuracy, new-class recall, harmonic mean) and the new-class FPR."""
     embeddings, labels = test
     predictions = head.logits(embeddings).argmax(axis=1)
     old = labels < base
-    return (
-        float(np.mean(predictions == labels)),
-        float(np.mean(predictions[old] == labels[old])),
-        float(np.mean(predictions[~old] == labels[~old])),
-        float(np.mean(predictions[old] >= base)),
-    )
+    seen = np.unique(labels)
+    scores = fair_scores(predictions, labels, seen[seen < base], seen[seen >= base])
+    return scores, float(np.mean(predictions[old] >= base))
 
 
 def _before_old_accuracy(head: Head, test: tuple[np.ndarray, np.ndarray], base: int) -> float:
     embeddings, labels = test
     old = labels < base
-    return float(np.mean(head.logits(embeddings[old]).argmax(axis=1) == labels[old]))
+    return per_class_accuracy(head.logits(embeddings[old]).argmax(axis=1), labels[old], np.unique(labels[old]))
 
 
 def bytes_per_class(method: str, embedding_size: int, replay_examples_per_class: float = 0.0) -> int:
@@ -585,13 +592,17 @@ def measure_order(data: OrderData, options: IncrementalBenchmarkOptions) -> tupl
     replay_per_class = float(np.sum(old)) / base
     results: dict[tuple[int, str], Measurement] = {}
 
+    joint_head, joint_seconds = _joint(data, None, options)
+    joint_harmonic = _evaluate(joint_head, data.test, base)[0]["harmonic_mean"]
+
     def record(shots: int, method: str, head: Head, seconds: float, before_old: float, identical: bool | None,
                stored: int) -> None:
-        all_accuracy, old_accuracy, new_accuracy, false_positive = _evaluate(head, data.test, base)
-        results[(shots, method)] = Measurement(all_accuracy, old_accuracy, new_accuracy, old_accuracy - before_old,
-                                               false_positive, seconds, stored, identical)
+        scores, false_positive = _evaluate(head, data.test, base)
+        ratio = scores["harmonic_mean"] / joint_harmonic if joint_harmonic > 0 else 0.0
+        results[(shots, method)] = Measurement(scores["old_accuracy"], scores["new_recall"], scores["harmonic_mean"],
+                                               ratio, before_old - scores["old_accuracy"], false_positive, seconds,
+                                               stored, identical)
 
-    joint_head, joint_seconds = _joint(data, None, options)
     test_embeddings = data.test[0]
     for shots in options.shots:
         arrays = _select_shots(embeddings, labels, new_classes, shots, options.seed, data.order)
@@ -648,21 +659,30 @@ def _figures(rows: list[dict], shots: Sequence[int]) -> dict:
     joint_all = find(ALL_SHOTS, JOINT) or next((row for row in rows if row["method"] == JOINT), None)
     default_all = find(ALL_SHOTS, DEFAULT_METHOD)
     if joint_all and default_all:
-        gap = default_all["mean"]["all"] - joint_all["mean"]["all"]
-        checks.append({"name": "all_shots_all_classes", "value": gap, "passed": gap >= -0.02,
-                       "text": f"all new images, no old images: {DEFAULT_METHOD} all-class accuracy "
-                               f"{default_all['mean']['all']:.3f} vs joint upper bound {joint_all['mean']['all']:.3f} "
-                               f"({gap:+.3f}; within 2 points)"})
+        gap = default_all["mean"]["harmonic_mean"] - joint_all["mean"]["harmonic_mean"]
+        checks.append({"name": "all_shots_harmonic_mean", "value": gap, "passed": gap >= -0.02,
+                       "text": f"all new images, no old images: {DEFAULT_METHOD} harmonic mean of old-class accuracy "
+                               f"and new-class recall {default_all['mean']['harmonic_mean']:.3f} vs joint upper bound "
+                               f"{joint_all['mean']['harmonic_mean']:.3f} ({gap:+.3f}; within 2 points)"})
         gap_old = default_all["mean"]["old"] - joint_all["mean"]["old"]
         checks.append({"name": "all_shots_old_classes", "value": gap_old, "passed": gap_old >= -0.02,
                        "text": f"all new images: {DEFAULT_METHOD} old-class accuracy {default_all['mean']['old']:.3f} "
                                f"vs joint {joint_all['mean']['old']:.3f} ({gap_old:+.3f}; within 2 points)"})
+    # issue 11: k = 1 / 5 / 20 reach 0.6 / 0.85 / 0.95 of the joint's harmonic mean; k = 5 loses <= 3 points
+    for shot, floor, name in ((1, 0.6, "one_shot_ratio"), (5, 0.85, "five_shots_ratio"), (20, 0.95, "twenty_shots_ratio")):
+        row = find(shot, DEFAULT_METHOD)
+        if joint_all and row:
+            ratio = row["mean"]["ratio_to_joint"]
+            checks.append({"name": name, "value": ratio, "passed": ratio >= floor,
+                           "text": f"{shot} shot(s): {DEFAULT_METHOD} harmonic mean {row['mean']['harmonic_mean']:.3f} "
+                                   f"(old {row['mean']['old']:.3f}, new recall {row['mean']['new']:.3f}) = "
+                                   f"{ratio:.1%} of the joint's (at least {floor:.0%})"})
     default_five = find(5, DEFAULT_METHOD)
-    if joint_all and default_five:
-        ratio = default_five["mean"]["all"] / max(joint_all["mean"]["all"], 1e-12)
-        checks.append({"name": "five_shots_ratio", "value": ratio, "passed": ratio >= 0.9,
-                       "text": f"5 shots: {DEFAULT_METHOD} all-class accuracy {default_five['mean']['all']:.3f} = "
-                               f"{ratio:.1%} of the upper bound (at least 90%)"})
+    if default_five:
+        drop = default_five["mean"]["old_drop"]
+        checks.append({"name": "five_shots_old_drop", "value": drop, "passed": drop <= 0.03,
+                       "text": f"5 shots: {DEFAULT_METHOD} old-class drop {drop:+.3f} against the base model "
+                               "(at most 3 points)"})
     append_only = [row for row in rows if row["old_logits_identical"] is not None and row["method"] != RESOLVE]
     if append_only:
         identical = all(row["old_logits_identical"] for row in append_only)
@@ -704,7 +724,8 @@ def _run(options: IncrementalBenchmarkOptions, dataset, bundle: BundleBackbone |
             values = [order[key] for order in per_order if key in order]
             if not values:
                 continue
-            metrics = ("all", "old", "new", "old_drop", "new_false_positive_rate", "update_seconds")
+            metrics = ("old", "new", "harmonic_mean", "ratio_to_joint", "old_drop", "new_false_positive_rate",
+                       "update_seconds")
             identical = [value.old_logits_identical for value in values]
             rows.append({
                 "shots": shots,

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "edgeadapt.cli_finetune",
     "edgeadapt.cli_incremental",
     "edgeadapt.cli_detector",
+    "edgeadapt.cli_bench_fewshot",
 )
 
 

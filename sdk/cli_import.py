@@ -26,14 +26,6 @@ def _positive(text: str) -> int:
     return value
 
 
-def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        height, width = (int(part) for part in parts)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 224x224), got {text!r}") from error
-    return height, width
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``import`` and ``export-fused`` sub-commands.
