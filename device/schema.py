@@ -185,7 +185,8 @@ class Fields:
 
     def integer(self, key: str, minimum: int | None = None, maximum: int | None = None, default: Any = _MISSING,
                 nullable: bool = False) -> int | None:
-        expected = lambda: "an integer" + _range(minimum, maximum) + (" or null" if nullable else "")
+        def expected():
+            return "an integer" + _range(minimum, maximum) + (" or null" if nullable else "")
         present, value = self._get(key, default, nullable, expected)
         if not present:
             return value
@@ -197,7 +198,8 @@ class Fields:
 
     def number(self, key: str, minimum: float | None = None, maximum: float | None = None, default: Any = _MISSING,
                nullable: bool = False, exclusive_minimum: bool = False) -> float | None:
-        expected = lambda: "a finite number" + _range(minimum, maximum, exclusive_minimum) + (" or null" if nullable else "")
+        def expected():
+            return "a finite number" + _range(minimum, maximum, exclusive_minimum) + (" or null" if nullable else "")
         present, value = self._get(key, default, nullable, expected)
         if not present:
             return value
@@ -221,8 +223,9 @@ class Fields:
     def string(self, key: str, max_length: int = 1024, choices: Iterable[str] | None = None, default: Any = _MISSING,
                nullable: bool = False, min_length: int = 0) -> str | None:
         options = tuple(choices) if choices is not None else None
-        expected = lambda: (f"one of {list(options)}" if options else f"a string of {min_length}..{max_length} characters") + (
-            " or null" if nullable else "")
+        def expected():
+            return (f"one of {list(options)}" if options else f"a string of {min_length}..{max_length} characters") + (
+                    " or null" if nullable else "")
         present, value = self._get(key, default, nullable, expected)
         if not present:
             return value
@@ -233,7 +236,8 @@ class Fields:
         return value
 
     def mapping(self, key: str, default: Any = _MISSING, nullable: bool = False) -> "Fields | None":
-        expected = lambda: "a JSON object" + (" or null" if nullable else "")
+        def expected():
+            return "a JSON object" + (" or null" if nullable else "")
         present, value = self._get(key, default, nullable, expected)
         if not present:
             return None if value is None else Fields(value, self.name(key), self.source)
@@ -242,7 +246,8 @@ class Fields:
         return Fields(value, self.name(key), self.source)
 
     def sequence(self, key: str, max_length: int, default: Any = _MISSING, nullable: bool = False) -> list | None:
-        expected = lambda: f"a list of at most {max_length} entries" + (" or null" if nullable else "")
+        def expected():
+            return f"a list of at most {max_length} entries" + (" or null" if nullable else "")
         present, value = self._get(key, default, nullable, expected)
         if not present:
             return value
