@@ -106,14 +106,15 @@ from edgeadapt.device.ridge import (
 logger = logging.getLogger(__name__)
 
 #: Calibration methods, best first (see the module docstring and docs/INCREMENTAL.md).
-METHODS = ("ridge", "center_l2", "imprint_calibrated", "weight_align", "imprint", "none")
-#: Chosen by the class-incremental benchmark (``edgeadapt bench incremental``); see docs/INCREMENTAL.md.
-DEFAULT_METHOD = "ridge"
+METHODS = ("claim", "ridge", "center_l2", "imprint_calibrated", "weight_align", "imprint", "none")
+#: Chosen by the few-shot benchmark (``edgeadapt bench fewshot``); see docs/INCREMENTAL.md. Works with
+#: or without class statistics (:mod:`edgeadapt.device.fewshot`).
+DEFAULT_METHOD = "claim"
 #: Methods that need class statistics with a Gram matrix for every operation.
 STATISTICS_METHODS = ("ridge",)
-#: What callers use when a head has no class statistics (the default, ridge, needs them) and the
-#: user did not choose a method: needs no statistics and works with any feature normalisation.
-STATISTICS_FREE_METHOD = "imprint_calibrated"
+#: What callers use when a head has no class statistics and the user did not choose a method:
+#: needs no statistics and works with any feature normalisation (the default does).
+STATISTICS_FREE_METHOD = "claim"
 #: Methods that train new columns by gradient descent.
 TRAINED_METHODS = ("weight_align", "none")
 @dataclass(frozen=True)
@@ -136,6 +137,14 @@ class AddClassOptions:
     ``own_example_quantile`` (imprint_calibrated): fraction q in [0, 1) of a new class's own
     examples on which it may lose to the head's other columns; the bias is set so that it
     wins on the other 1 - q (smaller q: higher bias, the new class claims more).
+    ``claim_budget`` (claim): the operating knob. The largest fraction of the calibration
+    embeddings (samples drawn from the old classes' statistics, background photos, references,
+    earlier device examples) a new class may take from the existing classes: smaller keeps
+    the old classes safer, larger recognises more of the new class.
+    ``claim_shrinkage`` (claim, with statistics): weight of the scaled identity in the shared
+    covariance of the discriminant direction.
+    ``own_example_floor`` (claim): the largest fraction of a new class's own examples it may
+    lose to the existing classes; the bias is raised when the claim budget would lose more.
     ``basis_refresh_fraction``, ``basis_refresh_minimum`` (ridge): the cached solver state
     (:class:`RidgeBasis`) serves ``max(minimum, fraction x its classes)`` updates before it is
     rebuilt from the current statistics (1000 classes: every 250 added classes); a fraction
@@ -153,6 +162,9 @@ class AddClassOptions:
     own_example_quantile: float = 0.05
     basis_refresh_fraction: float = 0.25
     basis_refresh_minimum: int = 4
+    claim_budget: float = 0.02
+    claim_shrinkage: float = 0.7
+    own_example_floor: float = 0.5
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -177,6 +189,12 @@ class AddClassOptions:
             raise InputError(f"basis_refresh_fraction must be non-negative, got {self.basis_refresh_fraction}")
         if self.basis_refresh_minimum < 1:
             raise InputError(f"basis_refresh_minimum must be at least 1, got {self.basis_refresh_minimum}")
+        if not 0.0 < self.claim_budget < 1.0:
+            raise InputError(f"claim_budget must lie in (0, 1), got {self.claim_budget}")
+        if not 0.0 <= self.claim_shrinkage <= 1.0:
+            raise InputError(f"claim_shrinkage must be in [0, 1], got {self.claim_shrinkage}")
+        if not 0.0 <= self.own_example_floor < 1.0:
+            raise InputError(f"own_example_floor must be in [0, 1), got {self.own_example_floor}")
 
 
 def needs_statistics(method: str) -> bool:
@@ -257,7 +275,8 @@ def require_statistics(stats: ClassStats | None, method: str, action: str) -> Cl
             f"method {method!r} needs the class statistics of the existing classes to {action}, and this head "
             "has none. Re-export the base bundle with class statistics (export_bundle(..., class_stats=...), as "
             "`edgeadapt demo` does), or on the host pass examples of the old classes (replay) so that they can be "
-            "computed, or choose a method that needs no statistics (imprint_calibrated, center_l2, weight_align, imprint)"
+            f"computed, or leave the method out (the default, {DEFAULT_METHOD!r}, needs no statistics) or choose "
+            "--method weight_align"
         )
     if method in STATISTICS_METHODS and stats.gram is None:
         raise IncompatibleModelError(
@@ -471,7 +490,13 @@ def add_classes(
     updated = _append_stats(stats, arrays)
     new_indices = np.arange(old_count, old_count + len(arrays))
 
-    if method == "ridge":
+    if method == "claim":
+        from edgeadapt.device.fewshot import claim_columns
+
+        if calibration is not None:
+            calibration = _check_embeddings(head, calibration, "calibration embeddings")
+        new_weights, new_bias = claim_columns(head, stats, arrays, calibration, options)
+    elif method == "ridge":
         assert updated is not None and stats is not None and stats.gram is not None
         basis = current_basis(head, stats, options)
         means, deviations = new_class_examples(head, arrays)
@@ -536,6 +561,8 @@ def add_examples(
     class_index: int,
     embeddings: np.ndarray,
     options: AddClassOptions = AddClassOptions(),
+    *,
+    calibration: np.ndarray | None = None,
 ) -> tuple[Head, ClassStats | None]:
     """Strengthen existing class ``class_index`` with more raw embeddings (n, D).
 
@@ -547,6 +574,10 @@ def add_examples(
     earlier examples are known only through them), scaled to the other columns' mean norm;
     the bias is calibrated on the given examples against every other column.
     weight_align / none: the column is trained further on the new examples (warm start).
+    claim: the class is recomputed like a new class added to the head without it (from its
+    statistics row, or without statistics from its current direction and the new examples)
+    and calibrated on ``calibration`` (keyword only, raw embeddings (N, D)) and the samples the
+    statistics give; see :mod:`edgeadapt.device.fewshot`.
     """
     options = _check_options(options)
     _check_stats(head, stats)
@@ -568,7 +599,13 @@ def add_examples(
         updated = ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(stats.extra), ridge_basis=basis)
     others = np.array([column for column in range(head.num_classes) if column != index], dtype=np.int64)
 
-    if method == "ridge":
+    if method == "claim":
+        from edgeadapt.device.fewshot import strengthened_column
+
+        if calibration is not None:
+            calibration = _check_embeddings(head, calibration, "calibration embeddings")
+        column, bias_value = strengthened_column(head, updated, index, array, calibration, options)
+    elif method == "ridge":
         assert updated is not None and stats is not None
         if others.size == 0:
             raise IncompatibleModelError("a head with a single class cannot be calibrated; add a second class first")
@@ -652,6 +689,9 @@ def merge_heads(
     - ``center_l2`` / ``imprint``: from b's class means when ``b_stats`` is given, otherwise
       from b's own columns (normalised, scaled to a's mean norm; center_l2 only), which then
       needs b to normalise features exactly like a.
+    - ``claim``: with ``b_stats``, each of b's classes is added from its class mean as with
+      :func:`add_classes` (direction and claim-budget bias against a's columns); without,
+      b's own columns as with ``weight_align`` (same normalisation needed).
     - ``weight_align``: b's own columns rescaled to a's mean column norm, biases recentred
       on a's mean bias (same normalisation needed).
     - ``none``: b's columns copied unchanged (plain concatenation; same normalisation needed).
@@ -735,6 +775,15 @@ def merge_heads(
         else:
             new_weights = directions * _mean_norm(a.weights)
             new_bias = np.full(b.num_classes, float(np.mean(a.bias)))
+    elif method == "claim" and b_stats is not None:
+        from edgeadapt.device.fewshot import claim_columns
+
+        if np.any(b_stats.counts <= 0):
+            raise InputError("head b's statistics hold a class with zero examples; every merged class needs examples")
+        new_weights, new_bias = claim_columns(a, a_stats, [mean[None, :] for mean in b_stats.means()], None, options)
+    elif method == "claim":
+        need_same_normalisation("b's columns cannot be weight-aligned into a (method 'claim' without b's statistics)")
+        new_weights, new_bias = _align_weights(b.weights.astype(np.float64), b.bias.astype(np.float64), a.weights, a.bias)
     elif method == "imprint_calibrated":
         raise IncompatibleModelError(
             "method 'imprint_calibrated' calibrates each new bias on the new class's own examples, and a merge has "

@@ -878,10 +878,11 @@ class HeadUpdater:
         def build(state: HeadState) -> _Plan:
             index = self._existing_index(name, state.manifest)
             incremental = _incremental()
-            options = self._options(state, _calibration(state) is not None)
+            options = self._options(state, _calibration(state, exclude_class=index) is not None)
             start = time.perf_counter()
             try:
-                head, stats = incremental.add_examples(state.head, state.stats, index, embeddings, options)
+                head, stats = incremental.add_examples(state.head, state.stats, index, embeddings, options,
+                                                       calibration=_calibration(state, exclude_class=index))
             except IncompatibleModelError:
                 if self.options is None and state.stats is None:  # the automatic method needs what is missing
                     _refuse_strengthen_without_statistics(options.method)
@@ -1100,13 +1101,20 @@ def _refuse_strengthen_without_statistics(method: str) -> None:
     )
 
 
-def _calibration(state: HeadState) -> np.ndarray | None:
-    """The calibration embeddings of a state: its background and its reference embeddings, float32 (N, D)."""
+def _calibration(state: HeadState, exclude_class: int | None = None) -> np.ndarray | None:
+    """The calibration embeddings of a state, float32 (N, D): its background, its reference embeddings and the
+    examples learned on the device (without those of ``exclude_class``, the class being strengthened)."""
     parts = []
     if state.background is not None and len(state.background):
         parts.append(np.asarray(state.background, dtype=np.float32))
     if state.references is not None and len(state.references):
-        parts.append(state.references.as_float32())
+        keep = slice(None) if exclude_class is None else state.references.labels != exclude_class
+        parts.append(state.references.as_float32()[keep])
+    examples = state.device_examples
+    if examples is not None and len(examples):
+        keep = slice(None) if exclude_class is None else examples.labels != exclude_class
+        parts.append(examples.as_float32()[keep])
+    parts = [part for part in parts if len(part)]
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -233,15 +233,18 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
     if not incoming and not strengthen:
         raise InputError("the deltas hold nothing to merge (every class was skipped)")
 
+    from edgeadapt.incremental import calibration_embeddings
+
+    calibration = calibration_embeddings(bundle)
     if options.add_options is not None:
         add_options = options.add_options
-    else:  # the method this bundle supports (issue 11): ridge with statistics, else the statistics-free one
-        has_calibration = bundle.manifest.data["head"].get("background") is not None \
-            or bundle.manifest.data["head"].get("references") is not None
-        add_options = incremental.AddClassOptions(method=incremental.choose_method(stats, has_calibration, None))
+    else:  # the method this bundle supports, chosen for what it carries
+        add_options = incremental.AddClassOptions(
+            method=incremental.choose_method(stats, calibration is not None, None))
     for name, item in strengthen.items():
         embeddings = np.concatenate(item.embeddings)
-        head, stats = incremental.add_examples(head, stats, base_names.index(name), embeddings, add_options)
+        head, stats = incremental.add_examples(head, stats, base_names.index(name), embeddings, add_options,
+                                               calibration=calibration)
         report.strengthened.append({"name": name, "examples": int(embeddings.shape[0]), "sources": item.sources})
     new_names = list(incoming)
     new_embeddings = [np.concatenate(incoming[name].embeddings) for name in new_names]
@@ -250,7 +253,7 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
         if options.use_device_rows:
             head, stats = _merge_device_rows(head, stats, deltas, [incoming[name] for name in new_names], add_options)
         else:
-            head, stats = incremental.add_classes(head, stats, new_embeddings, add_options)
+            head, stats = incremental.add_classes(head, stats, new_embeddings, add_options, calibration=calibration)
     version = manifest.version + 1
     classes = [dict(entry) for entry in manifest.data["classes"]]
     for name, embeddings in zip(new_names, new_embeddings):

@@ -412,7 +412,7 @@ def add_classes(
         )
     head = parent.load_head()
     stats = parent.load_class_stats()
-    calibration = _calibration(parent)
+    calibration = calibration_embeddings(parent)
     if options is not None and (replay is None or options.method not in STATISTICS_METHODS):
         # replay can supply missing statistics; otherwise the method must fit the bundle as it is
         head_math.choose_method(stats, calibration is not None, options.method)
@@ -477,7 +477,7 @@ def add_classes(
                              resolved=resolved, seconds=seconds, notes=notes)
 
 
-def _calibration(parent: Bundle) -> np.ndarray | None:
+def calibration_embeddings(parent: Bundle) -> np.ndarray | None:
     """The parent's background and reference embeddings, float32 (N, D), for methods that calibrate with them."""
     parts = []
     loader = getattr(parent, "load_background", None)

@@ -225,8 +225,12 @@ def test_unknown_rejection_stays_valid_as_classes_are_added(bundle_copy, train_i
     assert rejected_ring >= 0.15 and rejected_ring >= 3 * (1 - accepted_known), (rejected_ring, accepted_known)
     updater.add_class("ring", list(images[labels == 4][:10]))
     after = [label for label, _, _ in classifier.classify(list(test_x))]
-    # the old classes' scores and the threshold did not move: the same known images are accepted
-    assert [a == "unknown" for a, k in zip(after, known) if k] == [b == "unknown" for b, k in zip(before, known) if k]
+    # the old classes' scores and the threshold did not move: the known images keep their acceptance, but
+    # for the few the new class claims (at most its claim budget, here 2%, plus slack for a small test set)
+    accepted_before = np.array([label == "unknown" for label, k in zip(before, known) if k])
+    accepted_after = np.array([label == "unknown" for label, k in zip(after, known) if k])
+    changed = accepted_before != accepted_after
+    assert np.mean(changed) <= 0.05, np.mean(changed)
     assert load_unknown(Bundle.open(bundle_copy)).threshold == rule.threshold
     accepted_ring = np.mean([label == "ring" for label, k in zip(after, known) if not k])
     print(f"ring accepted after adding it {accepted_ring:.3f}")
@@ -264,7 +268,10 @@ def test_device_cli_update_commands(bundle_copy, fixture_dir, tmp_path, capsys):
     assert main(["add-class", str(bundle_copy), "ring2", *images, "--force", "--json"]) == 0
     added = json.loads(capsys.readouterr().out)
     assert added["version"] == 2 and added["classes"] == ["ring2"] and "commit" in added["timings_ms"]
-    assert main(["add-examples", str(bundle_copy), "ring2", str(folder)]) == 0
+    # ring2 is made of ring's photos, so strengthening it takes ring's references: the gate needs --force
+    assert main(["add-examples", str(bundle_copy), "ring2", str(folder)]) == 1
+    assert "update refused by the gate" in capsys.readouterr().err
+    assert main(["add-examples", str(bundle_copy), "ring2", str(folder), "--force"]) == 0
     assert "added" in capsys.readouterr().out
     assert main(["rename-class", str(bundle_copy), "ring2", "hoop"]) == 0
     assert main(["remove-class", str(bundle_copy), "hoop"]) == 0

@@ -244,11 +244,13 @@ def test_background_reaches_the_head_math_as_calibration(bundle_copy, tmp_path, 
     updater.add_class_embeddings("a", examples[0])
     updater.add_class_embeddings("b", examples[1])
     assert seen[0].dtype == np.float32 and np.array_equal(seen[0], background.astype(np.float32))
-    assert seen[1].shape == (6, size)  # no stored references: the background only
+    # no stored references: the background, then the examples learned on the device
+    assert seen[1].shape == (6 + len(np.unique(examples[0], axis=0)), size)
+    assert np.array_equal(seen[1][:6], background.astype(np.float32))
     assert np.array_equal(Bundle.open(bundle).load_background(), background)  # carried forward unchanged
 
 
-def test_strengthening_without_statistics_says_what_works(bundle_copy, tmp_path, fixture_dir, capsys):
+def test_strengthening_without_statistics_works_and_says_what_does_not(bundle_copy, tmp_path, fixture_dir, capsys):
     parent = Bundle.open(bundle_copy)
     without = tmp_path / "nostats.eab"
     section, files = head_payload(parent.load_head(), None, 1, parent.manifest.backbone_fingerprint)
@@ -259,7 +261,14 @@ def test_strengthening_without_statistics_says_what_works(bundle_copy, tmp_path,
     write_bundle(without, manifest, all_files)
     before = snapshot(without)
     photo = str(sorted((fixture_dir / "images" / "ring").iterdir())[0])
-    assert device_main(["add-examples", str(without), "ring", photo]) == 1
+    assert device_main(["add-examples", str(without), "ring", photo, "--method", "imprint"]) == 1
     assert "--method weight_align" in capsys.readouterr().err
     assert snapshot(without) == before
+    old_head = Bundle.open(without).load_head()
+    assert device_main(["add-examples", str(without), "ring", photo, "--force"]) == 0  # the default: claim
+    new_head = Bundle.open(without).load_head()
+    ring = Bundle.open(without).manifest.class_names.index("ring")
+    others = [index for index in range(old_head.num_classes) if index != ring]
+    assert np.array_equal(new_head.weights[:, others], old_head.weights[:, others])
+    assert not np.array_equal(new_head.weights[:, ring], old_head.weights[:, ring])
     assert device_main(["add-examples", str(without), "ring", photo, "--method", "weight_align", "--force"]) == 0

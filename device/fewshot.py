@@ -1,0 +1,336 @@
+"""The ``claim`` method: new classes from a few examples, calibrated on what they may claim (numpy only).
+
+A new class gets one column and one bias; the old columns stay bit-identical.
+
+**Direction.** With class statistics that hold a Gram matrix (and a head that does not
+L2-normalise its features), the column is a shrinkage discriminant direction put on the head's
+own scale: the shared within-class covariance ``Sw`` of the old classes, shrunk towards a scaled
+identity, ``P = inv((1 - a) Sw + a tr(Sw)/D I)`` with ``a`` = ``claim_shrinkage``; the old classes'
+discriminant columns ``P m_c`` are fitted to the head's real columns by one scale ``s`` and one
+offset vector ``v`` (least squares in the ``Sw`` metric on class-centred columns), and the new
+column is ``s P m + v`` for the new class's mean feature ``m``. Otherwise (no statistics, an
+L2-normalised head, fewer than two old classes) it is the prototype column of
+:func:`edgeadapt.device.prototype_column.prototype_column`: the unit mean feature of the shots
+scaled to the mean norm of the existing columns, the rule the C head library implements too.
+
+**Bias: the claim budget.** The bias is set so that the new class beats the best existing
+class on at most ``claim_budget`` of a calibration set: samples drawn from the old classes'
+statistics (``N(mu_c, Sw)``, a fixed seeded draw, at most :data:`MAX_SYNTHETIC` in all) plus
+every real embedding the caller gives (the bundle's background photos, the old classes'
+reference embeddings, examples the device learned earlier). ``claim_budget`` is the one
+operating knob: smaller keeps the old classes safer, larger recognises more of the new class.
+A class is also never given a bias at which it loses on more than half of its own examples
+(``own_example_floor``): a class learned from one photo always recognises that photo. With no
+calibration embeddings at all (a head without statistics or background), the bias is the mean of
+the existing biases (0 for the first class), raised by that floor when needed.
+
+Each new class is calibrated against the existing columns only, so adding several classes in
+one call gives the same columns in any order. The solver state (``P``, the alignment, the
+synthetic samples and their best existing logits) is cached per head and statistics, so that
+an added class costs a few matrix-vector products once it is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeadapt.device.errors import InputError
+from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.prototype_column import mean_column_norm, prototype_column
+from edgeadapt.device.ridge import _within_covariance
+
+#: The largest number of synthetic old-class samples drawn from the statistics.
+MAX_SYNTHETIC = 4096
+#: Synthetic samples per old class, at most (fewer when there are many classes).
+SYNTHETIC_PER_CLASS = 512
+#: Synthetic samples per old class, at least.
+MIN_SYNTHETIC_PER_CLASS = 4
+#: Seed of the synthetic draw (fixed: the same bundle gives the same columns).
+SYNTHETIC_SEED = 20261201
+#: Examples beyond one per class the statistics need before their covariance is used (fewer: the
+#: statistics-free path, as for a head whose classes were each learned from a few photos).
+MIN_DEGREES = 20
+#: Solver states kept in memory (one per head and statistics in use).
+CACHE_SIZE = 4
+
+
+@dataclass
+class _Solver:
+    """What an added class needs from the head and its statistics, computed once."""
+
+    classes: int
+    feature_mean: np.ndarray  # (D,) float64, zeros when the head has none
+    projection: np.ndarray | None  # P (D, D), None for prototype columns
+    scale: float
+    offset: np.ndarray | None  # v (D,)
+    synthetic: np.ndarray  # (N, D) float64 head features of the synthetic old-class samples
+    synthetic_best: np.ndarray  # (N,) best existing logit (before the temperature) on them
+
+
+_CACHE: OrderedDict[bytes, _Solver] = OrderedDict()
+
+
+def _fingerprint(head: Head, stats: ClassStats | None, options) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (head.weights, head.bias, head.feature_mean):
+        if array is not None:
+            digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(repr((head.l2_normalize, options.claim_shrinkage)).encode())
+    if stats is not None:
+        digest.update(stats.counts.tobytes())
+        digest.update(np.ascontiguousarray(stats.sums).tobytes())
+        if stats.gram is not None:
+            digest.update(np.ascontiguousarray(np.diagonal(stats.gram)).tobytes())
+            digest.update(np.ascontiguousarray(stats.gram[0]).tobytes())
+    return digest.digest()
+
+
+def _solver(head: Head, stats: ClassStats | None, options) -> _Solver:
+    key = _fingerprint(head, stats, options)
+    solver = _CACHE.get(key)
+    if solver is None:
+        solver = _build_solver(head, stats, options)
+        _CACHE[key] = solver
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return solver
+
+
+def _features(head: Head, embeddings: np.ndarray) -> np.ndarray:
+    return head.features(np.asarray(embeddings, dtype=np.float32)).astype(np.float64)
+
+
+def _build_solver(head: Head, stats: ClassStats | None, options) -> _Solver:
+    size = head.embedding_size
+    feature_mean = (np.zeros(size) if head.feature_mean is None
+                    else head.feature_mean.astype(np.float64))
+    usable = (stats is not None and stats.gram is not None and stats.num_classes == head.num_classes
+              and int(np.count_nonzero(stats.counts)) == head.num_classes
+              and int(stats.counts.sum()) - head.num_classes >= max(MIN_DEGREES, head.num_classes))
+    if not usable:
+        return _Solver(head.num_classes, feature_mean, None, 0.0, None, np.zeros((0, size)), np.zeros(0))
+    within = _within_covariance(stats)
+    eigenvalues, eigenvectors = np.linalg.eigh(within)
+    eigenvalues = np.maximum(eigenvalues, 0.0)
+    synthetic_raw = _synthetic_samples(stats, eigenvalues, eigenvectors)
+    synthetic = _features(head, synthetic_raw)
+    synthetic_best = _best_logits(head, synthetic)
+    projection, scale, offset = None, 0.0, None
+    if not head.l2_normalize and head.num_classes >= 2:
+        trace = float(eigenvalues.sum())
+        if trace > 0:
+            shrinkage = options.claim_shrinkage
+            inverse = 1.0 / ((1.0 - shrinkage) * eigenvalues + shrinkage * trace / size)
+            projection = (eigenvectors * inverse) @ eigenvectors.T
+            scale, offset = _alignment(head, stats, feature_mean, projection, within)
+            if not (math.isfinite(scale) and scale > 0 and np.all(np.isfinite(offset))):
+                projection, scale, offset = None, 0.0, None
+    return _Solver(head.num_classes, feature_mean, projection, scale, offset, synthetic, synthetic_best)
+
+
+def _synthetic_samples(stats: ClassStats, eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> np.ndarray:
+    """A fixed, seeded draw of N(mu_c, Sw) per old class (raw embeddings)."""
+    classes = stats.num_classes
+    per_class = max(MIN_SYNTHETIC_PER_CLASS, min(SYNTHETIC_PER_CLASS, MAX_SYNTHETIC // max(classes, 1)))
+    rng = np.random.default_rng(SYNTHETIC_SEED)
+    noise = rng.standard_normal((classes * per_class, eigenvalues.shape[0]))
+    means = stats.sums / np.maximum(stats.counts, 1)[:, None]
+    return np.repeat(means, per_class, axis=0) + (noise * np.sqrt(eigenvalues)) @ eigenvectors.T
+
+
+def _alignment(head: Head, stats: ClassStats, feature_mean: np.ndarray, projection: np.ndarray,
+               within: np.ndarray) -> tuple[float, np.ndarray]:
+    """Scale s and offset v so that s P m_c + v fits the head's columns (Sw-weighted least squares)."""
+    means = stats.sums / np.maximum(stats.counts, 1)[:, None] - feature_mean
+    discriminant = projection @ means.T  # (D, C)
+    weights = head.weights.astype(np.float64)
+    centred_weights = weights - weights.mean(axis=1, keepdims=True)
+    centred_discriminant = discriminant - discriminant.mean(axis=1, keepdims=True)
+    weighted = within @ centred_discriminant
+    denominator = float(np.sum(centred_discriminant * weighted))
+    if not denominator > 0:
+        return 0.0, np.zeros(head.embedding_size)
+    scale = float(np.sum(centred_weights * weighted)) / denominator
+    offset = weights.mean(axis=1) - scale * discriminant.mean(axis=1)
+    return scale, offset
+
+
+def _best_logits(head: Head, features: np.ndarray) -> np.ndarray:
+    if head.num_classes == 0 or features.shape[0] == 0:
+        return np.full(features.shape[0], -np.inf)
+    logits = features @ head.weights.astype(np.float64) + head.bias.astype(np.float64)
+    return logits.max(axis=1)
+
+
+def _direction_column(head: Head, solver: _Solver, shots: np.ndarray) -> np.ndarray:
+    """The new class's column (D,) float32 from its raw shot embeddings."""
+    if solver.projection is None:
+        column, _ = prototype_column(head, shots)
+        return column
+    mean = np.asarray(shots, dtype=np.float64).mean(axis=0) - solver.feature_mean
+    column = solver.scale * (solver.projection @ mean) + solver.offset
+    return column.astype(np.float32)
+
+
+def _claim_bias(column: np.ndarray, features: np.ndarray, best: np.ndarray, budget: float) -> float | None:
+    """The bias at which ``column`` beats ``best`` on at most ``budget`` of ``features`` (None: no samples)."""
+    if features.shape[0] == 0 or not np.all(np.isfinite(best)):
+        return None
+    margins = np.sort(best - features @ column.astype(np.float64))
+    count = margins.shape[0]
+    rank = min(max(math.ceil((1.0 - budget) * count), 1), count)  # the rank-th largest margin
+    return float(margins[count - rank])
+
+
+def _own_example_bias(column: np.ndarray, features: np.ndarray, best: np.ndarray, floor: float) -> float | None:
+    """The bias at which ``column`` wins on at least ``1 - floor`` of its own examples."""
+    if features.shape[0] == 0 or not np.all(np.isfinite(best)):
+        return None
+    margins = best - features @ column.astype(np.float64)
+    return float(np.quantile(margins, 1.0 - floor, method="higher"))
+
+
+def _float32_above(value: float) -> float:
+    """The smallest float32 strictly above ``value`` (ties go to the new class)."""
+    if not abs(value) <= float(np.finfo(np.float32).max):
+        raise InputError("the new class's bias does not fit float32: the calibration embeddings are far outside "
+                         "the head's range; check the backbone output")
+    rounded = np.float32(value)
+    if float(rounded) <= value:
+        rounded = np.nextafter(rounded, np.float32(np.inf))
+    return float(rounded)
+
+
+def _float32_at_most(value: float) -> float:
+    if not abs(value) <= float(np.finfo(np.float32).max):
+        raise InputError("the new class's bias does not fit float32: the calibration embeddings are far outside "
+                         "the head's range; check the backbone output")
+    rounded = np.float32(value)
+    if float(rounded) > value:
+        rounded = np.nextafter(rounded, np.float32(-np.inf))
+    return float(rounded)
+
+
+def _calibrated_bias(head: Head, solver: _Solver, column: np.ndarray, own: np.ndarray, real: np.ndarray,
+                     real_best: np.ndarray, options, default: float) -> float:
+    """The claim-budget bias of ``column`` against ``head``'s columns, floored by its own examples."""
+    features = np.concatenate([solver.synthetic, real]) if real.shape[0] else solver.synthetic
+    best = np.concatenate([solver.synthetic_best, real_best]) if real.shape[0] else solver.synthetic_best
+    claim = _claim_bias(column, features, best, options.claim_budget)
+    floor = _own_example_bias(column, own, _best_logits(head, own), options.own_example_floor)
+    if claim is None:  # nothing to calibrate on: the default bias, raised until the class wins on its examples
+        if floor is not None and default <= floor:
+            return _float32_above(floor)
+        return default
+    bias = _float32_at_most(claim)
+    if floor is not None and bias <= floor:
+        bias = _float32_above(floor)
+    return bias
+
+
+def _real_calibration(head: Head, calibration: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    if calibration is None or not len(calibration):
+        return np.zeros((0, head.embedding_size)), np.zeros(0)
+    real = _features(head, calibration)
+    return real, _best_logits(head, real)
+
+
+def claim_columns(
+    head: Head,
+    stats: ClassStats | None,
+    arrays: list[np.ndarray],
+    calibration: np.ndarray | None,
+    options,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The columns (D, k) and biases (k,) of ``k`` new classes with the ``claim`` method.
+
+    Args:
+        head: The head the classes are added to (any normalisation; zero classes allowed).
+        stats: Its class statistics, or None; with a Gram matrix the direction is the aligned
+            shrinkage discriminant and the calibration includes samples drawn from them.
+        arrays: One (n_i, D) array of raw embeddings per new class (checked by the caller).
+        calibration: Optional raw embeddings (N, D) of other things the device sees
+            (background photos, reference embeddings, earlier device examples).
+        options: An :class:`~edgeadapt.device.incremental.AddClassOptions` (``claim_budget``,
+            ``claim_shrinkage``, ``own_example_floor``).
+
+    Returns:
+        ``(weights, biases)``: float64 arrays of the new columns, each calibrated against the
+        existing columns only (independent of the order of ``arrays``).
+
+    Raises:
+        InputError: A bias that does not fit float32 (extreme embeddings).
+        IncompatibleModelError: Shots whose mean feature is zero (no direction).
+    """
+    solver = _solver(head, stats, options)
+    real, real_best = _real_calibration(head, calibration)
+    default = 0.0 if head.num_classes == 0 else float(np.mean(head.bias.astype(np.float64)))
+    columns, biases = [], []
+    for shots in arrays:
+        column = _direction_column(head, solver, shots)
+        biases.append(_calibrated_bias(head, solver, column, _features(head, shots), real, real_best, options,
+                                       default))
+        columns.append(column.astype(np.float64))
+    return np.stack(columns, axis=1), np.array(biases, dtype=np.float64)
+
+
+def strengthened_column(
+    head: Head,
+    stats: ClassStats | None,
+    class_index: int,
+    embeddings: np.ndarray,
+    calibration: np.ndarray | None,
+    options,
+) -> tuple[np.ndarray, float]:
+    """The column and bias of existing class ``class_index`` after more examples, with ``claim``.
+
+    The class is recomputed like a new class added to the head without it: from its statistics
+    row (already updated with ``embeddings``) when there are statistics; without them, from the
+    new examples' mean feature direction averaged with the class's current column direction.
+
+    Args:
+        head: The current head.
+        stats: The statistics including the new examples, or None.
+        class_index: The class to strengthen.
+        embeddings: The new raw examples (n, D).
+        calibration: Optional raw calibration embeddings (N, D).
+        options: An :class:`~edgeadapt.device.incremental.AddClassOptions`.
+
+    Returns:
+        ``(column float64 (D,), bias)``.
+
+    Raises:
+        InputError: A bias that does not fit float32 (extreme embeddings).
+        IncompatibleModelError: Examples whose mean feature is zero (no direction).
+    """
+    others = [index for index in range(head.num_classes) if index != class_index]
+    rest = head.with_columns(head.weights[:, others], head.bias[others])
+    rest_stats = None
+    if stats is not None and stats.gram is not None:
+        rest_stats = ClassStats(sums=stats.sums[others], counts=stats.counts[others], gram=stats.gram)
+    solver = _solver(rest, rest_stats, options)
+    if stats is not None:
+        class_mean = stats.sums[class_index] / max(int(stats.counts[class_index]), 1)
+        column = _direction_column(rest, solver, class_mean[None, :])
+    else:
+        mean_feature = _features(head, embeddings).mean(axis=0)
+        current = head.weights[:, class_index].astype(np.float64)
+        direction = sum(vector / norm for vector in (mean_feature, current)
+                        if (norm := float(np.linalg.norm(vector))) > 0)
+        length = float(np.linalg.norm(direction))
+        if not length > 0:
+            column, _ = prototype_column(rest, embeddings)
+        else:
+            scale = mean_column_norm(rest) if rest.num_classes else float(np.linalg.norm(current)) or 1.0
+            column = (direction / length * scale).astype(np.float32)
+    real, real_best = _real_calibration(rest, calibration)
+    bias = _calibrated_bias(rest, solver, column, _features(head, embeddings), real, real_best, options,
+                            float(head.bias[class_index]))
+    return np.asarray(column, dtype=np.float64), bias
