@@ -75,18 +75,30 @@ class _Solver:
 _CACHE: OrderedDict[bytes, _Solver] = OrderedDict()
 
 
+def _summary(array: np.ndarray | None) -> bytes:
+    """A cheap content summary of an array (shape, dtype, row and column sums): a cache key, not a checksum."""
+    if array is None:
+        return b"none"
+    values = np.asarray(array)
+    parts = [repr((values.shape, values.dtype.str)).encode()]
+    if values.size:
+        as64 = values.astype(np.float64, copy=False) if values.dtype != np.float64 else values
+        parts.append(np.add.reduce(as64, axis=0).tobytes())
+        if values.ndim == 2:
+            parts.append(np.add.reduce(as64, axis=1).tobytes())
+            parts.append(np.ascontiguousarray(values[:: max(1, values.shape[0] // 64)]).tobytes())
+    return b"|".join(parts)
+
+
 def _fingerprint(head: Head, stats: ClassStats | None, options) -> bytes:
     digest = hashlib.blake2b(digest_size=16)
     for array in (head.weights, head.bias, head.feature_mean):
-        if array is not None:
-            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(_summary(array))
     digest.update(repr((head.l2_normalize, options.claim_shrinkage)).encode())
     if stats is not None:
         digest.update(stats.counts.tobytes())
-        digest.update(np.ascontiguousarray(stats.sums).tobytes())
-        if stats.gram is not None:
-            digest.update(np.ascontiguousarray(np.diagonal(stats.gram)).tobytes())
-            digest.update(np.ascontiguousarray(stats.gram[0]).tobytes())
+        digest.update(_summary(stats.sums))
+        digest.update(b"no-gram" if stats.gram is None else np.ascontiguousarray(np.diagonal(stats.gram)).tobytes())
     return digest.digest()
 
 
@@ -117,32 +129,35 @@ def _build_solver(head: Head, stats: ClassStats | None, options) -> _Solver:
     if not usable:
         return _Solver(head.num_classes, feature_mean, None, 0.0, None, np.zeros((0, size)), np.zeros(0))
     within = _within_covariance(stats)
-    eigenvalues, eigenvectors = np.linalg.eigh(within)
-    eigenvalues = np.maximum(eigenvalues, 0.0)
-    synthetic_raw = _synthetic_samples(stats, eigenvalues, eigenvectors)
-    synthetic = _features(head, synthetic_raw)
+    trace = float(np.trace(within))
+    if not trace > 0:
+        return _Solver(head.num_classes, feature_mean, None, 0.0, None, np.zeros((0, size)), np.zeros(0))
+    synthetic = _features(head, _synthetic_samples(stats, within, trace))
     synthetic_best = _best_logits(head, synthetic)
     projection, scale, offset = None, 0.0, None
     if not head.l2_normalize and head.num_classes >= 2:
-        trace = float(eigenvalues.sum())
-        if trace > 0:
-            shrinkage = options.claim_shrinkage
-            inverse = 1.0 / ((1.0 - shrinkage) * eigenvalues + shrinkage * trace / size)
-            projection = (eigenvectors * inverse) @ eigenvectors.T
-            scale, offset = _alignment(head, stats, feature_mean, projection, within)
-            if not (math.isfinite(scale) and scale > 0 and np.all(np.isfinite(offset))):
-                projection, scale, offset = None, 0.0, None
+        shrinkage = options.claim_shrinkage
+        shrunk = (1.0 - shrinkage) * within
+        shrunk[np.diag_indices(size)] += shrinkage * trace / size
+        projection = np.linalg.inv(shrunk)
+        projection = 0.5 * (projection + projection.T)
+        scale, offset = _alignment(head, stats, feature_mean, projection, within)
+        if not (math.isfinite(scale) and scale > 0 and np.all(np.isfinite(offset))):
+            projection, scale, offset = None, 0.0, None
     return _Solver(head.num_classes, feature_mean, projection, scale, offset, synthetic, synthetic_best)
 
 
-def _synthetic_samples(stats: ClassStats, eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> np.ndarray:
+def _synthetic_samples(stats: ClassStats, within: np.ndarray, trace: float) -> np.ndarray:
     """A fixed, seeded draw of N(mu_c, Sw) per old class (raw embeddings)."""
-    classes = stats.num_classes
+    classes, size = stats.num_classes, within.shape[0]
     per_class = max(MIN_SYNTHETIC_PER_CLASS, min(SYNTHETIC_PER_CLASS, MAX_SYNTHETIC // max(classes, 1)))
+    regularised = within.copy()
+    regularised[np.diag_indices(size)] += 1e-6 * trace / size  # positive definite for the Cholesky factor
+    factor = np.linalg.cholesky(regularised)
     rng = np.random.default_rng(SYNTHETIC_SEED)
-    noise = rng.standard_normal((classes * per_class, eigenvalues.shape[0]))
+    noise = rng.standard_normal((classes * per_class, size))
     means = stats.sums / np.maximum(stats.counts, 1)[:, None]
-    return np.repeat(means, per_class, axis=0) + (noise * np.sqrt(eigenvalues)) @ eigenvectors.T
+    return np.repeat(means, per_class, axis=0) + noise @ factor.T
 
 
 def _alignment(head: Head, stats: ClassStats, feature_mean: np.ndarray, projection: np.ndarray,
@@ -163,10 +178,12 @@ def _alignment(head: Head, stats: ClassStats, feature_mean: np.ndarray, projecti
 
 
 def _best_logits(head: Head, features: np.ndarray) -> np.ndarray:
+    """The best existing logit (before the temperature) per row of ``features`` (float32 products, float64 out)."""
     if head.num_classes == 0 or features.shape[0] == 0:
         return np.full(features.shape[0], -np.inf)
-    logits = features @ head.weights.astype(np.float64) + head.bias.astype(np.float64)
-    return logits.max(axis=1)
+    logits = features.astype(np.float32) @ head.weights
+    logits += head.bias
+    return logits.max(axis=1).astype(np.float64)
 
 
 def _direction_column(head: Head, solver: _Solver, shots: np.ndarray) -> np.ndarray:
@@ -235,11 +252,28 @@ def _calibrated_bias(head: Head, solver: _Solver, column: np.ndarray, own: np.nd
     return bias
 
 
+_REAL_CACHE: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+
 def _real_calibration(head: Head, calibration: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Head features of the caller's calibration embeddings and their best existing logits (cached)."""
     if calibration is None or not len(calibration):
         return np.zeros((0, head.embedding_size)), np.zeros(0)
-    real = _features(head, calibration)
-    return real, _best_logits(head, real)
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (head.weights, head.bias, head.feature_mean, calibration):
+        digest.update(_summary(array))
+    digest.update(repr(head.l2_normalize).encode())
+    key = digest.digest()
+    cached = _REAL_CACHE.get(key)
+    if cached is None:
+        real = _features(head, calibration)
+        cached = (real, _best_logits(head, real))
+        _REAL_CACHE[key] = cached
+        while len(_REAL_CACHE) > CACHE_SIZE:
+            _REAL_CACHE.popitem(last=False)
+    else:
+        _REAL_CACHE.move_to_end(key)
+    return cached
 
 
 def claim_columns(
