@@ -1,7 +1,7 @@
 """Coral's imprinting flow on a headless extractor: teach classes from 1-2 photos each, then recognise them.
 
     python benchmarks/bench_headless.py --data ../shared/data [--model mobilenet_v1_0.75_192_quant.tflite]
-        [--classes shoes,dress,pants] [--shots 1,2] [--draws 5] [--method NAME] [--json FILE]
+        [--classes shoes,dress,pants] [--shots 1,2] [--draws 5] [--method NAME] [--json-out FILE]
 
 Steps (every one through the public tools, on real files):
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=5, help="seeded draws of the photos (default 5)")
     parser.add_argument("--method", help="force a method (default: the automatic choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
-    parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
+    parser.add_argument("--json-out", type=Path, metavar="FILE", help="also write the figures as JSON to this file")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     figures = run(arguments)
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, row in figures["shots"].items():
         print(f"{k:>5}  {row['near_duplicate_recognised']:>25.3f}  {row['classes_learned']:>15.3f}  "
               f"{row['held_out_recall']:>15.3f}  {', '.join(row['methods'])} ({row['gate_refusals']} gate refusals)")
-    if arguments.json:
-        arguments.json.write_text(json.dumps(figures, indent=2))
+    if arguments.json_out:
+        arguments.json_out.write_text(json.dumps(figures, indent=2))
     return 0
 
 
