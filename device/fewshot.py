@@ -82,10 +82,9 @@ def _summary(array: np.ndarray | None) -> bytes:
     values = np.asarray(array)
     parts = [repr((values.shape, values.dtype.str)).encode()]
     if values.size:
-        as64 = values.astype(np.float64, copy=False) if values.dtype != np.float64 else values
-        parts.append(np.add.reduce(as64, axis=0).tobytes())
+        parts.append(np.add.reduce(values, axis=0, dtype=np.float64).tobytes())
         if values.ndim == 2:
-            parts.append(np.add.reduce(as64, axis=1).tobytes())
+            parts.append(np.add.reduce(values, axis=1, dtype=np.float64).tobytes())
             parts.append(np.ascontiguousarray(values[:: max(1, values.shape[0] // 64)]).tobytes())
     return b"|".join(parts)
 
@@ -196,11 +195,18 @@ def _direction_column(head: Head, solver: _Solver, shots: np.ndarray) -> np.ndar
     return column.astype(np.float32)
 
 
-def _claim_bias(column: np.ndarray, features: np.ndarray, best: np.ndarray, budget: float) -> float | None:
-    """The bias at which ``column`` beats ``best`` on at most ``budget`` of ``features`` (None: no samples)."""
-    if features.shape[0] == 0 or not np.all(np.isfinite(best)):
+def _claim_bias(column: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], budget: float) -> float | None:
+    """The bias at which ``column`` beats the best existing logit on at most ``budget`` of the samples.
+
+    ``parts``: (features (n, D), best existing logits (n,)) pairs, used without concatenating the
+    features. None when there are no samples (or no existing class to beat).
+    """
+    margins = [best - features @ column.astype(np.float64) for features, best in parts if features.shape[0]]
+    if not margins:
         return None
-    margins = np.sort(best - features @ column.astype(np.float64))
+    margins = np.sort(np.concatenate(margins))
+    if not np.all(np.isfinite(margins)):
+        return None
     count = margins.shape[0]
     rank = min(max(math.ceil((1.0 - budget) * count), 1), count)  # the rank-th largest margin
     return float(margins[count - rank])
@@ -238,9 +244,7 @@ def _float32_at_most(value: float) -> float:
 def _calibrated_bias(head: Head, solver: _Solver, column: np.ndarray, own: np.ndarray, real: np.ndarray,
                      real_best: np.ndarray, options, default: float) -> float:
     """The claim-budget bias of ``column`` against ``head``'s columns, floored by its own examples."""
-    features = np.concatenate([solver.synthetic, real]) if real.shape[0] else solver.synthetic
-    best = np.concatenate([solver.synthetic_best, real_best]) if real.shape[0] else solver.synthetic_best
-    claim = _claim_bias(column, features, best, options.claim_budget)
+    claim = _claim_bias(column, [(solver.synthetic, solver.synthetic_best), (real, real_best)], options.claim_budget)
     floor = _own_example_bias(column, own, _best_logits(head, own), options.own_example_floor)
     if claim is None:  # nothing to calibrate on: the default bias, raised until the class wins on its examples
         if floor is not None and default <= floor:
