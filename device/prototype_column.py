@@ -1,0 +1,108 @@
+"""The statistics-free column for a new class, as the C head library computes it (numpy only).
+
+This is the Python reference of ``ea_prototype_column`` / ``ea_add_class`` in ``device/c/``
+(docs/C_LIBRARY.md, "Adding a class"): the C conformance test checks the C column against
+this function, and the updater can use it for heads without class statistics.
+
+* features ``f = Head.features(e)`` (float32, exactly as the head classifies);
+* prototype ``p`` = mean of ``f`` over the n shots (float64); direction ``u = p / ||p||``;
+* column ``w = s u`` (stored float32) with ``s`` the mean L2 norm of the existing columns
+  (16.0 when the head has no classes);
+* bias: with ``m >= 1`` background embeddings and a claim budget ``q`` in (0, 1), for each
+  background ``x``: ``r(x) = max_c (f(x) . w_c + b_c) - f(x) . w`` (logits before the
+  temperature; float64), and ``b`` = the ``ceil((1 - q) m)``-th largest ``r``, rounded down to
+  float32: the new class (``f . w + b``) beats the best existing class on at most ``q m`` of
+  the background (exactly ``m - ceil((1 - q) m)`` of them when no two margins coincide).
+  Without background, or when the head has no classes: ``b`` = mean of the existing biases
+  (0 without classes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from edgeadapt.device.errors import IncompatibleModelError, InputError
+from edgeadapt.device.head import Head
+from edgeadapt.device.head_file import MAX_ABS_WEIGHT
+
+#: Column scale used when the head has no classes yet.
+EMPTY_HEAD_SCALE = 16.0
+
+
+def _embeddings(head: Head, embeddings: np.ndarray, what: str) -> np.ndarray:
+    array = head.check_embeddings(embeddings)
+    if array.shape[0] == 0:
+        raise InputError(f"no {what} given; pass at least one embedding")
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"the {what} contain NaN or infinite values; check the backbone output")
+    return array
+
+
+def mean_column_norm(head: Head) -> float:
+    """Mean L2 norm of the head's columns in float64 (:data:`EMPTY_HEAD_SCALE` without classes)."""
+    if head.num_classes == 0:
+        return EMPTY_HEAD_SCALE
+    return float(np.mean(np.sqrt(np.sum(head.weights.astype(np.float64) ** 2, axis=0))))
+
+
+def prototype_column(
+    head: Head, shots: np.ndarray, background: np.ndarray | None = None, claim_budget: float = 0.01
+) -> tuple[np.ndarray, float]:
+    """The column and bias of a new class from a few embeddings of it.
+
+    Args:
+        head: the head the class is added to (any normalisation; zero classes allowed).
+        shots: (n, D) raw embeddings of the new class, n >= 1.
+        background: optional (m, D) raw embeddings of other things the device sees; with them
+            the bias is set so that the new class claims at most ``claim_budget`` of them.
+        claim_budget: q in (0, 1), used only with background embeddings.
+
+    Returns:
+        ``(column, bias)``: the (D,) float32 column and the float bias (a float32 value).
+
+    Raises:
+        InputError: no shots, wrong shapes, non-finite values, or q outside (0, 1).
+        IncompatibleModelError: the shots' mean feature is zero (no direction).
+    """
+    shots = _embeddings(head, shots, "shots")
+    features = head.features(shots).astype(np.float64)
+    prototype = features.mean(axis=0)
+    norm = float(np.sqrt(np.dot(prototype, prototype)))
+    if not norm > 0 or not math.isfinite(norm):
+        raise IncompatibleModelError("the shots' mean feature is zero, so the new class has no direction; "
+                                     "give other examples")
+    column64 = mean_column_norm(head) * (prototype / norm)
+    if not np.all(np.abs(column64) <= MAX_ABS_WEIGHT):
+        raise InputError("the new column exceeds 2^64, the head file's weight limit: the head's columns are far too large")
+    column = column64.astype(np.float32)
+    if background is not None and len(background) == 0:
+        background = None  # m = 0, as in C
+    if background is None or head.num_classes == 0:
+        bias = float(np.mean(head.bias.astype(np.float64))) if head.num_classes else 0.0
+        return column, float(np.float32(bias))
+    if not 0.0 < float(claim_budget) < 1.0:
+        raise InputError(f"claim_budget must lie in (0, 1), got {claim_budget}")
+    background = _embeddings(head, background, "background embeddings")
+    others = head.features(background).astype(np.float64)
+    existing = others @ head.weights.astype(np.float64) + head.bias.astype(np.float64)
+    margins = np.sort(existing.max(axis=1) - others @ column.astype(np.float64))
+    count = margins.shape[0]
+    rank = min(max(math.ceil((1.0 - float(claim_budget)) * count), 1), count)  # the rank-th largest
+    return column, float(_float32_at_most(float(margins[count - rank])))
+
+
+def _float32_at_most(value: float) -> np.float32:
+    """The largest float32 not above ``value`` (so the example whose margin is the bias is not claimed)."""
+    if not abs(value) <= float(np.finfo(np.float32).max):
+        raise InputError("the new class's bias does not fit float32: the background is far outside the head's range")
+    rounded = np.float32(value)
+    if float(rounded) > value:
+        rounded = np.nextafter(rounded, np.float32(-np.inf))
+    return rounded
+
+
+def append_column(head: Head, column: np.ndarray, bias: float) -> Head:
+    """``head`` with ``column``/``bias`` appended as its last class (old columns unchanged)."""
+    weights = np.concatenate([head.weights, np.asarray(column, dtype=np.float32).reshape(-1, 1)], axis=1)
+    return head.with_columns(weights, np.append(head.bias, np.float32(bias)))
