@@ -1,6 +1,6 @@
-"""Figures of issue 16: the C head library (device/c) against the numpy device path.
+"""Figures of the C head library (device/c) against the numpy device path.
 
-    python benchmarks/bench_c_head.py [--fuzz-seconds 10] [--data ../shared/data] [--json OUT]
+    python benchmarks/bench_c_head.py [--fuzz-seconds 10] [--data ../shared/data] [--json] [--json-out FILE]
 
 1. Library size: source lines, ``.text`` bytes at -Os (``size``) of the library objects.
 2. Head file size for a 1000 x 1280 head, float32 and int8.
@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fuzz-seconds", type=float, default=10.0, help="fuzzing budget per build")
     parser.add_argument("--data", type=Path, help="../shared/data: adds the real MobileNet + flowers figures")
     parser.add_argument("--bundle", type=Path, help="an imported MobileNet bundle (skips the import)")
-    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of the table")
+    parser.add_argument("--json-out", type=Path, metavar="FILE", help="also write the figures as JSON to FILE")
     arguments = parser.parse_args(argv)
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
@@ -270,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.data is not None:
             results["real"] = real_figures(tools, work, arguments.data, arguments.bundle)
         results["fuzz"] = fuzz_figures(tools, work, arguments.fuzz_seconds)
-    print(table(results))
-    if arguments.json:
-        arguments.json.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2) if arguments.json else table(results))
+    if arguments.json_out:
+        arguments.json_out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

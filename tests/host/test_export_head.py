@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from edgeadapt import cli
-from edgeadapt.device import Bundle, Runtime
-from edgeadapt.device.head_file import head_from_bytes, read_head_file
+from edgeadapt.device import Bundle, Runtime, pack_bundle
+from edgeadapt.device.head_file import head_from_bytes, load_carried_head_file, read_head_file
 
 C_DIR = Path(__file__).resolve().parents[2] / "device" / "c"
 DATA = Path(os.environ.get("EDGEADAPT_DATA", Path(__file__).resolve().parents[2] / ".." / "shared" / "data"))
@@ -39,10 +39,33 @@ def test_export_head_writes_the_bundle_head(fixture_dir, tmp_path, capsys):
 def test_export_head_refuses_to_overwrite(fixture_dir, tmp_path, capsys):
     out = tmp_path / "head.eah"
     out.write_bytes(b"keep me")
-    assert cli.main(["export-head", str(fixture_dir / "tiny.eab"), "--out", str(out)]) == 2
+    assert cli.main(["export-head", str(fixture_dir / "tiny.eab"), "--out", str(out)]) == 1  # a domain error
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
     assert cli.main(["export-head", str(fixture_dir / "tiny.eab"), "--out", str(out), "--overwrite"]) == 0
     assert head_from_bytes(out.read_bytes()).head.num_classes == 5
+
+
+def test_export_head_needs_something_to_write(fixture_dir, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["export-head", str(fixture_dir / "tiny.eab")])
+    assert stopped.value.code == 2 and "--into-bundle" in capsys.readouterr().err
+
+
+def test_export_head_into_the_bundle(bundle_copy, tmp_path, capsys):
+    version = Bundle.open(bundle_copy).manifest.version
+    report_path = tmp_path / "report.json"
+    assert cli.main(["export-head", str(bundle_copy), "--into-bundle", "--int8", "--json-out", str(report_path)]) == 0
+    assert "the bundle carries it as heads/" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    bundle = Bundle.open(bundle_copy)
+    assert report["bundle_version"] == bundle.manifest.version == version + 1 and report["out"] is None
+    carried = load_carried_head_file(bundle)
+    assert carried.is_int8 and report["carried_in_bundle"] == bundle.manifest.data["head"]["head_file"]["file"]
+    assert report["sha256"] == (bundle_copy / report["carried_in_bundle"]).read_bytes()[-32:].hex()
+    packed = tmp_path / "packed.zip"
+    pack_bundle(bundle_copy, packed)
+    assert cli.main(["export-head", str(packed), "--into-bundle"]) == 1  # updates need the directory
+    assert "packed bundle" in capsys.readouterr().err
 
 
 @pytest.mark.slow
