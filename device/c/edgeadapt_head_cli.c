@@ -16,8 +16,9 @@
  *                                                        once from a heap copy, once from read-only pages
  *   ea_head_cli fuzz SECONDS MAX_EXECUTIONS SEED CRASH_DIR SEED_FILE...   mutation fuzzing
  *
- * Embedding files are raw little-endian float32, row after row. Exit status: 0 ok, 1 usage or
- * I/O error, 2 library error (its ea_strerror text on stderr), 77 fuzz target crash.
+ * Embedding files are raw little-endian float32, row after row. Exit status (the edgeadapt CLI
+ * convention): 0 ok, 1 library or I/O error (the ea_strerror text on stderr), 2 usage error,
+ * 77 fuzz target crash.
  */
 #define _GNU_SOURCE
 #include "edgeadapt_head.h"
@@ -70,7 +71,7 @@ static int write_file(const char *path, const void *data, size_t size) {
 
 static int fail(ea_status status, const char *what) {
     fprintf(stderr, "ea_head_cli: %s: %s (code %d)\n", what, ea_strerror(status), (int)status);
-    return 2;
+    return 1;
 }
 
 static int open_head(const char *path, uint8_t **data, ea_head *head) {
@@ -193,7 +194,7 @@ static int cmd_add(int argc, char **argv, int column_only) {
     int rc;
     if (argc != extra && argc != extra + 2) {
         fprintf(stderr, "usage: see the top of edgeadapt_head_cli.c\n");
-        return 1;
+        return 2;
     }
     rc = open_head(argv[0], &data, &head);
     if (rc == 0) {
@@ -278,7 +279,7 @@ static int cmd_bench(int argc, char **argv) {
     int rc;
     if (argc != 5) {
         fprintf(stderr, "usage: bench HEAD EMB REPEATS SHOTS BACKGROUND\n");
-        return 1;
+        return 2;
     }
     repeats = (size_t)strtoul(argv[2], NULL, 10);
     n = (size_t)strtoul(argv[3], NULL, 10);
@@ -747,7 +748,7 @@ static int cmd_fuzz(int argc, char **argv) {
     uint8_t *buf;
     if (argc < 5) {
         fprintf(stderr, "usage: fuzz SECONDS MAX_EXECUTIONS SEED CRASH_DIR SEED_FILE...\n");
-        return 1;
+        return 2;
     }
     seconds = strtod(argv[0], NULL);
     max_executions = strtoul(argv[1], NULL, 10);
@@ -836,5 +837,5 @@ int main(int argc, char **argv) {
     fprintf(stderr,
             "usage: ea_head_cli info|logits|classify|column|add|serialize|sha256|bench|check|fuzz ...\n"
             "(see the comment at the top of edgeadapt_head_cli.c)\n");
-    return 1;
+    return 2;
 }

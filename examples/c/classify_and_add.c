@@ -11,7 +11,8 @@
  *    other things the device sees) the bias lets the new class claim at most 5% of them, without
  *    it the bias is the mean of the old biases;
  * 4. writes the updated head to OUT.eah and classifies the embedding again.
- * Embedding files are raw little-endian float32, D values per embedding.
+ * Embedding files are raw little-endian float32, D values per embedding. Exit status: 0 ok,
+ * 1 error (a library status or a file), 2 usage.
  */
 #include <stdio.h>
 #include <string.h>
@@ -73,18 +74,18 @@ int main(int argc, char **argv) {
     FILE *out;
     if (argc != 6 && argc != 7) {
         fprintf(stderr, "usage: %s HEAD.eah EMBEDDING.f32 SHOTS.f32 NEW_NAME OUT.eah [BACKGROUND.f32]\n", argv[0]);
-        return 1;
+        return 2;
     }
     head_size = load(argv[1], head_buffer, sizeof head_buffer);
     status = ea_head_open(&head, head_buffer, head_size, EA_OPEN_DEFAULT);
     if (status != EA_OK) {
         fprintf(stderr, "%s: %s\n", argv[1], ea_strerror(status));
-        return 2;
+        return 1;
     }
     if (head.dim > MAX_DIM || head.classes + 1u > MAX_CLASSES ||
         ea_add_class_workspace_size(&head, MAX_BACKGROUND) > sizeof workspace) {
         fprintf(stderr, "head too large for this example's static buffers\n");
-        return 2;
+        return 1;
     }
     printf("head: %u-d embeddings, %u classes, %zu bytes\n", head.dim, head.classes, head.size);
     if (load(argv[2], embedding, sizeof(float) * head.dim) != sizeof(float) * head.dim) {
@@ -92,7 +93,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     printf("before:\n");
-    if (print_top3(&head, embedding)) return 2;
+    if (print_top3(&head, embedding)) return 1;
 
     shot_bytes = load(argv[3], shots, sizeof shots);
     if (argc == 7) {
@@ -105,7 +106,7 @@ int main(int argc, char **argv) {
     if (status == EA_OK) status = ea_head_open(&updated, new_head_buffer, written, EA_OPEN_DEFAULT);
     if (status != EA_OK) {
         fprintf(stderr, "add class: %s\n", ea_strerror(status));
-        return 2;
+        return 1;
     }
     out = fopen(argv[5], "wb");
     if (!out || fwrite(new_head_buffer, 1, written, out) != written || fclose(out) != 0) {
@@ -114,5 +115,5 @@ int main(int argc, char **argv) {
     }
     printf("added \"%s\" from %zu shot(s), %zu background embedding(s): %u classes, wrote %s (%zu bytes)\n"
            "after:\n", argv[4], shot_bytes / (sizeof(float) * head.dim), m, updated.classes, argv[5], written);
-    return print_top3(&updated, embedding) ? 2 : 0;
+    return print_top3(&updated, embedding) ? 1 : 0;
 }

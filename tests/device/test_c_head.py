@@ -268,18 +268,21 @@ def test_library_errors_are_typed_and_leave_no_output(tools, real, tmp_path):
     (tmp_path / "h.eah").write_bytes(data)
     (tmp_path / "bad.eah").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     result = run(tools.sanitized, "info", tmp_path / "bad.eah", check=False)
-    assert result.returncode == 2 and "sha256 checksum mismatch" in result.stderr
+    assert result.returncode == 1 and "sha256 checksum mismatch" in result.stderr
     write_rows(tmp_path / "short.f32", embeddings[:2, :-1])
     write_rows(tmp_path / "nan.f32", np.full((1, embeddings.shape[1]), np.nan, np.float32))
     write_rows(tmp_path / "zero.f32", np.zeros((2, embeddings.shape[1]), np.float32))
     result = run(tools.sanitized, "logits", tmp_path / "h.eah", tmp_path / "nan.f32", tmp_path / "out.f32", check=False)
-    assert result.returncode == 2 and "NaN or inf" in result.stderr and not (tmp_path / "out.f32").exists()
+    assert result.returncode == 1 and "NaN or inf" in result.stderr and not (tmp_path / "out.f32").exists()
     result = run(tools.sanitized, "add", tmp_path / "h.eah", tmp_path / "zero.f32", "z", tmp_path / "z.eah",
                  check=False)
-    assert result.returncode == 2 and "no direction" in result.stderr and not (tmp_path / "z.eah").exists()
+    assert result.returncode == 1 and "no direction" in result.stderr and not (tmp_path / "z.eah").exists()
     result = run(tools.sanitized, "add", tmp_path / "h.eah", tmp_path / "nan.f32", names[0], tmp_path / "z.eah",
                  check=False)
-    assert result.returncode == 2 and "out of range" in result.stderr  # the class exists already
+    assert result.returncode == 1 and "out of range" in result.stderr  # the class exists already
+    # a library error exits 1 (as the edgeadapt CLIs do for domain errors), a usage error 2
+    assert run(tools.plain, "logits", tmp_path / "h.eah", check=False).returncode == 2
+    assert run(tools.plain, "no-such-command", check=False).returncode == 2
 
 
 # ----------------------------------------------------------------------------- one format, two readers
@@ -343,7 +346,7 @@ def test_crash_corpus_replays_clean(tools):
     # the int8 scale crashes are refused by both readers now; the float-path one is a valid head
     for name in ("crash_int8_scale_overflow.eah", "crash_int8_minus128_overflow.eah"):
         refused = run(tools.sanitized, "info", CORPUS / name, check=False)
-        assert refused.returncode == 2 and "int8 scale" in refused.stderr
+        assert refused.returncode == 1 and "int8 scale" in refused.stderr
         with pytest.raises(BundleError):
             head_from_bytes((CORPUS / name).read_bytes())
     assert head_from_bytes((CORPUS / "crash_float_path_changed_old_logit.eah").read_bytes()).head.num_classes == 5
