@@ -279,6 +279,9 @@ def read_head_file(path: str | Path) -> HeadFile:
         BundleError: the file is missing, a link, unreadable or invalid.
     """
     path = Path(path)
+    if not os.path.lexists(path):
+        raise BundleError(f"cannot read head file {path}: it does not exist; check the path or write one with "
+                          "`edgeadapt export-head`")
     return head_from_bytes(read_regular(path, MAX_FILE_BYTES, "head file"), str(path))
 
 

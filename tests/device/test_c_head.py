@@ -31,8 +31,9 @@ LIBRARY = ["edgeadapt_head.c", "ea_sha256.c"]
 SANITIZE = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 SANITIZER_ENV = {"ASAN_OPTIONS": "abort_on_error=1:detect_leaks=1",
                  "UBSAN_OPTIONS": "halt_on_error=1:abort_on_error=1:print_stacktrace=1"}
-#: fuzzing budget of the test (seconds); CI can raise it
-FUZZ_SECONDS = float(os.environ.get("EDGEADAPT_FUZZ_SECONDS", "3"))
+#: fuzzing budget (seconds) of the fast-suite run and of the slow-suite run (CI runs `pytest -m slow`)
+FUZZ_SECONDS = float(os.environ.get("EDGEADAPT_FUZZ_SECONDS", "1"))
+SLOW_FUZZ_SECONDS = float(os.environ.get("EDGEADAPT_SLOW_FUZZ_SECONDS", "30"))
 
 
 def compiler() -> str | None:
@@ -321,20 +322,31 @@ def test_python_and_c_readers_agree_on_mutated_files(tools, real):
 
 
 # ----------------------------------------------------------------------------- fuzzing
-def test_fuzz_head_parser_for_a_fixed_budget(tools, real, tmp_path):
+def fuzz(tools, real, tmp_path, seconds: float, seed: int) -> dict:
+    """Run the coverage-guided fuzzer (sanitized build) for ``seconds``; fail with the saved input on a crash."""
     head, names, _, _ = real
     (tmp_path / "real.eah").write_bytes(head_to_bytes(head, names))
     seeds = sorted(CORPUS.glob("*.eah")) + [tmp_path / "real.eah"]
     crashes = tmp_path / "crashes"
     crashes.mkdir()
-    result = run(tools.sanitized, "fuzz", FUZZ_SECONDS, 0, 20261201, crashes, *seeds, check=False)
+    result = run(tools.sanitized, "fuzz", seconds, 0, seed, crashes, *seeds, check=False)
     kept = list(crashes.iterdir())
     assert result.returncode == 0 and not kept, (
         f"the fuzzer crashed (exit {result.returncode}); input saved as {kept}: copy it into "
         f"tests/device/c_corpus/ as a regression case and fix the library\n{result.stderr[-3000:]}")
-    report = json.loads(result.stdout.strip().split("\n")[-1])
+    return json.loads(result.stdout.strip().split("\n")[-1])
+
+
+def test_fuzz_head_parser_for_a_fixed_budget(tools, real, tmp_path):
+    report = fuzz(tools, real, tmp_path, FUZZ_SECONDS, 20261201)
     assert report["executions"] > 1000 and report["opened"] > 0 and report["added_class"] > 0
     assert report["coverage_features"] > 100 and report["pool"] > 0  # coverage feedback is working
+
+
+@pytest.mark.slow
+def test_fuzz_head_parser_for_the_ci_budget(tools, real, tmp_path):
+    report = fuzz(tools, real, tmp_path, SLOW_FUZZ_SECONDS, 20261202)
+    assert report["executions"] > 1000 * SLOW_FUZZ_SECONDS and report["added_class"] > 0
 
 
 def test_crash_corpus_replays_clean(tools):
