@@ -15,7 +15,7 @@ pytest.importorskip("tensorflow")
 
 from edgeadapt import cli
 from edgeadapt.device import Bundle, Runtime, pack_bundle
-from edgeadapt.device.head_file import head_from_bytes, load_carried_head_file, read_head_file
+from edgeadapt.device.head_file import carry_head_file, head_from_bytes, load_carried_head_file, read_head_file
 
 C_DIR = Path(__file__).resolve().parents[2] / "device" / "c"
 DATA = Path(os.environ.get("EDGEADAPT_DATA", Path(__file__).resolve().parents[2] / ".." / "shared" / "data"))
@@ -101,3 +101,35 @@ def test_c_library_on_the_imported_mobilenet_and_flowers(tmp_path):
     assert expected.shape == (len(photos), 1001)
     assert np.abs(results["float32"] - expected).max() <= 1e-5 * np.abs(expected).max()
     assert np.mean(results["int8"].argmax(1) == expected.argmax(1)) >= 0.99
+
+
+def test_host_writers_of_a_new_version_rewrite_the_carried_file(bundle_copy, test_images, tmp_path):
+    """merge-deltas and incremental training write new bundles whose carried .eah holds the new head."""
+    from edgeadapt.deltas import merge_deltas
+    from edgeadapt.device import HeadUpdater
+    from edgeadapt.incremental import write_version
+
+    carry_head_file(bundle_copy, int8=True)
+    base = Bundle.open(bundle_copy)
+    renamed = [dict(entry) for entry in base.manifest.data["classes"]]
+    renamed[0]["name"] = "first"
+    write_version(base, base.load_head(), base.load_class_stats(), renamed, tmp_path / "renamed.eab",
+                  {"action": "rename-class"})
+    written = Bundle.open(tmp_path / "renamed.eab")
+    carried = load_carried_head_file(written)
+    assert carried.class_names[0] == "first" and carried.is_int8
+    assert written.manifest.data["head"]["head_file"]["file"] == f"heads/v{written.manifest.version}/head.eah"
+
+    images, labels = test_images
+    device = tmp_path / "device.eab"
+    shutil.copytree(bundle_copy, device)
+    with Runtime.open(device) as runtime:
+        updater = HeadUpdater(runtime)
+        updater.add_class_embeddings("extra", runtime.embed(images[labels == 1][:4]), force=True)
+        delta = updater.export_delta(tmp_path / "device.eadelta", source="device")
+    merge_deltas(bundle_copy, [delta], tmp_path / "merged.eab")
+    merged = Bundle.open(tmp_path / "merged.eab")
+    carried = load_carried_head_file(merged)
+    assert carried.class_names == merged.manifest.class_names and carried.class_names[-1] == "extra"
+    assert [name for name in merged.manifest.files if name.endswith(".eah")] == [
+        merged.manifest.data["head"]["head_file"]["file"]]
