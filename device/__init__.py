@@ -42,6 +42,8 @@ _EXPORTS = {
     "head_from_bytes": "edgeadapt.device.head_file",
     "read_head_file": "edgeadapt.device.head_file",
     "write_head_file": "edgeadapt.device.head_file",
+    "carry_head_file": "edgeadapt.device.head_file",
+    "load_carried_head_file": "edgeadapt.device.head_file",
     "prototype_column": "edgeadapt.device.prototype_column",
 }
 
