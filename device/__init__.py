@@ -37,6 +37,14 @@ _EXPORTS = {
     "Prediction": "edgeadapt.device.runtime",
     "Detector": "edgeadapt.device.detector",
     "DetectionResult": "edgeadapt.device.detector",
+    "HeadFile": "edgeadapt.device.head_file",
+    "head_to_bytes": "edgeadapt.device.head_file",
+    "head_from_bytes": "edgeadapt.device.head_file",
+    "read_head_file": "edgeadapt.device.head_file",
+    "write_head_file": "edgeadapt.device.head_file",
+    "carry_head_file": "edgeadapt.device.head_file",
+    "load_carried_head_file": "edgeadapt.device.head_file",
+    "prototype_column": "edgeadapt.device.prototype_column",
 }
 
 __all__ = sorted(_EXPORTS)

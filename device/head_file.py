@@ -31,13 +31,20 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 from edgeadapt.device.errors import BundleError, InputError
 from edgeadapt.device.head import Head
+from edgeadapt.device.manifest import Manifest
+from edgeadapt.device.safefs import read_regular, storage_error
+
+logger = logging.getLogger(__name__)
 
 MAGIC = b"\x89EAH\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -53,6 +60,10 @@ FLAG_L2_NORMALIZE = 2
 FLAG_INT8 = 4
 KNOWN_FLAGS = FLAG_FEATURE_MEAN | FLAG_L2_NORMALIZE | FLAG_INT8
 HEAD_FILE_SUFFIX = ".eah"
+#: name of the head file a bundle carries (``heads/v{N}/head.eah``)
+HEAD_FILE_NAME = "head.eah"
+#: the readers refuse larger files before reading them (a 200k-class x 1280 float32 head is ~1 GB)
+MAX_FILE_BYTES = 1 << 31
 
 _HEADER = struct.Struct("<8sHHIIIfIQ24s")
 
@@ -256,29 +267,160 @@ def head_from_bytes(data: bytes, source: str = "head file") -> HeadFile:
 def read_head_file(path: str | Path) -> HeadFile:
     """Read and validate a ``.eah`` file (see :func:`head_from_bytes`).
 
+    The file is opened without following a symbolic link and must be a regular file.
+
+    Args:
+        path: the head file.
+
+    Returns:
+        The head with its class names.
+
     Raises:
-        BundleError: the file is missing, unreadable or invalid.
+        BundleError: the file is missing, a link, unreadable or invalid.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise BundleError(f"cannot read head file {path}: {error}") from error
-    return head_from_bytes(data, str(path))
+    if not os.path.lexists(path):
+        raise BundleError(f"cannot read head file {path}: it does not exist; check the path or write one with "
+                          "`edgeadapt export-head`")
+    return head_from_bytes(read_regular(path, MAX_FILE_BYTES, "head file"), str(path))
 
 
-def write_head_file(path: str | Path, head: Head, class_names: list[str], int8: bool = False) -> Path:
-    """Write ``head`` as a ``.eah`` file atomically (temporary file, fsync, rename).
+def write_head_file(path: str | Path, head: Head, class_names: list[str], int8: bool = False,
+                    overwrite: bool = True) -> Path:
+    """Write ``head`` as a ``.eah`` file atomically.
+
+    The bytes go to a new temporary file next to ``path`` (created with ``O_EXCL | O_NOFOLLOW``),
+    are fsynced and renamed over ``path``; a symbolic link at ``path`` is replaced, never
+    written through.
+
+    Args:
+        path: the file to write.
+        head: the float32 head.
+        class_names: one name per class, in column order.
+        int8: store int8 weights with per-class scales.
+        overwrite: replace an existing file (else :class:`InputError`).
 
     Returns:
         The path written.
 
     Raises:
-        InputError: see :func:`head_to_bytes`; nothing is written then.
+        InputError: see :func:`head_to_bytes`, or ``path`` exists and ``overwrite`` is false.
+        StorageError: the file system refused the write. Nothing is written on error.
     """
     from edgeadapt.device.bundle import write_file_durably
 
-    data = head_to_bytes(head, class_names, int8=int8)
     path = Path(path)
-    write_file_durably(path, data)
+    data = head_to_bytes(head, class_names, int8=int8)
+    if not overwrite and os.path.lexists(path):
+        raise InputError(f"{path} already exists; pass overwrite=True (--overwrite) or choose another path")
+    try:
+        write_file_durably(path, data)
+    except OSError as error:
+        raise storage_error(error, path, "write the head file") from error
     return path
+
+
+# ----------------------------------------------------------------------------- carried by a bundle
+def carried_head_file(head: Head, class_names: list[str], version: int,
+                      previous: Mapping[str, Any] | None) -> tuple[dict | None, dict[str, bytes]]:
+    """The ``head_file`` entry of a new head version and its file, when the previous version carried one.
+
+    Writers of a new head version (the device updater, merge-deltas, incremental training)
+    call this so that a carried ``.eah`` always holds the head of its own version, with the
+    same weight storage (float32 or int8) as before.
+
+    Args:
+        head: the new version's head.
+        class_names: its class names.
+        version: the new version number (the file goes to ``heads/v{version}/head.eah``).
+        previous: the previous manifest's ``head.head_file`` entry (None: nothing is carried).
+
+    Returns:
+        ``(entry, files)``: the manifest entry and ``{path: bytes}``; ``(None, {})`` when
+        nothing was carried or the new head does not fit the format (a warning is logged then).
+    """
+    if not previous:
+        return None, {}
+    int8 = previous.get("weights") == "int8"
+    try:
+        data = head_to_bytes(head, class_names, int8=int8)
+    except InputError as error:
+        logger.warning("the new version no longer carries a head file (%s); export one with `edgeadapt "
+                       "export-head` once the names fit", error)
+        return None, {}
+    path = f"heads/v{int(version)}/{HEAD_FILE_NAME}"
+    return {"file": path, "weights": "int8" if int8 else "float32"}, {path: data}
+
+
+def carry_head_file(bundle_path: str | Path, int8: bool = False) -> Manifest:
+    """Store the bundle's current head as ``heads/v{N}/head.eah`` in a new bundle version N.
+
+    The head, statistics and every other file are shared with the current version; the new
+    manifest lists the ``.eah`` file (sha256, size) and names it in ``head.head_file``. Later
+    device updates rewrite it with each new head, so the carried file always matches its
+    version's head. Runs under the bundle's update lock.
+
+    Args:
+        bundle_path: the bundle directory (not a packed bundle).
+        int8: store int8 weights with per-class scales.
+
+    Returns:
+        The committed manifest.
+
+    Raises:
+        BundleError: the bundle is invalid, packed or fails its checks.
+        InputError: the head does not fit the format (class names, sizes).
+        ConcurrentUpdateError: another process holds the update lock.
+        UpdateError: the new version could not be committed (nothing changes then).
+    """
+    from edgeadapt.device.bundle import Bundle
+    from edgeadapt.device.manifest import utc_timestamp
+    from edgeadapt.device.versions import VersionStore
+
+    store = VersionStore(bundle_path)
+    with store.lock():
+        current = store.recover()
+        bundle = Bundle(store.path, current)
+        section = current.head_files
+        bundle.verify(only=[path for path in (section.weights, section.bias, section.feature_mean) if path])
+        data = head_to_bytes(bundle.load_head(), current.class_names, int8=int8)
+        version = store.next_version(current)
+        path = f"heads/v{version}/{HEAD_FILE_NAME}"
+        manifest = current.copy()
+        manifest.data.update(version=version, parent_version=current.version, committed_at=utc_timestamp())
+        manifest.data["head"] = {**current.data["head"], "version": version,
+                                 "head_file": {"file": path, "weights": "int8" if int8 else "float32"}}
+        files = manifest.data["files"]
+        old = current.data["head"].get("head_file")
+        if old and old.get("file") in files:
+            del files[old["file"]]  # the previous copy stays with its own version record
+        manifest.data["change"] = {"action": "export-head", "classes": [],
+                                   "weights": "int8" if int8 else "float32"}
+        return store.commit(manifest, {path: data})
+
+
+def load_carried_head_file(bundle: Any) -> HeadFile | None:
+    """The ``.eah`` file an opened bundle carries (None when it carries none), checked against its head.
+
+    Args:
+        bundle: an opened :class:`~edgeadapt.device.bundle.Bundle`.
+
+    Returns:
+        The parsed head file, or None.
+
+    Raises:
+        BundleError: the file is missing, fails its listed size or sha256, is invalid, or does
+            not hold the bundle's head (other class names, sizes or normalisation).
+    """
+    path = bundle.manifest.head_files.head_file
+    if path is None:
+        return None
+    bundle.verify(only=[path])
+    carried = head_from_bytes(read_regular(bundle.file_path(path), MAX_FILE_BYTES, "head file"), f"{bundle.path}/{path}")
+    head = bundle.load_head()
+    if (carried.class_names != bundle.manifest.class_names or carried.head.weights.shape != head.weights.shape
+            or carried.head.l2_normalize != head.l2_normalize
+            or (carried.head.feature_mean is None) != (head.feature_mean is None)):
+        raise BundleError(f"the head file {path} in {bundle.path} does not hold the bundle's head; re-export it "
+                          "with `edgeadapt export-head BUNDLE --into-bundle`")
+    return carried

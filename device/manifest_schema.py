@@ -38,7 +38,8 @@ class HeadFiles:
     """The files of the head section, typed, with the shape each must have (D = embedding size, C = classes).
 
     ``arrays`` maps each referenced ``.npy`` path to (expected shape, allowed dtype kinds);
-    ``None`` in a shape matches any size.
+    ``None`` in a shape matches any size. ``head_file`` is the flat ``.eah`` copy of the head
+    for firmware when the bundle carries one (see :mod:`edgeadapt.device.head_file`).
     """
 
     weights: str
@@ -48,6 +49,7 @@ class HeadFiles:
     temperature: float
     backbone_fingerprint: str | None
     arrays: dict[str, tuple[tuple[int | None, ...] | None, str]]
+    head_file: str | None = None
 
 
 def check_listed_path(relative_path: Any, source: str = "manifest.json") -> None:
@@ -256,4 +258,11 @@ def head_files(data: dict[str, Any], source: str) -> HeadFiles:
         unknown.integer("calibrated_examples", 0, 2**53, default=None, nullable=True)
         unknown.integer("calibrated_in_version", 0, MAX_VERSION, default=None, nullable=True)
         unknown.string("method", 64, default=None, nullable=True)
-    return HeadFiles(weights, bias, mean, l2_normalize, temperature, fingerprint, arrays)
+    carried = head.mapping("head_file", default=None, nullable=True)
+    head_file = None
+    if carried is not None:
+        head_file = _listed(carried, "file", table, source)
+        if not head_file.endswith(".eah"):
+            raise carried.fail("file", "a path ending in .eah", head_file)
+        carried.string("weights", 16, choices=("float32", "int8"))
+    return HeadFiles(weights, bias, mean, l2_normalize, temperature, fingerprint, arrays, head_file)

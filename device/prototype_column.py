@@ -1,8 +1,11 @@
-"""The statistics-free column for a new class, as the C head library computes it (numpy only).
+"""The statistics-free rule of the ``claim`` few-shot method: a new class's column and bias (numpy only).
 
-This is the Python reference of ``ea_prototype_column`` / ``ea_add_class`` in ``device/c/``
-(docs/C_LIBRARY.md, "Adding a class"): the C conformance test checks the C column against
-this function, and the updater can use it for heads without class statistics.
+``claim`` is the device's few-shot method; for heads without class statistics (imported
+classifiers, head files on a microcontroller) it is exactly this rule, which
+:mod:`edgeadapt.device.fewshot` uses as that path. It is also the Python reference of
+``ea_prototype_column`` / ``ea_add_class`` in the C head library (``device/c/``,
+docs/C_LIBRARY.md, "Adding a class"): the C conformance test checks the C column and bias
+against :func:`prototype_column`.
 
 * features ``f = Head.features(e)`` (float32, exactly as the head classifies);
 * prototype ``p`` = mean of ``f`` over the n shots (float64); direction ``u = p / ||p||``;

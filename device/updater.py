@@ -29,6 +29,7 @@ import numpy as np
 from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings, head_payload
 from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError, UpdateError
 from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.head_file import carried_head_file
 from edgeadapt.device.manifest import Manifest, utc_timestamp
 from edgeadapt.device.preprocessing import _is_pil_image, prepare_image
 from edgeadapt.device.unknown import UNKNOWN_LABEL, UnknownRejection, calibrate_unknown, load_unknown
@@ -962,7 +963,7 @@ class HeadUpdater:
             self._state_cache = None
 
     def _assemble(self, current: Manifest, plan: _Plan, version: int,
-                  state: HeadState | None = None) -> tuple[Manifest, dict[str, np.ndarray]]:
+                  state: HeadState | None = None) -> tuple[Manifest, dict[str, np.ndarray | bytes]]:
         """The new manifest and the head files it needs written (unchanged files are shared)."""
         fingerprint = current.backbone_fingerprint
         section, arrays = head_payload(plan.head, plan.stats, version, fingerprint, plan.references,
@@ -980,14 +981,19 @@ class HeadUpdater:
             previous = current.data["head"].get("unknown") or {}
             calibrated_in = version if plan.action == "calibrate-unknown" else previous.get("calibrated_in_version", version)
             section["unknown"] = plan.unknown.section(center_path, calibrated_in)
-        managed = set(section) | {"references", "device_examples", "unknown", "statistics", "feature_mean", "background"}
+        carried, carried_files = carried_head_file(plan.head, [entry["name"] for entry in plan.classes], version,
+                                                   current.data["head"].get("head_file"))
+        if carried is not None:
+            section["head_file"] = carried
+        managed = set(section) | {"references", "device_examples", "unknown", "statistics", "feature_mean", "background",
+                                  "head_file"}
         for key, value in current.data["head"].items():  # keep fields this code does not manage
             if key not in managed:
                 section[key] = value
         old_by_name = {Path(name).name: name for name in head_file_paths(current)}
         old_files = current.files
         table = {name: entry for name, entry in old_files.items() if not name.startswith(f"{HEADS_DIR}/")}
-        new_files: dict[str, np.ndarray] = {}
+        new_files: dict[str, np.ndarray | bytes] = {}
         renames: dict[str, str] = {}
         unchanged = _state_arrays(state) if state is not None else {}
         for relative_path, array in arrays.items():
@@ -998,6 +1004,7 @@ class HeadUpdater:
                 table[previous] = dict(old_files[previous])
             else:
                 new_files[relative_path] = array  # streamed to disk (and hashed) by the commit
+        new_files.update(carried_files)
         section = _replace_paths(section, renames)
         for entry in plan.classes:
             if entry.get("added_in_version", 0) is None:

@@ -26,6 +26,7 @@ import numpy as np
 from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings, head_payload, write_bundle
 from edgeadapt.device.delta import Delta, read_delta
 from edgeadapt.device.errors import IncompatibleModelError, InputError
+from edgeadapt.device.head_file import carried_head_file
 from edgeadapt.device.incremental import with_ridge_basis
 from edgeadapt.device.manifest import utc_timestamp
 
@@ -282,12 +283,17 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
     stats = with_ridge_basis(head, stats)
     section, head_files = head_payload(head, stats, version, manifest.backbone_fingerprint, references)
     old_section = manifest.data["head"]
+    carried, carried_files = carried_head_file(head, [entry["name"] for entry in classes], version,
+                                               old_section.get("head_file"))
+    if carried is not None:
+        section["head_file"] = carried
+    head_files.update(carried_files)  # a carried .eah is rewritten with the new head, never kept stale
     files: dict[str, Any] = {name: bundle.path / name for name in manifest.files if not name.startswith("heads/")}
     if old_section.get("unknown"):
         center_path = f"heads/v{version}/unknown_center.npy"
         head_files[center_path] = bundle._load_array(old_section["unknown"]["center"])
         section["unknown"] = {**old_section["unknown"], "center": center_path}
-    managed = set(section) | {"references", "device_examples", "unknown", "statistics", "feature_mean"}
+    managed = set(section) | {"references", "device_examples", "unknown", "statistics", "feature_mean", "head_file"}
     for key, value in old_section.items():
         if key not in managed:
             section[key] = value

@@ -35,6 +35,7 @@ import numpy as np
 from edgeadapt.device.bundle import Bundle, head_payload, write_bundle
 from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError
 from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.head_file import carried_head_file
 from edgeadapt.device.incremental import (
     STATISTICS_METHODS,
     TRAINED_METHODS,
@@ -282,8 +283,13 @@ def write_version(
     version = manifest.version + 1
     section, head_files = _payload(head, stats, version, manifest.backbone_fingerprint, references)
     old_section = manifest.data["head"]
+    carried, carried_files = carried_head_file(head, [entry["name"] for entry in classes], version,
+                                               old_section.get("head_file"))
+    if carried is not None:
+        section["head_file"] = carried
+    head_files.update(carried_files)  # a carried .eah is rewritten with the new head, never kept stale
     managed = set(section) | {"weights", "bias", "feature_mean", "statistics", "references", "l2_normalize",
-                              "temperature", "version", "format", "backbone_fingerprint"}
+                              "temperature", "version", "format", "backbone_fingerprint", "head_file"}
     files: dict[str, Any] = {name: parent.path / name for name in manifest.files if not name.startswith("heads/")}
     for key, value in old_section.items():
         if key in managed:
