@@ -19,10 +19,12 @@ statistics (``N(mu_c, Sw)``, a fixed seeded draw, at most :data:`MAX_SYNTHETIC` 
 every real embedding the caller gives (the bundle's background photos, the old classes'
 reference embeddings, examples the device learned earlier). ``claim_budget`` is the one
 operating knob: smaller keeps the old classes safer, larger recognises more of the new class.
-A class is also never given a bias at which it loses on more than half of its own examples
-(``own_example_floor``): a class learned from one photo always recognises that photo. With no
-calibration embeddings at all (a head without statistics or background), the bias is the mean of
-the existing biases (0 for the first class), raised by that floor when needed.
+A class always wins at the mean of its own examples (the bias is raised to that floor when
+needed), so a class learned from one photo recognises that photo. With no calibration
+embeddings at all (a head without statistics or background), the bias is the mean of the
+existing biases (0 for the first class), raised to the same floor. Without statistics this is
+exactly :func:`~edgeadapt.device.prototype_column.prototype_column`, the rule of the C head
+library.
 
 Each new class is calibrated against the existing columns only, so adding several classes in
 one call gives the same columns in any order. The solver state (``P``, the alignment, the
@@ -41,7 +43,7 @@ import numpy as np
 
 from edgeadapt.device.errors import InputError
 from edgeadapt.device.head import ClassStats, Head
-from edgeadapt.device.prototype_column import mean_column_norm, prototype_column
+from edgeadapt.device.prototype_column import claim_threshold, mean_column_norm, prototype_column, raise_to_floor
 from edgeadapt.device.ridge import _within_covariance
 
 #: The largest number of synthetic old-class samples drawn from the statistics.
@@ -207,28 +209,7 @@ def _claim_bias(column: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], 
     margins = np.sort(np.concatenate(margins))
     if not np.all(np.isfinite(margins)):
         return None
-    count = margins.shape[0]
-    rank = min(max(math.ceil((1.0 - budget) * count), 1), count)  # the rank-th largest margin
-    return float(margins[count - rank])
-
-
-def _own_example_bias(column: np.ndarray, features: np.ndarray, best: np.ndarray, floor: float) -> float | None:
-    """The bias at which ``column`` wins on at least ``1 - floor`` of its own examples."""
-    if features.shape[0] == 0 or not np.all(np.isfinite(best)):
-        return None
-    margins = best - features @ column.astype(np.float64)
-    return float(np.quantile(margins, 1.0 - floor, method="higher"))
-
-
-def _float32_above(value: float) -> float:
-    """The smallest float32 strictly above ``value`` (ties go to the new class)."""
-    if not abs(value) <= float(np.finfo(np.float32).max):
-        raise InputError("the new class's bias does not fit float32: the calibration embeddings are far outside "
-                         "the head's range; check the backbone output")
-    rounded = np.float32(value)
-    if float(rounded) <= value:
-        rounded = np.nextafter(rounded, np.float32(np.inf))
-    return float(rounded)
+    return claim_threshold(margins, budget)
 
 
 def _float32_at_most(value: float) -> float:
@@ -241,19 +222,12 @@ def _float32_at_most(value: float) -> float:
     return float(rounded)
 
 
-def _calibrated_bias(head: Head, solver: _Solver, column: np.ndarray, own: np.ndarray, real: np.ndarray,
+def _calibrated_bias(head: Head, solver: _Solver, column: np.ndarray, prototype: np.ndarray, real: np.ndarray,
                      real_best: np.ndarray, options, default: float) -> float:
-    """The claim-budget bias of ``column`` against ``head``'s columns, floored by its own examples."""
+    """The claim-budget bias of ``column`` against ``head``'s columns, raised to the prototype floor."""
     claim = _claim_bias(column, [(solver.synthetic, solver.synthetic_best), (real, real_best)], options.claim_budget)
-    floor = _own_example_bias(column, own, _best_logits(head, own), options.own_example_floor)
-    if claim is None:  # nothing to calibrate on: the default bias, raised until the class wins on its examples
-        if floor is not None and default <= floor:
-            return _float32_above(floor)
-        return default
-    bias = _float32_at_most(claim)
-    if floor is not None and bias <= floor:
-        bias = _float32_above(floor)
-    return bias
+    bias = default if claim is None else _float32_at_most(claim)
+    return raise_to_floor(head, column, prototype, bias)
 
 
 _REAL_CACHE: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -297,7 +271,7 @@ def claim_columns(
         calibration: Optional raw embeddings (N, D) of other things the device sees
             (background photos, reference embeddings, earlier device examples).
         options: An :class:`~edgeadapt.device.incremental.AddClassOptions` (``claim_budget``,
-            ``claim_shrinkage``, ``own_example_floor``).
+            ``claim_shrinkage``).
 
     Returns:
         ``(weights, biases)``: float64 arrays of the new columns, each calibrated against the
@@ -313,8 +287,8 @@ def claim_columns(
     columns, biases = [], []
     for shots in arrays:
         column = _direction_column(head, solver, shots)
-        biases.append(_calibrated_bias(head, solver, column, _features(head, shots), real, real_best, options,
-                                       default))
+        prototype = _features(head, shots).mean(axis=0)
+        biases.append(_calibrated_bias(head, solver, column, prototype, real, real_best, options, default))
         columns.append(column.astype(np.float64))
     return np.stack(columns, axis=1), np.array(biases, dtype=np.float64)
 
@@ -369,6 +343,6 @@ def strengthened_column(
             scale = mean_column_norm(rest) if rest.num_classes else float(np.linalg.norm(current)) or 1.0
             column = (direction / length * scale).astype(np.float32)
     real, real_best = _real_calibration(rest, calibration)
-    bias = _calibrated_bias(rest, solver, column, _features(head, embeddings), real, real_best, options,
-                            float(head.bias[class_index]))
+    prototype = _features(head, embeddings).mean(axis=0)
+    bias = _calibrated_bias(rest, solver, column, prototype, real, real_best, options, float(head.bias[class_index]))
     return np.asarray(column, dtype=np.float64), bias

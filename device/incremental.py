@@ -143,8 +143,6 @@ class AddClassOptions:
     the old classes safer, larger recognises more of the new class.
     ``claim_shrinkage`` (claim, with statistics): weight of the scaled identity in the shared
     covariance of the discriminant direction.
-    ``own_example_floor`` (claim): the largest fraction of a new class's own examples it may
-    lose to the existing classes; the bias is raised when the claim budget would lose more.
     ``basis_refresh_fraction``, ``basis_refresh_minimum`` (ridge): the cached solver state
     (:class:`RidgeBasis`) serves ``max(minimum, fraction x its classes)`` updates before it is
     rebuilt from the current statistics (1000 classes: every 250 added classes); a fraction
@@ -164,7 +162,6 @@ class AddClassOptions:
     basis_refresh_minimum: int = 4
     claim_budget: float = 0.02
     claim_shrinkage: float = 0.7
-    own_example_floor: float = 0.5
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -193,8 +190,6 @@ class AddClassOptions:
             raise InputError(f"claim_budget must lie in (0, 1), got {self.claim_budget}")
         if not 0.0 <= self.claim_shrinkage <= 1.0:
             raise InputError(f"claim_shrinkage must be in [0, 1], got {self.claim_shrinkage}")
-        if not 0.0 <= self.own_example_floor < 1.0:
-            raise InputError(f"own_example_floor must be in [0, 1), got {self.own_example_floor}")
 
 
 def needs_statistics(method: str) -> bool:

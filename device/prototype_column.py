@@ -13,11 +13,18 @@ against :func:`prototype_column`.
   (16.0 when the head has no classes);
 * bias: with ``m >= 1`` background embeddings and a claim budget ``q`` in (0, 1), for each
   background ``x``: ``r(x) = max_c (f(x) . w_c + b_c) - f(x) . w`` (logits before the
-  temperature; float64), and ``b`` = the ``ceil((1 - q) m)``-th largest ``r``, rounded down to
-  float32: the new class (``f . w + b``) beats the best existing class on at most ``q m`` of
-  the background (exactly ``m - ceil((1 - q) m)`` of them when no two margins coincide).
+  temperature; float64); with the margins sorted ascending ``r_0 <= r_1 <= ...`` and
+  ``j = m - ceil((1 - q) m)``, ``b`` is the midpoint ``(r_{j-1} + r_j) / 2`` (``j = 0``:
+  ``r_0 - gap(r_0)``), rounded down to float32: the new class (``f . w + b``) beats the best
+  existing class on at most ``q m`` of the background, and the threshold sits in the middle of
+  the gap, away from the float32 rounding of the logits.
+  ``gap(x) = 1e-3 (1 + |x|)``.
   Without background, or when the head has no classes: ``b`` = mean of the existing biases
   (0 without classes).
+* floor: when the head has classes, with ``t = max_c (p32 . w_c + b_c) - p32 . w`` (``p32`` =
+  the prototype rounded to float32), ``b`` is raised, if it is not above ``t``, to the smallest
+  float32 at or above ``t + gap(t)``: the new class always wins at the mean of its own
+  examples, so a class learned from one photo recognises that photo.
 """
 
 from __future__ import annotations
@@ -83,16 +90,69 @@ def prototype_column(
         background = None  # m = 0, as in C
     if background is None or head.num_classes == 0:
         bias = float(np.mean(head.bias.astype(np.float64))) if head.num_classes else 0.0
-        return column, float(np.float32(bias))
+        return column, raise_to_floor(head, column, prototype, float(np.float32(bias)))
     if not 0.0 < float(claim_budget) < 1.0:
         raise InputError(f"claim_budget must lie in (0, 1), got {claim_budget}")
     background = _embeddings(head, background, "background embeddings")
     others = head.features(background).astype(np.float64)
     existing = others @ head.weights.astype(np.float64) + head.bias.astype(np.float64)
     margins = np.sort(existing.max(axis=1) - others @ column.astype(np.float64))
-    count = margins.shape[0]
+    return column, raise_to_floor(head, column, prototype, float(_float32_at_most(claim_threshold(margins, claim_budget))))
+
+
+def gap(value: float) -> float:
+    """The safety distance of a threshold from a margin ``value``: ``1e-3 (1 + |value|)``."""
+    return 1e-3 * (1.0 + abs(value))
+
+
+def claim_threshold(sorted_margins: np.ndarray, claim_budget: float) -> float:
+    """The bias at which a new class takes at most ``claim_budget`` of samples with these margins.
+
+    Args:
+        sorted_margins: ``max_c logit_c - f . w`` of each sample, ascending (at least one).
+        claim_budget: q in (0, 1).
+
+    Returns:
+        The midpoint between the last claimed and the first unclaimed margin (or below the
+        smallest margin by :func:`gap` when none may be claimed), in float64.
+    """
+    count = sorted_margins.shape[0]
     rank = min(max(math.ceil((1.0 - float(claim_budget)) * count), 1), count)  # the rank-th largest
-    return column, float(_float32_at_most(float(margins[count - rank])))
+    index = count - rank
+    if index == 0:
+        return float(sorted_margins[0]) - gap(float(sorted_margins[0]))
+    return 0.5 * (float(sorted_margins[index - 1]) + float(sorted_margins[index]))
+
+
+def raise_to_floor(head: Head, column: np.ndarray, prototype: np.ndarray, bias: float) -> float:
+    """``bias``, raised to the smallest float32 at which ``column`` beats ``head`` at ``prototype``.
+
+    Args:
+        head: The head without the new class.
+        column: The new column (D,), float32 values.
+        prototype: The mean feature of the new class's examples (D,) (rounded to float32 here).
+        bias: The bias found so far (a float32 value).
+
+    Returns:
+        ``bias`` or the floor, whichever is higher (``bias`` when the head has no classes).
+
+    Raises:
+        InputError: The floor does not fit float32.
+    """
+    if head.num_classes == 0:
+        return bias
+    point = np.asarray(prototype, dtype=np.float32).astype(np.float64)
+    best = float(np.max(point @ head.weights.astype(np.float64) + head.bias.astype(np.float64)))
+    floor = best - float(point @ np.asarray(column, dtype=np.float32).astype(np.float64))
+    if not abs(floor) <= float(np.finfo(np.float32).max):
+        raise InputError("the new class's bias does not fit float32: its examples are far outside the head's range")
+    if bias > floor:
+        return bias
+    target = floor + gap(floor)
+    rounded = np.float32(target)
+    if float(rounded) < target:
+        rounded = np.nextafter(rounded, np.float32(np.inf))
+    return float(rounded)
 
 
 def _float32_at_most(value: float) -> np.float32:

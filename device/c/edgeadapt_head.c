@@ -591,6 +591,63 @@ static double mean_column_norm(const ea_head *head) {
     return total / (double)head->classes;
 }
 
+/* The safety distance of a threshold from a margin (Python: prototype_column.gap). */
+static double claim_gap(double value) {
+    return 1e-3 * (1.0 + fabs(value));
+}
+
+/* The floor of the bias: the new class wins at the mean of its own examples (the prototype,
+ * rounded to float): bias >= the smallest float above max_c (p.w_c + b_c) - p.w. Python:
+ * edgeadapt.device.prototype_column.raise_to_floor. features: D floats of workspace. */
+static ea_status raise_to_floor(const ea_head *head, const double *prototype, float *features,
+                                const float *column, float *bias) {
+    size_t D = head->dim, d;
+    double best = 0.0, own = 0.0, floor_value;
+    uint32_t c;
+    float raised;
+    if (head->classes == 0u) {
+        return EA_OK;
+    }
+    for (d = 0; d < D; d++) {
+        features[d] = (float)prototype[d];
+    }
+    for (c = 0; c < head->classes; c++) {
+        double logit = bias_of(head, c);
+        if (head->flags & EA_FLAG_INT8) {
+            const int8_t *q = (const int8_t *)(const void *)(head->data + head->off_weights + (size_t)c * D);
+            float scale = ld_f32(head->data + head->off_scales + 4u * (size_t)c);
+            for (d = 0; d < D; d++) {
+                logit += (double)features[d] * (double)((float)q[d] * scale);
+            }
+        } else {
+            const uint8_t *w = head->data + head->off_weights + 4u * (size_t)c * D;
+            for (d = 0; d < D; d++) {
+                logit += (double)features[d] * (double)ld_f32(w + 4u * d);
+            }
+        }
+        if (c == 0u || logit > best) {
+            best = logit;
+        }
+    }
+    for (d = 0; d < D; d++) {
+        own += (double)features[d] * (double)column[d];
+    }
+    floor_value = best - own;
+    if (!(fabs(floor_value) <= (double)FLT_MAX / 2.0)) {
+        return EA_ERR_RANGE;
+    }
+    if ((double)*bias > floor_value) {
+        return EA_OK;
+    }
+    floor_value += claim_gap(floor_value);
+    raised = (float)floor_value;
+    if ((double)raised < floor_value) {
+        raised = nextafterf(raised, FLT_MAX);
+    }
+    *bias = raised;
+    return EA_OK;
+}
+
 ea_status ea_prototype_column(const ea_head *head, const float *shots, size_t n, size_t dim,
                               const float *background, size_t m, double claim_budget, void *work,
                               size_t work_size, float *column, size_t column_len, float *bias) {
@@ -662,7 +719,7 @@ ea_status ea_prototype_column(const ea_head *head, const float *shots, size_t n,
             total += bias_of(head, c);
         }
         *bias = head->classes ? (float)(total / (double)head->classes) : 0.0f;
-        return EA_OK;
+        return raise_to_floor(head, prototype, features, column, bias);
     }
     for (i = 0; i < m; i++) {
         double best = 0.0, own = 0.0;
@@ -689,20 +746,23 @@ ea_status ea_prototype_column(const ea_head *head, const float *shots, size_t n,
     }
     sort_doubles(margins, m);
     {
-        /* the ceil((1-q) m)-th largest r = the (m - ceil((1-q) m) + 1)-th smallest */
+        /* j = m - ceil((1-q) m): the midpoint of r_{j-1} and r_j (ascending), or r_0 - gap when j = 0
+         * (Python: prototype_column.claim_threshold) */
         double rank = ceil((1.0 - claim_budget) * (double)m);
         size_t largest = rank < 1.0 ? 1u : (rank > (double)m ? m : (size_t)rank);
-        double value = margins[m - largest];
-        if (!(fabs(value) <= (double)FLT_MAX)) {
+        size_t index = m - largest;
+        double value;
+        if (!(fabs(margins[0]) <= (double)FLT_MAX / 2.0) || !(fabs(margins[index]) <= (double)FLT_MAX / 2.0)) {
             return EA_ERR_RANGE;
         }
+        value = index == 0u ? margins[0] - claim_gap(margins[0]) : 0.5 * (margins[index - 1u] + margins[index]);
         /* round down to float: the background example whose margin is the bias stays unclaimed */
         *bias = (float)value;
         if ((double)*bias > value) {
             *bias = nextafterf(*bias, -FLT_MAX);
         }
     }
-    return EA_OK;
+    return raise_to_floor(head, prototype, features, column, bias);
 }
 
 static int regions_overlap(const void *a, size_t a_size, const void *b, size_t b_size) {

@@ -117,6 +117,8 @@ ea_status ea_top_k(const float *scores, size_t n, size_t k, uint32_t *indices, f
  *   x, r(x) = max_c (f(x).w_c + b_c) - f(x).w; b = the ceil((1-q) m)-th largest r(x), rounded
  *   down to float, so the new class beats the best existing class on at most q m of the
  *   background. Otherwise (no background, or C = 0) b = mean of the existing biases (0 when C = 0).
+ *   Floor (C >= 1): b is raised, if needed, to the smallest float above max_c (p.w_c + b_c) - p.w
+ *   with p the prototype rounded to float: the class always wins at the mean of its own shots.
  * The new class is appended last; every existing byte of the head is copied unchanged, so
  * every old logit stays bit-identical. An int8 head gets the new column quantised with its
  * own scale (max |w| / 127).
