@@ -12,7 +12,14 @@ columns, and says so.
 The hard part is calibration: a new column must compete fairly with old columns that were
 trained discriminatively on lots of data. The methods (``AddClassOptions.method``):
 
-``"ridge"`` (default)
+``"claim"`` (default)
+    The few-shot method of :mod:`edgeadapt.device.fewshot`: an aligned shrinkage-discriminant
+    direction (with class statistics) or the prototype direction (without), and a bias at
+    which the new class takes at most ``claim_budget`` of a calibration set (samples drawn
+    from the statistics, background photos, references, earlier device examples). Works on
+    every bundle, trained, imported or headless; chosen by ``edgeadapt bench fewshot``.
+
+``"ridge"``
     Class-balanced closed form from the stored class statistics: no old images needed.
     From the Gram matrix and the class sums come every class's mean and the shared
     within-class covariance ``Sw``; a new class adds its own mean and covariance. Two
