@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "edgeadapt.cli_incremental",
     "edgeadapt.cli_detector",
     "edgeadapt.cli_bench_fewshot",
+    "edgeadapt.cli_signing",
 )
 
 
