@@ -9,9 +9,9 @@ bundle, delta or single file against trusted keys and names the signer. Needs th
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from edgeadapt.device.cli_common import add_json_options, emit_report
 from edgeadapt.device.errors import SignatureError
 from edgeadapt.device.trust import add_trust_arguments, trusted_keys_from_arguments
 
@@ -21,12 +21,10 @@ def _keys_generate(arguments: argparse.Namespace) -> int:
 
     private_path, public_path = generate_keypair(arguments.out, name=arguments.name, overwrite=arguments.overwrite)
     key_id = load_public_key(public_path).key_id
-    if arguments.json:
-        print(json.dumps({"private_key": str(private_path), "public_key": str(public_path), "key_id": key_id}))
-    else:
-        print(f"private key {private_path} (mode 0600: keep it secret; it never goes on a device that only verifies)")
-        print(f"public key  {public_path} (give this to whoever verifies: --trust {public_path})")
-        print(f"key id      {key_id}")
+    text = (f"private key {private_path} (mode 0600: keep it secret; it never goes on a device that only verifies)\n"
+            f"public key  {public_path} (give this to whoever verifies: --trust {public_path})\n"
+            f"key id      {key_id}")
+    emit_report(arguments, text, {"private_key": str(private_path), "public_key": str(public_path), "key_id": key_id})
     return 0
 
 
@@ -46,7 +44,8 @@ def _verify(arguments: argparse.Namespace) -> int:
     elif path.is_dir() or path.suffix == ".zip":
         from edgeadapt.device.bundle import Bundle
 
-        status = Bundle.open(path, trusted_keys=trusted).signature
+        with Bundle.open(path, trusted_keys=trusted) as bundle:  # a packed bundle's copy is removed afterwards
+            status = bundle.signature
         result = {"path": str(path), "kind": "bundle", "state": status.state, "signer": status.signer,
                   "device_signer": status.device_signer, "statement_sha256": status.statement_sha256}
         line = f"{path}: {status.describe()}"
@@ -54,7 +53,7 @@ def _verify(arguments: argparse.Namespace) -> int:
         signer = verify_file(path, trusted, signature=arguments.signature)
         result = {"path": str(path), "kind": "file", "state": "signed", "signer": signer}
         line = f"{path}: signed by {signer}"
-    print(json.dumps(result, indent=2) if arguments.json else line)
+    emit_report(arguments, line, result)
     return 0
 
 
@@ -67,9 +66,9 @@ def register_keys(subparsers: argparse._SubParsersAction, default_name: str) -> 
                                   description="Write a new Ed25519 key pair: DIR/NAME.key (PEM PKCS#8, mode 0600) "
                                   "and DIR/NAME.pub (PEM public key).")
     generate.add_argument("--out", type=Path, required=True, help="folder for the key files (created with mode 0700)")
-    generate.add_argument("--name", default=default_name, help=f"file name stem (default {default_name!r})")
+    generate.add_argument("--name", default=default_name, help="file name stem")
     generate.add_argument("--overwrite", action="store_true", help="replace existing key files (the old key is lost)")
-    generate.add_argument("--json", action="store_true", help="print JSON")
+    add_json_options(generate, "the key file paths and key id")
     generate.set_defaults(handler=_keys_generate)
 
 
@@ -78,10 +77,10 @@ def register_verify(subparsers: argparse._SubParsersAction) -> None:
     verify = subparsers.add_parser("verify", help="check a signed bundle, delta or file and name its signer",
                                    description="Check the signature of a bundle directory/packed bundle, a delta "
                                    "(.eadelta) or a single signed file (FILE.dsse.json beside it) against trusted "
-                                   "keys. Exits with status 2 and names what failed when the check fails.")
+                                   "keys. Exits with status 1 and names what failed when the check fails.")
     verify.add_argument("path", type=Path, help="bundle (NAME.eab or .zip), delta (.eadelta) or file")
     verify.add_argument("--signature", type=Path, help="single files: signature file (default: PATH.dsse.json)")
-    verify.add_argument("--json", action="store_true", help="print JSON")
+    add_json_options(verify, "the result")
     add_trust_arguments(verify)
     verify.set_defaults(handler=_verify)
 

@@ -118,12 +118,25 @@ def resolve_trusted_keys(trusted_keys: TrustInput) -> TrustedKeys | None:
 
 
 # ----------------------------------------------------------------------------- command line
-def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--trust KEYFILE`` (repeatable) and ``--require-device-signature`` to a sub-command."""
+def add_trust_arguments(parser: argparse.ArgumentParser, what: str = "bundles", note: str = "",
+                        device_versions: bool = True) -> None:
+    """Add ``--trust KEYFILE`` (repeatable) and ``--require-device-signature`` to a sub-command.
+
+    Args:
+        parser: The sub-command's parser.
+        what: What the keys check, for the help text.
+        note: Appended to the help text.
+        device_versions: Also add ``--require-device-signature`` (commands that open bundles).
+
+    Returns:
+        None.
+    """
     parser.add_argument("--trust", action="append", type=Path, metavar="KEYFILE",
-                        help="trusted public key file (or folder of *.pub files); repeatable. Refuses unsigned "
-                        f"bundles and bundles signed by other keys (default: the folder in ${TRUST_DIR_ENV} if "
-                        "set, else no signature check)")
+                        help=f"trusted public key file (or folder of *.pub files); repeatable. Refuses {what} "
+                        f"that are unsigned or signed by other keys{note} (default: the folder in ${TRUST_DIR_ENV} "
+                        "if set, else no signature check)")
+    if not device_versions:
+        return
     parser.add_argument("--require-device-signature", action="store_true",
                         help="with trusted keys: also refuse head versions committed on a device unless a "
                         "trusted device key signed them (default: accept them when the signed backbone and "

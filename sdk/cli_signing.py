@@ -7,9 +7,9 @@ writes a new, unsigned bundle: sign it again). See docs/SIGNING.md. No TensorFlo
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from edgeadapt.device.cli_common import add_json_options, emit_report
 from edgeadapt.device.cli_signing import register_keys, register_verify
 
 
@@ -17,12 +17,10 @@ def _sign(arguments: argparse.Namespace) -> int:
     from edgeadapt.device.signing import sign_bundle
 
     status = sign_bundle(arguments.bundle, arguments.key)
-    if arguments.json:
-        print(json.dumps({"bundle": str(arguments.bundle), "signer": status.signer, "version": status.signed_version,
-                          "statement_sha256": status.statement_sha256}))
-    else:
-        print(f"signed {arguments.bundle} (version {status.signed_version}) with key {status.signer}; "
-              f"statement sha256 {status.statement_sha256}")
+    text = (f"signed {arguments.bundle} (version {status.signed_version}) with key {status.signer}; "
+            f"statement sha256 {status.statement_sha256}")
+    emit_report(arguments, text, {"bundle": str(arguments.bundle), "signer": status.signer,
+                                  "version": status.signed_version, "statement_sha256": status.statement_sha256})
     return 0
 
 
@@ -30,7 +28,7 @@ def _sign_file(arguments: argparse.Namespace) -> int:
     from edgeadapt.device.signing import sign_file
 
     output = sign_file(arguments.file, arguments.key)
-    print(f"wrote {output}")
+    emit_report(arguments, f"wrote {output}", {"file": str(arguments.file), "signature": str(output)})
     return 0
 
 
@@ -45,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sign.add_argument("bundle", type=Path, help="bundle directory (NAME.eab)")
     sign.add_argument("--key", type=Path, required=True, metavar="PRIVATE_KEY",
                       help="private key file (edgeadapt keys generate); must have mode 0600")
-    sign.add_argument("--json", action="store_true", help="print JSON")
+    add_json_options(sign, "the result")
     sign.set_defaults(handler=_sign)
     sign_file = subparsers.add_parser(
         "sign-file", help="sign one file, e.g. a fused .tflite/.onnx for an app (writes FILE.dsse.json)",
@@ -53,5 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "file's sha256. Apps check it as docs/SIGNING.md shows.")
     sign_file.add_argument("file", type=Path, help="file to sign")
     sign_file.add_argument("--key", type=Path, required=True, metavar="PRIVATE_KEY", help="private key file")
+    add_json_options(sign_file, "the result")
     sign_file.set_defaults(handler=_sign_file)
     register_verify(subparsers)
