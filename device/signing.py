@@ -259,6 +259,9 @@ def sign_bundle(path: str | Path, key: Any) -> SignatureStatus:
     if not location.is_dir():
         raise BundleError(f"{location} is not a bundle directory; sign the folder (unpack a packed bundle first), "
                           "or sign a single file with `edgeadapt sign-file`")
+    from edgeadapt.device.safefs import check_tree
+
+    check_tree(location)  # no link or special file anywhere, as on every open
     bundle = Bundle(location, VersionStore(location).read_manifest())
     bundle.verify()  # sign only what is on disk (no signature check: this may be a re-sign)
     data = bundle.manifest.data

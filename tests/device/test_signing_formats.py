@@ -148,6 +148,16 @@ def test_symlinked_or_oversized_signature_file_is_refused(signed, keys, tmp_path
         Runtime.open(signed, trusted_keys=[keys["publisher"][1]])
 
 
+def test_signing_refuses_a_bundle_with_a_link_and_writes_nothing(bundle_copy, keys, tmp_path):
+    (tmp_path / "outside.json").write_text("{}")
+    os.symlink(tmp_path / "outside.json", bundle_copy / SIGNATURE_NAME)  # a planted link at the signature's name
+    before = {path.name for path in bundle_copy.iterdir()}
+    with pytest.raises(BundleError, match="symbolic link"):
+        signing.sign_bundle(bundle_copy, keys["publisher"][0])
+    assert {path.name for path in bundle_copy.iterdir()} == before
+    assert (tmp_path / "outside.json").read_text() == "{}"
+
+
 def test_signing_refuses_a_signature_larger_than_readers_accept(bundle_copy, keys, monkeypatch):
     before = snapshot(bundle_copy)
     monkeypatch.setattr(dsse, "MAX_SIGNATURE_BYTES", 512)
