@@ -376,7 +376,8 @@ class Bundle:
             verify: Check every listed file's size and sha256.
             trusted_keys: Public key files, loaded keys or a ``edgeadapt.device.trust.TrustedKeys``
                 the bundle must be signed by (docs/SIGNING.md); None: the folder in
-                ``$EDGEADAPT_TRUST_DIR`` if set, else no signature check.
+                ``$EDGEADAPT_TRUST_DIR`` if set, else no signature check; False: no signature
+                check whatever the environment says.
 
         Returns:
             The opened bundle; ``signature`` holds the verified signature status (None
@@ -608,7 +609,7 @@ def pack_bundle(bundle_path: str | Path, output: str | Path) -> Path:
     """
     from edgeadapt.device.packing import write_packed
 
-    with Bundle.open(bundle_path) as bundle:
+    with Bundle.open(bundle_path, trusted_keys=False) as bundle:  # signatures travel unchecked, as when copied
         return write_packed(bundle, Path(output))
 
 

@@ -19,7 +19,10 @@ from edgeadapt.device.errors import KeyFileError
 from edgeadapt.device.keys import PUBLIC_SUFFIX, PublicKey, check_not_world_writable, load_public_key
 
 TRUST_DIR_ENV = "EDGEADAPT_TRUST_DIR"
-TrustInput = Union["TrustedKeys", str, Path, PublicKey, Iterable[Union[str, Path, PublicKey]], None]
+TrustInput = Union["TrustedKeys", str, Path, PublicKey, Iterable[Union[str, Path, PublicKey]], bool, None]
+#: ``trusted_keys=NO_SIGNATURE_CHECK``: no signature check, whatever ``EDGEADAPT_TRUST_DIR`` says (the
+#: host's own opens of bundles it has just written, packing, which carries signatures unchecked).
+NO_SIGNATURE_CHECK = False
 
 
 @dataclass
@@ -92,12 +95,15 @@ def resolve_trusted_keys(trusted_keys: TrustInput) -> TrustedKeys | None:
 
     ``trusted_keys`` may be a :class:`TrustedKeys`, key file paths (a folder: all its ``*.pub``),
     or loaded :class:`PublicKey` objects. When it is None the folder named by
-    ``EDGEADAPT_TRUST_DIR`` is used if that variable is set. An empty list means "trust
-    nothing" and refuses everything signed or not.
+    ``EDGEADAPT_TRUST_DIR`` is used if that variable is set; :data:`NO_SIGNATURE_CHECK`
+    (False) means no check at all. An empty list means "trust nothing" and refuses
+    everything signed or not.
 
     Raises:
         KeyFileError: a key file or the trust folder is unusable.
     """
+    if trusted_keys is NO_SIGNATURE_CHECK:
+        return None
     if trusted_keys is None:
         folder = os.environ.get(TRUST_DIR_ENV)
         return load_trust_dir(folder) if folder else None

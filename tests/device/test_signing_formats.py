@@ -32,6 +32,7 @@ from edgeadapt.device.errors import (  # noqa: E402
     MalformedSignatureError,
     SignatureError,
     UnknownSignerError,
+    UnsignedError,
 )
 from edgeadapt.device.keys import generate_keypair  # noqa: E402
 from edgeadapt.device.manifest import Manifest  # noqa: E402
@@ -103,6 +104,21 @@ def test_packed_bundle_with_a_damaged_signature_is_refused_and_leaves_no_copy(si
     assert list(scratch.iterdir()) == []
     with Bundle.open(damaged) as bundle:  # without keys the signature is not read: today's behaviour
         assert bundle.signature is None
+
+
+def test_packing_carries_signatures_unchecked_whatever_the_environment(bundle_copy, keys, tmp_path, monkeypatch):
+    from edgeadapt.device.trust import TRUST_DIR_ENV
+
+    folder = tmp_path / "trust"
+    folder.mkdir(mode=0o755)
+    (folder / "publisher.pub").write_bytes(keys["publisher"][1].read_bytes())
+    monkeypatch.setenv(TRUST_DIR_ENV, str(folder))
+    with pytest.raises(UnsignedError):
+        Bundle.open(bundle_copy)
+    packed = pack_bundle(bundle_copy, tmp_path / "unsigned.zip")  # packing is copying: no check
+    with pytest.raises(UnsignedError):
+        Runtime.open(packed)
+    assert Bundle.open(bundle_copy, trusted_keys=False).signature is None  # explicit opt-out wins over the folder
 
 
 def test_a_manifest_may_not_list_a_signature_file(bundle_copy):
