@@ -321,6 +321,7 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
             "gate": report.gate,
         },
     })
+    data.pop("derived_from", None)  # a new host version: unsigned until `edgeadapt sign`, derived from nothing
     from edgeadapt.converters.bundle_export import created_by
 
     data["created_by"] = {**manifest.data.get("created_by", {}), **created_by()}
