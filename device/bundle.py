@@ -358,34 +358,60 @@ class Bundle:
     path: Path
     manifest: Manifest
     unpacked: UnpackedCopy | None = field(default=None, repr=False, compare=False)
+    #: set by :meth:`open` when trusted keys were checked (``edgeadapt.device.signing.SignatureStatus``)
+    signature: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> "Bundle":
+    def open(cls, path: str | Path, verify: bool = True, trusted_keys: Any = None) -> "Bundle":
         """Open a bundle directory (or a packed ``.zip``, unpacked to a temporary folder).
 
         The folder may hold no symlink or special file anywhere; the manifest is parsed and
-        checked against the schema; with ``verify`` every listed file is checked for
-        presence, size and sha256 (a packed bundle is always verified while unpacking).
+        checked against the schema; with trusted keys its signature is checked next, before
+        any listed file is read; with ``verify`` (always, when keys are configured) every
+        listed file is checked for presence, size and sha256 (a packed bundle is always
+        verified while unpacking).
+
+        Args:
+            path: Bundle directory (``NAME.eab``) or packed bundle (``.zip``).
+            verify: Check every listed file's size and sha256.
+            trusted_keys: Public key files, loaded keys or a ``edgeadapt.device.trust.TrustedKeys``
+                the bundle must be signed by (docs/SIGNING.md); None: the folder in
+                ``$EDGEADAPT_TRUST_DIR`` if set, else no signature check; False: no signature
+                check whatever the environment says.
+
+        Returns:
+            The opened bundle; ``signature`` holds the verified signature status (None
+            without keys).
 
         Raises:
-            BundleError: naming the first problem.
+            BundleError: naming the first problem (a ``SignatureError`` subclass for a failed
+                signature check).
             IncompatibleModelError: the head is bound to another backbone.
         """
         location = Path(path)
         if location.is_file():
-            return cls._open_packed(location)
+            return cls._open_packed(location, trusted_keys)
         if not location.is_dir():
             raise BundleError(f"bundle {str(path)!r} does not exist or is not a bundle directory or packed bundle")
+        return cls._open_folder(location, verify, trusted_keys)
+
+    @classmethod
+    def _open_folder(cls, location: Path, verify: bool, trusted_keys: Any, files_checked: bool = False,
+                     check_signature: bool = True) -> "Bundle":
+        """Open a folder; ``files_checked``: the caller already checked every file's size and sha256."""
         check_tree(location)
         bundle = cls(location, read_manifest(location))
-        # (a signature check of the manifest belongs here, before any listed file is used)
-        if verify:
+        if check_signature:  # the signature covers the manifest: checked before any listed file is read
+            from edgeadapt.device.signing import check_bundle_signature
+
+            bundle.signature = check_bundle_signature(bundle, trusted_keys, files_verified=True)
+        if verify or (bundle.signature is not None and not files_checked):
             bundle.verify()
         bundle._check_head_binding()
         return bundle
 
     @classmethod
-    def _open_packed(cls, location: Path) -> "Bundle":
+    def _open_packed(cls, location: Path, trusted_keys: Any = None) -> "Bundle":
         try:
             copy = UnpackedCopy(Path(tempfile.mkdtemp(prefix="edgeadapt-bundle-")))
         except OSError as error:
@@ -393,7 +419,8 @@ class Bundle:
         try:
             stem = location.stem if location.stem and not location.stem.startswith(".") else "bundle"
             folder = unpack_bundle(location, copy.path / stem[:200])
-            bundle = cls.open(folder, verify=False)  # unpack_bundle checked every file's size and sha256
+            # unpack_bundle checked every file's size and sha256
+            bundle = cls._open_folder(folder, verify=False, trusted_keys=trusted_keys, files_checked=True)
         except BaseException:
             copy.close()
             raise
@@ -582,7 +609,7 @@ def pack_bundle(bundle_path: str | Path, output: str | Path) -> Path:
     """
     from edgeadapt.device.packing import write_packed
 
-    with Bundle.open(bundle_path) as bundle:
+    with Bundle.open(bundle_path, trusted_keys=False) as bundle:  # signatures travel unchecked, as when copied
         return write_packed(bundle, Path(output))
 
 

@@ -13,18 +13,21 @@ import sys
 from pathlib import Path
 
 from edgeadapt.device.cli_common import add_backend_option, apply_conventions, run_main
+from edgeadapt.device.trust import add_trust_arguments, trusted_keys_from_arguments
 
 #: Modules that add sub-commands; each defines ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
     "edgeadapt.device.cli_update",
     "edgeadapt.device.cli_detect",
+    "edgeadapt.device.cli_signing",
 )
 
 
 def _predict(arguments: argparse.Namespace) -> int:
     from edgeadapt.device.runtime import Runtime
 
-    runtime = Runtime.open(arguments.bundle, backend=arguments.backend, num_threads=arguments.threads)
+    runtime = Runtime.open(arguments.bundle, backend=arguments.backend, num_threads=arguments.threads,
+                           trusted_keys=trusted_keys_from_arguments(arguments))
     results = []
     for image in arguments.images:
         predictions = runtime.predict(image, top_k=arguments.top_k)
@@ -44,7 +47,8 @@ def _inspect(arguments: argparse.Namespace) -> int:
     from edgeadapt.device.bundle import Bundle
     from edgeadapt.device.inspection import describe_bundle
 
-    print(describe_bundle(Bundle.open(arguments.bundle), max_classes=arguments.max_classes))
+    bundle = Bundle.open(arguments.bundle, trusted_keys=trusted_keys_from_arguments(arguments))
+    print(describe_bundle(bundle, max_classes=arguments.max_classes))
     return 0
 
 
@@ -61,6 +65,7 @@ def register_inspect(subparsers: argparse._SubParsersAction) -> None:
                                     description="Verify a bundle's checksums and summarise it.")
     inspect.add_argument("bundle", type=Path, help="bundle directory (NAME.eab) or packed bundle (.zip)")
     inspect.add_argument("--max-classes", type=int, default=20, help="list at most this many classes")
+    add_trust_arguments(inspect)
     inspect.set_defaults(handler=_inspect)
 
 
@@ -84,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
     add_backend_option(predict)
     predict.add_argument("--threads", type=int, help="interpreter threads (default: the backend's choice)")
+    add_trust_arguments(predict)
     predict.set_defaults(handler=_predict)
     register_inspect(subparsers)
     for module_name in COMMAND_MODULES:

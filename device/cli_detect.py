@@ -6,10 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
+from edgeadapt.device.trust import add_trust_arguments, trusted_keys_from_arguments
+
 
 def _detect(arguments: argparse.Namespace) -> int:
     from edgeadapt.device.detector import Detector
 
+    trusted = trusted_keys_from_arguments(arguments)
+    if trusted is not None:  # the model must carry MODEL.dsse.json by a trusted key (edgeadapt sign-file)
+        from edgeadapt.device.signing import verify_file
+
+        verify_file(arguments.model, trusted)
     detector = Detector(arguments.model, labels=arguments.labels, backend=arguments.backend,
                         num_threads=arguments.threads)
     results = []
@@ -43,4 +50,6 @@ def register(subparsers) -> None:
                         help="TFLite interpreter (default auto: LiteRT first)")
     detect.add_argument("--threads", type=int, help="interpreter threads (default: the backend's choice)")
     detect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_trust_arguments(detect, what="models", note="; the signature is MODEL.dsse.json beside the model "
+                        "(`edgeadapt sign-file`)", device_versions=False)
     detect.set_defaults(handler=_detect)

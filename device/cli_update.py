@@ -14,6 +14,7 @@ from typing import Any
 from edgeadapt.device.cli_common import add_backend_option
 from edgeadapt.device.errors import InputError
 from edgeadapt.device.preprocessing import IMAGE_SUFFIXES
+from edgeadapt.device.trust import add_trust_arguments, trusted_keys_from_arguments
 
 
 def expand_images(arguments: list[Path]) -> list[Path]:
@@ -40,7 +41,8 @@ def _open_updater(arguments: argparse.Namespace):
         from edgeadapt.device.incremental import AddClassOptions
 
         options = AddClassOptions(method=arguments.method)
-    runtime = Runtime.open(arguments.bundle, backend=getattr(arguments, "backend", "auto"))
+    runtime = Runtime.open(arguments.bundle, backend=getattr(arguments, "backend", "auto"),
+                           trusted_keys=trusted_keys_from_arguments(arguments))
     updater = HeadUpdater(
         runtime,
         keep_versions=arguments.keep_versions,
@@ -48,6 +50,7 @@ def _open_updater(arguments: argparse.Namespace):
         lock_timeout=arguments.lock_timeout,
         **({"gate_budget": arguments.gate_budget} if "gate_budget" in arguments else {}),
         options=options,
+        device_key=arguments.device_key,
     )
     return runtime, updater
 
@@ -105,8 +108,12 @@ def _rollback(arguments: argparse.Namespace) -> int:
 
 
 def _history(arguments: argparse.Namespace) -> int:
+    from edgeadapt.device.bundle import Bundle
     from edgeadapt.device.versions import VersionStore
 
+    trusted_keys = trusted_keys_from_arguments(arguments)
+    if trusted_keys is not None:
+        Bundle.open(arguments.bundle, trusted_keys=trusted_keys)
     history = VersionStore(arguments.bundle).history()
     if arguments.json:
         print(json.dumps([info.to_dict() for info in history], indent=2))
@@ -120,9 +127,13 @@ def _history(arguments: argparse.Namespace) -> int:
 
 
 def _export_delta(arguments: argparse.Namespace) -> int:
+    from edgeadapt.device.bundle import Bundle
     from edgeadapt.device.delta import export_delta, read_delta
 
-    path = export_delta(arguments.bundle, arguments.output, source=arguments.source)
+    trusted_keys = trusted_keys_from_arguments(arguments)
+    if trusted_keys is not None:
+        Bundle.open(arguments.bundle, trusted_keys=trusted_keys)
+    path = export_delta(arguments.bundle, arguments.output, source=arguments.source, device_key=arguments.device_key)
     delta = read_delta(path)
     summary = {
         "delta": str(path),
@@ -163,7 +174,8 @@ def _classify_unknown(arguments: argparse.Namespace) -> int:
     from edgeadapt.device.unknown import UnknownAwareClassifier
 
     images = expand_images(arguments.images)
-    classifier = UnknownAwareClassifier(Runtime.open(arguments.bundle, backend=arguments.backend))
+    classifier = UnknownAwareClassifier(Runtime.open(arguments.bundle, backend=arguments.backend,
+                                                     trusted_keys=trusted_keys_from_arguments(arguments)))
     results = classifier.classify(images)
     if arguments.json:
         print(json.dumps([{"image": str(image), "label": label, "score": round(score, 6), "cosine": round(cosine, 6)}
@@ -185,6 +197,14 @@ def _writer_options(parser: argparse.ArgumentParser, gate: bool = True) -> None:
         parser.add_argument("--gate-budget", type=float, default=0.10,
                             help="largest fraction of old-class reference embeddings an update may disturb")
         parser.add_argument("--force", action="store_true", help="commit even if the update gate refuses")
+    add_trust_arguments(parser)
+    _device_key_argument(parser, "each committed version")
+
+
+def _device_key_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--device-key", type=Path, metavar="PRIVATE_KEY",
+                        help=f"this device's private key file (edgeadapt-device keys generate): signs {what} "
+                        "(default: not signed)")
 
 
 def _method_option(parser: argparse.ArgumentParser) -> None:
@@ -232,6 +252,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("history", help="list the kept head versions and what changed")
     parser.add_argument("bundle", type=Path, help=bundle_help)
     parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
+    add_trust_arguments(parser)
     parser.set_defaults(handler=_history)
 
     parser = subparsers.add_parser("rollback", help="restore an earlier head version (committed as a new version)")
@@ -248,6 +269,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("output", type=Path, help="delta file to write (e.g. device42.eadelta)")
     parser.add_argument("--source", help="name of this device in the host's provenance (default: host name)")
     parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
+    add_trust_arguments(parser)
+    _device_key_argument(parser, "the delta, so the host can check it came from an enrolled device")
     parser.set_defaults(handler=_export_delta)
 
     parser = subparsers.add_parser("set-references", help="store update-gate reference embeddings from images",
@@ -276,4 +299,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="images or folders of images")
     add_backend_option(parser)
     parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
+    add_trust_arguments(parser)
     parser.set_defaults(handler=_classify_unknown)

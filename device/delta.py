@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from edgeadapt.device.bundle import npy_bytes, sha256_bytes
+from edgeadapt.device.dsse import MAX_SIGNATURE_BYTES, SIGNATURE_NAME
 from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError, UpdateError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.manifest import MAX_CLASSES, MAX_EMBEDDING_SIZE, MAX_NAME_LENGTH, MAX_VERSION, utc_timestamp
@@ -42,6 +43,7 @@ from edgeadapt.device.npyio import read_npy
 from edgeadapt.device.packing import check_member, read_member, zip_errors
 from edgeadapt.device.safefs import create_exclusive, storage_error, temporary_name
 from edgeadapt.device.schema import Fields, parse_document
+from edgeadapt.device.signing import verify_delta_signature
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class Delta:
     example_embeddings: np.ndarray
     example_labels: np.ndarray
     path: Path | None = None
+    #: key id of the trusted device key that signed the delta (None when not checked)
+    signer: str | None = None
 
     @property
     def source(self) -> str:
@@ -104,11 +108,13 @@ class Delta:
 
 
 # ----------------------------------------------------------------------------- export
-def export_delta(bundle_path: str | Path, output: str | Path, source: str | None = None) -> Path:
+def export_delta(bundle_path: str | Path, output: str | Path, source: str | None = None,
+                 device_key: Any = None) -> Path:
     """Write the classes added or strengthened on the device of ``bundle_path`` to ``output``.
 
     ``source`` names the device in the host's provenance (default: the host name). Reads the
     current version without the writer lock (readers never see a partial version).
+    ``device_key``: private key file that signs the delta (member ``signature.dsse.json``).
     """
     from edgeadapt.device.updater import load_state
     from edgeadapt.device.versions import VersionStore
@@ -159,12 +165,18 @@ def export_delta(bundle_path: str | Path, output: str | Path, source: str | None
         "files": {name: {"sha256": sha256_bytes(data), "size": len(data)} for name, data in members.items()},
     }
     output = Path(output)
+    members = {METADATA_NAME: (json.dumps(info, indent=2) + "\n").encode(), **members}
+    if device_key is not None:  # signed before anything is written: an unusable key leaves nothing behind
+        from edgeadapt.device.keys import load_private_key
+        from edgeadapt.device.signing import SIGNATURE_NAME, sign_members
+
+        key = device_key if hasattr(device_key, "sign") else load_private_key(device_key)
+        members[SIGNATURE_NAME] = sign_members(members, key, info)
     temporary = temporary_name(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         with os.fdopen(create_exclusive(temporary), "w+b") as handle:
             with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                archive.writestr(METADATA_NAME, json.dumps(info, indent=2) + "\n")
                 for name, data in members.items():
                     archive.writestr(name, data)
             handle.flush()
@@ -250,13 +262,29 @@ def _delta_info(raw: bytes, source: str) -> dict:
     return info
 
 
-def read_delta(path: str | Path) -> Delta:
+def read_delta(path: str | Path, trusted_keys: Any = None) -> Delta:
     """Read and verify a delta file; :class:`BundleError` names the first problem.
 
     ``delta.json`` is read first (size-capped) and checked against the schema; every member
     must be listed with its size (checked against the zip header before inflating), is
     streamed with a byte budget, checksummed, and its ``.npy`` header checked against the
-    shapes ``delta.json`` implies before any array is allocated.
+    shapes ``delta.json`` implies before any array is allocated. The one unlisted member a
+    delta may hold is its device signature ``signature.dsse.json`` (at most
+    ``MAX_SIGNATURE_BYTES``); with ``trusted_keys`` it is checked before any array is read.
+
+    Args:
+        path: The ``.eadelta`` file.
+        trusted_keys: Enrolled device public keys (key files, a folder of ``*.pub`` files, or a
+            ``edgeadapt.device.trust.TrustedKeys``): the delta must be signed by one of them.
+            None: the signature is not checked (``$EDGEADAPT_TRUST_DIR`` is not used for deltas).
+
+    Returns:
+        The delta; ``signer`` names the device key that signed it (None when not checked).
+
+    Raises:
+        InputError: the file does not exist.
+        BundleError: naming the first problem (a ``SignatureError`` subclass for a failed
+            signature check).
     """
     path = Path(path)
     if not path.is_file():
@@ -265,8 +293,8 @@ def read_delta(path: str | Path) -> Delta:
         archive = zipfile.ZipFile(path)
     with archive, zip_errors(path, "delta file"):
         members = archive.infolist()
-        if len(members) > len(_ARRAY_MEMBERS) + 1:
-            raise BundleError(f"{path} holds {len(members)} members; a delta holds at most {len(_ARRAY_MEMBERS) + 1}")
+        if len(members) > len(_ARRAY_MEMBERS) + 2:
+            raise BundleError(f"{path} holds {len(members)} members; a delta holds at most {len(_ARRAY_MEMBERS) + 2}")
         by_name = {}
         for member in members:
             check_member(member, path, "delta")
@@ -275,17 +303,22 @@ def read_delta(path: str | Path) -> Delta:
             by_name[member.filename] = member
         if METADATA_NAME not in by_name:
             raise BundleError(f"{path} has no {METADATA_NAME}; it is not an edgeadapt delta")
-        unexpected = set(by_name) - {METADATA_NAME, *_ARRAY_MEMBERS}
+        unexpected = set(by_name) - {METADATA_NAME, SIGNATURE_NAME, *_ARRAY_MEMBERS}
         if unexpected:
             raise BundleError(f"{path} holds unexpected members {sorted(unexpected)[:5]}; refusing it")
-        info = _delta_info(read_member(archive, by_name[METADATA_NAME], _MAX_METADATA_BYTES, path),
-                           f"{path}:{METADATA_NAME}")
+        metadata = read_member(archive, by_name[METADATA_NAME], _MAX_METADATA_BYTES, path)
+        info = _delta_info(metadata, f"{path}:{METADATA_NAME}")
+        envelope = None
+        if SIGNATURE_NAME in by_name:  # size-capped even when no key checks it
+            envelope = read_member(archive, by_name[SIGNATURE_NAME], MAX_SIGNATURE_BYTES, path)
+        signer = verify_delta_signature(envelope, metadata, info, trusted_keys, str(path))
         size, count = info["embedding_size"], len(info["classes"])
         shapes = {"weights.npy": ((size, count), "f"), "bias.npy": ((count,), "f"), "feature_mean.npy": ((size,), "f"),
                   "example_embeddings.npy": ((None, size), "f"), "example_labels.npy": ((None,), "iu")}
         listed = info["files"]
-        if set(listed) != set(by_name) - {METADATA_NAME}:
-            raise BundleError(f"{path}: the members {sorted(set(by_name) - {METADATA_NAME})} do not match the files "
+        arrays_present = set(by_name) - {METADATA_NAME, SIGNATURE_NAME}
+        if set(listed) != arrays_present:
+            raise BundleError(f"{path}: the members {sorted(arrays_present)} do not match the files "
                               f"{METADATA_NAME} lists {sorted(listed)}; the delta is inconsistent")
         if sum(entry["size"] for entry in listed.values()) > MAX_DELTA_BYTES:
             raise BundleError(f"{path} lists more than {MAX_DELTA_BYTES} bytes of arrays; refusing it")
@@ -327,4 +360,5 @@ def read_delta(path: str | Path) -> Delta:
     for position, entry in enumerate(classes):
         if not present[position]:
             raise BundleError(f"{path}: class {entry.name!r} has no example embeddings")
-    return Delta(info=info, classes=classes, head=head, example_embeddings=embeddings, example_labels=labels, path=path)
+    return Delta(info=info, classes=classes, head=head, example_embeddings=embeddings, example_labels=labels, path=path,
+                 signer=signer)

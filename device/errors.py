@@ -45,3 +45,45 @@ class ConcurrentUpdateError(UpdateError):
 
 class StorageError(EdgeAdaptError):
     """A file could not be written: the disk is full, the folder is read-only or not writable."""
+
+
+class SignatureError(BundleError):
+    """A signature check failed (see :mod:`edgeadapt.device.signing`); ``reason`` names which check."""
+
+    reason = "signature"
+
+
+class UnsignedError(SignatureError):
+    """Trusted keys are configured but the bundle or delta carries no signature."""
+
+    reason = "unsigned"
+
+
+class BadSignatureError(SignatureError):
+    """The signature does not verify with the key it names: the signed statement was altered."""
+
+    reason = "bad-signature"
+
+
+class UnknownSignerError(SignatureError):
+    """The signature was made by a key that is not among the trusted keys."""
+
+    reason = "unknown-signer"
+
+
+class ChangedAfterSigningError(SignatureError):
+    """A file (or the manifest) differs from what was signed."""
+
+    reason = "changed-after-signing"
+
+
+class MalformedSignatureError(SignatureError):
+    """The signature file is truncated, garbage, or not an edgeadapt DSSE envelope."""
+
+    reason = "malformed-signature"
+
+
+class KeyFileError(SignatureError):
+    """A key file is unusable: wrong kind (private where public is expected), open permissions, unreadable."""
+
+    reason = "key-file"

@@ -11,6 +11,12 @@ def _kib(size: int) -> str:
     return f"{size / 1024:,.1f} KiB" if size < 1 << 20 else f"{size / (1 << 20):,.2f} MiB"
 
 
+def _signature_line(bundle: Bundle) -> str:
+    from edgeadapt.device.signing import describe_signature
+
+    return describe_signature(bundle).describe()
+
+
 def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
     """Summarise a verified bundle: identity, input, backbone files, head, classes, parity."""
     data = bundle.manifest.data
@@ -25,6 +31,7 @@ def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
         f"float = pixel*{spec.scale:.6g} + {spec.offset:.6g}",
         f"embedding  {bundle.manifest.embedding_size} floats",
         f"backbone   fingerprint {bundle.manifest.backbone_fingerprint[:23]}...",
+        f"signature  {_signature_line(bundle)}",
     ]
     for model in bundle.manifest.models:
         tensor = model.get("input", {})

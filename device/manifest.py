@@ -13,6 +13,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from edgeadapt.device.dsse import DEVICE_SIGNATURE_NAME, SIGNATURE_NAME
 from edgeadapt.device.errors import BundleError, InputError
 from edgeadapt.device.schema import Fields, parse_document
 
@@ -37,8 +38,9 @@ MAX_NAME_LENGTH = 1024
 MAX_PATH_LENGTH = 1024
 MAX_PATH_COMPONENT = 255
 MAX_MODELS = 16
-#: Top-level path components a listed file may not use: the updater owns them.
-RESERVED_TOP_LEVEL = ("manifest.json", "versions")
+#: Top-level path components a listed file may not use: the updater owns them, and the two
+#: signature files are never listed (a signature cannot cover itself).
+RESERVED_TOP_LEVEL = ("manifest.json", "versions", SIGNATURE_NAME, DEVICE_SIGNATURE_NAME)
 
 
 @dataclass(frozen=True)

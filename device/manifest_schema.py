@@ -91,6 +91,7 @@ def validate_manifest(data: Any, source: str = "manifest.json") -> None:
     if created_by is not None:
         for key in created_by.data:
             created_by.string(key, MAX_NAME_LENGTH, nullable=True)
+    _derived_from(top, source)
     InputSpec.from_dict(top.data["input"], source)
     top.integer("embedding_size", 1, MAX_EMBEDDING_SIZE)
     classes = top.sequence("classes", MAX_CLASSES)
@@ -140,6 +141,25 @@ def validate_manifest(data: Any, source: str = "manifest.json") -> None:
                 tensor.number("scale", default=0.0, nullable=True)
                 tensor.integer("zero_point", -(2**31), 2**31, default=0, nullable=True)
     head_files(data, source)
+
+
+def _derived_from(top: Fields, source: str) -> None:
+    """``derived_from``: the publisher-signed statement a device-committed version derives from.
+
+    Written by the head updater (``edgeadapt.device.signing.chain_manifest``): the sha256 of the
+    signed statement, the signed version and the signer's key id; other keys must be scalars.
+    """
+    derived = top.mapping("derived_from", default=None, nullable=True)
+    if derived is None:
+        return
+    digest = derived.string("statement_sha256", 64, min_length=64)
+    if not SHA256_PATTERN.fullmatch(digest):
+        raise derived.fail("statement_sha256", "64 lowercase hexadecimal digits", digest)
+    derived.integer("signed_version", 0, MAX_VERSION, default=None, nullable=True)
+    derived.string("signer", MAX_NAME_LENGTH, default=None, nullable=True)
+    for key, value in derived.data.items():
+        if isinstance(value, (dict, list)):
+            raise derived.fail(key, "a number, string, boolean or null", value)
 
 
 _OPTIONAL_CLASS_FIELDS = {"added_at": (str, 64), "source": (str, MAX_NAME_LENGTH * 4), "origin": (str, 64),

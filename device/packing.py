@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from edgeadapt.device.dsse import DEVICE_SIGNATURE_NAME, MAX_SIGNATURE_BYTES, SIGNATURE_NAME
 from edgeadapt.device.errors import BundleError
 from edgeadapt.device.manifest import MAX_FILES, MAX_MANIFEST_BYTES, Manifest, check_relative_path
 from edgeadapt.device.safefs import create_exclusive, storage_error, temporary_name
@@ -34,8 +35,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MANIFEST_NAME = "manifest.json"
 #: Files a bundle may hold without listing them in its manifest (name -> largest size): they
-#: travel in packed bundles too. ``signature`` is reserved for a detached manifest signature.
-UNLISTED_FILES = {"signature": 64 << 10}
+#: travel in packed bundles too. They are the two signature files ``edgeadapt.device.signing``
+#: writes (the publisher's and a device key's), self-authenticating, so no checksum is listed.
+UNLISTED_FILES = {SIGNATURE_NAME: MAX_SIGNATURE_BYTES, DEVICE_SIGNATURE_NAME: MAX_SIGNATURE_BYTES}
 _CHUNK = 1 << 20
 _SUPPORTED_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 #: Errors the zipfile/zlib stack raises on damaged or hostile archives.
@@ -214,7 +216,9 @@ def extract_packed(packed: Path, output_dir: Path) -> Path:
                     os.fsync(handle.fileno())
             except OSError as error:
                 raise storage_error(error, output_dir.parent, "unpack the packed bundle") from error
-            Bundle.open(staging, verify=False)  # schema, tree and head binding; sizes and sha256 were checked above
+            # schema, tree and head binding; sizes and sha256 were checked above. Signatures are checked
+            # when the unpacked bundle is opened with trusted keys, not here.
+            Bundle._open_folder(staging, verify=False, trusted_keys=None, files_checked=True, check_signature=False)
             try:
                 if output_dir.exists():
                     output_dir.rmdir()

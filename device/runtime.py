@@ -61,12 +61,15 @@ class Runtime:
         num_threads: int | None = None,
         verify: bool = True,
         batch_size: int = 32,
+        trusted_keys: Any = None,
     ) -> "Runtime":
         """Verify and open a bundle directory or packed bundle.
 
         ``backend`` is "auto" (LiteRT, else tflite-runtime, else ONNX Runtime), or one name.
+        ``trusted_keys``: public key files (or ``TrustedKeys``) the bundle must be signed by;
+        default: ``$EDGEADAPT_TRUST_DIR`` if set, else no signature check (docs/SIGNING.md).
         """
-        bundle = Bundle.open(path, verify=verify)
+        bundle = Bundle.open(path, verify=verify, trusted_keys=trusted_keys)
         try:
             return cls(bundle, backend=backend, num_threads=num_threads, batch_size=batch_size)
         except BaseException:

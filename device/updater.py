@@ -499,6 +499,9 @@ class HeadUpdater:
     as its references in later updates (default: as many as the bundle stores per class, else 5).
     ``reader_grace_seconds``: a version superseded less than this long ago is not pruned yet,
     so readers that have just read its manifest can finish loading it.
+    ``trusted_keys``: the bundle must be signed by one of these keys (default: as the runtime
+    was opened, or ``$EDGEADAPT_TRUST_DIR``); new versions record the signed base they derive
+    from. ``device_key``: a private key file that signs each committed version (docs/SIGNING.md).
     """
 
     def __init__(
@@ -511,6 +514,8 @@ class HeadUpdater:
         options: Any = None,
         references_per_class: int | None = None,
         reader_grace_seconds: float = DEFAULT_READER_GRACE_SECONDS,
+        trusted_keys: Any = None,
+        device_key: Any = None,
     ):
         if not 0.0 <= float(gate_budget) <= 1.0:
             raise InputError(f"gate_budget must be a fraction in [0, 1], got {gate_budget}")
@@ -526,6 +531,9 @@ class HeadUpdater:
         self.options = options
         self.references_per_class = references_per_class
         self._state_cache: tuple[HeadState, dict] | None = None
+        from edgeadapt.device.signing import UpdaterSigning  # trusted keys, chain record, device key
+
+        self._signing = UpdaterSigning.create(runtime, trusted_keys, device_key)
 
     @property
     def path(self) -> Path:
@@ -723,7 +731,8 @@ class HeadUpdater:
             current = self.store.recover()
             restored = self.store.rollback_manifest(version, current)
             restored.data["change"]["from_version"] = current.version
-            committed = self.store.commit(restored, {})
+            committed = self.store.commit(self._signing.chain(current, restored), {})
+            self._signing.after_commit()
         state = load_state(self.path, committed, verify=False)
         self._apply(state)
         return UpdateResult(version=committed.version, action="rollback", classes=tuple(committed.class_names),
@@ -731,10 +740,11 @@ class HeadUpdater:
                             timings={"total": time.perf_counter() - start})
 
     def export_delta(self, path: str | Path, source: str | None = None) -> Path:
-        """Write the classes added (or strengthened) on this device as a delta file for the host."""
+        """Write the classes added (or strengthened) on this device as a delta file for the host
+        (signed with the updater's ``device_key`` when one was given)."""
         from edgeadapt.device.delta import export_delta
 
-        return export_delta(self.path, path, source=source)
+        return export_delta(self.path, path, source=source, device_key=self._signing.device_key)
 
     def refresh(self) -> bool:
         """Load a newer version committed by another process into the runtime; True if it changed."""
@@ -933,7 +943,8 @@ class HeadUpdater:
             manifest, new_files = self._assemble(current, plan, version, state)
             timings["assemble"] = time.perf_counter() - mark
             mark = time.perf_counter()
-            committed = self.store.commit(manifest, new_files)
+            committed = self.store.commit(self._signing.chain(current, manifest), new_files)
+            self._signing.after_commit()
             timings["commit"] = time.perf_counter() - mark
         new_state = HeadState(committed, plan.head, plan.stats, plan.references, plan.device_examples, plan.unknown,
                               state.background)

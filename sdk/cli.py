@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "edgeadapt.cli_detector",
     "edgeadapt.cli_bench_fewshot",
     "edgeadapt.cli_export_head",
+    "edgeadapt.cli_signing",
 )
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _merge_deltas(arguments: argparse.Namespace) -> int:
@@ -26,6 +27,7 @@ def _merge_deltas(arguments: argparse.Namespace) -> int:
         overwrite=arguments.overwrite,
         gate_budget=arguments.gate_budget,
         force=arguments.force,
+        trusted_devices=_enrolled_devices(arguments.trust_devices),
     )
     try:
         report = merge_deltas(arguments.bundle, arguments.deltas, arguments.out, options)
@@ -34,6 +36,15 @@ def _merge_deltas(arguments: argparse.Namespace) -> int:
         raise
     print(json.dumps(report.to_dict(), indent=2) if arguments.json else report.table())
     return 0
+
+
+def _enrolled_devices(folder: Path | None) -> Any:
+    """The enrolled device keys of ``--trust-devices DIR`` (a ``TrustedKeys``), or None."""
+    if folder is None:
+        return None
+    from edgeadapt.device.trust import load_trust_dir
+
+    return load_trust_dir(folder)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,5 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="write the merged bundle even when the update gate refuses it (the report is kept in "
                         "the manifest's change record)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--trust-devices", type=Path, metavar="DIR",
+                        help="folder of enrolled device public keys (*.pub): merge only deltas signed by one of "
+                        "them and report each delta's signer (default: deltas are not authenticated). Sign the "
+                        "result again with `edgeadapt sign OUT --key KEY`")
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of a table")
     parser.set_defaults(handler=_merge_deltas)

@@ -96,6 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fused.add_argument("--probe-images", type=Path, nargs="+", default=(), metavar="IMAGE",
                        help="images to check the fused file on (besides generated probes)")
     fused.add_argument("--probes", type=int, default=16, help="number of generated probe images")
+    fused.add_argument("--sign-key", type=Path, metavar="PRIVATE_KEY",
+                       help="also sign the fused file with this private key: writes OUT.dsse.json beside it "
+                       "(docs/SIGNING.md, 'Apps')")
     add_json_options(fused, "the result")
     fused.set_defaults(handler=run_export_fused)
 
@@ -154,6 +157,11 @@ def run_export_fused(arguments: argparse.Namespace) -> int:
     from edgeadapt.device.bundle import Bundle
     from edgeadapt.device.preprocessing import prepare_batch
 
+    sign_key = None
+    if arguments.sign_key:  # a bad key is refused before anything is written
+        from edgeadapt.device.keys import load_private_key
+
+        sign_key = load_private_key(arguments.sign_key)
     bundle = Bundle.open(arguments.bundle)
     probe_images = None
     if arguments.probe_images:
@@ -164,5 +172,12 @@ def run_export_fused(arguments: argparse.Namespace) -> int:
         f"backbone {result.backbone_quantization}, float32 head); vs split bundle on {result.probes} probes: "
         f"top-1 agreement {result.top1_agreement:.3f}, max score difference {result.max_score_difference:.2g}"
     )
-    emit_report(arguments, text, result.to_dict())
+    data = result.to_dict()
+    if sign_key is not None:
+        from edgeadapt.device.signing import sign_file
+
+        signature = sign_file(result.path, sign_key)
+        data.update(signature=str(signature), signer=sign_key.key_id)
+        text += f"\nsigned: {signature} (key {sign_key.key_id})"
+    emit_report(arguments, text, data)
     return 0

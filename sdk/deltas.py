@@ -58,6 +58,9 @@ class MergeDeltasOptions:
     gate_budget: float = 0.10
     #: write the merged bundle even when the gate refuses it
     force: bool = False
+    #: enrolled device keys (key files, a folder of ``*.pub``, or ``TrustedKeys``): only deltas signed by one
+    #: of them are merged (docs/SIGNING.md); None: deltas are not authenticated
+    trusted_devices: Any = None
 
     def __post_init__(self) -> None:
         if self.on_clash not in CLASH_POLICIES:
@@ -80,9 +83,13 @@ class MergeReport:
     notes: list[str] = field(default_factory=list)
     #: the update gate's report on the merged head (``GateReport.to_dict()``)
     gate: dict | None = None
+    #: delta file -> key id of the enrolled device key that signed it (None: not checked)
+    signers: dict[str, str | None] = field(default_factory=dict)
 
     def table(self) -> str:
         lines = [f"wrote {self.output} (version {self.version}, parent {self.parent_version})"]
+        lines.extend(f"  delta        {name}: {'signed by device key ' + signer if signer else 'signature not checked'}"
+                     for name, signer in self.signers.items())
         for entry in self.added:
             lines.append(f"  added        {entry['name']:<24} {entry['examples']:>5} examples  from {', '.join(entry['sources'])}")
         for entry in self.strengthened:
@@ -97,6 +104,7 @@ class MergeReport:
 
     def to_dict(self) -> dict:
         return {"output": str(self.output), "version": self.version, "parent_version": self.parent_version,
+                "signers": self.signers,
                 "added": self.added, "strengthened": self.strengthened, "skipped": self.skipped, "notes": self.notes,
                 "gate": self.gate}
 
@@ -163,12 +171,13 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
     from edgeadapt.device import incremental
 
     manifest = bundle.manifest
-    deltas: list[Delta] = [read_delta(path) for path in delta_paths]
+    deltas: list[Delta] = [read_delta(path, trusted_keys=options.trusted_devices) for path in delta_paths]
     head = bundle.load_head()
     stats = bundle.load_class_stats()
     base_head, base_stats = head, stats
     base_names = manifest.class_names
     report = MergeReport(output=Path(output), version=manifest.version + 1, parent_version=manifest.version)
+    report.signers = {str(delta.path): delta.signer for delta in deltas}
     for number, delta in enumerate(deltas, start=1):
         if delta.backbone_fingerprint != manifest.backbone_fingerprint:
             raise IncompatibleModelError(
@@ -312,6 +321,7 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
             "classes": [entry["name"] for entry in report.added],
             "strengthened": [entry["name"] for entry in report.strengthened],
             "deltas": [{"file": str(delta.path), "source": delta.source, "bundle_id": delta.info.get("bundle_id"),
+                        "signer": delta.signer,
                         "device_version": delta.info.get("device_version"),
                         "classes": [entry.name for entry in delta.classes]} for delta in deltas],
             "on_clash": options.on_clash,
@@ -320,6 +330,7 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
             "gate": report.gate,
         },
     })
+    data.pop("derived_from", None)  # a new host version: unsigned until `edgeadapt sign`, derived from nothing
     from edgeadapt.converters.bundle_export import created_by
 
     data["created_by"] = {**manifest.data.get("created_by", {}), **created_by()}

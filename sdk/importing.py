@@ -461,7 +461,7 @@ def import_classifier(
     write_bundle(output, manifest, files, overwrite=settings.overwrite)
 
     # the written bundle must give what was verified
-    bundle = Bundle.open(output)
+    bundle = Bundle.open(output, trusted_keys=False)  # just written, not signed yet (edgeadapt sign)
     written_head = bundle.load_head()
     if not np.array_equal(written_head.weights, head.weights) or not np.array_equal(written_head.bias, head.bias):
         raise ConversionError("the written head differs from the imported one; the bundle is inconsistent")

@@ -187,7 +187,7 @@ def run_demo(options: DemoOptions) -> DemoReport:
         reference_embeddings=ReferenceEmbeddings.select(train_embeddings, dataset.train.labels, per_class=5),
         options=BundleExportOptions(formats=options.formats, name="demo", overwrite=options.overwrite),
     )
-    bundle = Bundle.open(bundle_path)
+    bundle = Bundle.open(bundle_path, trusted_keys=False)  # just written, not signed yet (edgeadapt sign)
     head_bytes = bundle.total_size() - sum(export.quantized_sizes.values())
     report = DemoReport(
         class_names=list(dataset.class_names),
@@ -202,7 +202,7 @@ def run_demo(options: DemoOptions) -> DemoReport:
     )
     backend_for = {"tflite": "auto", "onnx": "onnxruntime"}
     for model_format in options.formats:
-        runtime = Runtime.open(bundle_path, backend=backend_for[model_format])
+        runtime = Runtime.open(bundle_path, backend=backend_for[model_format], trusted_keys=False)
         if model_format == "tflite" and runtime.backend_name == "onnxruntime":
             continue
         predictions = runtime.logits(dataset.test.images).argmax(1)

@@ -97,6 +97,20 @@ def test_gate_budget_only_where_the_update_gate_runs():
     assert with_budget == with_force  # the commands whose update the gate can refuse
 
 
+def test_every_device_command_takes_repeatable_trust_keys():
+    parser = _parsers()["edgeadapt-device"]
+    leaves = {" ".join(path): child for path, child in _commands(parser)
+              if not any(isinstance(action, argparse._SubParsersAction) for action in child._actions)}
+    without = {name for name, child in leaves.items() if "--trust" not in child._option_string_actions}
+    assert without == {"keys generate"}  # making a key trusts nothing
+    for name, child in leaves.items():
+        if name != "keys generate":
+            action = child._option_string_actions["--trust"]
+            assert isinstance(action, argparse._AppendAction), name
+    parsed = parser.parse_args(["predict", "b.eab", "x.png", "--trust", "a.pub", "--trust", "keys/"])
+    assert [str(path) for path in parsed.trust] == ["a.pub", "keys"]
+
+
 def test_exit_codes_and_one_line_errors(tmp_path, capsys):
     from edgeadapt.device.cli import main
 

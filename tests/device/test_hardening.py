@@ -526,22 +526,34 @@ def test_read_only_and_full_file_systems(fixture_dir, tmp_path):
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
-def test_unlisted_signature_file_travels_in_packed_bundles(bundle_copy, tmp_path):
-    """A detached ``signature`` (not listed in the manifest) is the one unlisted file a pack may carry."""
-    (bundle_copy / "signature").write_bytes(b"sig" * 10)
+def test_unlisted_signature_files_travel_in_packed_bundles(bundle_copy, tmp_path):
+    """The two signature files (never listed in the manifest) are the only unlisted files a pack may carry."""
+    from edgeadapt.device.dsse import DEVICE_SIGNATURE_NAME, MAX_SIGNATURE_BYTES, SIGNATURE_NAME
+
+    (bundle_copy / SIGNATURE_NAME).write_bytes(b"sig" * 10)
+    (bundle_copy / DEVICE_SIGNATURE_NAME).write_bytes(b"dev" * 10)
+    (bundle_copy / "signature").write_bytes(b"old name")  # not a signature file: left behind by pack
     packed = pack_bundle(bundle_copy, tmp_path / "signed.zip")
+    assert "signature" not in zipfile.ZipFile(packed).namelist()
     with Bundle.open(packed) as bundle:
-        assert (bundle.path / "signature").read_bytes() == b"sig" * 10
-    with zipfile.ZipFile(packed, "a") as archive:
-        archive.writestr("signature2", b"x")
-    with pytest.raises(BundleError, match="does not list"):
-        Bundle.open(packed)
-    (bundle_copy / "signature").write_bytes(b"s" * (65 << 10))
+        assert (bundle.path / SIGNATURE_NAME).read_bytes() == b"sig" * 10
+        assert (bundle.path / DEVICE_SIGNATURE_NAME).read_bytes() == b"dev" * 10
+    for other in ("signature", "signature2", f"{SIGNATURE_NAME}.bak", f"heads/{SIGNATURE_NAME}"):
+        wrong = tmp_path / "wrong.zip"
+        shutil.copy(packed, wrong)
+        with zipfile.ZipFile(wrong, "a") as archive:
+            archive.writestr(other, b"x")
+        with pytest.raises(BundleError, match="does not list"):
+            Bundle.open(wrong)
     big = tmp_path / "big.zip"
-    with zipfile.ZipFile(big, "w") as archive:
-        with zipfile.ZipFile(pack_bundle(bundle_copy, tmp_path / "again.zip")) as source:
+    with zipfile.ZipFile(big, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with zipfile.ZipFile(packed) as source:
             for info in source.infolist():
-                archive.writestr(info.filename, source.read(info))
-        archive.writestr("signature", b"s" * (65 << 10))
-    with pytest.raises(BundleError, match="signature"):
+                if info.filename != SIGNATURE_NAME:
+                    archive.writestr(info.filename, source.read(info))
+        archive.writestr(SIGNATURE_NAME, b" " * (MAX_SIGNATURE_BYTES + 1))  # compresses to a few KiB
+    with pytest.raises(BundleError, match=f"{SIGNATURE_NAME}.*at most {MAX_SIGNATURE_BYTES}"):
         Bundle.open(big)
+    with pytest.raises(BundleError, match="at most"):
+        unpack_bundle(big, tmp_path / "big.eab")
+    assert not (tmp_path / "big.eab").exists()
