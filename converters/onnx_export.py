@@ -47,12 +47,18 @@ class OnnxExportOptions:
     opset: ONNX opset of the exported graph (13 or newer).
     calibration_samples: how many calibration images to use at most.
     per_channel: quantize convolution/matmul weights per output channel.
+    reduce_range: quantize weights to 7 bits. onnxruntime's x86-64 int8 kernels on CPUs
+        without VNNI can saturate their 16-bit intermediate sums with full 8-bit weights
+        (measured on this project's CI machine: embedding cosine 0.93 and top-1 0.86 of the
+        float model, against 0.9997 and 1.0 with 7-bit weights); keep it on unless every
+        device that runs the model has VNNI or ARM dot-product kernels.
     """
 
     quantize: bool = True
     opset: int = 17
     calibration_samples: int = 200
     per_channel: bool = True
+    reduce_range: bool = True
 
     def __post_init__(self) -> None:
         if self.opset < 13:
@@ -172,6 +178,7 @@ def _quantize(float_model: Any, images: np.ndarray, spec: InputSpec, options: On
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 per_channel=options.per_channel,
+                reduce_range=options.reduce_range,
                 calibrate_method=CalibrationMethod.MinMax,
             )
         except Exception as error:

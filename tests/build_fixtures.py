@@ -15,7 +15,7 @@ import sys
 import contextlib
 from pathlib import Path
 
-FIXTURE_VERSION = 1
+FIXTURE_VERSION = 2
 
 
 @contextlib.contextmanager
