@@ -278,7 +278,7 @@ def require_statistics(stats: ClassStats | None, method: str, action: str) -> Cl
             "has none. Re-export the base bundle with class statistics (export_bundle(..., class_stats=...), as "
             "`edgeadapt demo` does), or on the host pass examples of the old classes (replay) so that they can be "
             f"computed, or leave the method out (the default, {DEFAULT_METHOD!r}, needs no statistics) or choose "
-            "--method weight_align"
+            "another method that needs none (e.g. --method weight_align; also center_l2, imprint)"
         )
     if method in STATISTICS_METHODS and stats.gram is None:
         raise IncompatibleModelError(
