@@ -27,6 +27,8 @@ from edgeadapt.device import HeadUpdater
 
 from test_head_math import gaussian_classes, trained_head
 
+RIDGE = AddClassOptions(method="ridge")  # the solver state under test is ridge's (the default method is claim)
+
 
 @pytest.fixture(scope="module")
 def many():
@@ -43,8 +45,8 @@ def test_stored_basis_gives_the_same_columns_as_a_fresh_one(many):
     head, stats, new, embeddings, _ = many
     with_basis = with_ridge_basis(head, stats)
     assert isinstance(with_basis.ridge_basis, RidgeBasis) and stats.ridge_basis is None
-    fresh_head, fresh_stats = add_classes(head, stats, new)
-    cached_head, cached_stats = add_classes(head, with_basis, new)
+    fresh_head, fresh_stats = add_classes(head, stats, new, RIDGE)
+    cached_head, cached_stats = add_classes(head, with_basis, new, RIDGE)
     assert np.array_equal(fresh_head.weights, cached_head.weights)
     assert np.array_equal(fresh_head.bias, cached_head.bias)
     assert old_logits_unchanged(head, cached_head, embeddings)
@@ -55,7 +57,7 @@ def test_stored_basis_gives_the_same_columns_as_a_fresh_one(many):
 
 def test_basis_is_rebuilt_after_its_share_of_updates(many):
     head, stats, new, _, _ = many
-    options = AddClassOptions(basis_refresh_fraction=0.1, basis_refresh_minimum=2)  # 30 classes: 3 updates
+    options = AddClassOptions(method="ridge", basis_refresh_fraction=0.1, basis_refresh_minimum=2)  # 30 classes: 3 updates
     stats = with_ridge_basis(head, stats, options)
     first = stats.ridge_basis
     assert first.refresh_limit(options.basis_refresh_fraction, options.basis_refresh_minimum) == 3
@@ -73,12 +75,12 @@ def test_basis_of_another_head_or_other_settings_is_not_used(many):
     head, stats, new, _, _ = many
     stats = with_ridge_basis(head, stats)
     basis = stats.ridge_basis
-    assert basis.is_fresh_for(head, AddClassOptions())
-    assert not basis.is_fresh_for(head, AddClassOptions(shrinkage=0.5))
+    assert basis.is_fresh_for(head, AddClassOptions(method="ridge"))
+    assert not basis.is_fresh_for(head, AddClassOptions(method="ridge", shrinkage=0.5))
     resolved = resolve_all(head, stats)  # every column changes: the calibration no longer fits
-    assert not basis.is_fresh_for(resolved, AddClassOptions())
-    expected, _ = add_classes(resolved, dataclasses.replace(stats, ridge_basis=None), new)
-    got, _ = add_classes(resolved, stats, new)
+    assert not basis.is_fresh_for(resolved, AddClassOptions(method="ridge"))
+    expected, _ = add_classes(resolved, dataclasses.replace(stats, ridge_basis=None), new, RIDGE)
+    got, _ = add_classes(resolved, stats, new, RIDGE)
     assert np.array_equal(expected.weights, got.weights)
 
 
@@ -87,7 +89,7 @@ def test_removing_a_class_drops_the_basis_and_add_examples_keeps_it(many):
     stats = with_ridge_basis(head, stats)
     _, removed = remove_class(head, stats, 4)
     assert removed.ridge_basis is None
-    strengthened_head, strengthened = add_examples(head, stats, 2, embeddings[labels == 2][:4])
+    strengthened_head, strengthened = add_examples(head, stats, 2, embeddings[labels == 2][:4], RIDGE)
     assert strengthened.ridge_basis.updates == 1
     changed = np.flatnonzero(np.any(strengthened_head.weights != head.weights, axis=0))
     assert changed.tolist() == [2]
@@ -99,15 +101,15 @@ def test_woodbury_and_direct_solves_agree():
     old = labels < 5
     head = trained_head(embeddings[old], labels[old], 5)
     stats = ClassStats.from_embeddings(embeddings[old], labels[old], 5)
-    basis = build_ridge_basis(head, stats, AddClassOptions())
+    basis = build_ridge_basis(head, stats, AddClassOptions(method="ridge"))
     examples = embeddings[labels == 5][:3]  # rank 4 <= 13 // 3: Woodbury
     means, deviations = new_class_examples(head, [examples])
-    woodbury = basis_new_columns(basis, head, means, deviations, AddClassOptions())
+    woodbury = basis_new_columns(basis, head, means, deviations, AddClassOptions(method="ridge"))
     # the same second moment spelled with many zero-padded rows forces the direct solve
     padded = [np.concatenate([deviations[0], np.zeros((10, 12))])]
     scale = np.sqrt(padded[0].shape[0] / deviations[0].shape[0])
-    direct = basis_new_columns(basis, head, means, [padded[0] * scale], AddClassOptions(few_shot_examples=0.0))
-    reference = basis_new_columns(basis, head, means, deviations, AddClassOptions(few_shot_examples=0.0))
+    direct = basis_new_columns(basis, head, means, [padded[0] * scale], AddClassOptions(method="ridge", few_shot_examples=0.0))
+    reference = basis_new_columns(basis, head, means, deviations, AddClassOptions(method="ridge", few_shot_examples=0.0))
     np.testing.assert_allclose(direct[0], reference[0], rtol=1e-4, atol=1e-5)
     assert np.all(np.isfinite(woodbury[0]))
 
@@ -131,7 +133,7 @@ def test_device_update_uses_the_bundle_basis_and_shares_its_files(bundle_copy, f
     assert isinstance(stored, RidgeBasis) and stored.updates == 0
     images = np.load(fixture_dir / "test_images.npy")[:4]
     runtime = Runtime.open(bundle_copy)
-    HeadUpdater(runtime).add_class("extra", list(images), force=True)
+    HeadUpdater(runtime, options=RIDGE).add_class("extra", list(images), force=True)
     after = Bundle.open(bundle_copy)
     section = after.manifest.data["head"]["statistics"]["ridge_basis"]
     assert section["updates"] == 1
@@ -162,7 +164,7 @@ def test_cached_update_equals_an_explicit_joint_solve():
     old = labels < 5
     head = trained_head(embeddings[old], labels[old], 5)
     stats = ClassStats.from_embeddings(embeddings[old], labels[old], 5)
-    basis = build_ridge_basis(head, stats, AddClassOptions())
+    basis = build_ridge_basis(head, stats, AddClassOptions(method="ridge"))
     means, deviations = new_class_examples(head, [embeddings[labels == 5][:3]])
     factors = np.concatenate([np.append(means[0], 1.0)[None, :],
                               np.concatenate([deviations[0] / np.sqrt(3), np.zeros((3, 1))], axis=1)])

@@ -235,7 +235,7 @@ def test_report_png_and_html(report, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     page = write_report(report, tmp_path / "sub" / "x.html").read_text()
     assert "data:image/png;base64," in page and "harmonic" not in page.split("<pre>")[0]
-    assert "ridge (default)" in page
+    assert "claim (default)" in page
     with pytest.raises(InputError, match="png"):
         write_report(report, tmp_path / "x.pdf")
     assert not (tmp_path / "x.pdf").exists()

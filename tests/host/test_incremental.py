@@ -257,7 +257,7 @@ def test_class_incremental_benchmark_on_builtin_data(tmp_path):
     assert all(row["old_logits_identical"] for row in report.rows
                if row["old_logits_identical"] is not None and row["method"] != "resolve_all")
     text = report.table()
-    assert "ridge (default)" in text and "figures (targets of docs/INCREMENTAL.md)" in text
+    assert "claim (default)" in text and "ridge " in text and "figures (targets of docs/INCREMENTAL.md)" in text
     report.write_json(tmp_path / "report.json")
     assert json.loads((tmp_path / "report.json").read_text())["rows"]
 
@@ -279,7 +279,7 @@ def test_class_incremental_benchmark_with_a_bundle_backbone(bundle_copy, tmp_pat
                                              order_embeddings, run_incremental_benchmark)
 
     cache = tmp_path / "cache"
-    options = IncrementalBenchmarkOptions(base=3, step=2, orders=1, shots=(5, ALL_SHOTS), methods=("ridge", "none"),
+    options = IncrementalBenchmarkOptions(base=3, step=2, orders=1, shots=(5, ALL_SHOTS), methods=("claim", "ridge", "none"),
                                           synthetic_classes=5, synthetic_images_per_class=40, cache=cache,
                                           backbone_bundle=bundle_copy)
     report = run_incremental_benchmark(options)

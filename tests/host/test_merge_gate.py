@@ -48,10 +48,13 @@ def malicious_delta(fixture_dir, tmp_path) -> Path:
     return path
 
 
-def test_merge_refuses_a_delta_that_takes_old_predictions(fixture_dir, malicious_delta, tmp_path):
-    """The delta's own device rows (bias 100) take every old prediction: the gate refuses the merge."""
+@pytest.mark.parametrize("use_device_rows", [False, True])
+def test_merge_refuses_a_delta_that_takes_old_predictions(fixture_dir, malicious_delta, tmp_path, use_device_rows):
+    """The delta's own device rows (bias 100) take every old prediction; recomputed with the default method,
+    a class made of copies of class 0's references wins at its own mean, so it takes some of them: the
+    gate refuses both merges."""
     output = tmp_path / "merged.eab"
-    use_device_rows, add_options = True, None
+    add_options = None
     with pytest.raises(UpdateGateError, match="merge refused by the update gate") as refused:
         merge_deltas(fixture_dir / "tiny.eab", [malicious_delta], output,
                      MergeDeltasOptions(use_device_rows=use_device_rows, add_options=add_options))
@@ -63,13 +66,6 @@ def test_merge_refuses_a_delta_that_takes_old_predictions(fixture_dir, malicious
                           MergeDeltasOptions(use_device_rows=use_device_rows, add_options=add_options, force=True))
     assert forced.gate["forced"] and not forced.gate["passed"]
     assert Bundle.open(output).manifest.data["change"]["gate"]["disturbed"] == report.disturbed
-
-
-def test_default_method_keeps_a_hostile_class_within_its_claim_budget(fixture_dir, malicious_delta, tmp_path):
-    """The default method recomputes the class from its examples and calibrates it: the stolen references
-    cannot take more than the claim budget of the old classes' references, so the gate passes."""
-    report = merge_deltas(fixture_dir / "tiny.eab", [malicious_delta], tmp_path / "merged.eab", MergeDeltasOptions())
-    assert report.gate["passed"] and report.gate["disturbed"] <= 0.10 * report.gate["checked"]
 
 
 def test_merge_deltas_cli_refuses_unless_forced(fixture_dir, malicious_delta, tmp_path):
