@@ -1,4 +1,4 @@
-"""Detection benchmark (issue 13): the same as ``edgeadapt bench detection``.
+"""Detection benchmark: the same as ``edgeadapt bench detection``.
 
     python benchmarks/bench_detection.py --data ../shared/data/detection [--json]
 

@@ -1,4 +1,4 @@
-"""Figures of issue 12: fuzz cases run and outcomes by kind, peak memory of the worst case, and the
+"""Figures of the hostile-input hardening: fuzz cases run and outcomes by kind, peak memory of the worst case, and the
 cost of validation on bundle open (before/after).
 
     python benchmarks/bench_hardening.py --fixtures DIR [--data /work/shared/data] [--budget 40]

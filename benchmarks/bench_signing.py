@@ -1,4 +1,4 @@
-"""Signing figures of issue 15: verify time on open, sign time, install size of the ``signing`` extra.
+"""Signing figures: verify time on open, sign time, install size of the ``signing`` extra.
 
     python benchmarks/bench_signing.py [--bundle OUT/model.eab ...] [--repeats 15] [--pip-target]
 

@@ -668,7 +668,7 @@ def _figures(rows: list[dict], shots: Sequence[int]) -> dict:
         checks.append({"name": "all_shots_old_classes", "value": gap_old, "passed": gap_old >= -0.02,
                        "text": f"all new images: {DEFAULT_METHOD} old-class accuracy {default_all['mean']['old']:.3f} "
                                f"vs joint {joint_all['mean']['old']:.3f} ({gap_old:+.3f}; within 2 points)"})
-    # issue 11: k = 1 / 5 / 20 reach 0.6 / 0.85 / 0.95 of the joint's harmonic mean; k = 5 loses <= 3 points
+    # few-shot targets: k = 1 / 5 / 20 reach 0.6 / 0.85 / 0.95 of the joint's harmonic mean; k = 5 loses <= 3 points
     for shot, floor, name in ((1, 0.6, "one_shot_ratio"), (5, 0.85, "five_shots_ratio"), (20, 0.95, "twenty_shots_ratio")):
         row = find(shot, DEFAULT_METHOD)
         if joint_all and row:
