@@ -36,14 +36,21 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from edgeadapt.device.errors import InputError
 from edgeadapt.device.head import ClassStats, Head
-from edgeadapt.device.prototype_column import claim_threshold, mean_column_norm, prototype_column, raise_to_floor
+from edgeadapt.device.prototype_column import (
+    EMPTY_HEAD_SCALE,
+    claim_threshold,
+    column_norms,
+    mean_column_norm,
+    prototype_column,
+    prototype_direction,
+    raise_to_floor,
+)
 from edgeadapt.device.ridge import _within_covariance
 
 #: The largest number of synthetic old-class samples drawn from the statistics.
@@ -63,61 +70,105 @@ CACHE_SIZE = 4
 
 @dataclass
 class _Solver:
-    """What an added class needs from the head and its statistics, computed once."""
+    """What an added class needs from the head and its statistics, computed once.
 
+    Built for the head's first ``classes`` columns; it serves heads that extend those columns
+    by up to its refresh limit (classes added since), like ridge's cached basis.
+    """
+
+    key: bytes  # _prefix_key of the head and statistics it was built for
     classes: int
     feature_mean: np.ndarray  # (D,) float64, zeros when the head has none
-    projection: np.ndarray | None  # P (D, D), None for prototype columns
+    projection: np.ndarray | None  # P (D, D) float32, None for prototype columns
     scale: float
     offset: np.ndarray | None  # v (D,)
-    synthetic: np.ndarray  # (N, D) float64 head features of the synthetic old-class samples
-    synthetic_best: np.ndarray  # (N,) best existing logit (before the temperature) on them
+    synthetic: np.ndarray  # (N, D) float32 head features of the synthetic old-class samples
+    synthetic_best: np.ndarray  # (N,) best logit (before the temperature) over the first `classes` columns
+    norms: np.ndarray  # (classes,) L2 norm of each of the first `classes` columns
 
 
-_CACHE: OrderedDict[bytes, _Solver] = OrderedDict()
+@dataclass
+class _Calibrated:
+    """Head features of a calibration set and their best logit over a head's first ``classes`` columns."""
+
+    key: bytes  # _prefix_key of the head's first `classes` columns
+    classes: int
+    rows_key: bytes  # _rows_key of the calibration rows
+    features: np.ndarray  # (M, D) float32
+    best: np.ndarray  # (M,)
 
 
-def _summary(array: np.ndarray | None) -> bytes:
-    """A cheap content summary of an array (shape, dtype, row and column sums): a cache key, not a checksum."""
-    if array is None:
-        return b"none"
+_SOLVERS: list[_Solver] = []
+_CALIBRATED: list[_Calibrated] = []
+
+
+def _sums(array: np.ndarray, axis: int) -> bytes:
+    """Sums along ``axis`` (float64) and a strided sample of the rows: a cache key part, not a checksum."""
     values = np.asarray(array)
     parts = [repr((values.shape, values.dtype.str)).encode()]
     if values.size:
-        parts.append(np.add.reduce(values, axis=0, dtype=np.float64).tobytes())
+        parts.append(np.add.reduce(values, axis=axis, dtype=np.float64).tobytes())
         if values.ndim == 2:
-            parts.append(np.add.reduce(values, axis=1, dtype=np.float64).tobytes())
             parts.append(np.ascontiguousarray(values[:: max(1, values.shape[0] // 64)]).tobytes())
     return b"|".join(parts)
 
 
-def _fingerprint(head: Head, stats: ClassStats | None, options) -> bytes:
+def _prefix_key(head: Head, stats: ClassStats | None, classes: int, options) -> bytes:
+    """Key of the head's first ``classes`` columns (and of the statistics' first ``classes`` rows)."""
     digest = hashlib.blake2b(digest_size=16)
-    for array in (head.weights, head.bias, head.feature_mean):
-        digest.update(_summary(array))
-    digest.update(repr((head.l2_normalize, options.claim_shrinkage)).encode())
-    if stats is not None:
-        digest.update(stats.counts.tobytes())
-        digest.update(_summary(stats.sums))
-        digest.update(b"no-gram" if stats.gram is None else np.ascontiguousarray(np.diagonal(stats.gram)).tobytes())
+    # a strided sample of the weight rows and every bias: an update that changes a column changes its bias too
+    digest.update(np.ascontiguousarray(head.weights[:: max(1, head.embedding_size // 64), :classes]).tobytes())
+    digest.update(head.bias[:classes].tobytes())
+    digest.update(b"none" if head.feature_mean is None else head.feature_mean.tobytes())
+    digest.update(repr((head.l2_normalize, options.claim_shrinkage, classes)).encode())
+    if stats is None:
+        digest.update(b"no statistics")
+    else:
+        digest.update(stats.counts[:classes].tobytes())
+        digest.update(np.ascontiguousarray(stats.sums[:classes, :: max(1, stats.sums.shape[1] // 64)]).tobytes())
+        digest.update(b"gram" if stats.gram is not None else b"no gram")
     return digest.digest()
 
 
-def _solver(head: Head, stats: ClassStats | None, options) -> _Solver:
-    key = _fingerprint(head, stats, options)
-    solver = _CACHE.get(key)
-    if solver is None:
-        solver = _build_solver(head, stats, options)
-        _CACHE[key] = solver
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    else:
-        _CACHE.move_to_end(key)
-    return solver
+def _rows_key(rows: np.ndarray) -> bytes:
+    return hashlib.blake2b(_sums(rows, axis=1), digest_size=16).digest()
+
+
+def _refresh_limit(classes: int, options) -> int:
+    """Classes that may be added before a solver built for ``classes`` columns is rebuilt."""
+    return max(int(options.basis_refresh_minimum), int(options.basis_refresh_fraction * classes))
+
+
+def _extended_best(head: Head, features: np.ndarray, best: np.ndarray, classes: int) -> np.ndarray:
+    """``best`` (over the first ``classes`` columns) extended to every column of ``head``."""
+    if head.num_classes == classes or features.shape[0] == 0:
+        return best
+    extra = features.astype(np.float32) @ head.weights[:, classes:]
+    extra += head.bias[classes:]
+    return np.maximum(best, extra.max(axis=1).astype(np.float64))
+
+
+def _solver(head: Head, stats: ClassStats | None, options) -> tuple[_Solver, np.ndarray]:
+    """The cached solver serving ``head`` (built when none does) and its synthetic samples' best logits."""
+    for solver in reversed(_SOLVERS):
+        if (solver.classes <= head.num_classes <= solver.classes + _refresh_limit(solver.classes, options)
+                and _prefix_key(head, stats, solver.classes, options) == solver.key):
+            _SOLVERS.remove(solver)
+            _SOLVERS.append(solver)
+            return solver, _extended_best(head, solver.synthetic, solver.synthetic_best, solver.classes)
+    solver = _build_solver(head, stats, options)
+    _SOLVERS.append(solver)
+    del _SOLVERS[:-CACHE_SIZE]
+    return solver, solver.synthetic_best
 
 
 def _features(head: Head, embeddings: np.ndarray) -> np.ndarray:
     return head.features(np.asarray(embeddings, dtype=np.float32)).astype(np.float64)
+
+
+def _features32(head: Head, embeddings: np.ndarray) -> np.ndarray:
+    """Head features in float32 (calibration sets: half the memory traffic of float64)."""
+    return np.ascontiguousarray(head.features(np.asarray(embeddings, dtype=np.float32)), dtype=np.float32)
 
 
 def _build_solver(head: Head, stats: ClassStats | None, options) -> _Solver:
@@ -127,13 +178,16 @@ def _build_solver(head: Head, stats: ClassStats | None, options) -> _Solver:
     usable = (stats is not None and stats.gram is not None and stats.num_classes == head.num_classes
               and int(np.count_nonzero(stats.counts)) == head.num_classes
               and int(stats.counts.sum()) - head.num_classes >= max(MIN_DEGREES, head.num_classes))
+    key = _prefix_key(head, stats, head.num_classes, options)
+    norms = column_norms(head.weights)
+    empty = _Solver(key, head.num_classes, feature_mean, None, 0.0, None, np.zeros((0, size), np.float32), np.zeros(0), norms)
     if not usable:
-        return _Solver(head.num_classes, feature_mean, None, 0.0, None, np.zeros((0, size)), np.zeros(0))
+        return empty
     within = _within_covariance(stats)
     trace = float(np.trace(within))
     if not trace > 0:
-        return _Solver(head.num_classes, feature_mean, None, 0.0, None, np.zeros((0, size)), np.zeros(0))
-    synthetic = _features(head, _synthetic_samples(stats, within, trace))
+        return empty
+    synthetic = _features32(head, _synthetic_samples(stats, within, trace))
     synthetic_best = _best_logits(head, synthetic)
     projection, scale, offset = None, 0.0, None
     if not head.l2_normalize and head.num_classes >= 2:
@@ -145,7 +199,9 @@ def _build_solver(head: Head, stats: ClassStats | None, options) -> _Solver:
         scale, offset = _alignment(head, stats, feature_mean, projection, within)
         if not (math.isfinite(scale) and scale > 0 and np.all(np.isfinite(offset))):
             projection, scale, offset = None, 0.0, None
-    return _Solver(head.num_classes, feature_mean, projection, scale, offset, synthetic, synthetic_best)
+        else:
+            projection = projection.astype(np.float32)  # a direction: float32 halves the work per class
+    return _Solver(key, head.num_classes, feature_mean, projection, scale, offset, synthetic, synthetic_best, norms)
 
 
 def _synthetic_samples(stats: ClassStats, within: np.ndarray, trace: float) -> np.ndarray:
@@ -187,13 +243,23 @@ def _best_logits(head: Head, features: np.ndarray) -> np.ndarray:
     return logits.max(axis=1).astype(np.float64)
 
 
+def _column_scale(head: Head, solver: _Solver) -> float:
+    """:func:`~edgeadapt.device.prototype_column.mean_column_norm` of ``head``, from the solver's cached norms."""
+    if head.num_classes == 0:
+        return EMPTY_HEAD_SCALE
+    norms = solver.norms
+    if head.num_classes > solver.classes:
+        norms = np.concatenate([norms, column_norms(head.weights[:, solver.classes:])])
+    return float(np.mean(norms))
+
+
 def _direction_column(head: Head, solver: _Solver, shots: np.ndarray) -> np.ndarray:
     """The new class's column (D,) float32 from its raw shot embeddings."""
     if solver.projection is None:
-        column, _ = prototype_column(head, shots)
+        column, _ = prototype_direction(head, shots, _column_scale(head, solver))
         return column
     mean = np.asarray(shots, dtype=np.float64).mean(axis=0) - solver.feature_mean
-    column = solver.scale * (solver.projection @ mean) + solver.offset
+    column = solver.scale * (solver.projection @ mean.astype(np.float32)).astype(np.float64) + solver.offset
     return column.astype(np.float32)
 
 
@@ -203,7 +269,8 @@ def _claim_bias(column: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], 
     ``parts``: (features (n, D), best existing logits (n,)) pairs, used without concatenating the
     features. None when there are no samples (or no existing class to beat).
     """
-    margins = [best - features @ column.astype(np.float64) for features, best in parts if features.shape[0]]
+    margins = [best - (features @ column.astype(features.dtype)).astype(np.float64)
+               for features, best in parts if features.shape[0]]
     if not margins:
         return None
     margins = np.sort(np.concatenate(margins))
@@ -222,36 +289,58 @@ def _float32_at_most(value: float) -> float:
     return float(rounded)
 
 
-def _calibrated_bias(head: Head, solver: _Solver, column: np.ndarray, prototype: np.ndarray, real: np.ndarray,
-                     real_best: np.ndarray, options, default: float) -> float:
-    """The claim-budget bias of ``column`` against ``head``'s columns, raised to the prototype floor."""
-    claim = _claim_bias(column, [(solver.synthetic, solver.synthetic_best), (real, real_best)], options.claim_budget)
+def _calibrated_bias(head: Head, samples: list[tuple[np.ndarray, np.ndarray]], column: np.ndarray,
+                     prototype: np.ndarray, options, default: float) -> float:
+    """The claim-budget bias of ``column`` against ``head``'s columns, raised to the prototype floor.
+
+    ``samples``: (features, best existing logits) pairs of the calibration set.
+    """
+    claim = _claim_bias(column, samples, options.claim_budget)
     bias = default if claim is None else _float32_at_most(claim)
     return raise_to_floor(head, column, prototype, bias)
 
 
-_REAL_CACHE: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+@dataclass(frozen=True)
+class _KeyOptions:
+    """Key settings of a calibration set's cache entry (it depends on no option)."""
+
+    claim_shrinkage: float = 0.0
+
+
+_KEY_OPTIONS = _KeyOptions()
 
 
 def _real_calibration(head: Head, calibration: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Head features of the caller's calibration embeddings and their best existing logits (cached)."""
+    """Head features of the caller's calibration embeddings and their best existing logits.
+
+    Cached and extended: a set that starts with the rows of an earlier one (the updater appends
+    the examples it learns) and a head that extends its columns reuse the earlier work.
+    """
     if calibration is None or not len(calibration):
-        return np.zeros((0, head.embedding_size)), np.zeros(0)
-    digest = hashlib.blake2b(digest_size=16)
-    for array in (head.weights, head.bias, head.feature_mean, calibration):
-        digest.update(_summary(array))
-    digest.update(repr(head.l2_normalize).encode())
-    key = digest.digest()
-    cached = _REAL_CACHE.get(key)
-    if cached is None:
-        real = _features(head, calibration)
-        cached = (real, _best_logits(head, real))
-        _REAL_CACHE[key] = cached
-        while len(_REAL_CACHE) > CACHE_SIZE:
-            _REAL_CACHE.popitem(last=False)
+        return np.zeros((0, head.embedding_size), np.float32), np.zeros(0)
+    calibration = np.asarray(calibration)
+    full_key = _rows_key(calibration)
+    for entry in reversed(_CALIBRATED):
+        rows = entry.features.shape[0]
+        if (entry.classes <= head.num_classes and rows <= calibration.shape[0]
+                and (full_key if rows == calibration.shape[0] else _rows_key(calibration[:rows])) == entry.rows_key
+                and _prefix_key(head, None, entry.classes, _KEY_OPTIONS) == entry.key):
+            break
     else:
-        _REAL_CACHE.move_to_end(key)
-    return cached
+        entry = None
+    if entry is None:
+        features = _features32(head, calibration)
+        best = _best_logits(head, features)
+    else:
+        known = _extended_best(head, entry.features, entry.best, entry.classes)
+        added = _features32(head, calibration[entry.features.shape[0]:])
+        features = np.concatenate([entry.features, added]) if added.shape[0] else entry.features
+        best = np.concatenate([known, _best_logits(head, added)]) if added.shape[0] else known
+    if entry is None or entry.classes != head.num_classes or entry.features.shape[0] != calibration.shape[0]:
+        _CALIBRATED.append(_Calibrated(_prefix_key(head, None, head.num_classes, _KEY_OPTIONS), head.num_classes,
+                                       full_key, features, best))
+    del _CALIBRATED[:-CACHE_SIZE]
+    return features, best
 
 
 def claim_columns(
@@ -281,14 +370,15 @@ def claim_columns(
         InputError: A bias that does not fit float32 (extreme embeddings).
         IncompatibleModelError: Shots whose mean feature is zero (no direction).
     """
-    solver = _solver(head, stats, options)
+    solver, synthetic_best = _solver(head, stats, options)
     real, real_best = _real_calibration(head, calibration)
     default = 0.0 if head.num_classes == 0 else float(np.mean(head.bias.astype(np.float64)))
     columns, biases = [], []
     for shots in arrays:
         column = _direction_column(head, solver, shots)
         prototype = _features(head, shots).mean(axis=0)
-        biases.append(_calibrated_bias(head, solver, column, prototype, real, real_best, options, default))
+        biases.append(_calibrated_bias(head, [(solver.synthetic, synthetic_best), (real, real_best)], column,
+                                       prototype, options, default))
         columns.append(column.astype(np.float64))
     return np.stack(columns, axis=1), np.array(biases, dtype=np.float64)
 
@@ -327,7 +417,7 @@ def strengthened_column(
     rest_stats = None
     if stats is not None and stats.gram is not None:
         rest_stats = ClassStats(sums=stats.sums[others], counts=stats.counts[others], gram=stats.gram)
-    solver = _solver(rest, rest_stats, options)
+    solver, synthetic_best = _solver(rest, rest_stats, options)
     if stats is not None:
         class_mean = stats.sums[class_index] / max(int(stats.counts[class_index]), 1)
         column = _direction_column(rest, solver, class_mean[None, :])
@@ -344,5 +434,6 @@ def strengthened_column(
             column = (direction / length * scale).astype(np.float32)
     real, real_best = _real_calibration(rest, calibration)
     prototype = _features(head, embeddings).mean(axis=0)
-    bias = _calibrated_bias(rest, solver, column, prototype, real, real_best, options, float(head.bias[class_index]))
+    bias = _calibrated_bias(rest, [(solver.synthetic, synthetic_best), (real, real_best)], column, prototype, options,
+                            float(head.bias[class_index]))
     return np.asarray(column, dtype=np.float64), bias

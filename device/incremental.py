@@ -246,6 +246,20 @@ def _check_embeddings(head: Head, embeddings, what: str) -> np.ndarray:
     return array
 
 
+def _check_calibration(head: Head, calibration) -> np.ndarray:
+    """Calibration embeddings (N, D) as given (float32 or float64, no copy), or :class:`InputError`."""
+    array = np.asarray(calibration)
+    if array.ndim != 2 or array.shape[1] != head.embedding_size:
+        raise InputError(f"calibration embeddings have shape {array.shape}, but this head takes "
+                         f"{head.embedding_size}-d embeddings (an (N, {head.embedding_size}) array)")
+    if array.dtype not in (np.float32, np.float64):
+        array = _check_embeddings(head, array, "calibration embeddings")
+    if not np.isfinite(array).all():
+        raise InputError("calibration embeddings contain NaN or infinite values; check the backbone output and "
+                         "the stored background or reference embeddings")
+    return array
+
+
 def _check_class_list(head: Head, new_embeddings: Sequence[np.ndarray]) -> list[np.ndarray]:
     if isinstance(new_embeddings, np.ndarray):
         raise InputError(
@@ -496,7 +510,7 @@ def add_classes(
         from edgeadapt.device.fewshot import claim_columns
 
         if calibration is not None:
-            calibration = _check_embeddings(head, calibration, "calibration embeddings")
+            calibration = _check_calibration(head, calibration)
         new_weights, new_bias = claim_columns(head, stats, arrays, calibration, options)
     elif method == "ridge":
         assert updated is not None and stats is not None and stats.gram is not None
@@ -605,7 +619,7 @@ def add_examples(
         from edgeadapt.device.fewshot import strengthened_column
 
         if calibration is not None:
-            calibration = _check_embeddings(head, calibration, "calibration embeddings")
+            calibration = _check_calibration(head, calibration)
         column, bias_value = strengthened_column(head, updated, index, array, calibration, options)
     elif method == "ridge":
         assert updated is not None and stats is not None

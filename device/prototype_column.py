@@ -49,11 +49,50 @@ def _embeddings(head: Head, embeddings: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
+def column_norms(weights: np.ndarray) -> np.ndarray:
+    """The L2 norm of each column of ``weights`` (D, C), squares summed in float64 (C,).
+
+    In blocks of columns, so that a large head is never copied to float64 whole.
+    """
+    norms = np.empty(weights.shape[1], dtype=np.float64)
+    for start in range(0, weights.shape[1], 256):
+        block = weights[:, start:start + 256].astype(np.float64)
+        norms[start:start + 256] = np.sqrt(np.einsum("dc,dc->c", block, block))
+    return norms
+
+
 def mean_column_norm(head: Head) -> float:
     """Mean L2 norm of the head's columns in float64 (:data:`EMPTY_HEAD_SCALE` without classes)."""
     if head.num_classes == 0:
         return EMPTY_HEAD_SCALE
-    return float(np.mean(np.sqrt(np.sum(head.weights.astype(np.float64) ** 2, axis=0))))
+    return float(np.mean(column_norms(head.weights)))
+
+
+def prototype_direction(head: Head, shots: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The new class's column: the unit mean feature of ``shots`` times ``scale``.
+
+    Args:
+        head: The head the class is added to.
+        shots: (n, D) raw embeddings of the new class, n >= 1.
+        scale: The column norm (default: :func:`mean_column_norm` of ``head``).
+
+    Returns:
+        ``(column, prototype)``: the (D,) float32 column and the float64 mean feature.
+
+    Raises:
+        InputError: No shots, wrong shapes, non-finite values, or a column beyond the format's range.
+        IncompatibleModelError: The shots' mean feature is zero (no direction).
+    """
+    shots = _embeddings(head, shots, "shots")
+    prototype = head.features(shots).astype(np.float64).mean(axis=0)
+    norm = float(np.sqrt(np.dot(prototype, prototype)))
+    if not norm > 0 or not math.isfinite(norm):
+        raise IncompatibleModelError("the shots' mean feature is zero, so the new class has no direction; "
+                                     "give other examples")
+    column64 = (mean_column_norm(head) if scale is None else scale) * (prototype / norm)
+    if not np.all(np.abs(column64) <= MAX_ABS_WEIGHT):
+        raise InputError("the new column exceeds 2^64, the head file's weight limit: the head's columns are far too large")
+    return column64.astype(np.float32), prototype
 
 
 def prototype_column(
@@ -75,17 +114,7 @@ def prototype_column(
         InputError: no shots, wrong shapes, non-finite values, or q outside (0, 1).
         IncompatibleModelError: the shots' mean feature is zero (no direction).
     """
-    shots = _embeddings(head, shots, "shots")
-    features = head.features(shots).astype(np.float64)
-    prototype = features.mean(axis=0)
-    norm = float(np.sqrt(np.dot(prototype, prototype)))
-    if not norm > 0 or not math.isfinite(norm):
-        raise IncompatibleModelError("the shots' mean feature is zero, so the new class has no direction; "
-                                     "give other examples")
-    column64 = mean_column_norm(head) * (prototype / norm)
-    if not np.all(np.abs(column64) <= MAX_ABS_WEIGHT):
-        raise InputError("the new column exceeds 2^64, the head file's weight limit: the head's columns are far too large")
-    column = column64.astype(np.float32)
+    column, prototype = prototype_direction(head, shots)
     if background is not None and len(background) == 0:
         background = None  # m = 0, as in C
     if background is None or head.num_classes == 0:
@@ -141,8 +170,16 @@ def raise_to_floor(head: Head, column: np.ndarray, prototype: np.ndarray, bias: 
     """
     if head.num_classes == 0:
         return bias
-    point = np.asarray(prototype, dtype=np.float32).astype(np.float64)
-    best = float(np.max(point @ head.weights.astype(np.float64) + head.bias.astype(np.float64)))
+    point32 = np.asarray(prototype, dtype=np.float32)
+    point = point32.astype(np.float64)
+    # the best logit in float64 (as the C library computes it), over the columns that float32 puts near the top
+    rough = point32 @ head.weights + head.bias
+    near = np.flatnonzero(rough >= rough.max() - 1e-3 * (1.0 + abs(float(rough.max()))))
+    if rough.shape[0] > 16:
+        near = np.union1d(near, np.argpartition(rough, -16)[-16:])
+    else:
+        near = np.arange(rough.shape[0])
+    best = float(np.max(point @ head.weights[:, near].astype(np.float64) + head.bias[near].astype(np.float64)))
     floor = best - float(point @ np.asarray(column, dtype=np.float32).astype(np.float64))
     if not abs(floor) <= float(np.finfo(np.float32).max):
         raise InputError("the new class's bias does not fit float32: its examples are far outside the head's range")
