@@ -94,8 +94,11 @@ class _Calibrated:
     key: bytes  # _prefix_key of the head's first `classes` columns
     classes: int
     rows_key: bytes  # _rows_key of the calibration rows
-    features: np.ndarray  # (M, D) float32
-    best: np.ndarray  # (M,)
+    blocks: list[tuple[np.ndarray, np.ndarray]]  # (features (m, D) float32, best (m,)) per block of rows
+
+    @property
+    def rows(self) -> int:
+        return sum(features.shape[0] for features, _ in self.blocks)
 
 
 _SOLVERS: list[_Solver] = []
@@ -310,18 +313,19 @@ class _KeyOptions:
 _KEY_OPTIONS = _KeyOptions()
 
 
-def _real_calibration(head: Head, calibration: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Head features of the caller's calibration embeddings and their best existing logits.
+def _real_calibration(head: Head, calibration: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Head features of the caller's calibration embeddings and their best existing logits, in blocks of rows.
 
     Cached and extended: a set that starts with the rows of an earlier one (the updater appends
-    the examples it learns) and a head that extends its columns reuse the earlier work.
+    the examples it learns) and a head that extends its columns reuse the earlier work; the
+    blocks are never concatenated.
     """
     if calibration is None or not len(calibration):
-        return np.zeros((0, head.embedding_size), np.float32), np.zeros(0)
+        return []
     calibration = np.asarray(calibration)
     full_key = _rows_key(calibration)
     for entry in reversed(_CALIBRATED):
-        rows = entry.features.shape[0]
+        rows = entry.rows
         if (entry.classes <= head.num_classes and rows <= calibration.shape[0]
                 and (full_key if rows == calibration.shape[0] else _rows_key(calibration[:rows])) == entry.rows_key
                 and _prefix_key(head, None, entry.classes, _KEY_OPTIONS) == entry.key):
@@ -330,17 +334,17 @@ def _real_calibration(head: Head, calibration: np.ndarray | None) -> tuple[np.nd
         entry = None
     if entry is None:
         features = _features32(head, calibration)
-        best = _best_logits(head, features)
+        blocks = [(features, _best_logits(head, features))]
     else:
-        known = _extended_best(head, entry.features, entry.best, entry.classes)
-        added = _features32(head, calibration[entry.features.shape[0]:])
-        features = np.concatenate([entry.features, added]) if added.shape[0] else entry.features
-        best = np.concatenate([known, _best_logits(head, added)]) if added.shape[0] else known
-    if entry is None or entry.classes != head.num_classes or entry.features.shape[0] != calibration.shape[0]:
+        blocks = [(features, _extended_best(head, features, best, entry.classes)) for features, best in entry.blocks]
+        if entry.rows < calibration.shape[0]:
+            added = _features32(head, calibration[entry.rows:])
+            blocks.append((added, _best_logits(head, added)))
+    if entry is None or entry.classes != head.num_classes or entry.rows != calibration.shape[0]:
         _CALIBRATED.append(_Calibrated(_prefix_key(head, None, head.num_classes, _KEY_OPTIONS), head.num_classes,
-                                       full_key, features, best))
+                                       full_key, blocks))
     del _CALIBRATED[:-CACHE_SIZE]
-    return features, best
+    return blocks
 
 
 def claim_columns(
@@ -371,14 +375,14 @@ def claim_columns(
         IncompatibleModelError: Shots whose mean feature is zero (no direction).
     """
     solver, synthetic_best = _solver(head, stats, options)
-    real, real_best = _real_calibration(head, calibration)
+    real = _real_calibration(head, calibration)
     default = 0.0 if head.num_classes == 0 else float(np.mean(head.bias.astype(np.float64)))
     columns, biases = [], []
     for shots in arrays:
         column = _direction_column(head, solver, shots)
         prototype = _features(head, shots).mean(axis=0)
-        biases.append(_calibrated_bias(head, [(solver.synthetic, synthetic_best), (real, real_best)], column,
-                                       prototype, options, default))
+        biases.append(_calibrated_bias(head, [(solver.synthetic, synthetic_best), *real], column, prototype, options,
+                                       default))
         columns.append(column.astype(np.float64))
     return np.stack(columns, axis=1), np.array(biases, dtype=np.float64)
 
@@ -432,8 +436,8 @@ def strengthened_column(
         else:
             scale = mean_column_norm(rest) if rest.num_classes else float(np.linalg.norm(current)) or 1.0
             column = (direction / length * scale).astype(np.float32)
-    real, real_best = _real_calibration(rest, calibration)
+    real = _real_calibration(rest, calibration)
     prototype = _features(head, embeddings).mean(axis=0)
-    bias = _calibrated_bias(rest, [(solver.synthetic, synthetic_best), (real, real_best)], column, prototype, options,
+    bias = _calibrated_bias(rest, [(solver.synthetic, synthetic_best), *real], column, prototype, options,
                             float(head.bias[class_index]))
     return np.asarray(column, dtype=np.float64), bias
