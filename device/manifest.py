@@ -156,6 +156,10 @@ class FileEntry:
     size: int
 
 
+#: Separators of one class or file entry on its line.
+_COMPACT = (",", ":")
+
+
 @dataclass
 class Manifest:
     """In-memory form of ``manifest.json``. ``data`` holds the raw JSON dictionary."""
@@ -215,7 +219,24 @@ class Manifest:
         return Manifest(copy.deepcopy(self.data))
 
     def to_json(self) -> str:
-        return json.dumps(self.data, indent=2, sort_keys=False) + "\n"
+        """The manifest as written: indented JSON, one line per class entry and per file entry (a
+        commit rewrites the manifest, so its size is part of what every update costs)."""
+        items = list(self.data.items())
+        lines = ["{"]
+        for position, (key, value) in enumerate(items):
+            comma = "," if position < len(items) - 1 else ""
+            name = json.dumps(key)
+            if key == "classes" and isinstance(value, list) and value:
+                body = ",\n".join(f"    {json.dumps(entry, separators=_COMPACT)}" for entry in value)
+                lines.append(f"  {name}: [\n{body}\n  ]{comma}")
+            elif key == "files" and isinstance(value, dict) and value:
+                body = ",\n".join(f"    {json.dumps(path)}: {json.dumps(entry, separators=_COMPACT)}"
+                                 for path, entry in value.items())
+                lines.append(f"  {name}: {{\n{body}\n  }}{comma}")
+            else:
+                lines.append(f"  {name}: {json.dumps(value, indent=2)}".replace("\n", "\n  ") + comma)
+        lines.append("}")
+        return "\n".join(lines) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "manifest.json") -> "Manifest":

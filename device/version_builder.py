@@ -151,7 +151,8 @@ _BASE_FILES = ("weights.npy", "bias.npy", "class_sums.npy", "class_counts.npy", 
 
 
 def build_version(parent: Manifest, plan: VersionPlan, version: int, *, tool: str, previous: Any = None,
-                  compact: bool = False, compact_fraction: float = DEFAULT_COMPACT_FRACTION) -> BuiltVersion:
+                  compact: bool = False, compact_fraction: float = DEFAULT_COMPACT_FRACTION,
+                  created_by: dict | None = None) -> BuiltVersion:
     """The manifest of version ``version`` after ``parent`` and the files it needs written.
 
     Args:
@@ -165,6 +166,10 @@ def build_version(parent: Manifest, plan: VersionPlan, version: int, *, tool: st
             a part. None (host writers): every head file is written.
         compact: write full base files even when a part would do.
         compact_fraction: compact once the parts exceed this fraction of the base files.
+        created_by: host writers: who built the version (merged into ``created_by``); the version
+            then also gets ``created_at`` and loses the parent's ``derived_from`` (a new host
+            version is unsigned until ``edgeadapt sign``; a device version keeps it, see
+            :mod:`edgeadapt.device.signing`).
 
     Returns:
         The :class:`BuiltVersion`.
@@ -248,6 +253,10 @@ def build_version(parent: Manifest, plan: VersionPlan, version: int, *, tool: st
     data["version"] = version
     data["parent_version"] = parent.version
     data["committed_at"] = utc_timestamp()
+    if created_by is not None:
+        data["created_at"] = data["committed_at"]
+        data["created_by"] = {**(parent.data.get("created_by") or {}), **created_by}
+        data.pop("derived_from", None)
     data["classes"] = [{key: value for key, value in entry.items() if value is not None} for entry in plan.classes]
     data["head"] = section
     data["files"] = table

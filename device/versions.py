@@ -226,6 +226,18 @@ def _flush_and_rename(pending: list[_PendingFile], folders: list[Path]) -> None:
         _flush_and_rename_abort(pending)  # only what is left: nothing after success
 
 
+def _link_record(temporary: Path, record: Path) -> bool:
+    """Make ``record`` a hard link to the manifest's temporary file; False where the file system
+    cannot (FAT, some network shares: the caller writes a copy instead)."""
+    try:
+        os.link(temporary, record, follow_symlinks=False)
+    except OSError as error:
+        if error.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            return False
+        raise
+    return True
+
+
 def fsync_directories(paths: list[Path]) -> None:
     """fsync several folders at once (best effort, like :func:`fsync_directory`)."""
     descriptors = []
@@ -597,15 +609,17 @@ class VersionStore:
             text = manifest.to_json().encode()
             record = self.record_path(version)
             written.append(record)
-            # One flush for: the folders that received the new files, the record and the manifest
-            # (both still under temporary names). Then the record (a record newer than
-            # manifest.json is removed by recover()) and the manifest -- the commit point -- are
-            # renamed into place and their folders flushed.
+            # The manifest is written once, to a temporary name; the record is a hard link to it
+            # (a second copy where the file system has no hard links). One flush for: the folders
+            # that received the new files and the record, and the manifest. Then the manifest --
+            # the commit point -- is renamed into place and the folders flushed. A record newer
+            # than manifest.json is removed by recover().
             folders = [head_folder, head_folder.parent, record.parent] if new_files else [record.parent]
             pending: list[_PendingFile] = []
             try:
-                for path in (record, self.path / MANIFEST_NAME):
-                    pending.append(_write_temporary(path, text))
+                pending.append(_write_temporary(self.path / MANIFEST_NAME, text))
+                if not _link_record(pending[0].temporary, record):
+                    pending.insert(0, _write_temporary(record, text))
             except BaseException:
                 _flush_and_rename_abort(pending)
                 raise
