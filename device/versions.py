@@ -426,6 +426,8 @@ def summarize_change(change: Mapping[str, Any] | None) -> str:
         return f"stored {change.get('references')} reference embedding(s) for the update gate"
     if action == "calibrate-unknown":
         return f"calibrated unknown rejection (threshold {change.get('threshold', float('nan')):.4f})"
+    if action == "compact":
+        return f"compacted the head files ({change.get('parts', 0)} part(s) folded in)"
     if action == "merge-deltas":
         return f"merged {len(change.get('deltas', []))} delta(s) on the host: {classes}"
     return action
