@@ -156,8 +156,13 @@ class FileEntry:
     size: int
 
 
-#: Separators of one class or file entry on its line.
-_COMPACT = (",", ":")
+def _flat(entry: Any) -> bool:
+    """A dict whose values are all scalars (a shallow copy is a deep copy)."""
+    return isinstance(entry, dict) and not any(isinstance(value, (dict, list)) for value in entry.values())
+
+
+#: Encodes one class or file entry on its line.
+_ENTRY = json.JSONEncoder(separators=(",", ":"))
 
 
 @dataclass
@@ -216,7 +221,17 @@ class Manifest:
         return head_files(self.data, "manifest.json")
 
     def copy(self) -> "Manifest":
-        return Manifest(copy.deepcopy(self.data))
+        """A deep copy (the class and file tables, flat entries, copied entry by entry: fast at 1000s of classes)."""
+        data = {}
+        for key, value in self.data.items():
+            if key == "classes" and isinstance(value, list):
+                data[key] = [dict(entry) if _flat(entry) else copy.deepcopy(entry) for entry in value]
+            elif key == "files" and isinstance(value, dict):
+                data[key] = {path: dict(entry) if _flat(entry) else copy.deepcopy(entry)
+                             for path, entry in value.items()}
+            else:
+                data[key] = copy.deepcopy(value)
+        return Manifest(data)
 
     def to_json(self) -> str:
         """The manifest as written: indented JSON, one line per class entry and per file entry (a
@@ -227,10 +242,10 @@ class Manifest:
             comma = "," if position < len(items) - 1 else ""
             name = json.dumps(key)
             if key == "classes" and isinstance(value, list) and value:
-                body = ",\n".join(f"    {json.dumps(entry, separators=_COMPACT)}" for entry in value)
+                body = ",\n".join(f"    {_ENTRY.encode(entry)}" for entry in value)
                 lines.append(f"  {name}: [\n{body}\n  ]{comma}")
             elif key == "files" and isinstance(value, dict) and value:
-                body = ",\n".join(f"    {json.dumps(path)}: {json.dumps(entry, separators=_COMPACT)}"
+                body = ",\n".join(f"    {_ENTRY.encode(path)}:{_ENTRY.encode(entry)}"
                                  for path, entry in value.items())
                 lines.append(f"  {name}: {{\n{body}\n  }}{comma}")
             else:

@@ -467,6 +467,7 @@ class VersionStore:
             )
         self.keep_versions = keep_versions
         self._record_cache: dict[int, tuple[tuple[int, int, int], Manifest]] = {}
+        self._manifest_cache: tuple[tuple[int, int, int, int], Manifest] | None = None
         if not self.path.is_dir():
             if self.path.is_file():
                 raise BundleError(
@@ -480,11 +481,23 @@ class VersionStore:
         return BundleLock(self.path, wait=wait, timeout=timeout)
 
     def read_manifest(self) -> Manifest:
-        """The current manifest (validated, files not verified)."""
+        """The current manifest (validated, files not verified; parsed once while the file is unchanged).
+
+        The returned manifest is shared with later calls: copy it (:meth:`Manifest.copy`) to change it.
+        """
         manifest_path = self.path / MANIFEST_NAME
-        if not os.path.lexists(manifest_path):
-            raise BundleError(f"{self.path} has no {MANIFEST_NAME}; it is not a bundle (or it is incomplete)")
-        return Manifest.from_json(read_regular(manifest_path, MAX_MANIFEST_BYTES, "bundle manifest"), str(manifest_path))
+        try:
+            status = os.lstat(manifest_path)
+        except FileNotFoundError:
+            raise BundleError(f"{self.path} has no {MANIFEST_NAME}; it is not a bundle (or it is incomplete)") from None
+        signature = (status.st_mtime_ns, status.st_size, status.st_ino, status.st_ctime_ns)
+        cached = self._manifest_cache
+        if cached is not None and cached[0] == signature and stat.S_ISREG(status.st_mode):
+            return cached[1]
+        manifest = Manifest.from_json(read_regular(manifest_path, MAX_MANIFEST_BYTES, "bundle manifest"),
+                                      str(manifest_path))
+        self._manifest_cache = (signature, manifest)
+        return manifest
 
     def record_path(self, version: int) -> Path:
         return self.path / VERSIONS_DIR / f"v{int(version)}.json"
@@ -627,6 +640,7 @@ class VersionStore:
                 raise
             _flush_and_rename(pending, folders)
             committed = True
+            self._remember_committed(manifest, record)
             fsync_directories([record.parent, self.path])
         except (OSError, BundleError) as error:
             if not committed:
@@ -648,6 +662,16 @@ class VersionStore:
         except (OSError, BundleError) as error:  # the commit stands; the next writer prunes again
             logger.warning("version %d committed; pruning old versions failed: %s", version, error)
         return manifest
+
+    def _remember_committed(self, manifest: Manifest, record: Path) -> None:
+        """Seed the manifest and record caches with what was just written (no re-parse by prune)."""
+        try:
+            status = os.lstat(self.path / MANIFEST_NAME)
+            self._manifest_cache = ((status.st_mtime_ns, status.st_size, status.st_ino, status.st_ctime_ns), manifest)
+            status = os.lstat(record)
+            self._record_cache[manifest.version] = ((status.st_mtime_ns, status.st_size, status.st_ino), manifest)
+        except OSError:
+            pass
 
     def prune(self) -> list[int]:
         """Keep the newest ``keep_versions`` records; delete older records and unreferenced head files.
