@@ -20,6 +20,10 @@ Layout::
                                     two float32 inverses, D x D and (D+1) x (D+1), and
                                     a 2 x (D+2) calibration; see edgeadapt.device.ridge)
 
+      heads/v7/part_*.npy           classes appended (or columns replaced) by version 7 on top
+                                    of shared base files: ``head.parts``, assembled by the
+                                    ``load_*`` readers (see edgeadapt.device.head_parts)
+
 Every file is listed in the manifest with its sha256 and size; readers verify them
 before use. Writers build the new directory next to the target, fsync it and rename.
 """

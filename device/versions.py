@@ -6,7 +6,9 @@ version next to the current one and then switches ``manifest.json`` in one atomi
     NAME.eab/
       manifest.json          the current version (the only file readers start from)
       heads/v7/*.npy         files of version 7 (files that did not change are shared:
-                             a manifest may point at heads/v5/gram.npy)
+                             a manifest may point at heads/v5/gram.npy; a version that only
+                             appended classes lists small ``part_*.npy`` files on top of shared
+                             base files, see :mod:`edgeadapt.device.head_parts`)
       versions/v7.json       a copy of each kept version's manifest (history, rollback)
       .edgeadapt.lock        lock file that serialises writers (never listed in the manifest)
 
@@ -15,8 +17,10 @@ Commit order (:meth:`VersionStore.commit`):
 1. each new head file (and the record of the version being replaced if it has none yet, as
    for a freshly exported bundle): write a temporary file; fsync them all (concurrently, so
    the file system can share one journal flush); rename each into place;
-2. ``versions/v{N}.json`` (temporary file, fsync, rename); fsync the folders;
-3. ``manifest.json`` (temporary file, fsync, rename, fsync the folder) -- the commit point;
+2. the new manifest, written once to a temporary file; ``versions/v{N}.json`` is a hard link to
+   it (a second temporary copy, renamed into place, where the file system has no hard links);
+   fsync the manifest and the folders;
+3. ``manifest.json`` (rename of that temporary file, fsync the folder) -- the commit point;
 4. prune: keep the newest ``keep_versions`` version records (and, for a short grace period,
    versions that were current moments ago, so readers that just read their manifest can
    finish loading them), delete head files that no kept version references.
@@ -25,7 +29,9 @@ A crash before step 3 leaves the old ``manifest.json`` in place, whose files are
 untouched; a crash after it leaves the new one, whose files were all fsynced before. The
 next writer (:meth:`VersionStore.recover`, run under the lock) deletes the leftovers of an
 interrupted commit: records newer than the current manifest, unreferenced head files and
-temporary files. Readers need no lock.
+temporary files. Readers need no lock. A head file is deleted only when no kept version lists
+it (versions share base files and parts: the union of the kept versions' file tables is what
+stays).
 
 Versions only grow: a rollback to version 3 commits a new version whose manifest is version
 3's (same head files, shared, not copied) with ``change.action == "rollback"``.
@@ -753,5 +759,7 @@ class VersionStore:
         restored.data["parent_version"] = current.version
         restored.data["committed_at"] = utc_timestamp()
         restored.data["head"]["version"] = number
-        restored.data["change"] = {"action": "rollback", "to_version": version, **(change or {})}
+        from edgeadapt.device.version_builder import ChangeAction
+
+        restored.data["change"] = {"action": ChangeAction.ROLLBACK.value, "to_version": version, **(change or {})}
         return restored
