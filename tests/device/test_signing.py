@@ -145,7 +145,6 @@ def test_device_update_keeps_the_chain_and_reopens(signed, keys, train_images):
 
 
 def test_device_commit_leaves_the_publisher_signed_files_untouched(signed, keys, train_images):
-
     images, labels = train_images
     public = keys["publisher"][1]
     signed_files = json.loads((signed / "manifest.json").read_text())["files"]
