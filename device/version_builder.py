@@ -175,6 +175,41 @@ def build_version(parent: Manifest, plan: VersionPlan, version: int, *, tool: st
         The :class:`BuiltVersion`.
     """
     old_section = parent.data["head"]
+    section, arrays, carried_files = _head_section(parent, plan, version)
+    old_files = parent.files
+    shared: list[str] = []
+    for key, value in old_section.items():  # keep fields (and their files) this builder does not manage
+        if key not in MANAGED_KEYS and key not in section:
+            section[key] = value
+            shared.extend(_referenced(value, old_files))
+    renames: dict[str, str] = {}
+    compacted = True
+    if previous is not None:
+        part = None if compact else _part(parent, plan, previous, version, compact_fraction)
+        if part is not None:
+            compacted = False
+            shared.extend(_use_part(old_section, section, arrays, renames, part, version, old_files))
+        _share_unchanged(old_section, arrays, renames, previous, old_files)
+    else:
+        section.pop("parts", None)
+    shared.extend(renames.values())
+    table = {name: dict(entry) for name, entry in old_files.items() if not name.startswith(f"{HEADS_DIR}/")}
+    for name in shared:
+        table[name] = dict(old_files[name])
+    section = _replace_paths(section, renames)
+    section["version"] = version
+    new_files: dict[str, Any] = dict(arrays)
+    new_files.update(carried_files)
+    manifest = _provenance(parent, plan, version, tool, created_by)
+    manifest.data["head"] = section
+    manifest.data["files"] = table
+    return BuiltVersion(manifest, new_files, sorted(set(shared)), compacted)
+
+
+def _head_section(parent: Manifest, plan: VersionPlan,
+                  version: int) -> tuple[dict, dict[str, Any], dict[str, bytes]]:
+    """The head section of the new version with every file at its ``heads/v{version}/`` path."""
+    old_section = parent.data["head"]
     section, arrays = head_payload(plan.head, plan.stats, version, parent.backbone_fingerprint, plan.references,
                                    background=plan.background)
     base = f"{HEADS_DIR}/v{version}"
@@ -195,54 +230,47 @@ def build_version(parent: Manifest, plan: VersionPlan, version: int, *, tool: st
     carried, carried_files = carried_head_file(plan.head, names, version, old_section.get("head_file"))
     if carried is not None:
         section["head_file"] = carried
-    old_files = parent.files
-    table = {name: dict(entry) for name, entry in old_files.items() if not name.startswith(f"{HEADS_DIR}/")}
-    shared: list[str] = []
-    for key, value in old_section.items():  # keep fields (and their files) this builder does not manage
-        if key not in MANAGED_KEYS and key not in section:
-            section[key] = value
-            shared.extend(_referenced(value, old_files))
-    renames: dict[str, str] = {}
-    compacted = True
-    if previous is not None:
-        part = None if compact else _part(parent, plan, previous, version, compact_fraction)
-        if part is not None:
-            compacted = False
-            entry, part_files = part
-            new_paths = {**head_file_names(version), "device_examples": f"{base}/{DEVICE_EXAMPLE_FILES[0]}",
-                         "device_example_labels": f"{base}/{DEVICE_EXAMPLE_FILES[1]}"}
-            old_paths = _base_paths(old_section)
-            for key, path in old_paths.items():
-                renames[new_paths[key]] = path
-                arrays.pop(new_paths[key], None)
-            if "device_examples" not in old_paths and section.pop("device_examples", None) is not None:
-                arrays.pop(new_paths["device_examples"], None)  # every device example lives in the parts
-                arrays.pop(new_paths["device_example_labels"], None)
-            shared.extend(_referenced(old_section.get("parts") or [], old_files))
-            section["parts"] = list(old_section.get("parts") or []) + ([entry] if entry else [])
-            if not section["parts"]:
-                del section["parts"]
-            arrays.update(part_files)
-        with_parts = bool(old_section.get("parts"))
-        old_by_name = {Path(name).name: name for name in old_files if name.startswith(f"{HEADS_DIR}/")}
-        unchanged = _previous_arrays(previous)
-        for relative_path in list(arrays):
-            name = Path(relative_path).name
-            if with_parts and name in _BASE_FILES:
-                continue  # the previous arrays are assembled from base and parts, not the base file
-            old_path = old_by_name.get(name)
-            if old_path is not None and unchanged.get(name) is arrays[relative_path]:
-                renames[relative_path] = old_path
-                del arrays[relative_path]
-    else:
-        section.pop("parts", None)
-    shared.extend(renames.values())
-    for name in shared:
-        table[name] = dict(old_files[name])
-    section = _replace_paths(section, renames)
-    section["version"] = version
-    new_files: dict[str, Any] = dict(arrays)
-    new_files.update(carried_files)
+    return section, arrays, carried_files
+
+
+def _use_part(old_section: dict, section: dict, arrays: dict, renames: dict, part: tuple, version: int,
+              old_files: dict) -> list[str]:
+    """Point ``section`` at the previous base files plus its parts and ``part``; returns the shared part files."""
+    entry, part_files = part
+    base = f"{HEADS_DIR}/v{version}"
+    new_paths = {**head_file_names(version), "device_examples": f"{base}/{DEVICE_EXAMPLE_FILES[0]}",
+                 "device_example_labels": f"{base}/{DEVICE_EXAMPLE_FILES[1]}"}
+    old_paths = _base_paths(old_section)
+    for key, path in old_paths.items():
+        renames[new_paths[key]] = path
+        arrays.pop(new_paths[key], None)
+    if "device_examples" not in old_paths and section.pop("device_examples", None) is not None:
+        arrays.pop(new_paths["device_examples"], None)  # every device example lives in the parts
+        arrays.pop(new_paths["device_example_labels"], None)
+    section["parts"] = list(old_section.get("parts") or []) + ([entry] if entry else [])
+    if not section["parts"]:
+        del section["parts"]
+    arrays.update(part_files)
+    return _referenced(old_section.get("parts") or [], old_files)
+
+
+def _share_unchanged(old_section: dict, arrays: dict, renames: dict, previous: Any, old_files: dict) -> None:
+    """Share (rename to the previous path, drop from ``arrays``) every file whose array is the previous one."""
+    with_parts = bool(old_section.get("parts"))
+    old_by_name = {Path(name).name: name for name in old_files if name.startswith(f"{HEADS_DIR}/")}
+    unchanged = _previous_arrays(previous)
+    for relative_path in list(arrays):
+        name = Path(relative_path).name
+        if with_parts and name in _BASE_FILES:
+            continue  # the previous arrays are assembled from base and parts, not the base file
+        old_path = old_by_name.get(name)
+        if old_path is not None and unchanged.get(name) is arrays[relative_path]:
+            renames[relative_path] = old_path
+            del arrays[relative_path]
+
+
+def _provenance(parent: Manifest, plan: VersionPlan, version: int, tool: str, created_by: dict | None) -> Manifest:
+    """A copy of ``parent`` with the new version's number, timestamps, classes and change record."""
     for entry in plan.classes:
         if entry.get("added_in_version", 0) is None:
             entry["added_in_version"] = version
@@ -258,11 +286,9 @@ def build_version(parent: Manifest, plan: VersionPlan, version: int, *, tool: st
         data["created_by"] = {**(parent.data.get("created_by") or {}), **created_by}
         data.pop("derived_from", None)
     data["classes"] = [{key: value for key, value in entry.items() if value is not None} for entry in plan.classes]
-    data["head"] = section
-    data["files"] = table
     change = {key: (value.value if isinstance(value, ChangeAction) else value) for key, value in plan.change.items()}
     data["change"] = {**change, "tool": tool}
-    return BuiltVersion(manifest, new_files, sorted(set(shared)), compacted)
+    return manifest
 
 
 def _base_paths(section: dict) -> dict[str, str]:
