@@ -20,6 +20,10 @@ Layout::
                                     two float32 inverses, D x D and (D+1) x (D+1), and
                                     a 2 x (D+2) calibration; see edgeadapt.device.ridge)
 
+      heads/v7/part_*.npy           classes appended (or columns replaced) by version 7 on top
+                                    of shared base files: ``head.parts``, assembled by the
+                                    ``load_*`` readers (see edgeadapt.device.head_parts)
+
 Every file is listed in the manifest with its sha256 and size; readers verify them
 before use. Writers build the new directory next to the target, fsync it and rename.
 """
@@ -40,6 +44,7 @@ import numpy as np
 
 from edgeadapt.device.errors import BundleError, IncompatibleModelError
 from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.head_parts import assemble, load_parts
 from edgeadapt.device.manifest import MAX_MANIFEST_BYTES, Manifest, check_relative_path
 from edgeadapt.device.npyio import read_npy
 from edgeadapt.device.ridge import BASIS_ARRAYS, RidgeBasis
@@ -513,15 +518,46 @@ class Bundle:
         finally:
             os.close(descriptor)
 
+    def _parts(self) -> list:
+        """The loaded parts of the current version (:mod:`edgeadapt.device.head_parts`), cached per manifest."""
+        cached = self.__dict__.get("_loaded_parts")
+        if cached is None or cached[0] is not self.manifest.data:
+            cached = (self.manifest.data, load_parts(self.manifest.data["head"], self._load_array))
+            self.__dict__["_loaded_parts"] = cached
+        return cached[1]
+
+    def _assembled(self, base: dict[str, np.ndarray | None]) -> dict[str, np.ndarray | None]:
+        """``base`` arrays with the current version's parts applied (``base`` itself without parts)."""
+        if not self.manifest.data["head"].get("parts"):
+            return base
+        try:
+            return assemble(base, self._parts())
+        except (ValueError, IndexError) as error:
+            raise BundleError(f"the head parts in {self.path} do not fit their base files ({error}); the bundle is "
+                              "corrupted: roll back or re-export it") from error
+
     def load_head(self) -> Head:
-        """The head of the current version."""
+        """The head of the current version (base files and parts assembled)."""
         section = self.manifest.head_files
         mean = self._load_array(section.feature_mean) if section.feature_mean else None
+        arrays = self._assembled({"weights": self._load_array(section.weights), "bias": self._load_array(section.bias)})
         try:
-            return Head(weights=self._load_array(section.weights), bias=self._load_array(section.bias),
+            return Head(weights=arrays["weights"], bias=arrays["bias"],
                         feature_mean=mean, l2_normalize=section.l2_normalize, temperature=section.temperature)
         except IncompatibleModelError as error:
             raise BundleError(f"the head in {self.path} is inconsistent: {error}") from error
+
+    def load_device_examples(self) -> ReferenceEmbeddings | None:
+        """The examples learned on devices (float32 (N, D) and class indices), base and parts; None when none."""
+        section = self.manifest.data["head"].get("device_examples")
+        base: dict[str, np.ndarray | None] = {"examples": None, "labels": None}
+        if section:
+            base["examples"] = self._load_array(section["embeddings"])
+            base["labels"] = self._load_array(section["labels"])
+        base = self._assembled(base)
+        if base["examples"] is None:
+            return None
+        return self._load_pair_arrays(base["examples"], base["labels"], "device examples")
 
     def load_class_stats(self) -> ClassStats | None:
         """The class statistics of the current version, or None if the bundle has none."""
@@ -541,9 +577,14 @@ class Bundle:
         counts = self._load_array(statistics["class_counts"])
         if counts.size and counts.min() < 0:
             raise BundleError(f"class_counts in {self.path} holds negative counts; the bundle is corrupted")
+        sums = self._load_array(statistics["class_sums"])
+        if self.manifest.data["head"].get("parts"):
+            arrays = self._assembled({"class_sums": sums, "class_counts": counts, "gram": gram})
+            sums, counts, gram = arrays["class_sums"], arrays["class_counts"], arrays["gram"]
+            if counts.size and counts.min() < 0:
+                raise BundleError(f"the class count parts in {self.path} hold negative counts; the bundle is corrupted")
         try:
-            return ClassStats(sums=self._load_array(statistics["class_sums"]), counts=counts, gram=gram,
-                              ridge_basis=basis)
+            return ClassStats(sums=sums, counts=counts, gram=gram, ridge_basis=basis)
         except IncompatibleModelError as error:
             raise BundleError(f"the class statistics in {self.path} are inconsistent: {error}") from error
 
@@ -555,7 +596,10 @@ class Bundle:
         return self._load_pair(section, "references")
 
     def _load_pair(self, section: dict, what: str) -> ReferenceEmbeddings:
-        embeddings, labels = self._load_array(section["embeddings"]), self._load_array(section["labels"])
+        return self._load_pair_arrays(self._load_array(section["embeddings"]), self._load_array(section["labels"]),
+                                      what)
+
+    def _load_pair_arrays(self, embeddings: np.ndarray, labels: np.ndarray, what: str) -> ReferenceEmbeddings:
         count = len(self.manifest.data["classes"])
         if labels.shape[0] != embeddings.shape[0] or (labels.size and (labels.min() < 0 or labels.max() >= count)):
             raise BundleError(f"the {what} in {self.path} do not match (labels must be class indices 0..{count - 1}, "

@@ -107,6 +107,12 @@ def _rollback(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _compact(arguments: argparse.Namespace) -> int:
+    _, updater = _open_updater(arguments)
+    _print_result(updater.compact(), arguments)
+    return 0
+
+
 def _history(arguments: argparse.Namespace) -> int:
     from edgeadapt.device.bundle import Bundle
     from edgeadapt.device.versions import VersionStore
@@ -248,6 +254,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("new_name", help="its new name")
     _writer_options(parser, gate=False)
     parser.set_defaults(handler=_rename_class)
+
+    parser = subparsers.add_parser("compact", help="fold the head parts of later commits into one set of head "
+                                   "files (a new head version)")
+    parser.add_argument("bundle", type=Path, help=bundle_help)
+    _writer_options(parser, gate=False)
+    parser.set_defaults(handler=_compact)
 
     parser = subparsers.add_parser("history", help="list the kept head versions and what changed")
     parser.add_argument("bundle", type=Path, help=bundle_help)

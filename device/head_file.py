@@ -394,7 +394,9 @@ def carry_head_file(bundle_path: str | Path, int8: bool = False) -> Manifest:
         old = current.data["head"].get("head_file")
         if old and old.get("file") in files:
             del files[old["file"]]  # the previous copy stays with its own version record
-        manifest.data["change"] = {"action": "export-head", "classes": [],
+        from edgeadapt.device.version_builder import ChangeAction  # the builder imports this module
+
+        manifest.data["change"] = {"action": ChangeAction.EXPORT_HEAD.value, "classes": [],
                                    "weights": "int8" if int8 else "float32"}
         return store.commit(manifest, {path: data})
 

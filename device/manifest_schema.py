@@ -30,6 +30,7 @@ from edgeadapt.device.manifest import (
     SHA256_PATTERN,
     check_relative_path,
 )
+from edgeadapt.device.head_parts import MAX_PARTS
 from edgeadapt.device.schema import REQUIRED, Fields
 
 
@@ -238,6 +239,7 @@ def head_files(data: dict[str, Any], source: str) -> HeadFiles:
     head.integer("version", 0, MAX_VERSION, default=None, nullable=True)
     head.string("format", 16, choices=("npy",), default="npy")
     arrays: dict[str, tuple[tuple[int | None, ...] | None, str]] = {}
+    count -= _parts(head, table, size, count, arrays, source)  # the base files hold the classes before the parts
     weights = _listed(head, "weights", table, source)
     bias = _listed(head, "bias", table, source)
     mean = _listed(head, "feature_mean", table, source, nullable=True)
@@ -286,3 +288,35 @@ def head_files(data: dict[str, Any], source: str) -> HeadFiles:
             raise carried.fail("file", "a path ending in .eah", head_file)
         carried.string("weights", 16, choices=("float32", "int8"))
     return HeadFiles(weights, bias, mean, l2_normalize, temperature, fingerprint, arrays, head_file)
+
+
+def _parts(head: Fields, table: dict, size: int, count: int, arrays: dict, source: str) -> int:
+    """Validate ``head.parts`` (see :mod:`edgeadapt.device.head_parts`); returns the classes they append."""
+    parts = head.sequence("parts", MAX_PARTS, default=None, nullable=True)
+    added = 0
+    statistics = isinstance(head.data.get("statistics"), dict)
+    for position, entry in enumerate(parts or ()):
+        fields = Fields(entry, f"head.parts[{position}]", source)
+        fields.integer("version", 0, MAX_VERSION, default=None, nullable=True)
+        columns = fields.integer("columns", 0, MAX_CLASSES)
+        new = fields.integer("added", 0, columns)
+        rows = fields.integer("rows", 0, 2**31, default=0)
+        added += new
+        if added > count:
+            raise BundleError(f"{source}: head.parts append {added} classes but the manifest lists {count}")
+        arrays[_listed(fields, "indices", table, source)] = ((columns,), "iu")
+        arrays[_listed(fields, "weights", table, source)] = ((size, columns), "f")
+        arrays[_listed(fields, "bias", table, source)] = ((columns,), "f")
+        sums = _listed(fields, "class_sums", table, source, nullable=not statistics)
+        counts = _listed(fields, "class_counts", table, source, nullable=not statistics)
+        if sums is not None:
+            arrays[sums] = ((columns, size), "f")
+        if counts is not None:
+            arrays[counts] = ((columns,), "iu")
+        examples = _listed(fields, "examples", table, source, nullable=rows == 0)
+        labels = _listed(fields, "labels", table, source, nullable=rows == 0)
+        if examples is not None:
+            arrays[examples] = ((rows, size), "f")
+        if labels is not None:
+            arrays[labels] = ((rows,), "iu")
+    return added

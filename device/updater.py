@@ -26,12 +26,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings, head_payload
+from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings
 from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError, UpdateError
 from edgeadapt.device.head import ClassStats, Head
-from edgeadapt.device.head_file import carried_head_file
 from edgeadapt.device.manifest import Manifest, utc_timestamp
 from edgeadapt.device.preprocessing import _is_pil_image, prepare_image
+from edgeadapt.device.version_builder import DEFAULT_COMPACT_FRACTION, ChangeAction, VersionPlan, build_version
 from edgeadapt.device.unknown import UNKNOWN_LABEL, UnknownRejection, calibrate_unknown, load_unknown
 from edgeadapt.device.versions import (
     DEFAULT_KEEP_VERSIONS,
@@ -51,8 +51,6 @@ MAX_CLASS_NAME_LENGTH = 200
 #: Above this many reference x class x dimension multiply-adds the exact gate falls back to a
 #: deterministic subsample of the references.
 _EXACT_GATE_WORK = 4e8
-_DEVICE_EXAMPLE_FILES = ("device_embeddings.npy", "device_labels.npy")
-_UNKNOWN_CENTER_FILE = "unknown_center.npy"
 
 
 class UpdateGateError(UpdateError):
@@ -157,19 +155,12 @@ def load_state(bundle_path: Path, manifest: Manifest, verify: bool = True) -> He
     bundle = Bundle(Path(bundle_path), manifest)
     if verify:
         bundle.verify(only=head_file_paths(manifest))
-    section = manifest.data["head"]
-    device_examples = None
-    if section.get("device_examples"):
-        device_examples = ReferenceEmbeddings(
-            embeddings=bundle._load_array(section["device_examples"]["embeddings"]),
-            labels=bundle._load_array(section["device_examples"]["labels"]),
-        )
     return HeadState(
         manifest=manifest,
         head=bundle.load_head(),
         stats=bundle.load_class_stats(),
         references=bundle.load_reference_embeddings(),
-        device_examples=device_examples,
+        device_examples=bundle.load_device_examples(),
         unknown=load_unknown(bundle),
         background=bundle.load_background(),
     )
@@ -243,17 +234,6 @@ def _finite_embeddings(embeddings: np.ndarray, what: str) -> np.ndarray:
     return embeddings
 
 
-def _replace_paths(section: Any, mapping: Mapping[str, str]) -> Any:
-    if isinstance(section, dict):
-        return {key: _replace_paths(value, mapping) for key, value in section.items()}
-    if isinstance(section, list):
-        return [_replace_paths(value, mapping) for value in section]
-    if isinstance(section, str):
-        return mapping.get(section, section)
-    return section
-
-
-# ----------------------------------------------------------------------------- update gate
 def _column_range(indices: np.ndarray) -> slice | np.ndarray:
     """``indices`` as a slice when they are consecutive (a view instead of a copy)."""
     if indices.size and indices[-1] - indices[0] == indices.size - 1 and np.all(np.diff(indices) == 1):
@@ -450,6 +430,9 @@ class _Plan:
     change: dict
     gate: bool = True
     timings: dict = field(default_factory=dict)
+    #: (embeddings, class indices) appended to the device examples whose outer products entered the Gram matrix
+    added_examples: tuple[np.ndarray, np.ndarray] | None = None
+    compact: bool = False
 
 
 def _relabel(store: ReferenceEmbeddings | None, index_map: np.ndarray) -> ReferenceEmbeddings | None:
@@ -516,6 +499,7 @@ class HeadUpdater:
         reader_grace_seconds: float = DEFAULT_READER_GRACE_SECONDS,
         trusted_keys: Any = None,
         device_key: Any = None,
+        compact_fraction: float = DEFAULT_COMPACT_FRACTION,
     ):
         if not 0.0 <= float(gate_budget) <= 1.0:
             raise InputError(f"gate_budget must be a fraction in [0, 1], got {gate_budget}")
@@ -530,6 +514,9 @@ class HeadUpdater:
         self.gate_budget = float(gate_budget)
         self.options = options
         self.references_per_class = references_per_class
+        if not 0.0 <= float(compact_fraction) <= 1e6:
+            raise InputError(f"compact_fraction must be a non-negative fraction, got {compact_fraction}")
+        self.compact_fraction = float(compact_fraction)
         self._state_cache: tuple[HeadState, dict] | None = None
         from edgeadapt.device.signing import UpdaterSigning  # trusted keys, chain record, device key
 
@@ -591,9 +578,9 @@ class HeadUpdater:
             classes = [entry for entry in state.classes if entry["name"] != name]
             for position, entry in enumerate(classes):
                 entry["index"] = position
-            return _Plan("remove-class", classes, head, stats, _relabel(state.references, index_map),
+            return _Plan(ChangeAction.REMOVE_CLASS, classes, head, stats, _relabel(state.references, index_map),
                          _relabel(state.device_examples, index_map), state.unknown, index_map,
-                         {"action": "remove-class", "classes": [name]}, timings={"math": seconds})
+                         {"action": ChangeAction.REMOVE_CLASS, "classes": [name]}, timings={"math": seconds})
 
         return self._update(build, force)
 
@@ -614,9 +601,9 @@ class HeadUpdater:
                 if entry["name"] == old_name:
                     entry["name"] = new_name
             identity = np.arange(state.head.num_classes, dtype=np.int64)
-            return _Plan("rename-class", classes, state.head, state.stats, state.references, state.device_examples,
+            return _Plan(ChangeAction.RENAME_CLASS, classes, state.head, state.stats, state.references, state.device_examples,
                          state.unknown, identity,
-                         {"action": "rename-class", "classes": [new_name], "old_name": old_name,
+                         {"action": ChangeAction.RENAME_CLASS, "classes": [new_name], "old_name": old_name,
                           "new_name": new_name}, gate=False)
 
         return self._update(build, force=False)
@@ -673,9 +660,9 @@ class HeadUpdater:
             else:
                 merged = chosen
             identity = np.arange(state.head.num_classes, dtype=np.int64)
-            return _Plan("set-references", state.classes, state.head, state.stats, merged, state.device_examples,
+            return _Plan(ChangeAction.SET_REFERENCES, state.classes, state.head, state.stats, merged, state.device_examples,
                          state.unknown, identity,
-                         {"action": "set-references", "classes": label_set, "references": len(chosen)}, gate=False)
+                         {"action": ChangeAction.SET_REFERENCES, "classes": label_set, "references": len(chosen)}, gate=False)
 
         return self._update(build, force=False)
 
@@ -705,11 +692,26 @@ class HeadUpdater:
             rule = calibrate_unknown(state.head, state.stats, embeddings, accept_rate=accept_rate,
                                      unknown_embeddings=unknown)
             identity = np.arange(state.head.num_classes, dtype=np.int64)
-            return _Plan("calibrate-unknown", state.classes, state.head, state.stats, state.references,
+            return _Plan(ChangeAction.CALIBRATE_UNKNOWN, state.classes, state.head, state.stats, state.references,
                          state.device_examples, rule, identity,
-                         {"action": "calibrate-unknown", "classes": [], "threshold": rule.threshold,
+                         {"action": ChangeAction.CALIBRATE_UNKNOWN, "classes": [], "threshold": rule.threshold,
                           "accept_rate": rule.accept_rate, "examples": int(embeddings.shape[0]),
                           "unknown_examples": 0 if unknown is None else int(unknown.shape[0])}, gate=False)
+
+        return self._update(build, force=False)
+
+    def compact(self) -> UpdateResult:
+        """Commit the current head as one set of base files (its parts folded in; a new version).
+
+        Returns:
+            The result of the new version (``action == "compact"``).
+        """
+        def build(state: HeadState) -> _Plan:
+            identity = np.arange(state.head.num_classes, dtype=np.int64)
+            return _Plan(ChangeAction.COMPACT, state.classes, state.head, state.stats, state.references,
+                         state.device_examples, state.unknown, identity,
+                         {"action": ChangeAction.COMPACT, "classes": [],
+                          "parts": len(state.manifest.data["head"].get("parts") or ())}, gate=False, compact=True)
 
         return self._update(build, force=False)
 
@@ -735,7 +737,7 @@ class HeadUpdater:
             self._signing.after_commit()
         state = load_state(self.path, committed, verify=False)
         self._apply(state)
-        return UpdateResult(version=committed.version, action="rollback", classes=tuple(committed.class_names),
+        return UpdateResult(version=committed.version, action=ChangeAction.ROLLBACK, classes=tuple(committed.class_names),
                             change=dict(committed.data["change"]),
                             timings={"total": time.perf_counter() - start})
 
@@ -871,13 +873,17 @@ class HeadUpdater:
                 examples = _append(examples, class_embeddings, index, np.float32)
             unchanged = bool(np.array_equal(head.weights[:, :old_count], state.head.weights)
                              and np.array_equal(head.bias[:old_count], state.head.bias))
-            change = {"action": "add-class", "classes": list(names),
+            change = {"action": ChangeAction.ADD_CLASS, "classes": list(names),
                       "examples": int(sum(part.shape[0] for part in embeddings)),
                       "method": getattr(options, "method", None), "old_rows_unchanged": unchanged}
             if duplicates:
                 change["duplicates_ignored"] = duplicates
-            return _Plan("add-class", classes, head, stats, state.references, examples, state.unknown,
-                         np.arange(old_count, dtype=np.int64), change, timings={"math": seconds})
+            added = (np.concatenate(embeddings).astype(np.float32),
+                     np.concatenate([np.full(part.shape[0], old_count + offset, np.int64)
+                                     for offset, part in enumerate(embeddings)]))
+            return _Plan(ChangeAction.ADD_CLASS, classes, head, stats, state.references, examples, state.unknown,
+                         np.arange(old_count, dtype=np.int64), change, timings={"math": seconds},
+                         added_examples=added)
 
         return self._update(build, force, embed_seconds=embed_seconds)
 
@@ -904,12 +910,14 @@ class HeadUpdater:
             if entry.get("examples") is not None:
                 entry["examples"] = int(entry["examples"]) + int(embeddings.shape[0])
             examples = _append(state.device_examples, embeddings, index, np.float32)
-            change = {"action": "add-examples", "classes": [name], "examples": int(embeddings.shape[0]),
+            change = {"action": ChangeAction.ADD_EXAMPLES, "classes": [name], "examples": int(embeddings.shape[0]),
                       "method": getattr(options, "method", None)}
             if duplicates:
                 change["duplicates_ignored"] = duplicates
-            return _Plan("add-examples", classes, head, stats, state.references, examples, state.unknown,
-                         np.arange(state.head.num_classes, dtype=np.int64), change, timings={"math": seconds})
+            return _Plan(ChangeAction.ADD_EXAMPLES, classes, head, stats, state.references, examples, state.unknown,
+                         np.arange(state.head.num_classes, dtype=np.int64), change, timings={"math": seconds},
+                         added_examples=(embeddings.astype(np.float32),
+                                         np.full(embeddings.shape[0], index, np.int64)))
 
         return self._update(build, force, embed_seconds=embed_seconds)
 
@@ -975,64 +983,15 @@ class HeadUpdater:
 
     def _assemble(self, current: Manifest, plan: _Plan, version: int,
                   state: HeadState | None = None) -> tuple[Manifest, dict[str, np.ndarray | bytes]]:
-        """The new manifest and the head files it needs written (unchanged files are shared)."""
-        fingerprint = current.backbone_fingerprint
-        section, arrays = head_payload(plan.head, plan.stats, version, fingerprint, plan.references,
-                                       background=state.background if state is not None else None)
-        base = f"{HEADS_DIR}/v{version}"
-        if plan.device_examples is not None and len(plan.device_examples):
-            embeddings_path, labels_path = (f"{base}/{name}" for name in _DEVICE_EXAMPLE_FILES)
-            arrays[embeddings_path] = np.asarray(plan.device_examples.embeddings, dtype=np.float32)
-            arrays[labels_path] = plan.device_examples.labels
-            section["device_examples"] = {"embeddings": embeddings_path, "labels": labels_path,
-                                          "count": len(plan.device_examples)}
-        if plan.unknown is not None:
-            center_path = f"{base}/{_UNKNOWN_CENTER_FILE}"
-            arrays[center_path] = plan.unknown.center
-            previous = current.data["head"].get("unknown") or {}
-            calibrated_in = version if plan.action == "calibrate-unknown" else previous.get("calibrated_in_version", version)
-            section["unknown"] = plan.unknown.section(center_path, calibrated_in)
-        carried, carried_files = carried_head_file(plan.head, [entry["name"] for entry in plan.classes], version,
-                                                   current.data["head"].get("head_file"))
-        if carried is not None:
-            section["head_file"] = carried
-        managed = set(section) | {"references", "device_examples", "unknown", "statistics", "feature_mean", "background",
-                                  "head_file"}
-        for key, value in current.data["head"].items():  # keep fields this code does not manage
-            if key not in managed:
-                section[key] = value
-        old_by_name = {Path(name).name: name for name in head_file_paths(current)}
-        old_files = current.files
-        table = {name: entry for name, entry in old_files.items() if not name.startswith(f"{HEADS_DIR}/")}
-        new_files: dict[str, np.ndarray | bytes] = {}
-        renames: dict[str, str] = {}
-        unchanged = _state_arrays(state) if state is not None else {}
-        for relative_path, array in arrays.items():
-            name = Path(relative_path).name
-            previous = old_by_name.get(name)
-            if previous is not None and unchanged.get(name) is array:  # the very array of the current version
-                renames[relative_path] = previous
-                table[previous] = dict(old_files[previous])
-            else:
-                new_files[relative_path] = array  # streamed to disk (and hashed) by the commit
-        new_files.update(carried_files)
-        section = _replace_paths(section, renames)
-        for entry in plan.classes:
-            if entry.get("added_in_version", 0) is None:
-                entry["added_in_version"] = version
-        for position, entry in enumerate(plan.classes):
-            entry["index"] = position
-        manifest = current.copy()
-        data = manifest.data
-        data["version"] = version
-        data["parent_version"] = current.version
-        data["committed_at"] = utc_timestamp()
-        data["classes"] = [{key: value for key, value in entry.items() if value is not None} for entry in plan.classes]
-        section["version"] = version
-        data["head"] = section
-        data["files"] = table
-        data["change"] = {**plan.change, "tool": f"edgeadapt-device {_package_version()}"}
-        return manifest, new_files
+        """The new manifest and the head files it needs written (unchanged files are shared, appended
+        classes become a small part: :func:`edgeadapt.device.version_builder.build_version`)."""
+        built = build_version(current, VersionPlan(
+            head=plan.head, stats=plan.stats, classes=plan.classes, change=plan.change, references=plan.references,
+            device_examples=plan.device_examples, unknown=plan.unknown,
+            background=state.background if state is not None else None, added_examples=plan.added_examples),
+            version, tool=f"edgeadapt-device {_package_version()}", previous=state, compact=plan.compact,
+            compact_fraction=self.compact_fraction)
+        return built.manifest, built.new_files
 
     def _apply(self, state: HeadState) -> None:
         """Point the runtime at the committed version (names and head swapped in a reader-safe order)."""
@@ -1045,29 +1004,6 @@ def _file_signatures(root: Path, names: Iterable[str]) -> dict[str, tuple[int, i
         status = (root / name).stat()
         signatures[name] = (status.st_size, status.st_mtime_ns, status.st_ino)
     return signatures
-
-
-def _state_arrays(state: HeadState) -> dict[str, np.ndarray]:
-    """The arrays of a version by head file name (for sharing files whose array did not change)."""
-    arrays: dict[str, Any] = {"weights.npy": state.head.weights, "bias.npy": state.head.bias,
-                              "feature_mean.npy": state.head.feature_mean}
-    if state.stats is not None:
-        arrays.update({"class_sums.npy": state.stats.sums, "class_counts.npy": state.stats.counts,
-                       "gram.npy": state.stats.gram})
-        basis = state.stats.ridge_basis
-        if basis is not None:
-            arrays.update({f"{name}.npy": array for name, array in basis.arrays().items()})
-    if state.references is not None:
-        arrays.update({"reference_embeddings.npy": state.references.embeddings,
-                       "reference_labels.npy": state.references.labels})
-    if state.device_examples is not None:
-        arrays.update({_DEVICE_EXAMPLE_FILES[0]: state.device_examples.embeddings,
-                       _DEVICE_EXAMPLE_FILES[1]: state.device_examples.labels})
-    if state.unknown is not None:
-        arrays[_UNKNOWN_CENTER_FILE] = state.unknown.center
-    if state.background is not None:
-        arrays["background.npy"] = state.background
-    return {name: array for name, array in arrays.items() if array is not None}
 
 
 def _refuse_temporary_unpack(path: Path) -> None:

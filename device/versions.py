@@ -6,7 +6,9 @@ version next to the current one and then switches ``manifest.json`` in one atomi
     NAME.eab/
       manifest.json          the current version (the only file readers start from)
       heads/v7/*.npy         files of version 7 (files that did not change are shared:
-                             a manifest may point at heads/v5/gram.npy)
+                             a manifest may point at heads/v5/gram.npy; a version that only
+                             appended classes lists small ``part_*.npy`` files on top of shared
+                             base files, see :mod:`edgeadapt.device.head_parts`)
       versions/v7.json       a copy of each kept version's manifest (history, rollback)
       .edgeadapt.lock        lock file that serialises writers (never listed in the manifest)
 
@@ -15,8 +17,10 @@ Commit order (:meth:`VersionStore.commit`):
 1. each new head file (and the record of the version being replaced if it has none yet, as
    for a freshly exported bundle): write a temporary file; fsync them all (concurrently, so
    the file system can share one journal flush); rename each into place;
-2. ``versions/v{N}.json`` (temporary file, fsync, rename); fsync the folders;
-3. ``manifest.json`` (temporary file, fsync, rename, fsync the folder) -- the commit point;
+2. the new manifest, written once to a temporary file; ``versions/v{N}.json`` is a hard link to
+   it (a second temporary copy, renamed into place, where the file system has no hard links);
+   fsync the manifest and the folders;
+3. ``manifest.json`` (rename of that temporary file, fsync the folder) -- the commit point;
 4. prune: keep the newest ``keep_versions`` version records (and, for a short grace period,
    versions that were current moments ago, so readers that just read their manifest can
    finish loading them), delete head files that no kept version references.
@@ -25,7 +29,9 @@ A crash before step 3 leaves the old ``manifest.json`` in place, whose files are
 untouched; a crash after it leaves the new one, whose files were all fsynced before. The
 next writer (:meth:`VersionStore.recover`, run under the lock) deletes the leftovers of an
 interrupted commit: records newer than the current manifest, unreferenced head files and
-temporary files. Readers need no lock.
+temporary files. Readers need no lock. A head file is deleted only when no kept version lists
+it (versions share base files and parts: the union of the kept versions' file tables is what
+stays).
 
 Versions only grow: a rollback to version 3 commits a new version whose manifest is version
 3's (same head files, shared, not copied) with ``change.action == "rollback"``.
@@ -226,6 +232,18 @@ def _flush_and_rename(pending: list[_PendingFile], folders: list[Path]) -> None:
         _flush_and_rename_abort(pending)  # only what is left: nothing after success
 
 
+def _link_record(temporary: Path, record: Path) -> bool:
+    """Make ``record`` a hard link to the manifest's temporary file; False where the file system
+    cannot (FAT, some network shares: the caller writes a copy instead)."""
+    try:
+        os.link(temporary, record, follow_symlinks=False)
+    except OSError as error:
+        if error.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            return False
+        raise
+    return True
+
+
 def fsync_directories(paths: list[Path]) -> None:
     """fsync several folders at once (best effort, like :func:`fsync_directory`)."""
     descriptors = []
@@ -414,6 +432,8 @@ def summarize_change(change: Mapping[str, Any] | None) -> str:
         return f"stored {change.get('references')} reference embedding(s) for the update gate"
     if action == "calibrate-unknown":
         return f"calibrated unknown rejection (threshold {change.get('threshold', float('nan')):.4f})"
+    if action == "compact":
+        return f"compacted the head files ({change.get('parts', 0)} part(s) folded in)"
     if action == "merge-deltas":
         return f"merged {len(change.get('deltas', []))} delta(s) on the host: {classes}"
     return action
@@ -453,6 +473,7 @@ class VersionStore:
             )
         self.keep_versions = keep_versions
         self._record_cache: dict[int, tuple[tuple[int, int, int], Manifest]] = {}
+        self._manifest_cache: tuple[tuple[int, int, int, int], Manifest] | None = None
         if not self.path.is_dir():
             if self.path.is_file():
                 raise BundleError(
@@ -466,11 +487,23 @@ class VersionStore:
         return BundleLock(self.path, wait=wait, timeout=timeout)
 
     def read_manifest(self) -> Manifest:
-        """The current manifest (validated, files not verified)."""
+        """The current manifest (validated, files not verified; parsed once while the file is unchanged).
+
+        The returned manifest is shared with later calls: copy it (:meth:`Manifest.copy`) to change it.
+        """
         manifest_path = self.path / MANIFEST_NAME
-        if not os.path.lexists(manifest_path):
-            raise BundleError(f"{self.path} has no {MANIFEST_NAME}; it is not a bundle (or it is incomplete)")
-        return Manifest.from_json(read_regular(manifest_path, MAX_MANIFEST_BYTES, "bundle manifest"), str(manifest_path))
+        try:
+            status = os.lstat(manifest_path)
+        except FileNotFoundError:
+            raise BundleError(f"{self.path} has no {MANIFEST_NAME}; it is not a bundle (or it is incomplete)") from None
+        signature = (status.st_mtime_ns, status.st_size, status.st_ino, status.st_ctime_ns)
+        cached = self._manifest_cache
+        if cached is not None and cached[0] == signature and stat.S_ISREG(status.st_mode):
+            return cached[1]
+        manifest = Manifest.from_json(read_regular(manifest_path, MAX_MANIFEST_BYTES, "bundle manifest"),
+                                      str(manifest_path))
+        self._manifest_cache = (signature, manifest)
+        return manifest
 
     def record_path(self, version: int) -> Path:
         return self.path / VERSIONS_DIR / f"v{int(version)}.json"
@@ -597,20 +630,23 @@ class VersionStore:
             text = manifest.to_json().encode()
             record = self.record_path(version)
             written.append(record)
-            # One flush for: the folders that received the new files, the record and the manifest
-            # (both still under temporary names). Then the record (a record newer than
-            # manifest.json is removed by recover()) and the manifest -- the commit point -- are
-            # renamed into place and their folders flushed.
+            # The manifest is written once, to a temporary name; the record is a hard link to it
+            # (a second copy where the file system has no hard links). One flush for: the folders
+            # that received the new files and the record, and the manifest. Then the manifest --
+            # the commit point -- is renamed into place and the folders flushed. A record newer
+            # than manifest.json is removed by recover().
             folders = [head_folder, head_folder.parent, record.parent] if new_files else [record.parent]
             pending: list[_PendingFile] = []
             try:
-                for path in (record, self.path / MANIFEST_NAME):
-                    pending.append(_write_temporary(path, text))
+                pending.append(_write_temporary(self.path / MANIFEST_NAME, text))
+                if not _link_record(pending[0].temporary, record):
+                    pending.insert(0, _write_temporary(record, text))
             except BaseException:
                 _flush_and_rename_abort(pending)
                 raise
             _flush_and_rename(pending, folders)
             committed = True
+            self._remember_committed(manifest, record)
             fsync_directories([record.parent, self.path])
         except (OSError, BundleError) as error:
             if not committed:
@@ -632,6 +668,16 @@ class VersionStore:
         except (OSError, BundleError) as error:  # the commit stands; the next writer prunes again
             logger.warning("version %d committed; pruning old versions failed: %s", version, error)
         return manifest
+
+    def _remember_committed(self, manifest: Manifest, record: Path) -> None:
+        """Seed the manifest and record caches with what was just written (no re-parse by prune)."""
+        try:
+            status = os.lstat(self.path / MANIFEST_NAME)
+            self._manifest_cache = ((status.st_mtime_ns, status.st_size, status.st_ino, status.st_ctime_ns), manifest)
+            status = os.lstat(record)
+            self._record_cache[manifest.version] = ((status.st_mtime_ns, status.st_size, status.st_ino), manifest)
+        except OSError:
+            pass
 
     def prune(self) -> list[int]:
         """Keep the newest ``keep_versions`` records; delete older records and unreferenced head files.
@@ -713,5 +759,7 @@ class VersionStore:
         restored.data["parent_version"] = current.version
         restored.data["committed_at"] = utc_timestamp()
         restored.data["head"]["version"] = number
-        restored.data["change"] = {"action": "rollback", "to_version": version, **(change or {})}
+        from edgeadapt.device.version_builder import ChangeAction
+
+        restored.data["change"] = {"action": ChangeAction.ROLLBACK.value, "to_version": version, **(change or {})}
         return restored

@@ -23,10 +23,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings, head_payload, write_bundle
+from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings, write_bundle
 from edgeadapt.device.delta import Delta, read_delta
 from edgeadapt.device.errors import IncompatibleModelError, InputError
-from edgeadapt.device.head_file import carried_head_file
 from edgeadapt.device.incremental import with_ridge_basis
 from edgeadapt.device.manifest import utc_timestamp
 
@@ -289,51 +288,31 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
             references = ReferenceEmbeddings(
                 np.concatenate([references.embeddings, chosen.astype(references.embeddings.dtype)]),
                 np.concatenate([references.labels, labels]))
-    stats = with_ridge_basis(head, stats)
-    section, head_files = head_payload(head, stats, version, manifest.backbone_fingerprint, references)
-    old_section = manifest.data["head"]
-    carried, carried_files = carried_head_file(head, [entry["name"] for entry in classes], version,
-                                               old_section.get("head_file"))
-    if carried is not None:
-        section["head_file"] = carried
-    head_files.update(carried_files)  # a carried .eah is rewritten with the new head, never kept stale
-    files: dict[str, Any] = {name: bundle.path / name for name in manifest.files if not name.startswith("heads/")}
-    if old_section.get("unknown"):
-        center_path = f"heads/v{version}/unknown_center.npy"
-        head_files[center_path] = bundle._load_array(old_section["unknown"]["center"])
-        section["unknown"] = {**old_section["unknown"], "center": center_path}
-    managed = set(section) | {"references", "device_examples", "unknown", "statistics", "feature_mean", "head_file"}
-    for key, value in old_section.items():
-        if key not in managed:
-            section[key] = value
-    files.update(head_files)
-    new_manifest = manifest.copy()
-    data = new_manifest.data
-    data.update({
-        "version": version,
-        "parent_version": manifest.version,
-        "created_at": utc_timestamp(),
-        "committed_at": utc_timestamp(),
-        "classes": classes,
-        "head": section,
-        "change": {
-            "action": "merge-deltas",
-            "classes": [entry["name"] for entry in report.added],
-            "strengthened": [entry["name"] for entry in report.strengthened],
-            "deltas": [{"file": str(delta.path), "source": delta.source, "bundle_id": delta.info.get("bundle_id"),
-                        "signer": delta.signer,
-                        "device_version": delta.info.get("device_version"),
-                        "classes": [entry.name for entry in delta.classes]} for delta in deltas],
-            "on_clash": options.on_clash,
-            "rows": "device" if options.use_device_rows else "recomputed",
-            "method": getattr(add_options, "method", None),
-            "gate": report.gate,
-        },
-    })
-    data.pop("derived_from", None)  # a new host version: unsigned until `edgeadapt sign`, derived from nothing
     from edgeadapt.converters.bundle_export import created_by
+    from edgeadapt.device.unknown import load_unknown
+    from edgeadapt.device.version_builder import ChangeAction, VersionPlan, build_version
 
-    data["created_by"] = {**manifest.data.get("created_by", {}), **created_by()}
+    change = {
+        "action": ChangeAction.MERGE_DELTAS,
+        "classes": [entry["name"] for entry in report.added],
+        "strengthened": [entry["name"] for entry in report.strengthened],
+        "deltas": [{"file": str(delta.path), "source": delta.source, "bundle_id": delta.info.get("bundle_id"),
+                    "signer": delta.signer,
+                    "device_version": delta.info.get("device_version"),
+                    "classes": [entry.name for entry in delta.classes]} for delta in deltas],
+        "on_clash": options.on_clash,
+        "rows": "device" if options.use_device_rows else "recomputed",
+        "method": getattr(add_options, "method", None),
+        "gate": report.gate,
+    }
+    plan = VersionPlan(head=head, stats=with_ridge_basis(head, stats), classes=classes, change=change,
+                       references=references, unknown=load_unknown(bundle), background=bundle.load_background())
+    from edgeadapt import __version__
+
+    built = build_version(manifest, plan, version, tool=f"edgeadapt {__version__}", created_by=created_by())
+    new_manifest = built.manifest  # a new host version: unsigned until `edgeadapt sign`, derived from nothing
+    files: dict[str, Any] = {name: bundle.path / name for name in new_manifest.files}
+    files.update(built.new_files)
     write_bundle(output, new_manifest, files, overwrite=options.overwrite)
     logger.info("merged %d delta(s) into %s", len(deltas), output)
     return report

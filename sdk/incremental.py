@@ -23,7 +23,6 @@ directory appears only complete (atomic rename).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,10 +31,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from edgeadapt.device.bundle import Bundle, head_payload, write_bundle
+from edgeadapt.device.bundle import Bundle, write_bundle
 from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError
 from edgeadapt.device.head import ClassStats, Head
-from edgeadapt.device.head_file import carried_head_file
 from edgeadapt.device.incremental import (
     STATISTICS_METHODS,
     TRAINED_METHODS,
@@ -46,6 +44,7 @@ from edgeadapt.device.incremental import (
 from edgeadapt.device import incremental as head_math
 from edgeadapt.device.manifest import utc_timestamp
 from edgeadapt.device.updater import distinct_examples
+from edgeadapt.device.version_builder import ChangeAction
 
 logger = logging.getLogger(__name__)
 
@@ -215,19 +214,6 @@ def _replay_embeddings(
 
 
 # ============================================================================= writing
-def _referenced_files(value: Any, files: Mapping[str, Any]) -> set[str]:
-    found: set[str] = set()
-    if isinstance(value, str) and value in files:
-        found.add(value)
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            found |= _referenced_files(item, files)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            found |= _referenced_files(item, files)
-    return found
-
-
 #: ``write_version(references=KEEP_REFERENCES)`` keeps the parent's update-gate references unchanged.
 KEEP_REFERENCES = object()
 
@@ -250,13 +236,6 @@ def _references_for_classes(references, old_names: list[str], new_names: list[st
     return type(references)(embeddings=references.embeddings[keep], labels=labels[keep])
 
 
-def _payload(head: Head, stats: ClassStats | None, version: int, fingerprint: str, references) -> tuple[dict, dict]:
-    stats = with_ridge_basis(head, stats)  # merged statistics have none yet
-    if references is not None and "reference_embeddings" in inspect.signature(head_payload).parameters:
-        return head_payload(head, stats, version, fingerprint, reference_embeddings=references)
-    return head_payload(head, stats, version, fingerprint)
-
-
 def write_version(
     parent: Bundle,
     head: Head,
@@ -277,41 +256,29 @@ def write_version(
     parent's, unchanged; None: none).
     """
     manifest = parent.manifest
+    new_names = [entry["name"] for entry in classes]
     if references is KEEP_REFERENCES:
-        references = _references_for_classes(
-            _parent_references(parent), manifest.class_names, [entry["name"] for entry in classes])
-    version = manifest.version + 1
-    section, head_files = _payload(head, stats, version, manifest.backbone_fingerprint, references)
-    old_section = manifest.data["head"]
-    carried, carried_files = carried_head_file(head, [entry["name"] for entry in classes], version,
-                                               old_section.get("head_file"))
-    if carried is not None:
-        section["head_file"] = carried
-    head_files.update(carried_files)  # a carried .eah is rewritten with the new head, never kept stale
-    managed = set(section) | {"weights", "bias", "feature_mean", "statistics", "references", "l2_normalize",
-                              "temperature", "version", "format", "backbone_fingerprint", "head_file"}
-    files: dict[str, Any] = {name: parent.path / name for name in manifest.files if not name.startswith("heads/")}
-    for key, value in old_section.items():
-        if key in managed:
-            continue
-        section[key] = value
-        for name in _referenced_files(value, manifest.files):
-            files[name] = parent.path / name
-    files.update(head_files)
-    new = manifest.copy()
-    data = new.data
+        references = _references_for_classes(_parent_references(parent), manifest.class_names, new_names)
     from edgeadapt.converters.bundle_export import created_by
+    from edgeadapt.device.unknown import load_unknown
+    from edgeadapt.device.version_builder import VersionPlan, build_version  # noqa: I001
 
-    data.update({
-        "version": version,
-        "parent_version": manifest.version,
-        "created_at": utc_timestamp(),
-        "created_by": {**manifest.data.get("created_by", {}), **created_by()},
-        "classes": classes,
-        "head": section,
-        "change": change,
-    })
-    return write_bundle(output, new, files, overwrite=overwrite)
+    plan = VersionPlan(head=head, stats=with_ridge_basis(head, stats),  # merged statistics have none yet
+                       classes=classes, change=change, references=references,
+                       device_examples=_references_for_classes(parent.load_device_examples(), manifest.class_names,
+                                                               new_names),
+                       unknown=load_unknown(parent), background=parent.load_background())
+    built = build_version(manifest, plan, manifest.version + 1, tool=f"edgeadapt {_version()}",
+                          created_by=created_by())
+    files: dict[str, Any] = {name: parent.path / name for name in built.manifest.files}
+    files.update(built.new_files)
+    return write_bundle(output, built.manifest, files, overwrite=overwrite)
+
+
+def _version() -> str:
+    from edgeadapt import __version__
+
+    return __version__
 
 
 def _new_references(parent: Bundle, arrays: list[np.ndarray], first_index: int):
@@ -472,7 +439,7 @@ def add_classes(
                               "examples": int(array.shape[0]), "added_in_version": version})
         added.append({"name": name, "index": index, "examples": int(array.shape[0])})
     change = {
-        "action": "host-add-classes", "classes": names, "examples": int(sum(array.shape[0] for array in arrays)),
+        "action": ChangeAction.HOST_ADD_CLASSES, "classes": names, "examples": int(sum(array.shape[0] for array in arrays)),
         "method": options.method, "old_rows_unchanged": unchanged, "resolved": resolved,
     }
     references = _new_references(parent, arrays, len(old_names))
@@ -549,7 +516,7 @@ def resolve(
     start = time.perf_counter()
     new_head, resolved = _resolve(head, stats, [], replay_data, len(names), options)
     seconds = time.perf_counter() - start
-    change = {"action": "host-resolve", "classes": [], "resolved": resolved, "old_rows_unchanged": False}
+    change = {"action": ChangeAction.HOST_RESOLVE, "classes": [], "resolved": resolved, "old_rows_unchanged": False}
     write_version(parent, new_head, stats, [dict(entry) for entry in parent.manifest.data["classes"]], output,
                   change, overwrite=overwrite)
     return IncrementalResult(output=output, version=parent.manifest.version + 1,
@@ -638,7 +605,7 @@ def merge_heads(
             entry["examples"] = int(examples)
         class_entries.append(entry)
         added.append({"name": name, "index": index, "examples": int(examples) if examples is not None else 0})
-    change = {"action": "host-merge-heads", "classes": list(other_names), "source": source,
+    change = {"action": ChangeAction.HOST_MERGE_HEADS, "classes": list(other_names), "source": source,
               "method": options.method, "old_rows_unchanged": unchanged}
     notes = [] if new_stats is not None else [
         "the merged head has no class statistics (one side had none): later statistics-based updates will ask for "

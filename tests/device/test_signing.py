@@ -144,6 +144,21 @@ def test_device_update_keeps_the_chain_and_reopens(signed, keys, train_images):
         Runtime.open(signed, trusted_keys=TrustedKeys.from_files([public], require_device_signature=True))
 
 
+def test_device_commit_leaves_the_publisher_signed_files_untouched(signed, keys, train_images):
+    images, labels = train_images
+    public = keys["publisher"][1]
+    signed_files = json.loads((signed / "manifest.json").read_text())["files"]
+    before = {name: (signed / name).read_bytes() for name in signed_files}
+    runtime = Runtime.open(signed, trusted_keys=[public])
+    HeadUpdater(runtime, trusted_keys=[public]).add_class("extra", list(images[labels == 4][:5]), force=True)
+    manifest = json.loads((signed / "manifest.json").read_text())
+    assert manifest["head"]["parts"]  # the new class is a part on top of the signed base files
+    for name, data in before.items():
+        assert name in manifest["files"] and (signed / name).read_bytes() == data
+    reopened = Runtime.open(signed, trusted_keys=[public])
+    assert reopened.bundle.signature.verified and reopened.class_names[-1] == "extra"
+
+
 def test_device_key_signs_device_versions(signed, keys, train_images):
     images, labels = train_images
     publisher, device = keys["publisher"][1], keys["device"][1]
