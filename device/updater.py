@@ -895,11 +895,12 @@ class HeadUpdater:
         def build(state: HeadState) -> _Plan:
             index = self._existing_index(name, state.manifest)
             incremental = _incremental()
-            options = self._options(state, _calibration(state, exclude_class=index) is not None)
+            calibration = _calibration(state, exclude_class=index)
+            options = self._options(state, calibration is not None)
             start = time.perf_counter()
             try:
                 head, stats = incremental.add_examples(state.head, state.stats, index, embeddings, options,
-                                                       calibration=_calibration(state, exclude_class=index))
+                                                       calibration=calibration)
             except IncompatibleModelError:
                 if self.options is None and state.stats is None:  # the automatic method needs what is missing
                     _refuse_strengthen_without_statistics(options.method)
