@@ -105,6 +105,16 @@ _SOLVERS: list[_Solver] = []
 _CALIBRATED: list[_Calibrated] = []
 
 
+def clear_cache() -> None:
+    """Forget every cached solver state and calibration set (benchmarks: measure a cold start).
+
+    Returns:
+        None.
+    """
+    _SOLVERS.clear()
+    _CALIBRATED.clear()
+
+
 def _sums(array: np.ndarray, axis: int) -> bytes:
     """Sums along ``axis`` (float64) and a strided sample of the rows: a cache key part, not a checksum."""
     values = np.asarray(array)
