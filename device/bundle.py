@@ -47,12 +47,13 @@ from edgeadapt.device.packing import UnpackedCopy
 from edgeadapt.device.safefs import (
     check_tree,
     create_exclusive,
+    durable_write,
+    fsync_directory,
     inside,
     open_regular,
     read_regular,
     sha256_and_size,
     storage_error,
-    temporary_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -88,35 +89,9 @@ def _content_bytes(content: FileContent) -> bytes:
     raise TypeError(f"cannot write a {type(content).__name__} into a bundle")
 
 
-def fsync_directory(path: Path) -> None:
-    """Flush a directory entry (rename durability) where the platform supports it."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def write_file_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_name(path)
-    descriptor = create_exclusive(temporary)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename (:func:`safefs.durable_write`)."""
+    durable_write(path, data)
 
 
 # ----------------------------------------------------------------------------- head files

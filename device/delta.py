@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import socket
 import zipfile
@@ -41,7 +40,7 @@ from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.manifest import MAX_CLASSES, MAX_EMBEDDING_SIZE, MAX_NAME_LENGTH, MAX_VERSION, utc_timestamp
 from edgeadapt.device.npyio import read_npy
 from edgeadapt.device.packing import check_member, read_member, zip_errors
-from edgeadapt.device.safefs import create_exclusive, storage_error, temporary_name
+from edgeadapt.device.safefs import durable_write, storage_error
 from edgeadapt.device.schema import Fields, parse_document
 from edgeadapt.device.signing import verify_delta_signature
 
@@ -172,18 +171,15 @@ def export_delta(bundle_path: str | Path, output: str | Path, source: str | None
 
         key = device_key if hasattr(device_key, "sign") else load_private_key(device_key)
         members[SIGNATURE_NAME] = sign_members(members, key, info)
-    temporary = temporary_name(output)
+
+    def write_zip(handle) -> None:
+        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name, data in members.items():
+                archive.writestr(name, data)
+
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with os.fdopen(create_exclusive(temporary), "w+b") as handle:
-            with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                for name, data in members.items():
-                    archive.writestr(name, data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, output)
+        durable_write(output, write_zip)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise storage_error(error, output.parent, f"write the delta {output.name}") from error
     logger.info("exported %d class(es), %d example(s) to %s", len(classes), len(examples), output)
     return output

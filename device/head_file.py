@@ -34,7 +34,7 @@ import itertools
 import logging
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -418,9 +418,9 @@ def load_carried_head_file(bundle: Any) -> HeadFile | None:
     bundle.verify(only=[path])
     carried = head_from_bytes(read_regular(bundle.file_path(path), MAX_FILE_BYTES, "head file"), f"{bundle.path}/{path}")
     head = bundle.load_head()
+    as_stored = replace(head, temperature=float(np.float32(head.temperature)))  # the file holds a float32
     if (carried.class_names != bundle.manifest.class_names or carried.head.weights.shape != head.weights.shape
-            or carried.head.l2_normalize != head.l2_normalize
-            or (carried.head.feature_mean is None) != (head.feature_mean is None)):
+            or not carried.head.same_normalisation(as_stored)):
         raise BundleError(f"the head file {path} in {bundle.path} does not hold the bundle's head; re-export it "
                           "with `edgeadapt export-head BUNDLE --into-bundle`")
     return carried

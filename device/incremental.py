@@ -88,7 +88,7 @@ from typing import Sequence
 import numpy as np
 
 from edgeadapt.device.errors import IncompatibleModelError, InputError
-from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.head import ClassStats, Head, softmax
 from edgeadapt.device.ridge import (
     KNOWN_COVARIANCE_PRIOR,
     RidgeBasis,
@@ -316,13 +316,6 @@ def _append_stats(stats: ClassStats | None, arrays: list[np.ndarray]) -> ClassSt
 
 
 # ============================================================================= trained columns
-def _softmax64(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    np.exp(shifted, out=shifted)
-    shifted /= shifted.sum(axis=1, keepdims=True)
-    return shifted
-
-
 def train_columns(
     features: np.ndarray,
     labels: np.ndarray,
@@ -337,6 +330,13 @@ def train_columns(
     Full-batch Adam on class-balanced cross-entropy of ``(features @ W + b) / temperature``
     with L2 weight decay on the trained columns. ``features`` are already normalised (N, D).
     Returns float64 copies of the full weights (D, C) and bias (C,). Deterministic.
+
+    This is not :func:`edgeadapt.head_training.train_head` (the host's trainer of a whole
+    head) and cannot replace it, nor the reverse: here a few columns are trained with every
+    other column frozen, full-batch and class-balanced (a handful of new examples against
+    many old classes), without randomness or validation data, in float64 so that a device
+    update is reproducible; the host trains every column of a new head on a whole dataset
+    with shuffled mini-batches, early stopping on validation loss and warm starts.
     """
     weights = np.array(weights, dtype=np.float64)
     bias = np.array(bias, dtype=np.float64)
@@ -354,7 +354,7 @@ def train_columns(
     square_b = np.zeros(columns.size)
     beta1, beta2, epsilon = 0.9, 0.999, 1e-8
     for step in range(1, options.training_steps + 1):
-        probabilities = _softmax64((features @ weights + bias) / temperature)
+        probabilities = softmax((features @ weights + bias) / temperature)
         error = (probabilities - targets)[:, columns] * (sample_weight[:, None] / temperature)
         gradient_w = features.T @ error + options.weight_decay * weights[:, columns]
         gradient_b = error.sum(axis=0)

@@ -31,6 +31,7 @@ from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputEr
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_file import carried_head_file
 from edgeadapt.device.manifest import Manifest, utc_timestamp
+from edgeadapt.device.naming import MAX_CLASS_NAME_LENGTH, check_class_name  # noqa: F401 (re-exported)
 from edgeadapt.device.preprocessing import _is_pil_image, prepare_image
 from edgeadapt.device.unknown import UNKNOWN_LABEL, UnknownRejection, calibrate_unknown, load_unknown
 from edgeadapt.device.versions import (
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 #: update may disturb (see :class:`GateReport`) before it is refused.
 DEFAULT_GATE_BUDGET = 0.10
 DEFAULT_REFERENCES_PER_CLASS = 5
-MAX_CLASS_NAME_LENGTH = 200
 #: Above this many reference x class x dimension multiply-adds the exact gate falls back to a
 #: deterministic subsample of the references.
 _EXACT_GATE_WORK = 4e8
@@ -176,21 +176,6 @@ def load_state(bundle_path: Path, manifest: Manifest, verify: bool = True) -> He
 
 
 # ----------------------------------------------------------------------------- validation helpers
-def check_class_name(name: Any, what: str = "class name") -> str:
-    """Return ``name`` if it is a usable class name, else raise :class:`InputError`."""
-    if not isinstance(name, str):
-        raise InputError(f"{what} must be a string, got {type(name).__name__}")
-    if not name.strip():
-        raise InputError(f"{what} is empty; give the class a name")
-    if name != name.strip():
-        raise InputError(f"{what} {name!r} has leading or trailing whitespace; remove it")
-    if any(ord(character) < 32 or ord(character) == 127 for character in name):
-        raise InputError(f"{what} {name!r} contains control characters")
-    if len(name) > MAX_CLASS_NAME_LENGTH:
-        raise InputError(f"{what} is {len(name)} characters long; use at most {MAX_CLASS_NAME_LENGTH}")
-    return name
-
-
 def as_example_list(examples: Any) -> list:
     """One image or a collection of images as a list; :class:`InputError` when there are none."""
     if examples is None:

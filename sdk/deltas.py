@@ -167,7 +167,7 @@ def merge_deltas(
 
 def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path,
            options: MergeDeltasOptions) -> MergeReport:
-    from edgeadapt.device.updater import check_class_name
+    from edgeadapt.device.naming import check_class_name
     from edgeadapt.device import incremental
 
     manifest = bundle.manifest

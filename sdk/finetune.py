@@ -42,6 +42,7 @@ import numpy as np
 from edgeadapt.device.errors import IncompatibleModelError, InputError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.manifest import InputSpec
+from edgeadapt.device.safefs import durable_write
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -976,10 +977,7 @@ def _cached_embeddings(directory: Path, key: str, compute) -> np.ndarray:
         logger.info("embedding cache hit: %s", path.name)
         return np.load(path, allow_pickle=False)
     result = compute()
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.npy")
-    np.save(temporary, result, allow_pickle=False)
-    temporary.replace(path)
+    durable_write(path, lambda handle: np.save(handle, result, allow_pickle=False))
     return result
 
 

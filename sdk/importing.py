@@ -46,7 +46,7 @@ from edgeadapt.device.errors import ConversionError, DatasetError, IncompatibleM
 from edgeadapt.device.head import ClassStats, Head, softmax
 from edgeadapt.device.incremental import choose_method, with_ridge_basis
 from edgeadapt.device.manifest import ClassInfo, InputSpec, new_manifest, utc_timestamp
-from edgeadapt.device.preprocessing import IMAGE_SUFFIXES, prepare_batch, prepare_image
+from edgeadapt.device.preprocessing import IMAGE_SUFFIXES, list_class_folders, list_image_files, prepare_batch, prepare_image
 from edgeadapt.import_report import FormatCheck, ImportReport  # noqa: F401  (public names of this module)
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def load_class_images(root: str | Path, class_names: Sequence[str], spec: InputS
     if not root.is_dir():
         raise DatasetError(f"data folder {str(root)!r} does not exist or is not a folder")
     index = {name: position for position, name in enumerate(class_names)}
-    folders = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
+    folders = list_class_folders(root)
     if not folders:
         raise DatasetError(f"data folder {str(root)!r} has no class sub-folders (root/<label>/*.jpg)")
     unknown = [folder.name for folder in folders if folder.name not in index]
@@ -153,7 +153,7 @@ def load_class_images(root: str | Path, class_names: Sequence[str], spec: InputS
         )
     images, labels = [], []
     for folder in folders:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = list_image_files(folder)
         if not files:
             raise DatasetError(f"class folder {str(folder)!r} has no images ({'/'.join(IMAGE_SUFFIXES)})")
         for path in files:
