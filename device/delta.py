@@ -115,7 +115,7 @@ def export_delta(bundle_path: str | Path, output: str | Path, source: str | None
     current version without the writer lock (readers never see a partial version).
     ``device_key``: private key file that signs the delta (member ``signature.dsse.json``).
     """
-    from edgeadapt.device.updater import load_state
+    from edgeadapt.device.head_state import load_state
     from edgeadapt.device.versions import VersionStore
 
     store = VersionStore(bundle_path)

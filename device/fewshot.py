@@ -44,7 +44,7 @@ import numpy as np
 from edgeadapt.device.errors import InputError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.prototype_column import claim_threshold, mean_column_norm, prototype_column, raise_to_floor
-from edgeadapt.device.ridge import _within_covariance
+from edgeadapt.device.ridge import within_covariance
 
 #: The largest number of synthetic old-class samples drawn from the statistics.
 MAX_SYNTHETIC = 4096
@@ -129,7 +129,7 @@ def _build_solver(head: Head, stats: ClassStats | None, options) -> _Solver:
               and int(stats.counts.sum()) - head.num_classes >= max(MIN_DEGREES, head.num_classes))
     if not usable:
         return _Solver(head.num_classes, feature_mean, None, 0.0, None, np.zeros((0, size)), np.zeros(0))
-    within = _within_covariance(stats)
+    within = within_covariance(stats)
     trace = float(np.trace(within))
     if not trace > 0:
         return _Solver(head.num_classes, feature_mean, None, 0.0, None, np.zeros((0, size)), np.zeros(0))

@@ -42,7 +42,7 @@ import numpy as np
 from edgeadapt.device.errors import BundleError, InputError
 from edgeadapt.device.head import Head
 from edgeadapt.device.manifest import Manifest
-from edgeadapt.device.safefs import read_regular, storage_error
+from edgeadapt.device.safefs import durable_write, read_regular, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -307,14 +307,12 @@ def write_head_file(path: str | Path, head: Head, class_names: list[str], int8: 
         InputError: see :func:`head_to_bytes`, or ``path`` exists and ``overwrite`` is false.
         StorageError: the file system refused the write. Nothing is written on error.
     """
-    from edgeadapt.device.bundle import write_file_durably
-
     path = Path(path)
     data = head_to_bytes(head, class_names, int8=int8)
     if not overwrite and os.path.lexists(path):
         raise InputError(f"{path} already exists; pass overwrite=True (--overwrite) or choose another path")
     try:
-        write_file_durably(path, data)
+        durable_write(path, data)
     except OSError as error:
         raise storage_error(error, path, "write the head file") from error
     return path

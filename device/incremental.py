@@ -82,26 +82,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from edgeadapt.device.errors import IncompatibleModelError, InputError
+from edgeadapt.device.add_options import (  # noqa: F401 (re-exported: the options of this module's functions)
+    DEFAULT_METHOD,
+    METHODS,
+    STATISTICS_FREE_METHOD,
+    STATISTICS_METHODS,
+    TRAINED_METHODS,
+    AddClassOptions,
+    needs_statistics,
+)
 from edgeadapt.device.head import ClassStats, Head, softmax
 from edgeadapt.device.ridge import (
-    KNOWN_COVARIANCE_PRIOR,
-    RidgeBasis,
-    _alignment,
-    _class_moments,
-    _covariance_from_scatter,
-    _discriminant,
-    _feature_model,
-    _least_squares,
-    _ridge_columns,
-    _scatter,
-    _scatter_added,
-    _within_covariance,
+    as_basis,
+    resolve_columns,
+    ridge_merge_columns,
+    within_covariance,
     basis_class_column,
     basis_new_columns,
     build_ridge_basis,
@@ -111,100 +111,6 @@ from edgeadapt.device.ridge import (
 )
 
 logger = logging.getLogger(__name__)
-
-#: Calibration methods, best first (see the module docstring and docs/INCREMENTAL.md).
-METHODS = ("claim", "ridge", "center_l2", "imprint_calibrated", "weight_align", "imprint", "none")
-#: Chosen by the few-shot benchmark (``edgeadapt bench fewshot``); see docs/INCREMENTAL.md. Works with
-#: or without class statistics (:mod:`edgeadapt.device.fewshot`).
-DEFAULT_METHOD = "claim"
-#: Methods that need class statistics with a Gram matrix for every operation.
-STATISTICS_METHODS = ("ridge",)
-#: What callers use when a head has no class statistics and the user did not choose a method:
-#: needs no statistics and works with any feature normalisation (the default does).
-STATISTICS_FREE_METHOD = "claim"
-#: Methods that train new columns by gradient descent.
-TRAINED_METHODS = ("weight_align", "none")
-@dataclass(frozen=True)
-class AddClassOptions:
-    """How new columns are computed.
-
-    ``method``: one of :data:`METHODS`.
-    ``shrinkage`` (ridge, discriminant part): weight ``a`` in [0, 1] of the scaled
-    identity in the shared covariance; more shrinkage trusts the stored covariance less.
-    ``small_sample_correction`` (ridge, discriminant part): fraction ``g`` in [0, 1] of the
-    small-sample bias correction ``d/n_c`` applied to each class's bias; 1 removes the whole
-    expected inflation of ``m S^-1 m`` by a mean estimated from ``n_c`` examples, 0 none.
-    ``regularization`` (ridge, least-squares part): ridge added to the class-moment
-    matrix, relative to its mean diagonal.
-    ``few_shot_examples`` (ridge): a class with n examples takes ``n / (n + this)`` of its
-    column from the least-squares solution, the rest from the discriminant (0: only
-    least squares).
-    ``training_steps``, ``learning_rate``, ``weight_decay`` (weight_align, none): full-batch
-    Adam on the new examples (and replay examples when the caller has some).
-    ``own_example_quantile`` (imprint_calibrated): fraction q in [0, 1) of a new class's own
-    examples on which it may lose to the head's other columns; the bias is set so that it
-    wins on the other 1 - q (smaller q: higher bias, the new class claims more).
-    ``claim_budget`` (claim): the operating knob. The largest fraction of the calibration
-    embeddings (samples drawn from the old classes' statistics, background photos, references,
-    earlier device examples) a new class may take from the existing classes: smaller keeps
-    the old classes safer, larger recognises more of the new class.
-    ``claim_shrinkage`` (claim, with statistics): weight of the scaled identity in the shared
-    covariance of the discriminant direction.
-    ``basis_refresh_fraction``, ``basis_refresh_minimum`` (ridge): the cached solver state
-    (:class:`RidgeBasis`) serves ``max(minimum, fraction x its classes)`` updates before it is
-    rebuilt from the current statistics (1000 classes: every 250 added classes); a fraction
-    of 0 rebuilds it for every update (exact but O(D^3 + D^2 C) each time).
-    """
-
-    method: str = DEFAULT_METHOD
-    shrinkage: float = 0.2
-    small_sample_correction: float = 0.25
-    regularization: float = 1e-3
-    few_shot_examples: float = 50.0
-    training_steps: int = 300
-    learning_rate: float = 0.05
-    weight_decay: float = 1e-4
-    own_example_quantile: float = 0.05
-    basis_refresh_fraction: float = 0.25
-    basis_refresh_minimum: int = 4
-    claim_budget: float = 0.02
-    claim_shrinkage: float = 0.7
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not 0.0 <= self.shrinkage <= 1.0:
-            raise InputError(f"shrinkage must be in [0, 1], got {self.shrinkage}")
-        if not self.regularization > 0:
-            raise InputError(f"regularization must be positive, got {self.regularization}")
-        if self.few_shot_examples < 0:
-            raise InputError(f"few_shot_examples must be non-negative, got {self.few_shot_examples}")
-        if not 0.0 <= self.small_sample_correction <= 1.0:
-            raise InputError(f"small_sample_correction must be in [0, 1], got {self.small_sample_correction}")
-        if self.training_steps < 1:
-            raise InputError(f"training_steps must be at least 1, got {self.training_steps}")
-        if not self.learning_rate > 0:
-            raise InputError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            raise InputError(f"weight_decay must be non-negative, got {self.weight_decay}")
-        if not 0.0 <= self.own_example_quantile < 1.0:
-            raise InputError(f"own_example_quantile must be in [0, 1), got {self.own_example_quantile}")
-        if not 0.0 <= self.basis_refresh_fraction <= 1e6:
-            raise InputError(f"basis_refresh_fraction must be non-negative, got {self.basis_refresh_fraction}")
-        if self.basis_refresh_minimum < 1:
-            raise InputError(f"basis_refresh_minimum must be at least 1, got {self.basis_refresh_minimum}")
-        if not 0.0 < self.claim_budget < 1.0:
-            raise InputError(f"claim_budget must lie in (0, 1), got {self.claim_budget}")
-        if not 0.0 <= self.claim_shrinkage <= 1.0:
-            raise InputError(f"claim_shrinkage must be in [0, 1], got {self.claim_shrinkage}")
-
-
-def needs_statistics(method: str) -> bool:
-    """Whether ``method`` needs :class:`ClassStats` with a Gram matrix to add a class."""
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return method in STATISTICS_METHODS
-
 
 # ============================================================================= validation
 def _check_options(options: AddClassOptions) -> AddClassOptions:
@@ -311,7 +217,8 @@ def _append_stats(stats: ClassStats | None, arrays: list[np.ndarray]) -> ClassSt
         stacked = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         gram = stacked.T @ stacked  # one new D x D array, then one pass adding the old Gram into it
         gram += stats.gram
-    basis = stats.ridge_basis.after(len(arrays)) if isinstance(stats.ridge_basis, RidgeBasis) else None
+    stored = as_basis(stats.ridge_basis)
+    basis = stored.after(len(arrays)) if stored is not None else None
     return ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(stats.extra), ridge_basis=basis)
 
 
@@ -597,7 +504,8 @@ def add_examples(
         sums[index] += array.sum(axis=0)
         counts[index] += array.shape[0]
         gram = None if stats.gram is None else stats.gram + array.T @ array
-        basis = stats.ridge_basis.after(1) if isinstance(stats.ridge_basis, RidgeBasis) else None
+        stored = as_basis(stats.ridge_basis)
+        basis = stored.after(1) if stored is not None else None
         updated = ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(stats.extra), ridge_basis=basis)
     others = np.array([column for column in range(head.num_classes) if column != index], dtype=np.int64)
 
@@ -667,7 +575,7 @@ def remove_class(head: Head, stats: ClassStats | None, class_index: int) -> tupl
         gram = stats.gram.copy()
         if count > 0:
             mean = stats.sums[index] / count
-            gram -= count * (_within_covariance(stats) + np.outer(mean, mean))
+            gram -= count * (within_covariance(stats) + np.outer(mean, mean))
             gram = (gram + gram.T) / 2.0
     updated = ClassStats(sums=stats.sums[keep], counts=stats.counts[keep], gram=gram, extra=dict(stats.extra))
     return result, updated
@@ -715,7 +623,7 @@ def merge_heads(
     if a_stats is not None and b_stats is not None:
         b_gram = b_stats.gram
         if a_stats.gram is not None and b_gram is None:
-            covariance = _within_covariance(a_stats)
+            covariance = within_covariance(a_stats)
             means = b_stats.means()
             b_gram = b_stats.counts.sum() * covariance + (means.T * b_stats.counts) @ means
         gram = None if a_stats.gram is None or b_gram is None else a_stats.gram + b_gram
@@ -725,7 +633,6 @@ def merge_heads(
             gram=gram,
             extra=dict(a_stats.extra),
         )
-    new_indices = np.arange(a.num_classes, a.num_classes + b.num_classes)
 
     def need_same_normalisation(reason: str) -> None:
         if not a.same_normalisation(b):
@@ -743,22 +650,8 @@ def merge_heads(
             )
         if np.any(b_stats.counts <= 0):
             raise InputError("head b's statistics hold a class with zero examples; every merged class needs examples")
-        assert merged_stats is not None and merged_stats.gram is not None
-        assert a_stats is not None and a_stats.gram is not None
-        scatter, scatter_degrees = _scatter(a_stats)
-        known = _feature_model(a, a_stats, _covariance_from_scatter(scatter, scatter_degrees)).covariance
-        scatter, scatter_degrees = _scatter_added(
-            scatter, scatter_degrees, merged_stats.gram - a_stats.gram, b_stats.sums, b_stats.counts
-        )
-        target = None
-        degrees = int(b_stats.counts.sum()) - b_stats.num_classes
-        if b_stats.gram is not None and degrees > 0:
-            # b's own within-class covariance, shrunk towards a's as for a new class with few examples
-            weight = KNOWN_COVARIANCE_PRIOR / (degrees + KNOWN_COVARIANCE_PRIOR)
-            target = (1.0 - weight) * _feature_model(a, b_stats).covariance + weight * known
-        new_weights, new_bias = _ridge_columns(a, merged_stats, new_indices, np.arange(a.num_classes), options,
-                                               known_covariance=known, target_covariance=target,
-                                               within=_covariance_from_scatter(scatter, scatter_degrees))
+        assert merged_stats is not None and a_stats is not None  # (require_statistics / the check above)
+        new_weights, new_bias = ridge_merge_columns(a, a_stats, b_stats, merged_stats, options)
     elif method in ("center_l2", "imprint"):
         if method == "center_l2":
             _require_cosine_head(a, method)
@@ -820,25 +713,7 @@ def resolve_all(head: Head, stats: ClassStats | None, options: AddClassOptions =
             f"the class statistics hold no examples for class(es) {empty.tolist()}; a joint re-fit needs examples of "
             "every class"
         )
-    model = _feature_model(head, stats)
-    every = np.arange(head.num_classes)
-    covariances: list[np.ndarray | None] = [None] * head.num_classes
-    blended = []
-    mean_gram = model.means.T @ model.means  # shared by the least squares and the alignment
-    moments = _class_moments(model, every, mean_gram)
-    head_weights, head_bias = head.weights.astype(np.float64), head.bias.astype(np.float64)
-    for weights, bias in (
-        _least_squares(model.means, covariances, model.covariance, options, mean_gram=mean_gram),
-        _discriminant(model.means, model.counts, model.covariance, options),
-    ):
-        scale, offset, offset_bias = _alignment(head_weights, head_bias, weights, bias, model, every, moments)
-        blended.append((scale * weights + offset[:, None], scale * bias + offset_bias))
-    counts = model.counts
-    share = counts / (counts + options.few_shot_examples) if options.few_shot_examples > 0 else np.ones_like(counts)
-    new_weights = share * blended[0][0] + (1.0 - share) * blended[1][0]
-    new_bias = share * blended[0][1] + (1.0 - share) * blended[1][1]
-    if not (np.all(np.isfinite(new_weights)) and np.all(np.isfinite(new_bias))):
-        raise IncompatibleModelError("the re-solved head came out non-finite; the class statistics are degenerate")
+    new_weights, new_bias = resolve_columns(head, stats, options)
     return head.with_columns(new_weights.astype(np.float32), new_bias.astype(np.float32))
 
 

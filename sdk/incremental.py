@@ -51,7 +51,7 @@ from edgeadapt.device.updater import distinct_examples
 logger = logging.getLogger(__name__)
 
 #: References kept per new class for the device update gate when the parent bundle has none.
-DEFAULT_REFERENCES_PER_CLASS = 5
+from edgeadapt.device.update_gate import DEFAULT_REFERENCES_PER_CLASS  # noqa: E402,F401 (one default)
 
 
 @dataclass(frozen=True)
