@@ -80,7 +80,6 @@ All arrays are float32 in the head, float64 in the statistics. Nothing here writ
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Sequence
 
@@ -96,104 +95,35 @@ from edgeadapt.device.add_options import (  # noqa: F401 (re-exported: the optio
     AddClassOptions,
     needs_statistics,
 )
+from edgeadapt.device.columns import (
+    align_weights as _align_weights,
+    appended as _appended,
+    mean_norm as _mean_norm,
+    replaced_column as _replaced_column,
+    unit_columns as _unit,
+)
 from edgeadapt.device.head import ClassStats, Head, softmax
+from edgeadapt.device.head_checks import (
+    check_class_list as _check_class_list,
+    check_embeddings as _check_embeddings,
+    check_index as _check_index,
+    check_options as _check_options,
+    check_stats as _check_stats,
+    require_cosine_head as _require_cosine_head,
+    require_statistics,
+)
+from edgeadapt.device.merging import merge_heads, resolve_all, with_ridge_basis  # noqa: F401 (re-exported)
 from edgeadapt.device.ridge import (
     as_basis,
-    resolve_columns,
-    ridge_merge_columns,
     within_covariance,
     basis_class_column,
     basis_new_columns,
-    build_ridge_basis,
     class_feature_mean,
     current_basis,
     new_class_examples,
 )
 
 logger = logging.getLogger(__name__)
-
-# ============================================================================= validation
-def _check_options(options: AddClassOptions) -> AddClassOptions:
-    if not isinstance(options, AddClassOptions):
-        raise InputError(f"options must be an AddClassOptions, got {type(options).__name__}")
-    return options
-
-
-def _check_stats(head: Head, stats: ClassStats | None, what: str = "class statistics") -> None:
-    if stats is None:
-        return
-    if stats.num_classes != head.num_classes or stats.embedding_size != head.embedding_size:
-        raise IncompatibleModelError(
-            f"{what} cover {stats.num_classes} classes x {stats.embedding_size} dimensions but the head has "
-            f"{head.num_classes} classes x {head.embedding_size} dimensions; they do not belong to this head"
-        )
-
-
-def _check_embeddings(head: Head, embeddings, what: str) -> np.ndarray:
-    """One class's raw embeddings as float64 (n >= 1, D), or :class:`InputError`."""
-    try:
-        array = np.asarray(embeddings)
-    except (TypeError, ValueError) as error:
-        raise InputError(f"{what}: embeddings must be a numeric (n, {head.embedding_size}) array ({error})") from error
-    if array.ndim == 1 and array.size == head.embedding_size:
-        array = array[None]
-    if array.ndim != 2 or array.shape[1] != head.embedding_size:
-        raise InputError(
-            f"{what}: embeddings have shape {array.shape}, but this head takes {head.embedding_size}-d embeddings "
-            f"(an (n, {head.embedding_size}) array); were they computed with another backbone?"
-        )
-    if array.shape[0] == 0:
-        raise InputError(f"{what}: no examples; give at least one embedding (image) per class")
-    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise InputError(f"{what}: embeddings must be real numbers, got dtype {array.dtype}")
-    array = array.astype(np.float64)
-    if not np.all(np.isfinite(array)):
-        raise InputError(f"{what}: embeddings contain NaN or infinite values; check the backbone output and the images")
-    return array
-
-
-def _check_class_list(head: Head, new_embeddings: Sequence[np.ndarray]) -> list[np.ndarray]:
-    if isinstance(new_embeddings, np.ndarray):
-        raise InputError(
-            "new_embeddings must be a list with one (n_i, D) array per new class, not a single array; "
-            "wrap one class's embeddings as [embeddings]"
-        )
-    try:
-        arrays = list(new_embeddings)
-    except TypeError as error:
-        raise InputError("new_embeddings must be a list with one (n_i, D) array per new class") from error
-    if not arrays:
-        raise InputError("no new classes given; pass one (n_i, D) embedding array per new class")
-    return [_check_embeddings(head, array, f"new class {number}") for number, array in enumerate(arrays)]
-
-
-def _check_index(head: Head, class_index: int) -> int:
-    if isinstance(class_index, (bool, np.bool_)) or not isinstance(class_index, (int, np.integer)):
-        raise InputError(f"class_index must be an integer, got {class_index!r}")
-    index = int(class_index)
-    if not 0 <= index < head.num_classes:
-        raise InputError(f"class_index {index} is out of range: the head has classes 0..{head.num_classes - 1}")
-    return index
-
-
-def require_statistics(stats: ClassStats | None, method: str, action: str) -> ClassStats:
-    """``stats`` if ``method`` can ``action`` with them, else :class:`IncompatibleModelError` saying what to do."""
-    if stats is None:
-        raise IncompatibleModelError(
-            f"method {method!r} needs the class statistics of the existing classes to {action}, and this head "
-            "has none. Re-export the base bundle with class statistics (export_bundle(..., class_stats=...), as "
-            "`edgeadapt demo` does), or on the host pass examples of the old classes (replay) so that they can be "
-            f"computed, or leave the method out (the default, {DEFAULT_METHOD!r}, needs no statistics) or choose "
-            "--method weight_align"
-        )
-    if method in STATISTICS_METHODS and stats.gram is None:
-        raise IncompatibleModelError(
-            f"method {method!r} needs the shared Gram matrix in the class statistics to {action}, and these "
-            "statistics have none. Recompute them with ClassStats.from_embeddings(..., with_gram=True) from "
-            "examples of the old classes, or choose imprint_calibrated / center_l2 / weight_align / imprint"
-        )
-    return stats
-
 
 # ============================================================================= statistics
 def _features(head: Head, embeddings: np.ndarray) -> np.ndarray:
@@ -275,28 +205,6 @@ def train_columns(
     return weights, bias
 
 
-def _mean_norm(weights: np.ndarray) -> float:
-    if weights.shape[1] == 0:  # a zero-class (headless) head: unit-norm columns
-        return 1.0
-    return float(np.mean(np.linalg.norm(weights.astype(np.float64), axis=0)))
-
-
-def _align_weights(
-    new_weights: np.ndarray, new_bias: np.ndarray, old_weights: np.ndarray, old_bias: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Weight aligning: rescale new columns to the old columns' mean norm, recentre biases on the old mean."""
-    new_norm = _mean_norm(new_weights)
-    factor = _mean_norm(old_weights) / new_norm if new_norm > 0 else 1.0
-    bias = factor * (new_bias - new_bias.mean()) + float(np.mean(old_bias))
-    return new_weights * factor, bias
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    """Columns of ``vectors`` (D, k) scaled to unit norm (zero columns stay zero)."""
-    norms = np.linalg.norm(vectors, axis=0)
-    return vectors / np.where(norms > 0, norms, 1.0)
-
-
 def _own_example_bias(head: Head, column: np.ndarray, features: np.ndarray, others: np.ndarray,
                       quantile: float) -> float:
     """imprint_calibrated: the bias at which ``column`` beats ``others`` on 1 - ``quantile`` of ``features``.
@@ -329,16 +237,6 @@ def _imprint_calibrated_columns(head: Head, arrays: list[np.ndarray], quantile: 
         biases.append(bias_value)
         current = _appended(current, column[:, None], np.array([bias_value]))
     return np.stack(columns, axis=1), np.array(biases)
-
-
-def _require_cosine_head(head: Head, method: str) -> None:
-    if head.feature_mean is None or not head.l2_normalize:
-        raise IncompatibleModelError(
-            f"method {method!r} needs a head trained on centred, L2-normalised features (feature_mean set and "
-            "l2_normalize true; train it with HeadTrainingOptions(normalization='center_l2')); this head "
-            f"{'has no feature mean' if head.feature_mean is None else 'does not L2-normalise'}. Use method "
-            "'ridge' or 'weight_align' for this head"
-        )
 
 
 def _replay_features(head: Head, replay) -> tuple[np.ndarray, np.ndarray]:
@@ -438,30 +336,6 @@ def add_classes(
     result = _appended(head, new_weights, new_bias)
     logger.debug("added %d class(es) with method %s", len(arrays), method)
     return result, updated
-
-
-def _appended(head: Head, new_weights: np.ndarray, new_bias: np.ndarray) -> Head:
-    new_weights = np.asarray(new_weights, dtype=np.float64)
-    new_bias = np.asarray(new_bias, dtype=np.float64).reshape(-1)
-    if not (np.all(np.isfinite(new_weights)) and np.all(np.isfinite(new_bias))):
-        raise IncompatibleModelError(
-            "the new columns came out non-finite; the class statistics are probably degenerate "
-            "(recompute them from examples) or the examples are extreme"
-        )
-    weights = np.concatenate([head.weights, new_weights.astype(np.float32)], axis=1)
-    bias = np.concatenate([head.bias, new_bias.astype(np.float32)])
-    return head.with_columns(weights, bias)
-
-
-def _replaced_column(head: Head, index: int, column: np.ndarray, bias_value: float) -> Head:
-    column = np.asarray(column, dtype=np.float64).reshape(-1)
-    if not (np.all(np.isfinite(column)) and np.isfinite(bias_value)):
-        raise IncompatibleModelError("the recomputed column came out non-finite; the class statistics are degenerate")
-    weights = head.weights.copy()
-    bias = head.bias.copy()
-    weights[:, index] = column.astype(np.float32)
-    bias[index] = np.float32(bias_value)
-    return head.with_columns(weights, bias)
 
 
 def add_examples(
@@ -579,160 +453,6 @@ def remove_class(head: Head, stats: ClassStats | None, class_index: int) -> tupl
             gram = (gram + gram.T) / 2.0
     updated = ClassStats(sums=stats.sums[keep], counts=stats.counts[keep], gram=gram, extra=dict(stats.extra))
     return result, updated
-
-
-def merge_heads(
-    a: Head,
-    a_stats: ClassStats | None,
-    b: Head,
-    b_stats: ClassStats | None,
-    options: AddClassOptions = AddClassOptions(),
-) -> tuple[Head, ClassStats | None]:
-    """Append the classes of head ``b`` to head ``a`` (a's columns stay bit-identical).
-
-    Both heads must come from the same backbone: the caller compares the backbone
-    fingerprints; here only the embedding size is checked. How b's columns enter a:
-
-    - ``ridge``: recomputed from ``b_stats`` (class means) with the shared covariance of the
-      combined statistics and calibrated against a's columns, exactly as :func:`add_classes`
-      would from b's examples. Needs ``a_stats`` with a Gram matrix and ``b_stats``.
-    - ``center_l2`` / ``imprint``: from b's class means when ``b_stats`` is given, otherwise
-      from b's own columns (normalised, scaled to a's mean norm; center_l2 only), which then
-      needs b to normalise features exactly like a.
-    - ``claim``: with ``b_stats``, each of b's classes is added from its class mean as with
-      :func:`add_classes` (direction and claim-budget bias against a's columns); without,
-      b's own columns as with ``weight_align`` (same normalisation needed).
-    - ``weight_align``: b's own columns rescaled to a's mean column norm, biases recentred
-      on a's mean bias (same normalisation needed).
-    - ``none``: b's columns copied unchanged (plain concatenation; same normalisation needed).
-
-    Returns the merged head and statistics (``a_stats`` rows then ``b_stats`` rows, Gram
-    matrices added; b's Gram is estimated from a's shared covariance when b has none), or
-    None statistics when either side has none.
-    """
-    options = _check_options(options)
-    if a.embedding_size != b.embedding_size:
-        raise IncompatibleModelError(
-            f"head a takes {a.embedding_size}-d embeddings and head b {b.embedding_size}-d: they come from different "
-            "backbones and cannot be merged; train head b on embeddings of a's backbone"
-        )
-    _check_stats(a, a_stats, "statistics of head a")
-    _check_stats(b, b_stats, "statistics of head b")
-    method = options.method
-    merged_stats: ClassStats | None = None
-    if a_stats is not None and b_stats is not None:
-        b_gram = b_stats.gram
-        if a_stats.gram is not None and b_gram is None:
-            covariance = within_covariance(a_stats)
-            means = b_stats.means()
-            b_gram = b_stats.counts.sum() * covariance + (means.T * b_stats.counts) @ means
-        gram = None if a_stats.gram is None or b_gram is None else a_stats.gram + b_gram
-        merged_stats = ClassStats(
-            sums=np.concatenate([a_stats.sums, b_stats.sums]),
-            counts=np.concatenate([a_stats.counts, b_stats.counts]),
-            gram=gram,
-            extra=dict(a_stats.extra),
-        )
-
-    def need_same_normalisation(reason: str) -> None:
-        if not a.same_normalisation(b):
-            raise IncompatibleModelError(
-                f"heads a and b normalise features differently (feature mean, L2, temperature), so {reason}; "
-                "give b's class statistics and use method 'ridge' (its columns are then recomputed in a's space)"
-            )
-
-    if method == "ridge":
-        require_statistics(a_stats, method, "merge heads")
-        if b_stats is None:
-            raise IncompatibleModelError(
-                "method 'ridge' merges head b through its class statistics, and b has none; export b with class "
-                "statistics, or merge with method 'weight_align' (rescales b's own columns)"
-            )
-        if np.any(b_stats.counts <= 0):
-            raise InputError("head b's statistics hold a class with zero examples; every merged class needs examples")
-        assert merged_stats is not None and a_stats is not None  # (require_statistics / the check above)
-        new_weights, new_bias = ridge_merge_columns(a, a_stats, b_stats, merged_stats, options)
-    elif method in ("center_l2", "imprint"):
-        if method == "center_l2":
-            _require_cosine_head(a, method)
-        if b_stats is not None:
-            if np.any(b_stats.counts <= 0):
-                raise InputError("head b's statistics hold a class with zero examples; every merged class needs examples")
-            means = b_stats.means()
-            if a.feature_mean is not None:
-                means = means - a.feature_mean.astype(np.float64)
-            directions = _unit(means.T)
-        else:
-            need_same_normalisation(f"b's own columns cannot be used by method {method!r}")
-            directions = _unit(b.weights.astype(np.float64))
-        if method == "imprint":
-            new_weights, new_bias = directions, np.zeros(b.num_classes)
-        else:
-            new_weights = directions * _mean_norm(a.weights)
-            new_bias = np.full(b.num_classes, float(np.mean(a.bias)))
-    elif method == "claim" and b_stats is not None:
-        from edgeadapt.device.fewshot import claim_columns
-
-        if np.any(b_stats.counts <= 0):
-            raise InputError("head b's statistics hold a class with zero examples; every merged class needs examples")
-        new_weights, new_bias = claim_columns(a, a_stats, [mean[None, :] for mean in b_stats.means()], None, options)
-    elif method == "claim":
-        need_same_normalisation("b's columns cannot be weight-aligned into a (method 'claim' without b's statistics)")
-        new_weights, new_bias = _align_weights(b.weights.astype(np.float64), b.bias.astype(np.float64), a.weights, a.bias)
-    elif method == "imprint_calibrated":
-        raise IncompatibleModelError(
-            "method 'imprint_calibrated' calibrates each new bias on the new class's own examples, and a merge has "
-            "only head b's columns and statistics; merge with 'ridge' (with statistics) or 'weight_align', or add b's "
-            "classes from their examples with add_classes"
-        )
-    elif method == "weight_align":
-        need_same_normalisation("b's columns cannot be weight-aligned into a")
-        new_weights, new_bias = _align_weights(b.weights.astype(np.float64), b.bias.astype(np.float64), a.weights, a.bias)
-    else:
-        need_same_normalisation("b's columns cannot be concatenated to a")
-        new_weights, new_bias = b.weights.astype(np.float64), b.bias.astype(np.float64)
-    return _appended(a, new_weights, new_bias), merged_stats
-
-
-def resolve_all(head: Head, stats: ClassStats | None, options: AddClassOptions = AddClassOptions()) -> Head:
-    """Re-fit ALL columns jointly from the class statistics. CHANGES OLD-CLASS OUTPUTS.
-
-    The upper-bound-quality closed form: the shrinkage discriminant of every class from
-    the statistics (``options.shrinkage``, ``options.small_sample_correction``; the
-    method name is not used), put on the current head's logit scale (the same calibration
-    as ridge, fitted over all columns) and keeping the head's feature normalisation. Use
-    it when old outputs may change, e.g. after many classes were added one at a time.
-    Needs statistics with a Gram matrix and examples for every class.
-    """
-    options = _check_options(options)
-    _check_stats(head, stats)
-    stats = require_statistics(stats, "ridge", "re-solve the head")
-    empty = np.flatnonzero(stats.counts <= 0)
-    if empty.size:
-        raise IncompatibleModelError(
-            f"the class statistics hold no examples for class(es) {empty.tolist()}; a joint re-fit needs examples of "
-            "every class"
-        )
-    new_weights, new_bias = resolve_columns(head, stats, options)
-    return head.with_columns(new_weights.astype(np.float32), new_bias.astype(np.float32))
-
-
-def with_ridge_basis(head: Head, stats: ClassStats | None, options: AddClassOptions = AddClassOptions()) -> ClassStats | None:
-    """``stats`` with the ridge solver state attached (built when it has none), for writing a bundle.
-
-    A bundle that carries its :class:`RidgeBasis` lets the device add a class to a large head
-    in milliseconds from the first update on. Statistics without a Gram matrix, or whose basis
-    cannot be built (no examples, degenerate), are returned unchanged.
-    """
-    if stats is None or stats.gram is None or stats.ridge_basis is not None:
-        return stats
-    _check_stats(head, stats)
-    try:
-        basis = build_ridge_basis(head, stats, _check_options(options))
-    except IncompatibleModelError as error:
-        logger.warning("no ridge solver state written with the statistics: %s", error)
-        return stats
-    return dataclasses.replace(stats, ridge_basis=basis)
 
 
 def old_logits_unchanged(before: Head, after: Head, embeddings: np.ndarray) -> bool:
