@@ -59,21 +59,33 @@ def merge_heads(
         )
     check_stats(a, a_stats, "statistics of head a")
     check_stats(b, b_stats, "statistics of head b")
+    merged_stats = _merged_statistics(a_stats, b_stats)
+    new_weights, new_bias = _merged_columns(a, a_stats, b, b_stats, merged_stats, options)
+    return appended(a, new_weights, new_bias), merged_stats
+
+
+def _merged_statistics(a_stats: ClassStats | None, b_stats: ClassStats | None) -> ClassStats | None:
+    """a's rows then b's rows, Gram matrices added (b's estimated from a's covariance when it has none)."""
+    if a_stats is None or b_stats is None:
+        return None
+    b_gram = b_stats.gram
+    if a_stats.gram is not None and b_gram is None:
+        covariance = within_covariance(a_stats)
+        means = b_stats.means()
+        b_gram = b_stats.counts.sum() * covariance + (means.T * b_stats.counts) @ means
+    gram = None if a_stats.gram is None or b_gram is None else a_stats.gram + b_gram
+    return ClassStats(
+        sums=np.concatenate([a_stats.sums, b_stats.sums]),
+        counts=np.concatenate([a_stats.counts, b_stats.counts]),
+        gram=gram,
+        extra=dict(a_stats.extra),
+    )
+
+
+def _merged_columns(a: Head, a_stats: ClassStats | None, b: Head, b_stats: ClassStats | None,
+                    merged_stats: ClassStats | None, options: AddClassOptions) -> tuple[np.ndarray, np.ndarray]:
+    """The columns of b's classes in a, by ``options.method`` (see :func:`merge_heads`)."""
     method = options.method
-    merged_stats: ClassStats | None = None
-    if a_stats is not None and b_stats is not None:
-        b_gram = b_stats.gram
-        if a_stats.gram is not None and b_gram is None:
-            covariance = within_covariance(a_stats)
-            means = b_stats.means()
-            b_gram = b_stats.counts.sum() * covariance + (means.T * b_stats.counts) @ means
-        gram = None if a_stats.gram is None or b_gram is None else a_stats.gram + b_gram
-        merged_stats = ClassStats(
-            sums=np.concatenate([a_stats.sums, b_stats.sums]),
-            counts=np.concatenate([a_stats.counts, b_stats.counts]),
-            gram=gram,
-            extra=dict(a_stats.extra),
-        )
 
     def need_same_normalisation(reason: str) -> None:
         if not a.same_normalisation(b):
@@ -132,7 +144,7 @@ def merge_heads(
     else:
         need_same_normalisation("b's columns cannot be concatenated to a")
         new_weights, new_bias = b.weights.astype(np.float64), b.bias.astype(np.float64)
-    return appended(a, new_weights, new_bias), merged_stats
+    return new_weights, new_bias
 
 
 def resolve_all(head: Head, stats: ClassStats | None, options: AddClassOptions = AddClassOptions()) -> Head:

@@ -188,77 +188,113 @@ def evaluate_gate(
     if checked == 0:
         return GateReport(source=source if source != "none" else "none (no references or class statistics)",
                           checked=0, disturbed=0, budget=budget, passed=True, forced=force)
-    changed: np.ndarray | None = None
-    if old_head.same_normalisation(new_head):
-        kept_old = np.flatnonzero(index_map >= 0)
-        kept_new = index_map[kept_old]
-        equal = _equal_columns(old_head, new_head, kept_old, kept_new)
-        unchanged = np.zeros(new_head.num_classes, dtype=bool)
-        unchanged[kept_new[equal]] = True
-        changed = np.flatnonzero(~unchanged)
-        if changed.size > max(64, new_head.num_classes // 4):
-            changed = None
-    disturbed = np.zeros(checked, dtype=bool)
-    taker = np.full(checked, -1, dtype=np.int64)
-    exact = True
+    changed = _changed_columns(old_head, new_head, index_map)
     if changed is not None:
-        features = new_head.features(embeddings)  # == old features: same normalisation
-        own_logit = _own_logits(features, new_head, new_labels)
-        if changed.size:
-            new_logits = features @ new_head.weights[:, changed] + new_head.bias[changed]
-            beats = new_logits > own_logit[:, None]
-            new_to_old = np.full(new_head.num_classes, -1, dtype=np.int64)
-            new_to_old[index_map[index_map >= 0]] = np.flatnonzero(index_map >= 0)
-            existed = new_to_old[changed] >= 0
-            if existed.any():
-                old_columns = new_to_old[changed[existed]]
-                old_logits = features @ old_head.weights[:, old_columns] + old_head.bias[old_columns]
-                old_own = _own_logits(features, old_head, old_labels)
-                beats[:, existed] &= ~(old_logits > old_own[:, None])
-            own_changed = np.isin(new_labels, changed)
-            stolen = beats.any(axis=1) & ~own_changed
-            disturbed |= stolen
-            masked = np.where(beats, new_logits, -np.inf)
-            taker[stolen] = changed[masked[stolen].argmax(axis=1)]
-            if own_changed.any():  # references of a changed class: exact before/after on those only
-                rows = np.flatnonzero(own_changed)
-                before = old_head.logits(embeddings[rows]).argmax(axis=1)
-                after = new_head.logits(embeddings[rows]).argmax(axis=1)
-                regressed = (before == old_labels[rows]) & (after != new_labels[rows])
-                disturbed[rows[regressed]] = True
-                taker[rows[regressed]] = after[regressed]
+        disturbed, taker = _disturbed_by_changed_columns(old_head, new_head, embeddings, old_labels, new_labels,
+                                                         index_map, changed)
         exact = False
     else:
-        rows = np.arange(checked)
-        work = float(checked) * embeddings.shape[1] * (old_head.num_classes + new_head.num_classes)
-        if work > _EXACT_GATE_WORK:
-            keep = max(1, int(checked * _EXACT_GATE_WORK / work))
-            rows = np.sort(np.random.default_rng(0).choice(checked, keep, replace=False))
-            exact = False
-        before = old_head.logits(embeddings[rows]).argmax(axis=1)
-        after = new_head.logits(embeddings[rows]).argmax(axis=1)
-        regressed = (before == old_labels[rows]) & (after != new_labels[rows])
-        disturbed = np.zeros(checked, dtype=bool)
-        disturbed[rows[regressed]] = True
-        taker[rows[regressed]] = after[regressed]
+        rows, disturbed, taker, exact = _disturbed_exactly(old_head, new_head, embeddings, old_labels, new_labels)
         checked = int(rows.size)
-        disturbed, taker, old_labels = disturbed[rows], taker[rows], old_labels[rows]
+        old_labels = old_labels[rows]
     count = int(disturbed.sum())
-    details = []
-    if count:  # the worst classes (at most 10) and who took their references
-        hit_labels, hit_takers = old_labels[disturbed], taker[disturbed]
-        totals = np.bincount(old_labels, minlength=len(old_names))
-        classes_hit, hit_counts = np.unique(hit_labels, return_counts=True)
-        for position in np.argsort(-hit_counts, kind="stable")[:10]:
-            old_class = int(classes_hit[position])
-            takers, counts = np.unique(hit_takers[hit_labels == old_class], return_counts=True)
-            order = np.argsort(-counts, kind="stable")
-            details.append({
-                "class": old_names[old_class],
-                "disturbed": int(hit_counts[position]),
-                "of": int(totals[old_class]),
-                "taken_by": {new_names[int(takers[i])]: int(counts[i]) for i in order if takers[i] >= 0},
-            })
+    details = _worst_classes(disturbed, taker, old_labels, old_names, new_names) if count else []
     fraction = count / checked if checked else 0.0
     return GateReport(source=source, checked=checked, disturbed=count, budget=float(budget),
                       passed=fraction <= budget, forced=force, exact=exact, details=tuple(details))
+
+
+def _changed_columns(old_head: Head, new_head: Head, index_map: np.ndarray) -> np.ndarray | None:
+    """The new head's new or changed columns, or None when the fast path does not apply.
+
+    The fast path needs the same feature normalisation and few changed columns.
+    """
+    if not old_head.same_normalisation(new_head):
+        return None
+    kept_old = np.flatnonzero(index_map >= 0)
+    kept_new = index_map[kept_old]
+    equal = _equal_columns(old_head, new_head, kept_old, kept_new)
+    unchanged = np.zeros(new_head.num_classes, dtype=bool)
+    unchanged[kept_new[equal]] = True
+    changed = np.flatnonzero(~unchanged)
+    return None if changed.size > max(64, new_head.num_classes // 4) else changed
+
+
+def _disturbed_by_changed_columns(old_head: Head, new_head: Head, embeddings: np.ndarray, old_labels: np.ndarray,
+                                  new_labels: np.ndarray, index_map: np.ndarray, changed: np.ndarray
+                                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Fast path: (disturbed, taker) per reference, scoring only the ``changed`` columns."""
+    checked = old_labels.size
+    disturbed = np.zeros(checked, dtype=bool)
+    taker = np.full(checked, -1, dtype=np.int64)
+    features = new_head.features(embeddings)  # == old features: same normalisation
+    own_logit = _own_logits(features, new_head, new_labels)
+    if not changed.size:
+        return disturbed, taker
+    new_logits = features @ new_head.weights[:, changed] + new_head.bias[changed]
+    beats = new_logits > own_logit[:, None]
+    new_to_old = np.full(new_head.num_classes, -1, dtype=np.int64)
+    new_to_old[index_map[index_map >= 0]] = np.flatnonzero(index_map >= 0)
+    existed = new_to_old[changed] >= 0
+    if existed.any():
+        old_columns = new_to_old[changed[existed]]
+        old_logits = features @ old_head.weights[:, old_columns] + old_head.bias[old_columns]
+        old_own = _own_logits(features, old_head, old_labels)
+        beats[:, existed] &= ~(old_logits > old_own[:, None])
+    own_changed = np.isin(new_labels, changed)
+    stolen = beats.any(axis=1) & ~own_changed
+    disturbed |= stolen
+    masked = np.where(beats, new_logits, -np.inf)
+    taker[stolen] = changed[masked[stolen].argmax(axis=1)]
+    if own_changed.any():  # references of a changed class: exact before/after on those only
+        rows = np.flatnonzero(own_changed)
+        before = old_head.logits(embeddings[rows]).argmax(axis=1)
+        after = new_head.logits(embeddings[rows]).argmax(axis=1)
+        regressed = (before == old_labels[rows]) & (after != new_labels[rows])
+        disturbed[rows[regressed]] = True
+        taker[rows[regressed]] = after[regressed]
+    return disturbed, taker
+
+
+def _disturbed_exactly(old_head: Head, new_head: Head, embeddings: np.ndarray, old_labels: np.ndarray,
+                       new_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Exact path: (rows checked, disturbed, taker, exact) comparing both heads' predictions.
+
+    Beyond a fixed amount of work a deterministic subsample of the references is checked.
+    """
+    checked = old_labels.size
+    rows = np.arange(checked)
+    exact = True
+    work = float(checked) * embeddings.shape[1] * (old_head.num_classes + new_head.num_classes)
+    if work > _EXACT_GATE_WORK:
+        keep = max(1, int(checked * _EXACT_GATE_WORK / work))
+        rows = np.sort(np.random.default_rng(0).choice(checked, keep, replace=False))
+        exact = False
+    before = old_head.logits(embeddings[rows]).argmax(axis=1)
+    after = new_head.logits(embeddings[rows]).argmax(axis=1)
+    regressed = (before == old_labels[rows]) & (after != new_labels[rows])
+    disturbed = np.zeros(checked, dtype=bool)
+    taker = np.full(checked, -1, dtype=np.int64)
+    disturbed[rows[regressed]] = True
+    taker[rows[regressed]] = after[regressed]
+    return rows, disturbed[rows], taker[rows], exact
+
+
+def _worst_classes(disturbed: np.ndarray, taker: np.ndarray, old_labels: np.ndarray, old_names: Sequence[str],
+                   new_names: Sequence[str]) -> list[dict]:
+    """The worst classes (at most 10) and who took their references."""
+    details = []
+    hit_labels, hit_takers = old_labels[disturbed], taker[disturbed]
+    totals = np.bincount(old_labels, minlength=len(old_names))
+    classes_hit, hit_counts = np.unique(hit_labels, return_counts=True)
+    for position in np.argsort(-hit_counts, kind="stable")[:10]:
+        old_class = int(classes_hit[position])
+        takers, counts = np.unique(hit_takers[hit_labels == old_class], return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        details.append({
+            "class": old_names[old_class],
+            "disturbed": int(hit_counts[position]),
+            "of": int(totals[old_class]),
+            "taken_by": {new_names[int(takers[i])]: int(counts[i]) for i in order if takers[i] >= 0},
+        })
+    return details
