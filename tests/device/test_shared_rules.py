@@ -73,3 +73,32 @@ def test_durable_write_never_writes_through_a_link(tmp_path):
     target.symlink_to(outside)
     durable_write(target, b"new")
     assert outside.read_bytes() == b"keep" and not target.is_symlink() and target.read_bytes() == b"new"
+
+
+def test_statistics_extras_hook_keeps_the_format_free_of_the_solver():
+    from edgeadapt.device.add_options import AddClassOptions
+    from edgeadapt.device.errors import BundleError, IncompatibleModelError
+    from edgeadapt.device.head import ClassStats, Head
+    from edgeadapt.device.ridge import RidgeBasis, as_basis, build_ridge_basis
+    from edgeadapt.device.stats_extras import EXTRA_KEY, StatisticsExtra, StoredExtra, load_statistics_extra
+
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(60, 6)) + np.repeat(np.eye(6)[:3] * 4, 20, axis=0)
+    labels = np.repeat(np.arange(3), 20)
+    stats = ClassStats.from_embeddings(embeddings, labels, 3, with_gram=True)
+    head = Head(weights=stats.means().T.astype(np.float32), bias=np.zeros(3, np.float32))
+    basis = build_ridge_basis(head, stats, AddClassOptions(method="ridge"))
+    assert isinstance(basis, StatisticsExtra)
+
+    stored = load_statistics_extra("some_other_solver", {"x": 1}, {"kept_name": np.ones(2), "../escape": np.ones(2)})
+    assert isinstance(stored, StoredExtra) and list(stored.arrays()) == ["kept_name"]
+
+    loaded = load_statistics_extra(EXTRA_KEY, basis.metadata(), basis.arrays())  # ridge registered its loader
+    assert isinstance(loaded, RidgeBasis) and loaded.classes == basis.classes
+    unread = StoredExtra(EXTRA_KEY, basis.metadata(), basis.arrays())  # read before the solver was imported
+    rebuilt = as_basis(unread)
+    assert isinstance(rebuilt, RidgeBasis)
+    assert np.array_equal(rebuilt.discriminant_inverse, basis.discriminant_inverse)
+    broken = {name: array for name, array in basis.arrays().items() if name != "ridge_calibration"}
+    with pytest.raises((BundleError, IncompatibleModelError), match="malformed"):
+        as_basis(StoredExtra(EXTRA_KEY, basis.metadata(), broken))
