@@ -1,4 +1,4 @@
-"""How a class is added to a head: the methods and :class:`AddClassOptions` (numpy-free).
+"""How a class is added to a head: the methods, :class:`AddClassOptions` and :func:`choose_method` (numpy-free).
 
 Shared by the head math (:mod:`edgeadapt.device.incremental`), its solvers
 (:mod:`edgeadapt.device.ridge`, :mod:`edgeadapt.device.fewshot`) and their callers, so that
@@ -8,8 +8,12 @@ the solvers need not import the module that calls them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from edgeadapt.device.errors import InputError
+from edgeadapt.device.errors import IncompatibleModelError, InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgeadapt.device.head import ClassStats
 
 #: Calibration methods, best first (see the module docstring and docs/INCREMENTAL.md).
 METHODS = ("claim", "ridge", "center_l2", "imprint_calibrated", "weight_align", "imprint", "none")
@@ -105,3 +109,42 @@ def needs_statistics(method: str) -> bool:
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return method in STATISTICS_METHODS
+
+
+def choose_method(stats: ClassStats | None, has_calibration: bool, requested: str | None) -> str:
+    """The method an update uses on a head with ``stats``: ``requested``, or the best one the head supports.
+
+    Args:
+        stats: the head's class statistics, or None when the bundle carries none (e.g. imported
+            without ``--data``, or a headless import).
+        has_calibration: whether calibration embeddings (the bundle's background and/or
+            reference embeddings) are available to the update.
+        requested: the method the user chose (one of :data:`METHODS`), or None for the automatic
+            choice.
+
+    Returns:
+        ``requested`` when given and supported; otherwise :data:`DEFAULT_METHOD` when ``stats``
+        hold a Gram matrix, else :data:`STATISTICS_FREE_METHOD`.
+
+    Raises:
+        InputError: ``requested`` is not one of :data:`METHODS`.
+        IncompatibleModelError: ``requested`` needs class statistics (with a Gram matrix) that
+            the bundle does not carry; the message says what it needs and what to do.
+    """
+    del has_calibration  # no method of this module needs it to be chosen; the few-shot method will
+    if requested is not None:
+        if not isinstance(requested, str) or requested not in METHODS:
+            raise InputError(f"unknown method {requested!r}; choose one of {', '.join(METHODS)}")
+        if requested in STATISTICS_METHODS and (stats is None or stats.gram is None):
+            what = "class statistics with a Gram matrix" if stats is None else "a Gram matrix in its class statistics"
+            raise IncompatibleModelError(
+                f"method {requested!r} needs {what} (per-class sums and counts of the existing classes and "
+                f"sum(e e^T)), and this bundle has {'none' if stats is None else 'no Gram matrix'}. Import or export "
+                "the model with class statistics (`edgeadapt import ... --data DIR`), or leave the method out to "
+                f"use the automatic choice ({STATISTICS_FREE_METHOD} here), or choose one of "
+                f"{', '.join(name for name in METHODS if name not in STATISTICS_METHODS)}"
+            )
+        return requested
+    if stats is not None and stats.gram is not None:
+        return DEFAULT_METHOD
+    return STATISTICS_FREE_METHOD

@@ -93,6 +93,7 @@ from edgeadapt.device.add_options import (  # noqa: F401 (re-exported: the optio
     STATISTICS_METHODS,
     TRAINED_METHODS,
     AddClassOptions,
+    choose_method,
     needs_statistics,
 )
 from edgeadapt.device.columns import (
@@ -460,43 +461,3 @@ def old_logits_unchanged(before: Head, after: Head, embeddings: np.ndarray) -> b
     if after.num_classes < before.num_classes:
         return False
     return bool(np.array_equal(before.logits(embeddings), after.logits(embeddings)[:, : before.num_classes]))
-
-
-# ============================================================================= automatic method choice
-def choose_method(stats: ClassStats | None, has_calibration: bool, requested: str | None) -> str:
-    """The method an update uses on a head with ``stats``: ``requested``, or the best one the head supports.
-
-    Args:
-        stats: the head's class statistics, or None when the bundle carries none (e.g. imported
-            without ``--data``, or a headless import).
-        has_calibration: whether calibration embeddings (the bundle's background and/or
-            reference embeddings) are available to the update.
-        requested: the method the user chose (one of :data:`METHODS`), or None for the automatic
-            choice.
-
-    Returns:
-        ``requested`` when given and supported; otherwise :data:`DEFAULT_METHOD` when ``stats``
-        hold a Gram matrix, else :data:`STATISTICS_FREE_METHOD`.
-
-    Raises:
-        InputError: ``requested`` is not one of :data:`METHODS`.
-        IncompatibleModelError: ``requested`` needs class statistics (with a Gram matrix) that
-            the bundle does not carry; the message says what it needs and what to do.
-    """
-    del has_calibration  # no method of this module needs it to be chosen; the few-shot method will
-    if requested is not None:
-        if not isinstance(requested, str) or requested not in METHODS:
-            raise InputError(f"unknown method {requested!r}; choose one of {', '.join(METHODS)}")
-        if requested in STATISTICS_METHODS and (stats is None or stats.gram is None):
-            what = "class statistics with a Gram matrix" if stats is None else "a Gram matrix in its class statistics"
-            raise IncompatibleModelError(
-                f"method {requested!r} needs {what} (per-class sums and counts of the existing classes and "
-                f"sum(e e^T)), and this bundle has {'none' if stats is None else 'no Gram matrix'}. Import or export "
-                "the model with class statistics (`edgeadapt import ... --data DIR`), or leave the method out to "
-                f"use the automatic choice ({STATISTICS_FREE_METHOD} here), or choose one of "
-                f"{', '.join(name for name in METHODS if name not in STATISTICS_METHODS)}"
-            )
-        return requested
-    if stats is not None and stats.gram is not None:
-        return DEFAULT_METHOD
-    return STATISTICS_FREE_METHOD

@@ -26,13 +26,20 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings, head_payload
-from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError, UpdateError
+from edgeadapt.device.bundle import ReferenceEmbeddings, head_payload
+from edgeadapt.device.errors import IncompatibleModelError, InputError, UpdateError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_file import carried_head_file
 from edgeadapt.device.manifest import Manifest, utc_timestamp
 from edgeadapt.device.naming import MAX_CLASS_NAME_LENGTH, check_class_name  # noqa: F401 (re-exported)
-from edgeadapt.device.head_state import HeadState, head_file_paths, load_state  # noqa: F401 (re-exported)
+from edgeadapt.device.head_state import (  # noqa: F401 (re-exported)
+    HeadState,
+    apply_to_runtime as _apply_to_runtime,
+    head_file_paths,
+    load_state,
+    refresh_runtime,
+    refuse_temporary_unpack as _refuse_temporary_unpack,
+)
 from edgeadapt.device.update_gate import (  # noqa: F401 (re-exported: the gate's public names)
     DEFAULT_GATE_BUDGET,
     DEFAULT_REFERENCES_PER_CLASS,
@@ -766,42 +773,6 @@ def _state_arrays(state: HeadState) -> dict[str, np.ndarray]:
     if state.background is not None:
         arrays["background.npy"] = state.background
     return {name: array for name, array in arrays.items() if array is not None}
-
-
-def _refuse_temporary_unpack(path: Path) -> None:
-    """A runtime opened from a packed bundle runs from a temporary unpacked copy: updates would be lost."""
-    import tempfile
-
-    parent = path.resolve().parent
-    if parent.name.startswith("edgeadapt-bundle-") and parent.parent == Path(tempfile.gettempdir()).resolve():
-        raise BundleError(
-            f"this runtime was opened from a packed bundle, unpacked to the temporary folder {path}; updates there "
-            "would be lost. Unpack it once to a permanent folder (edgeadapt.device.unpack_bundle) and open that"
-        )
-
-
-def _apply_to_runtime(runtime: Any, path: Path, manifest: Manifest, head: Head) -> None:
-    names = manifest.class_names
-    runtime.bundle = Bundle(path, manifest)
-    runtime.manifest = manifest
-    runtime.set_head(head, names)
-
-
-def refresh_runtime(runtime: Any) -> bool:
-    """Reload ``runtime``'s head if another process committed a newer version; True when it changed.
-
-    Cheap when nothing changed (reads and compares ``manifest.json``). The backbone is not reopened.
-    """
-    store_path = Path(runtime.bundle.path)
-    manifest = VersionStore(store_path).read_manifest()
-    if manifest.version == runtime.manifest.version and manifest.data == runtime.manifest.data:
-        return False
-    if manifest.backbone_fingerprint != runtime.manifest.backbone_fingerprint:
-        raise BundleError(f"{store_path} now holds another backbone; reopen it with Runtime.open")
-    bundle = Bundle(store_path, manifest)
-    bundle.verify(only=head_file_paths(manifest))
-    _apply_to_runtime(runtime, store_path, manifest, bundle.load_head())
-    return True
 
 
 #: Methods whose add_examples recomputes the column from the class statistics (see incremental.add_examples).
