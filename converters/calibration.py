@@ -15,6 +15,7 @@ import numpy as np
 
 from edgeadapt.device.errors import InputError
 from edgeadapt.device.manifest import InputSpec
+from edgeadapt.device.preprocessing import pixel_table
 
 
 def check_image_batch(images_uint8: np.ndarray, spec: InputSpec, what: str = "calibration images") -> np.ndarray:
@@ -43,9 +44,8 @@ def check_image_batch(images_uint8: np.ndarray, spec: InputSpec, what: str = "ca
     return images
 
 
-def normalization_table(spec: InputSpec) -> np.ndarray:
-    """The 256-entry float32 table ``pixel -> pixel * spec.scale + spec.offset``."""
-    return (np.arange(256, dtype=np.float64) * spec.scale + spec.offset).astype(np.float32)
+#: The 256-entry float32 table ``pixel -> pixel * spec.scale + spec.offset`` (the device's rule).
+normalization_table = pixel_table
 
 
 def normalized_batches(images_uint8: np.ndarray, spec: InputSpec, batch_size: int = 1) -> Iterator[np.ndarray]:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from edgeadapt.device.errors import BundleError, ConversionError, InputError
 from edgeadapt.device.head import Head
 from edgeadapt.device.manifest import InputSpec
 from edgeadapt.device.preprocessing import InputQuantizer
+from edgeadapt.device.safefs import durable_write
 
 logger = logging.getLogger(__name__)
 
@@ -623,12 +623,7 @@ def export_fused(
                 f"the fused {model_format} model agrees with the split bundle on only {agreement:.1%} of "
                 f"{len(images)} probe images (max score difference {difference:.3g}); not writing it"
             )
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(content)
-        temporary = Path(handle.name)
-    temporary.replace(path)
+    path = durable_write(output, content)
     logger.info("wrote fused %s model %s (%d bytes)", model_format, path, len(content))
     return result
 

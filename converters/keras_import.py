@@ -25,6 +25,7 @@ from edgeadapt.converters.model_info import ExportedModel
 from edgeadapt.converters.tflite_import import ImportOptions, input_spec_from_quantization
 from edgeadapt.device.errors import ConversionError, IncompatibleModelError
 from edgeadapt.device.manifest import InputSpec
+from edgeadapt.device.preprocessing import pixel_table
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -113,7 +114,7 @@ def export_keras_backbone(
 
 def keras_scores(model: "keras.Model", images: np.ndarray, spec: InputSpec, batch_size: int = 64) -> np.ndarray:
     """The original Keras model's outputs (N, C) on prepared uint8 images."""
-    table = (np.arange(256, dtype=np.float64) * spec.scale + spec.offset).astype(np.float32)
+    table = pixel_table(spec)
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = table[images[start : start + batch_size]]

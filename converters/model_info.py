@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgeadapt.device.errors import ConversionError
+from edgeadapt.device.safefs import durable_write
 
 logger = logging.getLogger(__name__)
 
@@ -66,18 +66,7 @@ class ExportedModel:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model file to ``path`` atomically (temp file, fsync, rename); return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(self.content)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        path = durable_write(path, self.content)
         logger.info("wrote %s model (%s, %d bytes) to %s", self.format, self.quantization, self.size, path)
         return path
 

@@ -29,6 +29,7 @@ from edgeadapt.converters.tflite_import import ImportedClassifier, ImportOptions
 from edgeadapt.device.errors import ConversionError, IncompatibleModelError, InputError
 from edgeadapt.device.head import Head
 from edgeadapt.device.manifest import InputSpec
+from edgeadapt.device.preprocessing import pixel_table
 
 logger = logging.getLogger(__name__)
 
@@ -440,7 +441,7 @@ def onnx_scores(content: bytes, images: np.ndarray, spec: InputSpec, options: Im
 
     session = onnxruntime.InferenceSession(bytes(content), providers=["CPUExecutionProvider"])
     model_input = session.get_inputs()[0]
-    values = (np.arange(256, dtype=np.float64) * spec.scale + spec.offset).astype(np.float32)[images]
+    values = pixel_table(spec)[images]
     if options.channel_mean is not None:
         channels = images.shape[-1]
         values = (values - np.resize(np.asarray(options.channel_mean, np.float32), channels)) / np.resize(

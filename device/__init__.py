@@ -31,7 +31,7 @@ _EXPORTS = {
     "unpack_bundle": "edgeadapt.device.bundle",
     "Runtime": "edgeadapt.device.runtime",
     "HeadUpdater": "edgeadapt.device.updater",
-    "UpdateGateError": "edgeadapt.device.updater",
+    "UpdateGateError": "edgeadapt.device.update_gate",
     "ReferenceEmbeddings": "edgeadapt.device.bundle",
     "UnknownAwareClassifier": "edgeadapt.device.unknown",
     "Prediction": "edgeadapt.device.runtime",

@@ -47,17 +47,24 @@ from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_parts import assemble, load_parts
 from edgeadapt.device.manifest import MAX_MANIFEST_BYTES, Manifest, check_relative_path
 from edgeadapt.device.npyio import read_npy
-from edgeadapt.device.ridge import BASIS_ARRAYS, RidgeBasis
+from edgeadapt.device.stats_extras import (
+    EXTRA_KEY,
+    StatisticsExtra,
+    extra_array_names,
+    is_extra_array_name,
+    load_statistics_extra,
+)
 from edgeadapt.device.packing import UnpackedCopy
 from edgeadapt.device.safefs import (
     check_tree,
     create_exclusive,
+    durable_write,
+    fsync_directory,
     inside,
     open_regular,
     read_regular,
     sha256_and_size,
     storage_error,
-    temporary_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -93,35 +100,9 @@ def _content_bytes(content: FileContent) -> bytes:
     raise TypeError(f"cannot write a {type(content).__name__} into a bundle")
 
 
-def fsync_directory(path: Path) -> None:
-    """Flush a directory entry (rename durability) where the platform supports it."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def write_file_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_name(path)
-    descriptor = create_exclusive(temporary)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename (:func:`safefs.durable_write`)."""
+    durable_write(path, data)
 
 
 # ----------------------------------------------------------------------------- head files
@@ -137,7 +118,7 @@ def head_file_names(version: int) -> dict[str, str]:
         "reference_embeddings": f"{base}/reference_embeddings.npy",
         "reference_labels": f"{base}/reference_labels.npy",
         "background": f"{base}/background.npy",
-        **{name: f"{base}/{name}.npy" for name in BASIS_ARRAYS},
+        **{name: f"{base}/{name}.npy" for name in extra_array_names()},
     }
 
 
@@ -255,12 +236,12 @@ def head_payload(
             files[names["gram"]] = stats.gram
             statistics["gram"] = names["gram"]
         basis = stats.ridge_basis
-        if isinstance(basis, RidgeBasis) and basis.embedding_size == head.embedding_size:
+        if isinstance(basis, StatisticsExtra) and basis.embedding_size == head.embedding_size:
             paths = {}
             for name, array in basis.arrays().items():
                 files[names[name]] = array
                 paths[name] = names[name]
-            statistics["ridge_basis"] = {**basis.metadata(), "files": paths,
+            statistics[EXTRA_KEY] = {**basis.metadata(), "files": paths,
                                          "bytes": sum(int(array.nbytes) for array in basis.arrays().values())}
         section["statistics"] = statistics
     if reference_embeddings is not None and len(reference_embeddings):
@@ -566,11 +547,12 @@ class Bundle:
             return None
         gram = self._load_array(statistics["gram"]) if statistics.get("gram") else None
         basis = None
-        section = statistics.get("ridge_basis")
+        section = statistics.get(EXTRA_KEY)
         if isinstance(section, dict) and isinstance(section.get("files"), dict):
-            arrays = {name: self._load_array(path) for name, path in section["files"].items() if name in BASIS_ARRAYS}
+            arrays = {name: self._load_array(path) for name, path in section["files"].items()
+                      if isinstance(name, str) and is_extra_array_name(name)}
             try:
-                basis = RidgeBasis.from_parts(section, arrays)
+                basis = load_statistics_extra(EXTRA_KEY, section, arrays)
             except (KeyError, TypeError, ValueError, IndexError, OverflowError) as error:
                 raise BundleError(f"the ridge solver state in {self.path} is malformed ({error}); re-export the bundle") \
                     from error

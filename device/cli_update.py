@@ -13,7 +13,7 @@ from typing import Any
 
 from edgeadapt.device.cli_common import add_backend_option
 from edgeadapt.device.errors import InputError
-from edgeadapt.device.preprocessing import IMAGE_SUFFIXES
+from edgeadapt.device.preprocessing import IMAGE_SUFFIXES, list_image_files
 from edgeadapt.device.trust import add_trust_arguments, trusted_keys_from_arguments
 
 
@@ -22,8 +22,7 @@ def expand_images(arguments: list[Path]) -> list[Path]:
     images: list[Path] = []
     for argument in arguments:
         if argument.is_dir():
-            found = sorted(path for path in argument.iterdir()
-                           if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES)
+            found = list_image_files(argument)
             if not found:
                 raise InputError(f"folder {str(argument)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
             images.extend(found)

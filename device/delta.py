@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import socket
 import zipfile
@@ -41,7 +40,7 @@ from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.manifest import MAX_CLASSES, MAX_EMBEDDING_SIZE, MAX_NAME_LENGTH, MAX_VERSION, utc_timestamp
 from edgeadapt.device.npyio import read_npy
 from edgeadapt.device.packing import check_member, read_member, zip_errors
-from edgeadapt.device.safefs import create_exclusive, storage_error, temporary_name
+from edgeadapt.device.safefs import durable_write, storage_error
 from edgeadapt.device.schema import Fields, parse_document
 from edgeadapt.device.signing import verify_delta_signature
 
@@ -116,7 +115,7 @@ def export_delta(bundle_path: str | Path, output: str | Path, source: str | None
     current version without the writer lock (readers never see a partial version).
     ``device_key``: private key file that signs the delta (member ``signature.dsse.json``).
     """
-    from edgeadapt.device.updater import load_state
+    from edgeadapt.device.head_state import load_state
     from edgeadapt.device.versions import VersionStore
 
     store = VersionStore(bundle_path)
@@ -172,18 +171,15 @@ def export_delta(bundle_path: str | Path, output: str | Path, source: str | None
 
         key = device_key if hasattr(device_key, "sign") else load_private_key(device_key)
         members[SIGNATURE_NAME] = sign_members(members, key, info)
-    temporary = temporary_name(output)
+
+    def write_zip(handle) -> None:
+        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name, data in members.items():
+                archive.writestr(name, data)
+
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with os.fdopen(create_exclusive(temporary), "w+b") as handle:
-            with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                for name, data in members.items():
-                    archive.writestr(name, data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, output)
+        durable_write(output, write_zip)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise storage_error(error, output.parent, f"write the delta {output.name}") from error
     logger.info("exported %d class(es), %d example(s) to %s", len(classes), len(examples), output)
     return output
@@ -262,6 +258,54 @@ def _delta_info(raw: bytes, source: str) -> dict:
     return info
 
 
+def _indexed_members(archive: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo]:
+    """The delta's members by name, each checked (no duplicates, only known names, metadata present)."""
+    members = archive.infolist()
+    if len(members) > len(_ARRAY_MEMBERS) + 2:
+        raise BundleError(f"{path} holds {len(members)} members; a delta holds at most {len(_ARRAY_MEMBERS) + 2}")
+    by_name = {}
+    for member in members:
+        check_member(member, path, "delta")
+        if member.filename in by_name:
+            raise BundleError(f"{path} holds the member {member.filename!r} twice; refusing it")
+        by_name[member.filename] = member
+    if METADATA_NAME not in by_name:
+        raise BundleError(f"{path} has no {METADATA_NAME}; it is not an edgeadapt delta")
+    unexpected = set(by_name) - {METADATA_NAME, SIGNATURE_NAME, *_ARRAY_MEMBERS}
+    if unexpected:
+        raise BundleError(f"{path} holds unexpected members {sorted(unexpected)[:5]}; refusing it")
+    return by_name
+
+
+def _read_arrays(archive: zipfile.ZipFile, by_name: dict[str, zipfile.ZipInfo], info: dict,
+                 path: Path) -> dict[str, np.ndarray]:
+    """The listed arrays: sizes checked before inflating, streamed with a byte budget, checksummed,
+    ``.npy`` headers checked against the shapes ``delta.json`` implies before allocation."""
+    size, count = info["embedding_size"], len(info["classes"])
+    shapes = {"weights.npy": ((size, count), "f"), "bias.npy": ((count,), "f"), "feature_mean.npy": ((size,), "f"),
+              "example_embeddings.npy": ((None, size), "f"), "example_labels.npy": ((None,), "iu")}
+    listed = info["files"]
+    arrays_present = set(by_name) - {METADATA_NAME, SIGNATURE_NAME}
+    if set(listed) != arrays_present:
+        raise BundleError(f"{path}: the members {sorted(arrays_present)} do not match the files "
+                          f"{METADATA_NAME} lists {sorted(listed)}; the delta is inconsistent")
+    if sum(entry["size"] for entry in listed.values()) > MAX_DELTA_BYTES:
+        raise BundleError(f"{path} lists more than {MAX_DELTA_BYTES} bytes of arrays; refusing it")
+    arrays: dict[str, np.ndarray] = {}
+    for name, entry in listed.items():
+        member = by_name[name]
+        if member.file_size != entry["size"]:
+            raise BundleError(f"{path}: member {name!r} declares {member.file_size} bytes, {METADATA_NAME} lists "
+                              f"{entry['size']}; refusing it before inflating it")
+        with archive.open(member) as stream:
+            reader = _HashingReader(stream, entry["size"], f"{path}: member {name!r}")
+            shape, kinds = shapes[name]
+            arrays[name] = read_npy(reader, entry["size"], f"{path}: member {name!r}", shape=shape, kinds=kinds)
+            if reader.position != entry["size"] or stream.read(1) or reader.digest.hexdigest() != entry["sha256"]:
+                raise BundleError(f"{path}: member {name!r} fails its checksum; the delta is corrupted")
+    return arrays
+
+
 def read_delta(path: str | Path, trusted_keys: Any = None) -> Delta:
     """Read and verify a delta file; :class:`BundleError` names the first problem.
 
@@ -292,48 +336,14 @@ def read_delta(path: str | Path, trusted_keys: Any = None) -> Delta:
     with zip_errors(path, "delta file"):
         archive = zipfile.ZipFile(path)
     with archive, zip_errors(path, "delta file"):
-        members = archive.infolist()
-        if len(members) > len(_ARRAY_MEMBERS) + 2:
-            raise BundleError(f"{path} holds {len(members)} members; a delta holds at most {len(_ARRAY_MEMBERS) + 2}")
-        by_name = {}
-        for member in members:
-            check_member(member, path, "delta")
-            if member.filename in by_name:
-                raise BundleError(f"{path} holds the member {member.filename!r} twice; refusing it")
-            by_name[member.filename] = member
-        if METADATA_NAME not in by_name:
-            raise BundleError(f"{path} has no {METADATA_NAME}; it is not an edgeadapt delta")
-        unexpected = set(by_name) - {METADATA_NAME, SIGNATURE_NAME, *_ARRAY_MEMBERS}
-        if unexpected:
-            raise BundleError(f"{path} holds unexpected members {sorted(unexpected)[:5]}; refusing it")
+        by_name = _indexed_members(archive, path)
         metadata = read_member(archive, by_name[METADATA_NAME], _MAX_METADATA_BYTES, path)
         info = _delta_info(metadata, f"{path}:{METADATA_NAME}")
         envelope = None
         if SIGNATURE_NAME in by_name:  # size-capped even when no key checks it
             envelope = read_member(archive, by_name[SIGNATURE_NAME], MAX_SIGNATURE_BYTES, path)
         signer = verify_delta_signature(envelope, metadata, info, trusted_keys, str(path))
-        size, count = info["embedding_size"], len(info["classes"])
-        shapes = {"weights.npy": ((size, count), "f"), "bias.npy": ((count,), "f"), "feature_mean.npy": ((size,), "f"),
-                  "example_embeddings.npy": ((None, size), "f"), "example_labels.npy": ((None,), "iu")}
-        listed = info["files"]
-        arrays_present = set(by_name) - {METADATA_NAME, SIGNATURE_NAME}
-        if set(listed) != arrays_present:
-            raise BundleError(f"{path}: the members {sorted(arrays_present)} do not match the files "
-                              f"{METADATA_NAME} lists {sorted(listed)}; the delta is inconsistent")
-        if sum(entry["size"] for entry in listed.values()) > MAX_DELTA_BYTES:
-            raise BundleError(f"{path} lists more than {MAX_DELTA_BYTES} bytes of arrays; refusing it")
-        arrays: dict[str, np.ndarray] = {}
-        for name, entry in listed.items():
-            member = by_name[name]
-            if member.file_size != entry["size"]:
-                raise BundleError(f"{path}: member {name!r} declares {member.file_size} bytes, {METADATA_NAME} lists "
-                                  f"{entry['size']}; refusing it before inflating it")
-            with archive.open(member) as stream:
-                reader = _HashingReader(stream, entry["size"], f"{path}: member {name!r}")
-                shape, kinds = shapes[name]
-                arrays[name] = read_npy(reader, entry["size"], f"{path}: member {name!r}", shape=shape, kinds=kinds)
-                if reader.position != entry["size"] or stream.read(1) or reader.digest.hexdigest() != entry["sha256"]:
-                    raise BundleError(f"{path}: member {name!r} fails its checksum; the delta is corrupted")
+        arrays = _read_arrays(archive, by_name, info, path)
     for required in ("weights.npy", "bias.npy", "example_embeddings.npy", "example_labels.npy"):
         if required not in arrays:
             raise BundleError(f"{path} lacks {required}")

@@ -34,7 +34,7 @@ import itertools
 import logging
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,7 +42,7 @@ import numpy as np
 from edgeadapt.device.errors import BundleError, InputError
 from edgeadapt.device.head import Head
 from edgeadapt.device.manifest import Manifest
-from edgeadapt.device.safefs import read_regular, storage_error
+from edgeadapt.device.safefs import durable_write, read_regular, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -307,14 +307,12 @@ def write_head_file(path: str | Path, head: Head, class_names: list[str], int8: 
         InputError: see :func:`head_to_bytes`, or ``path`` exists and ``overwrite`` is false.
         StorageError: the file system refused the write. Nothing is written on error.
     """
-    from edgeadapt.device.bundle import write_file_durably
-
     path = Path(path)
     data = head_to_bytes(head, class_names, int8=int8)
     if not overwrite and os.path.lexists(path):
         raise InputError(f"{path} already exists; pass overwrite=True (--overwrite) or choose another path")
     try:
-        write_file_durably(path, data)
+        durable_write(path, data)
     except OSError as error:
         raise storage_error(error, path, "write the head file") from error
     return path
@@ -394,7 +392,7 @@ def carry_head_file(bundle_path: str | Path, int8: bool = False) -> Manifest:
         old = current.data["head"].get("head_file")
         if old and old.get("file") in files:
             del files[old["file"]]  # the previous copy stays with its own version record
-        from edgeadapt.device.version_builder import ChangeAction  # the builder imports this module
+        from edgeadapt.device.change_actions import ChangeAction
 
         manifest.data["change"] = {"action": ChangeAction.EXPORT_HEAD.value, "classes": [],
                                    "weights": "int8" if int8 else "float32"}
@@ -420,9 +418,9 @@ def load_carried_head_file(bundle: Any) -> HeadFile | None:
     bundle.verify(only=[path])
     carried = head_from_bytes(read_regular(bundle.file_path(path), MAX_FILE_BYTES, "head file"), f"{bundle.path}/{path}")
     head = bundle.load_head()
+    as_stored = replace(head, temperature=float(np.float32(head.temperature)))  # the file holds a float32
     if (carried.class_names != bundle.manifest.class_names or carried.head.weights.shape != head.weights.shape
-            or carried.head.l2_normalize != head.l2_normalize
-            or (carried.head.feature_mean is None) != (head.feature_mean is None)):
+            or not carried.head.same_normalisation(as_stored)):
         raise BundleError(f"the head file {path} in {bundle.path} does not hold the bundle's head; re-export it "
                           "with `edgeadapt export-head BUNDLE --into-bundle`")
     return carried

@@ -80,228 +80,52 @@ All arrays are float32 in the head, float64 in the statistics. Nothing here writ
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from edgeadapt.device.errors import IncompatibleModelError, InputError
-from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.add_options import (  # noqa: F401 (re-exported: the options of this module's functions)
+    DEFAULT_METHOD,
+    METHODS,
+    STATISTICS_FREE_METHOD,
+    STATISTICS_METHODS,
+    TRAINED_METHODS,
+    AddClassOptions,
+    choose_method,
+    needs_statistics,
+)
+from edgeadapt.device.columns import (
+    align_weights as _align_weights,
+    appended as _appended,
+    mean_norm as _mean_norm,
+    replaced_column as _replaced_column,
+    unit_columns as _unit,
+)
+from edgeadapt.device.head import ClassStats, Head, softmax
+from edgeadapt.device.head_checks import (
+    check_calibration as _check_calibration,
+    check_class_list as _check_class_list,
+    check_embeddings as _check_embeddings,
+    check_index as _check_index,
+    check_options as _check_options,
+    check_stats as _check_stats,
+    require_cosine_head as _require_cosine_head,
+    require_statistics,
+)
+from edgeadapt.device.merging import merge_heads, resolve_all, with_ridge_basis  # noqa: F401 (re-exported)
 from edgeadapt.device.ridge import (
-    KNOWN_COVARIANCE_PRIOR,
-    RidgeBasis,
-    _alignment,
-    _class_moments,
-    _covariance_from_scatter,
-    _discriminant,
-    _feature_model,
-    _least_squares,
-    _ridge_columns,
-    _scatter,
-    _scatter_added,
-    _within_covariance,
+    as_basis,
+    within_covariance,
     basis_class_column,
     basis_new_columns,
-    build_ridge_basis,
     class_feature_mean,
     current_basis,
     new_class_examples,
 )
 
 logger = logging.getLogger(__name__)
-
-#: Calibration methods, best first (see the module docstring and docs/INCREMENTAL.md).
-METHODS = ("claim", "ridge", "center_l2", "imprint_calibrated", "weight_align", "imprint", "none")
-#: Chosen by the few-shot benchmark (``edgeadapt bench fewshot``); see docs/INCREMENTAL.md. Works with
-#: or without class statistics (:mod:`edgeadapt.device.fewshot`).
-DEFAULT_METHOD = "claim"
-#: Methods that need class statistics with a Gram matrix for every operation.
-STATISTICS_METHODS = ("ridge",)
-#: What callers use when a head has no class statistics and the user did not choose a method:
-#: needs no statistics and works with any feature normalisation (the default does).
-STATISTICS_FREE_METHOD = "claim"
-#: Methods that train new columns by gradient descent.
-TRAINED_METHODS = ("weight_align", "none")
-@dataclass(frozen=True)
-class AddClassOptions:
-    """How new columns are computed.
-
-    ``method``: one of :data:`METHODS`.
-    ``shrinkage`` (ridge, discriminant part): weight ``a`` in [0, 1] of the scaled
-    identity in the shared covariance; more shrinkage trusts the stored covariance less.
-    ``small_sample_correction`` (ridge, discriminant part): fraction ``g`` in [0, 1] of the
-    small-sample bias correction ``d/n_c`` applied to each class's bias; 1 removes the whole
-    expected inflation of ``m S^-1 m`` by a mean estimated from ``n_c`` examples, 0 none.
-    ``regularization`` (ridge, least-squares part): ridge added to the class-moment
-    matrix, relative to its mean diagonal.
-    ``few_shot_examples`` (ridge): a class with n examples takes ``n / (n + this)`` of its
-    column from the least-squares solution, the rest from the discriminant (0: only
-    least squares).
-    ``training_steps``, ``learning_rate``, ``weight_decay`` (weight_align, none): full-batch
-    Adam on the new examples (and replay examples when the caller has some).
-    ``own_example_quantile`` (imprint_calibrated): fraction q in [0, 1) of a new class's own
-    examples on which it may lose to the head's other columns; the bias is set so that it
-    wins on the other 1 - q (smaller q: higher bias, the new class claims more).
-    ``claim_budget`` (claim): the operating knob. The largest fraction of the calibration
-    embeddings (samples drawn from the old classes' statistics, background photos, references,
-    earlier device examples) a new class may take from the existing classes: smaller keeps
-    the old classes safer, larger recognises more of the new class.
-    ``claim_shrinkage`` (claim, with statistics): weight of the scaled identity in the shared
-    covariance of the discriminant direction.
-    ``basis_refresh_fraction``, ``basis_refresh_minimum`` (ridge): the cached solver state
-    (:class:`RidgeBasis`) serves ``max(minimum, fraction x its classes)`` updates before it is
-    rebuilt from the current statistics (1000 classes: every 250 added classes); a fraction
-    of 0 rebuilds it for every update (exact but O(D^3 + D^2 C) each time).
-    """
-
-    method: str = DEFAULT_METHOD
-    shrinkage: float = 0.2
-    small_sample_correction: float = 0.25
-    regularization: float = 1e-3
-    few_shot_examples: float = 50.0
-    training_steps: int = 300
-    learning_rate: float = 0.05
-    weight_decay: float = 1e-4
-    own_example_quantile: float = 0.05
-    basis_refresh_fraction: float = 0.25
-    basis_refresh_minimum: int = 4
-    claim_budget: float = 0.02
-    claim_shrinkage: float = 0.7
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not 0.0 <= self.shrinkage <= 1.0:
-            raise InputError(f"shrinkage must be in [0, 1], got {self.shrinkage}")
-        if not self.regularization > 0:
-            raise InputError(f"regularization must be positive, got {self.regularization}")
-        if self.few_shot_examples < 0:
-            raise InputError(f"few_shot_examples must be non-negative, got {self.few_shot_examples}")
-        if not 0.0 <= self.small_sample_correction <= 1.0:
-            raise InputError(f"small_sample_correction must be in [0, 1], got {self.small_sample_correction}")
-        if self.training_steps < 1:
-            raise InputError(f"training_steps must be at least 1, got {self.training_steps}")
-        if not self.learning_rate > 0:
-            raise InputError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            raise InputError(f"weight_decay must be non-negative, got {self.weight_decay}")
-        if not 0.0 <= self.own_example_quantile < 1.0:
-            raise InputError(f"own_example_quantile must be in [0, 1), got {self.own_example_quantile}")
-        if not 0.0 <= self.basis_refresh_fraction <= 1e6:
-            raise InputError(f"basis_refresh_fraction must be non-negative, got {self.basis_refresh_fraction}")
-        if self.basis_refresh_minimum < 1:
-            raise InputError(f"basis_refresh_minimum must be at least 1, got {self.basis_refresh_minimum}")
-        if not 0.0 < self.claim_budget < 1.0:
-            raise InputError(f"claim_budget must lie in (0, 1), got {self.claim_budget}")
-        if not 0.0 <= self.claim_shrinkage <= 1.0:
-            raise InputError(f"claim_shrinkage must be in [0, 1], got {self.claim_shrinkage}")
-
-
-def needs_statistics(method: str) -> bool:
-    """Whether ``method`` needs :class:`ClassStats` with a Gram matrix to add a class."""
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return method in STATISTICS_METHODS
-
-
-# ============================================================================= validation
-def _check_options(options: AddClassOptions) -> AddClassOptions:
-    if not isinstance(options, AddClassOptions):
-        raise InputError(f"options must be an AddClassOptions, got {type(options).__name__}")
-    return options
-
-
-def _check_stats(head: Head, stats: ClassStats | None, what: str = "class statistics") -> None:
-    if stats is None:
-        return
-    if stats.num_classes != head.num_classes or stats.embedding_size != head.embedding_size:
-        raise IncompatibleModelError(
-            f"{what} cover {stats.num_classes} classes x {stats.embedding_size} dimensions but the head has "
-            f"{head.num_classes} classes x {head.embedding_size} dimensions; they do not belong to this head"
-        )
-
-
-def _check_embeddings(head: Head, embeddings, what: str) -> np.ndarray:
-    """One class's raw embeddings as float64 (n >= 1, D), or :class:`InputError`."""
-    try:
-        array = np.asarray(embeddings)
-    except (TypeError, ValueError) as error:
-        raise InputError(f"{what}: embeddings must be a numeric (n, {head.embedding_size}) array ({error})") from error
-    if array.ndim == 1 and array.size == head.embedding_size:
-        array = array[None]
-    if array.ndim != 2 or array.shape[1] != head.embedding_size:
-        raise InputError(
-            f"{what}: embeddings have shape {array.shape}, but this head takes {head.embedding_size}-d embeddings "
-            f"(an (n, {head.embedding_size}) array); were they computed with another backbone?"
-        )
-    if array.shape[0] == 0:
-        raise InputError(f"{what}: no examples; give at least one embedding (image) per class")
-    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise InputError(f"{what}: embeddings must be real numbers, got dtype {array.dtype}")
-    array = array.astype(np.float64)
-    if not np.all(np.isfinite(array)):
-        raise InputError(f"{what}: embeddings contain NaN or infinite values; check the backbone output and the images")
-    return array
-
-
-def _check_calibration(head: Head, calibration) -> np.ndarray:
-    """Calibration embeddings (N, D) as given (float32 or float64, no copy), or :class:`InputError`."""
-    array = np.asarray(calibration)
-    if array.ndim != 2 or array.shape[1] != head.embedding_size:
-        raise InputError(f"calibration embeddings have shape {array.shape}, but this head takes "
-                         f"{head.embedding_size}-d embeddings (an (N, {head.embedding_size}) array)")
-    if array.dtype not in (np.float32, np.float64):
-        array = _check_embeddings(head, array, "calibration embeddings")
-    if not np.isfinite(array).all():
-        raise InputError("calibration embeddings contain NaN or infinite values; check the backbone output and "
-                         "the stored background or reference embeddings")
-    return array
-
-
-def _check_class_list(head: Head, new_embeddings: Sequence[np.ndarray]) -> list[np.ndarray]:
-    if isinstance(new_embeddings, np.ndarray):
-        raise InputError(
-            "new_embeddings must be a list with one (n_i, D) array per new class, not a single array; "
-            "wrap one class's embeddings as [embeddings]"
-        )
-    try:
-        arrays = list(new_embeddings)
-    except TypeError as error:
-        raise InputError("new_embeddings must be a list with one (n_i, D) array per new class") from error
-    if not arrays:
-        raise InputError("no new classes given; pass one (n_i, D) embedding array per new class")
-    return [_check_embeddings(head, array, f"new class {number}") for number, array in enumerate(arrays)]
-
-
-def _check_index(head: Head, class_index: int) -> int:
-    if isinstance(class_index, (bool, np.bool_)) or not isinstance(class_index, (int, np.integer)):
-        raise InputError(f"class_index must be an integer, got {class_index!r}")
-    index = int(class_index)
-    if not 0 <= index < head.num_classes:
-        raise InputError(f"class_index {index} is out of range: the head has classes 0..{head.num_classes - 1}")
-    return index
-
-
-def require_statistics(stats: ClassStats | None, method: str, action: str) -> ClassStats:
-    """``stats`` if ``method`` can ``action`` with them, else :class:`IncompatibleModelError` saying what to do."""
-    if stats is None:
-        raise IncompatibleModelError(
-            f"method {method!r} needs the class statistics of the existing classes to {action}, and this head "
-            "has none. Re-export the base bundle with class statistics (export_bundle(..., class_stats=...), as "
-            "`edgeadapt demo` does), or on the host pass examples of the old classes (replay) so that they can be "
-            f"computed, or leave the method out (the default, {DEFAULT_METHOD!r}, needs no statistics) or choose "
-            "another method that needs none (e.g. --method weight_align; also center_l2, imprint)"
-        )
-    if method in STATISTICS_METHODS and stats.gram is None:
-        raise IncompatibleModelError(
-            f"method {method!r} needs the shared Gram matrix in the class statistics to {action}, and these "
-            "statistics have none. Recompute them with ClassStats.from_embeddings(..., with_gram=True) from "
-            "examples of the old classes, or choose imprint_calibrated / center_l2 / weight_align / imprint"
-        )
-    return stats
-
 
 # ============================================================================= statistics
 def _features(head: Head, embeddings: np.ndarray) -> np.ndarray:
@@ -325,18 +149,12 @@ def _append_stats(stats: ClassStats | None, arrays: list[np.ndarray]) -> ClassSt
         stacked = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         gram = stacked.T @ stacked  # one new D x D array, then one pass adding the old Gram into it
         gram += stats.gram
-    basis = stats.ridge_basis.after(len(arrays)) if isinstance(stats.ridge_basis, RidgeBasis) else None
+    stored = as_basis(stats.ridge_basis)
+    basis = stored.after(len(arrays)) if stored is not None else None
     return ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(stats.extra), ridge_basis=basis)
 
 
 # ============================================================================= trained columns
-def _softmax64(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    np.exp(shifted, out=shifted)
-    shifted /= shifted.sum(axis=1, keepdims=True)
-    return shifted
-
-
 def train_columns(
     features: np.ndarray,
     labels: np.ndarray,
@@ -351,6 +169,13 @@ def train_columns(
     Full-batch Adam on class-balanced cross-entropy of ``(features @ W + b) / temperature``
     with L2 weight decay on the trained columns. ``features`` are already normalised (N, D).
     Returns float64 copies of the full weights (D, C) and bias (C,). Deterministic.
+
+    This is not :func:`edgeadapt.head_training.train_head` (the host's trainer of a whole
+    head) and cannot replace it, nor the reverse: here a few columns are trained with every
+    other column frozen, full-batch and class-balanced (a handful of new examples against
+    many old classes), without randomness or validation data, in float64 so that a device
+    update is reproducible; the host trains every column of a new head on a whole dataset
+    with shuffled mini-batches, early stopping on validation loss and warm starts.
     """
     weights = np.array(weights, dtype=np.float64)
     bias = np.array(bias, dtype=np.float64)
@@ -368,7 +193,7 @@ def train_columns(
     square_b = np.zeros(columns.size)
     beta1, beta2, epsilon = 0.9, 0.999, 1e-8
     for step in range(1, options.training_steps + 1):
-        probabilities = _softmax64((features @ weights + bias) / temperature)
+        probabilities = softmax((features @ weights + bias) / temperature)
         error = (probabilities - targets)[:, columns] * (sample_weight[:, None] / temperature)
         gradient_w = features.T @ error + options.weight_decay * weights[:, columns]
         gradient_b = error.sum(axis=0)
@@ -380,28 +205,6 @@ def train_columns(
         weights[:, columns] -= options.learning_rate * (moment_w / correction1) / (np.sqrt(square_w / correction2) + epsilon)
         bias[columns] -= options.learning_rate * (moment_b / correction1) / (np.sqrt(square_b / correction2) + epsilon)
     return weights, bias
-
-
-def _mean_norm(weights: np.ndarray) -> float:
-    if weights.shape[1] == 0:  # a zero-class (headless) head: unit-norm columns
-        return 1.0
-    return float(np.mean(np.linalg.norm(weights.astype(np.float64), axis=0)))
-
-
-def _align_weights(
-    new_weights: np.ndarray, new_bias: np.ndarray, old_weights: np.ndarray, old_bias: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Weight aligning: rescale new columns to the old columns' mean norm, recentre biases on the old mean."""
-    new_norm = _mean_norm(new_weights)
-    factor = _mean_norm(old_weights) / new_norm if new_norm > 0 else 1.0
-    bias = factor * (new_bias - new_bias.mean()) + float(np.mean(old_bias))
-    return new_weights * factor, bias
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    """Columns of ``vectors`` (D, k) scaled to unit norm (zero columns stay zero)."""
-    norms = np.linalg.norm(vectors, axis=0)
-    return vectors / np.where(norms > 0, norms, 1.0)
 
 
 def _own_example_bias(head: Head, column: np.ndarray, features: np.ndarray, others: np.ndarray,
@@ -436,16 +239,6 @@ def _imprint_calibrated_columns(head: Head, arrays: list[np.ndarray], quantile: 
         biases.append(bias_value)
         current = _appended(current, column[:, None], np.array([bias_value]))
     return np.stack(columns, axis=1), np.array(biases)
-
-
-def _require_cosine_head(head: Head, method: str) -> None:
-    if head.feature_mean is None or not head.l2_normalize:
-        raise IncompatibleModelError(
-            f"method {method!r} needs a head trained on centred, L2-normalised features (feature_mean set and "
-            "l2_normalize true; train it with HeadTrainingOptions(normalization='center_l2')); this head "
-            f"{'has no feature mean' if head.feature_mean is None else 'does not L2-normalise'}. Use method "
-            "'ridge' or 'weight_align' for this head"
-        )
 
 
 def _replay_features(head: Head, replay) -> tuple[np.ndarray, np.ndarray]:
@@ -547,30 +340,6 @@ def add_classes(
     return result, updated
 
 
-def _appended(head: Head, new_weights: np.ndarray, new_bias: np.ndarray) -> Head:
-    new_weights = np.asarray(new_weights, dtype=np.float64)
-    new_bias = np.asarray(new_bias, dtype=np.float64).reshape(-1)
-    if not (np.all(np.isfinite(new_weights)) and np.all(np.isfinite(new_bias))):
-        raise IncompatibleModelError(
-            "the new columns came out non-finite; the class statistics are probably degenerate "
-            "(recompute them from examples) or the examples are extreme"
-        )
-    weights = np.concatenate([head.weights, new_weights.astype(np.float32)], axis=1)
-    bias = np.concatenate([head.bias, new_bias.astype(np.float32)])
-    return head.with_columns(weights, bias)
-
-
-def _replaced_column(head: Head, index: int, column: np.ndarray, bias_value: float) -> Head:
-    column = np.asarray(column, dtype=np.float64).reshape(-1)
-    if not (np.all(np.isfinite(column)) and np.isfinite(bias_value)):
-        raise IncompatibleModelError("the recomputed column came out non-finite; the class statistics are degenerate")
-    weights = head.weights.copy()
-    bias = head.bias.copy()
-    weights[:, index] = column.astype(np.float32)
-    bias[index] = np.float32(bias_value)
-    return head.with_columns(weights, bias)
-
-
 def add_examples(
     head: Head,
     stats: ClassStats | None,
@@ -611,7 +380,8 @@ def add_examples(
         sums[index] += array.sum(axis=0)
         counts[index] += array.shape[0]
         gram = None if stats.gram is None else stats.gram + array.T @ array
-        basis = stats.ridge_basis.after(1) if isinstance(stats.ridge_basis, RidgeBasis) else None
+        stored = as_basis(stats.ridge_basis)
+        basis = stored.after(1) if stored is not None else None
         updated = ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(stats.extra), ridge_basis=basis)
     others = np.array([column for column in range(head.num_classes) if column != index], dtype=np.int64)
 
@@ -681,197 +451,10 @@ def remove_class(head: Head, stats: ClassStats | None, class_index: int) -> tupl
         gram = stats.gram.copy()
         if count > 0:
             mean = stats.sums[index] / count
-            gram -= count * (_within_covariance(stats) + np.outer(mean, mean))
+            gram -= count * (within_covariance(stats) + np.outer(mean, mean))
             gram = (gram + gram.T) / 2.0
     updated = ClassStats(sums=stats.sums[keep], counts=stats.counts[keep], gram=gram, extra=dict(stats.extra))
     return result, updated
-
-
-def merge_heads(
-    a: Head,
-    a_stats: ClassStats | None,
-    b: Head,
-    b_stats: ClassStats | None,
-    options: AddClassOptions = AddClassOptions(),
-) -> tuple[Head, ClassStats | None]:
-    """Append the classes of head ``b`` to head ``a`` (a's columns stay bit-identical).
-
-    Both heads must come from the same backbone: the caller compares the backbone
-    fingerprints; here only the embedding size is checked. How b's columns enter a:
-
-    - ``ridge``: recomputed from ``b_stats`` (class means) with the shared covariance of the
-      combined statistics and calibrated against a's columns, exactly as :func:`add_classes`
-      would from b's examples. Needs ``a_stats`` with a Gram matrix and ``b_stats``.
-    - ``center_l2`` / ``imprint``: from b's class means when ``b_stats`` is given, otherwise
-      from b's own columns (normalised, scaled to a's mean norm; center_l2 only), which then
-      needs b to normalise features exactly like a.
-    - ``claim``: with ``b_stats``, each of b's classes is added from its class mean as with
-      :func:`add_classes` (direction and claim-budget bias against a's columns); without,
-      b's own columns as with ``weight_align`` (same normalisation needed).
-    - ``weight_align``: b's own columns rescaled to a's mean column norm, biases recentred
-      on a's mean bias (same normalisation needed).
-    - ``none``: b's columns copied unchanged (plain concatenation; same normalisation needed).
-
-    Returns the merged head and statistics (``a_stats`` rows then ``b_stats`` rows, Gram
-    matrices added; b's Gram is estimated from a's shared covariance when b has none), or
-    None statistics when either side has none.
-    """
-    options = _check_options(options)
-    if a.embedding_size != b.embedding_size:
-        raise IncompatibleModelError(
-            f"head a takes {a.embedding_size}-d embeddings and head b {b.embedding_size}-d: they come from different "
-            "backbones and cannot be merged; train head b on embeddings of a's backbone"
-        )
-    _check_stats(a, a_stats, "statistics of head a")
-    _check_stats(b, b_stats, "statistics of head b")
-    method = options.method
-    merged_stats: ClassStats | None = None
-    if a_stats is not None and b_stats is not None:
-        b_gram = b_stats.gram
-        if a_stats.gram is not None and b_gram is None:
-            covariance = _within_covariance(a_stats)
-            means = b_stats.means()
-            b_gram = b_stats.counts.sum() * covariance + (means.T * b_stats.counts) @ means
-        gram = None if a_stats.gram is None or b_gram is None else a_stats.gram + b_gram
-        merged_stats = ClassStats(
-            sums=np.concatenate([a_stats.sums, b_stats.sums]),
-            counts=np.concatenate([a_stats.counts, b_stats.counts]),
-            gram=gram,
-            extra=dict(a_stats.extra),
-        )
-    new_indices = np.arange(a.num_classes, a.num_classes + b.num_classes)
-
-    def need_same_normalisation(reason: str) -> None:
-        if not a.same_normalisation(b):
-            raise IncompatibleModelError(
-                f"heads a and b normalise features differently (feature mean, L2, temperature), so {reason}; "
-                "give b's class statistics and use method 'ridge' (its columns are then recomputed in a's space)"
-            )
-
-    if method == "ridge":
-        require_statistics(a_stats, method, "merge heads")
-        if b_stats is None:
-            raise IncompatibleModelError(
-                "method 'ridge' merges head b through its class statistics, and b has none; export b with class "
-                "statistics, or merge with method 'weight_align' (rescales b's own columns)"
-            )
-        if np.any(b_stats.counts <= 0):
-            raise InputError("head b's statistics hold a class with zero examples; every merged class needs examples")
-        assert merged_stats is not None and merged_stats.gram is not None
-        assert a_stats is not None and a_stats.gram is not None
-        scatter, scatter_degrees = _scatter(a_stats)
-        known = _feature_model(a, a_stats, _covariance_from_scatter(scatter, scatter_degrees)).covariance
-        scatter, scatter_degrees = _scatter_added(
-            scatter, scatter_degrees, merged_stats.gram - a_stats.gram, b_stats.sums, b_stats.counts
-        )
-        target = None
-        degrees = int(b_stats.counts.sum()) - b_stats.num_classes
-        if b_stats.gram is not None and degrees > 0:
-            # b's own within-class covariance, shrunk towards a's as for a new class with few examples
-            weight = KNOWN_COVARIANCE_PRIOR / (degrees + KNOWN_COVARIANCE_PRIOR)
-            target = (1.0 - weight) * _feature_model(a, b_stats).covariance + weight * known
-        new_weights, new_bias = _ridge_columns(a, merged_stats, new_indices, np.arange(a.num_classes), options,
-                                               known_covariance=known, target_covariance=target,
-                                               within=_covariance_from_scatter(scatter, scatter_degrees))
-    elif method in ("center_l2", "imprint"):
-        if method == "center_l2":
-            _require_cosine_head(a, method)
-        if b_stats is not None:
-            if np.any(b_stats.counts <= 0):
-                raise InputError("head b's statistics hold a class with zero examples; every merged class needs examples")
-            means = b_stats.means()
-            if a.feature_mean is not None:
-                means = means - a.feature_mean.astype(np.float64)
-            directions = _unit(means.T)
-        else:
-            need_same_normalisation(f"b's own columns cannot be used by method {method!r}")
-            directions = _unit(b.weights.astype(np.float64))
-        if method == "imprint":
-            new_weights, new_bias = directions, np.zeros(b.num_classes)
-        else:
-            new_weights = directions * _mean_norm(a.weights)
-            new_bias = np.full(b.num_classes, float(np.mean(a.bias)))
-    elif method == "claim" and b_stats is not None:
-        from edgeadapt.device.fewshot import claim_columns
-
-        if np.any(b_stats.counts <= 0):
-            raise InputError("head b's statistics hold a class with zero examples; every merged class needs examples")
-        new_weights, new_bias = claim_columns(a, a_stats, [mean[None, :] for mean in b_stats.means()], None, options)
-    elif method == "claim":
-        need_same_normalisation("b's columns cannot be weight-aligned into a (method 'claim' without b's statistics)")
-        new_weights, new_bias = _align_weights(b.weights.astype(np.float64), b.bias.astype(np.float64), a.weights, a.bias)
-    elif method == "imprint_calibrated":
-        raise IncompatibleModelError(
-            "method 'imprint_calibrated' calibrates each new bias on the new class's own examples, and a merge has "
-            "only head b's columns and statistics; merge with 'ridge' (with statistics) or 'weight_align', or add b's "
-            "classes from their examples with add_classes"
-        )
-    elif method == "weight_align":
-        need_same_normalisation("b's columns cannot be weight-aligned into a")
-        new_weights, new_bias = _align_weights(b.weights.astype(np.float64), b.bias.astype(np.float64), a.weights, a.bias)
-    else:
-        need_same_normalisation("b's columns cannot be concatenated to a")
-        new_weights, new_bias = b.weights.astype(np.float64), b.bias.astype(np.float64)
-    return _appended(a, new_weights, new_bias), merged_stats
-
-
-def resolve_all(head: Head, stats: ClassStats | None, options: AddClassOptions = AddClassOptions()) -> Head:
-    """Re-fit ALL columns jointly from the class statistics. CHANGES OLD-CLASS OUTPUTS.
-
-    The upper-bound-quality closed form: the shrinkage discriminant of every class from
-    the statistics (``options.shrinkage``, ``options.small_sample_correction``; the
-    method name is not used), put on the current head's logit scale (the same calibration
-    as ridge, fitted over all columns) and keeping the head's feature normalisation. Use
-    it when old outputs may change, e.g. after many classes were added one at a time.
-    Needs statistics with a Gram matrix and examples for every class.
-    """
-    options = _check_options(options)
-    _check_stats(head, stats)
-    stats = require_statistics(stats, "ridge", "re-solve the head")
-    empty = np.flatnonzero(stats.counts <= 0)
-    if empty.size:
-        raise IncompatibleModelError(
-            f"the class statistics hold no examples for class(es) {empty.tolist()}; a joint re-fit needs examples of "
-            "every class"
-        )
-    model = _feature_model(head, stats)
-    every = np.arange(head.num_classes)
-    covariances: list[np.ndarray | None] = [None] * head.num_classes
-    blended = []
-    mean_gram = model.means.T @ model.means  # shared by the least squares and the alignment
-    moments = _class_moments(model, every, mean_gram)
-    head_weights, head_bias = head.weights.astype(np.float64), head.bias.astype(np.float64)
-    for weights, bias in (
-        _least_squares(model.means, covariances, model.covariance, options, mean_gram=mean_gram),
-        _discriminant(model.means, model.counts, model.covariance, options),
-    ):
-        scale, offset, offset_bias = _alignment(head_weights, head_bias, weights, bias, model, every, moments)
-        blended.append((scale * weights + offset[:, None], scale * bias + offset_bias))
-    counts = model.counts
-    share = counts / (counts + options.few_shot_examples) if options.few_shot_examples > 0 else np.ones_like(counts)
-    new_weights = share * blended[0][0] + (1.0 - share) * blended[1][0]
-    new_bias = share * blended[0][1] + (1.0 - share) * blended[1][1]
-    if not (np.all(np.isfinite(new_weights)) and np.all(np.isfinite(new_bias))):
-        raise IncompatibleModelError("the re-solved head came out non-finite; the class statistics are degenerate")
-    return head.with_columns(new_weights.astype(np.float32), new_bias.astype(np.float32))
-
-
-def with_ridge_basis(head: Head, stats: ClassStats | None, options: AddClassOptions = AddClassOptions()) -> ClassStats | None:
-    """``stats`` with the ridge solver state attached (built when it has none), for writing a bundle.
-
-    A bundle that carries its :class:`RidgeBasis` lets the device add a class to a large head
-    in milliseconds from the first update on. Statistics without a Gram matrix, or whose basis
-    cannot be built (no examples, degenerate), are returned unchanged.
-    """
-    if stats is None or stats.gram is None or stats.ridge_basis is not None:
-        return stats
-    _check_stats(head, stats)
-    try:
-        basis = build_ridge_basis(head, stats, _check_options(options))
-    except IncompatibleModelError as error:
-        logger.warning("no ridge solver state written with the statistics: %s", error)
-        return stats
-    return dataclasses.replace(stats, ridge_basis=basis)
 
 
 def old_logits_unchanged(before: Head, after: Head, embeddings: np.ndarray) -> bool:
@@ -879,43 +462,3 @@ def old_logits_unchanged(before: Head, after: Head, embeddings: np.ndarray) -> b
     if after.num_classes < before.num_classes:
         return False
     return bool(np.array_equal(before.logits(embeddings), after.logits(embeddings)[:, : before.num_classes]))
-
-
-# ============================================================================= automatic method choice
-def choose_method(stats: ClassStats | None, has_calibration: bool, requested: str | None) -> str:
-    """The method an update uses on a head with ``stats``: ``requested``, or the best one the head supports.
-
-    Args:
-        stats: the head's class statistics, or None when the bundle carries none (e.g. imported
-            without ``--data``, or a headless import).
-        has_calibration: whether calibration embeddings (the bundle's background and/or
-            reference embeddings) are available to the update.
-        requested: the method the user chose (one of :data:`METHODS`), or None for the automatic
-            choice.
-
-    Returns:
-        ``requested`` when given and supported; otherwise :data:`DEFAULT_METHOD` when ``stats``
-        hold a Gram matrix, else :data:`STATISTICS_FREE_METHOD`.
-
-    Raises:
-        InputError: ``requested`` is not one of :data:`METHODS`.
-        IncompatibleModelError: ``requested`` needs class statistics (with a Gram matrix) that
-            the bundle does not carry; the message says what it needs and what to do.
-    """
-    del has_calibration  # no method of this module needs it to be chosen; the few-shot method will
-    if requested is not None:
-        if not isinstance(requested, str) or requested not in METHODS:
-            raise InputError(f"unknown method {requested!r}; choose one of {', '.join(METHODS)}")
-        if requested in STATISTICS_METHODS and (stats is None or stats.gram is None):
-            what = "class statistics with a Gram matrix" if stats is None else "a Gram matrix in its class statistics"
-            raise IncompatibleModelError(
-                f"method {requested!r} needs {what} (per-class sums and counts of the existing classes and "
-                f"sum(e e^T)), and this bundle has {'none' if stats is None else 'no Gram matrix'}. Import or export "
-                "the model with class statistics (`edgeadapt import ... --data DIR`), or leave the method out to "
-                f"use the automatic choice ({STATISTICS_FREE_METHOD} here), or choose one of "
-                f"{', '.join(name for name in METHODS if name not in STATISTICS_METHODS)}"
-            )
-        return requested
-    if stats is not None and stats.gram is not None:
-        return DEFAULT_METHOD
-    return STATISTICS_FREE_METHOD

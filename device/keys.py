@@ -25,6 +25,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from edgeadapt.device.errors import KeyFileError, SignatureError
+from edgeadapt.device.safefs import durable_write
 
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
@@ -218,15 +219,4 @@ def generate_keypair(output_dir: str | Path, name: str = "signing", overwrite: b
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)  # the umask may have removed bits; never added any
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    durable_write(path, data, mode=mode)  # exactly ``mode``: the umask may only have removed bits

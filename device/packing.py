@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterator
 from edgeadapt.device.dsse import DEVICE_SIGNATURE_NAME, MAX_SIGNATURE_BYTES, SIGNATURE_NAME
 from edgeadapt.device.errors import BundleError
 from edgeadapt.device.manifest import MAX_FILES, MAX_MANIFEST_BYTES, Manifest, check_relative_path
-from edgeadapt.device.safefs import create_exclusive, storage_error, temporary_name
+from edgeadapt.device.safefs import create_exclusive, durable_write, storage_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeadapt.device.bundle import Bundle
@@ -233,28 +233,18 @@ def extract_packed(packed: Path, output_dir: Path) -> Path:
 
 def write_packed(bundle: "Bundle", output: Path) -> Path:
     """Write the open, verified ``bundle`` as one zip (manifest first) through a temporary file."""
+
+    def write_zip(handle) -> None:
+        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.write(bundle.path / MANIFEST_NAME, MANIFEST_NAME)
+            for name, limit in UNLISTED_FILES.items():
+                extra = bundle.path / name
+                if extra.is_file() and not extra.is_symlink() and extra.stat().st_size <= limit:
+                    archive.write(extra, name)
+            for relative_path in sorted(bundle.manifest.files):
+                archive.write(bundle.file_path(relative_path), relative_path)
+
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        temporary = temporary_name(output)
-        descriptor = create_exclusive(temporary)
+        return durable_write(output, write_zip)
     except OSError as error:
         raise storage_error(error, output.parent, f"write the packed bundle {output.name}") from error
-    try:
-        with os.fdopen(descriptor, "w+b") as handle:
-            with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                archive.write(bundle.path / MANIFEST_NAME, MANIFEST_NAME)
-                for name, limit in UNLISTED_FILES.items():
-                    extra = bundle.path / name
-                    if extra.is_file() and not extra.is_symlink() and extra.stat().st_size <= limit:
-                        archive.write(extra, name)
-                for relative_path in sorted(bundle.manifest.files):
-                    archive.write(bundle.file_path(relative_path), relative_path)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, output)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise storage_error(error, output.parent, f"write the packed bundle {output.name}") from error
-        raise
-    return output

@@ -21,6 +21,42 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _ACCEPTED_PIL_MODES = {"RGB", "RGBA", "L", "LA", "P", "CMYK", "YCbCr", "1"}
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def list_image_files(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """The image files in ``folder``, sorted; hidden files (and, recursively, hidden folders) skipped.
+
+    Image files are regular files whose suffix is one of :data:`IMAGE_SUFFIXES` (any case).
+    Names starting with "." (``.DS_Store``, ``._photo.jpg``, editors' temporary files) are
+    never images of the data set.
+
+    Args:
+        folder: The folder to list (must exist; callers check and word their own errors).
+        recursive: Also list the images of every non-hidden sub-folder.
+
+    Returns:
+        The image paths, sorted (possibly empty).
+    """
+    root = Path(folder)
+    candidates = root.rglob("*") if recursive else root.iterdir()
+    return sorted(path for path in candidates
+                  if path.suffix.lower() in IMAGE_SUFFIXES and not _hidden(path, root) and path.is_file())
+
+
+def list_class_folders(root: str | Path) -> list[Path]:
+    """The non-hidden sub-folders of ``root`` (one per class in ``root/<class>/<image>``), sorted.
+
+    Args:
+        root: The data set folder (must exist).
+
+    Returns:
+        The sub-folder paths, sorted by name.
+    """
+    return sorted(path for path in Path(root).iterdir() if path.is_dir() and not path.name.startswith("."))
+
+
 def _pil_image_module():
     from PIL import Image  # local import: keeps the array hot path free of Pillow
 
@@ -186,6 +222,33 @@ def is_single_image(source: Any) -> bool:
     return isinstance(source, np.ndarray) and source.ndim in (2, 3)
 
 
+def pixel_values(spec: InputSpec) -> np.ndarray:
+    """The pixel rule: the 256 float64 values ``pixel * spec.scale + spec.offset`` of pixels 0..255.
+
+    Every numpy path that turns uint8 pixels into backbone inputs (the device runtime,
+    calibration, the converters' reference runs) derives its table from this one rule.
+
+    Args:
+        spec: The input spec (pixel scale and offset).
+
+    Returns:
+        A (256,) float64 array.
+    """
+    return np.arange(256, dtype=np.float64) * spec.scale + spec.offset
+
+
+def pixel_table(spec: InputSpec) -> np.ndarray:
+    """The 256-entry float32 lookup table of :func:`pixel_values`: ``pixel_table(spec)[images]``.
+
+    Args:
+        spec: The input spec (pixel scale and offset).
+
+    Returns:
+        A (256,) float32 array; indexing it with uint8 images gives the float model input.
+    """
+    return pixel_values(spec).astype(np.float32)
+
+
 class InputQuantizer:
     """Maps prepared uint8 pixels to the backbone's input tensor in one table lookup.
 
@@ -195,8 +258,7 @@ class InputQuantizer:
     """
 
     def __init__(self, spec: InputSpec, dtype: str, quant_scale: float = 0.0, quant_zero_point: int = 0):
-        pixels = np.arange(256, dtype=np.float64)
-        normalized = pixels * spec.scale + spec.offset
+        normalized = pixel_values(spec)
         if dtype == "float32":
             table = normalized.astype(np.float32)
         elif dtype in ("int8", "uint8"):

@@ -1,6 +1,7 @@
 """Closed-form ridge / linear-discriminant head math from class statistics (numpy only).
 
-The ``ridge`` method of :mod:`edgeadapt.device.incremental` lives here: the Gaussian model of
+The ``ridge`` method of :mod:`edgeadapt.device.incremental` lives wholly here, behind the public
+functions :func:`ridge_merge_columns`, :func:`resolve_columns` and :func:`within_covariance`: the Gaussian model of
 the stored class statistics (class means, shared within-class covariance), the two closed
 forms (class-balanced least squares and the shrinkage discriminant), their calibration
 against the head's existing columns, and :class:`RidgeBasis`, the cached solver state that
@@ -16,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeadapt.device.errors import IncompatibleModelError
+from edgeadapt.device.errors import BundleError, IncompatibleModelError
 from edgeadapt.device.head import ClassStats, Head
+from edgeadapt.device.stats_extras import EXTRA_KEY, StoredExtra, register_statistics_extra
 
 if TYPE_CHECKING:
-    from edgeadapt.device.incremental import AddClassOptions
+    from edgeadapt.device.add_options import AddClassOptions
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def _covariance_from_scatter(scatter: np.ndarray, degrees: float) -> np.ndarray:
     return scatter / max(degrees, 1.0)
 
 
-def _within_covariance(stats: ClassStats) -> np.ndarray:
+def within_covariance(stats: ClassStats) -> np.ndarray:
     """Pooled within-class covariance of the raw embeddings, from the Gram matrix and the sums."""
     return _covariance_from_scatter(*_scatter(stats))
 
@@ -80,7 +82,7 @@ def _feature_model(head: Head, stats: ClassStats, within: np.ndarray | None = No
     ``r^2`` the mean squared radius of all examples (exact from the Gram matrix).
     ``within``: the raw within-class covariance of ``stats`` when already known.
     """
-    covariance = _within_covariance(stats) if within is None else within
+    covariance = within_covariance(stats) if within is None else within
     counts = stats.counts.astype(np.float64)
     means = stats.sums / np.maximum(counts, 1.0)[:, None]
     center = np.zeros(stats.embedding_size) if head.feature_mean is None else head.feature_mean.astype(np.float64)
@@ -725,9 +727,28 @@ def _low_rank_alignment(
     return scale, weights_mean - scale * reference_mean, bias_mean - scale * reference_bias_mean
 
 
+def as_basis(extra: Any) -> RidgeBasis | None:
+    """``extra`` (the statistics' ``ridge_basis``) as a :class:`RidgeBasis`, or None.
+
+    A basis read from a bundle before this module registered its loader is a
+    :class:`~edgeadapt.device.stats_extras.StoredExtra`; it is rebuilt here.
+
+    Raises:
+        BundleError: When the stored solver state is malformed.
+    """
+    if isinstance(extra, RidgeBasis) or extra is None:
+        return extra
+    if isinstance(extra, StoredExtra) and extra.key == EXTRA_KEY:
+        try:
+            return RidgeBasis.from_parts(extra.metadata(), extra.arrays())
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as error:
+            raise BundleError(f"the stored ridge solver state is malformed ({error}); re-export the bundle") from error
+    return None
+
+
 def current_basis(head: Head, stats: ClassStats, options: "AddClassOptions") -> RidgeBasis:
     """The statistics' stored basis when it may serve this update of ``head``, else a new one."""
-    basis = stats.ridge_basis
+    basis = as_basis(stats.ridge_basis)
     if isinstance(basis, RidgeBasis) and basis.is_fresh_for(head, options):
         return basis
     return build_ridge_basis(head, stats, options)
@@ -841,3 +862,85 @@ def basis_class_column(
     discriminant = _mapped(basis, 1, *_discriminant_columns(basis, means, counts, options))
     weights, bias = _blend([least_squares, discriminant], counts, options)
     return weights[:, 0], float(bias[0])
+
+
+# ----------------------------------------------------------------------------- whole-head operations
+def ridge_merge_columns(a: Head, a_stats: ClassStats, b_stats: ClassStats, merged_stats: ClassStats,
+                        options: "AddClassOptions") -> tuple[np.ndarray, np.ndarray]:
+    """The columns of head b's classes in head a's space, from the statistics (merge method ``ridge``).
+
+    b's own within-class covariance (when its statistics have a Gram matrix) is shrunk towards
+    a's, as for a new class with few examples; the columns are calibrated against a's.
+
+    Args:
+        a: The head that receives b's classes.
+        a_stats: a's class statistics (with a Gram matrix).
+        b_stats: b's class statistics (every class with examples).
+        merged_stats: a's rows then b's rows, Gram matrices added (with a Gram matrix).
+        options: The solver settings.
+
+    Returns:
+        float64 weights (D, b's classes) and bias for the new columns.
+
+    Raises:
+        IncompatibleModelError: When the statistics are degenerate.
+    """
+    if a_stats.gram is None or merged_stats.gram is None:
+        raise IncompatibleModelError("method 'ridge' needs the shared Gram matrix in the class statistics")
+    new_indices = np.arange(a.num_classes, a.num_classes + b_stats.num_classes)
+    scatter, scatter_degrees = _scatter(a_stats)
+    known = _feature_model(a, a_stats, _covariance_from_scatter(scatter, scatter_degrees)).covariance
+    scatter, scatter_degrees = _scatter_added(
+        scatter, scatter_degrees, merged_stats.gram - a_stats.gram, b_stats.sums, b_stats.counts
+    )
+    target = None
+    degrees = int(b_stats.counts.sum()) - b_stats.num_classes
+    if b_stats.gram is not None and degrees > 0:
+        # b's own within-class covariance, shrunk towards a's as for a new class with few examples
+        weight = KNOWN_COVARIANCE_PRIOR / (degrees + KNOWN_COVARIANCE_PRIOR)
+        target = (1.0 - weight) * _feature_model(a, b_stats).covariance + weight * known
+    return _ridge_columns(a, merged_stats, new_indices, np.arange(a.num_classes), options,
+                          known_covariance=known, target_covariance=target,
+                          within=_covariance_from_scatter(scatter, scatter_degrees))
+
+
+def resolve_columns(head: Head, stats: ClassStats, options: "AddClassOptions") -> tuple[np.ndarray, np.ndarray]:
+    """Every column re-fitted jointly from the statistics, on the head's logit scale (``resolve_all``).
+
+    The blend of the class-balanced least squares and the shrinkage discriminant (by each
+    class's example count), each calibrated against the current columns.
+
+    Args:
+        head: The current head (its columns set the logit scale).
+        stats: Its class statistics (with a Gram matrix, examples for every class).
+        options: The solver settings.
+
+    Returns:
+        float64 weights (D, C) and bias (C,).
+
+    Raises:
+        IncompatibleModelError: When the result is not finite (degenerate statistics).
+    """
+    model = _feature_model(head, stats)
+    every = np.arange(head.num_classes)
+    covariances: list[np.ndarray | None] = [None] * head.num_classes
+    blended = []
+    mean_gram = model.means.T @ model.means  # shared by the least squares and the alignment
+    moments = _class_moments(model, every, mean_gram)
+    head_weights, head_bias = head.weights.astype(np.float64), head.bias.astype(np.float64)
+    for weights, bias in (
+        _least_squares(model.means, covariances, model.covariance, options, mean_gram=mean_gram),
+        _discriminant(model.means, model.counts, model.covariance, options),
+    ):
+        scale, offset, offset_bias = _alignment(head_weights, head_bias, weights, bias, model, every, moments)
+        blended.append((scale * weights + offset[:, None], scale * bias + offset_bias))
+    counts = model.counts
+    share = counts / (counts + options.few_shot_examples) if options.few_shot_examples > 0 else np.ones_like(counts)
+    new_weights = share * blended[0][0] + (1.0 - share) * blended[1][0]
+    new_bias = share * blended[0][1] + (1.0 - share) * blended[1][1]
+    if not (np.all(np.isfinite(new_weights)) and np.all(np.isfinite(new_bias))):
+        raise IncompatibleModelError("the re-solved head came out non-finite; the class statistics are degenerate")
+    return new_weights, new_bias
+
+
+register_statistics_extra(EXTRA_KEY, BASIS_ARRAYS, RidgeBasis.from_parts)

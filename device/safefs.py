@@ -10,6 +10,8 @@ writer of a bundle goes through these helpers:
   regular file (a FIFO or device would block or read forever);
 * :func:`create_exclusive` creates a new file with ``O_CREAT | O_EXCL | O_NOFOLLOW``, so a
   planted symlink or leftover at a temporary name is never written through;
+* :func:`durable_write` / :func:`durable_write_all` write files atomically and durably
+  (fresh exclusive temporary name, fsync, rename; the temporary file is removed on error);
 * :func:`inside` checks a path after resolution, not only as text;
 * :func:`storage_error` turns an ``OSError`` of a write (disk full, read-only, permission)
   into a :class:`~edgeadapt.device.errors.StorageError` that says what to do.
@@ -25,6 +27,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import BinaryIO, Callable, Mapping, Union
 
 from edgeadapt.device.errors import BundleError, StorageError
 
@@ -34,6 +37,8 @@ MAX_TREE_DEPTH = 8
 MAX_TREE_ENTRIES = 100_000
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+#: What :func:`durable_write` writes: bytes, or a function that writes into a binary file.
+Content = Union[bytes, bytearray, memoryview, Callable[[BinaryIO], object]]
 
 
 def check_tree(root: str | Path) -> None:
@@ -180,6 +185,103 @@ def create_exclusive(path: Path, mode: int = 0o644) -> int:
         OSError: as ``os.open`` (``EEXIST`` when the name is taken).
     """
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a folder's entries (rename durability) where the platform supports it (best effort)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _write_temporary(path: Path, content: Content, mode: int | None) -> Path:
+    """``content`` written and fsynced under a fresh temporary name next to ``path``; that name."""
+    temporary = temporary_name(path)
+    descriptor = create_exclusive(temporary, 0o644 if mode is None else mode)
+    try:
+        with os.fdopen(descriptor, "w+b") as handle:
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)  # exactly ``mode``, whatever the umask
+            if callable(content):
+                content(handle)
+            else:
+                handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def durable_write(path: str | Path, content: Content, *, mode: int | None = None, sync_folder: bool = True) -> Path:
+    """Replace ``path`` atomically and durably by ``content``.
+
+    The content goes to a fresh temporary name in the same folder (created with ``O_EXCL |
+    O_NOFOLLOW``, so a planted link is never written through), is fsynced and renamed over
+    ``path``; then the folder is fsynced. Readers see the old file or the new one, never a
+    part; on error the temporary file is removed and ``path`` is unchanged.
+
+    Args:
+        path: The file to write (its folder is created when missing).
+        content: Bytes, or a function that writes into the open binary file (e.g. a zip or ``np.save``).
+        mode: Exact permission bits of the new file (e.g. ``0o600`` for a private key); None
+            for ``0o644`` less the umask.
+        sync_folder: fsync the folder after the rename (callers that write many files into one
+            folder may fsync it once themselves).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OSError: As the file system raises it (callers turn it into their own error, e.g.
+            with :func:`storage_error`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _write_temporary(path, content, mode)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    if sync_folder:
+        fsync_directory(path.parent)
+    return path
+
+
+def durable_write_all(files: Mapping[Path, Content]) -> None:
+    """Write several files like :func:`durable_write`: all are written and fsynced before any is renamed.
+
+    An error while writing leaves every target unchanged (the temporary files are removed).
+
+    Args:
+        files: Target path -> content.
+
+    Raises:
+        OSError: As the file system raises it.
+    """
+    temporaries: dict[Path, Path] = {}
+    try:
+        for path, content in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporaries[path] = _write_temporary(path, content, None)
+        for path, temporary in list(temporaries.items()):
+            os.replace(temporary, path)
+            del temporaries[path]
+    finally:
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
+    for folder in sorted({path.parent for path in map(Path, files)}):
+        fsync_directory(folder)
 
 
 def storage_error(error: OSError, path: Path, what: str) -> StorageError:

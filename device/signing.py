@@ -47,6 +47,7 @@ from edgeadapt.device.errors import (
     SignatureError,
     UnsignedError,
 )
+from edgeadapt.device.safefs import durable_write, sha256_and_size
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ def sign_bundle(path: str | Path, key: Any) -> SignatureStatus:
     Raises:
         BundleError: the bundle is not a verified bundle directory; KeyFileError: unusable key.
     """
-    from edgeadapt.device.bundle import Bundle, write_file_durably
+    from edgeadapt.device.bundle import Bundle
     from edgeadapt.device.keys import load_private_key
     from edgeadapt.device.manifest import utc_timestamp
     from edgeadapt.device.versions import VersionStore
@@ -270,7 +271,7 @@ def sign_bundle(path: str | Path, key: Any) -> SignatureStatus:
                "embedding_size": data.get("embedding_size"), "signed_at": utc_timestamp()}
     payload = build_statement(str(data.get("name") or location.name), bundle_resources(bundle, _manifest_bytes(bundle)),
                               section, BUNDLE_IGNORE_PATHS)
-    write_file_durably(location / SIGNATURE_NAME, make_envelope(payload, private))
+    durable_write(location / SIGNATURE_NAME, make_envelope(payload, private))
     (location / DEVICE_SIGNATURE_NAME).unlink(missing_ok=True)
     return SignatureStatus("signed", private.key_id, private.source, verified=True,
                            signed_version=bundle.manifest.version,
@@ -311,7 +312,7 @@ def chain_manifest(bundle_path: str | Path, current: Any, new: Any) -> Any:
 
 def sign_device_version(bundle_path: str | Path, key: Any) -> str:
     """Sign the current (device-committed) version with a device key; returns the key id."""
-    from edgeadapt.device.bundle import Bundle, write_file_durably
+    from edgeadapt.device.bundle import Bundle
     from edgeadapt.device.keys import load_private_key
     from edgeadapt.device.manifest import utc_timestamp
     from edgeadapt.device.versions import VersionStore
@@ -324,7 +325,7 @@ def sign_device_version(bundle_path: str | Path, key: Any) -> str:
                "derived_from": data.get("derived_from"), "signed_at": utc_timestamp()}
     payload = build_statement(str(data.get("name") or path.name), bundle_resources(bundle, _manifest_bytes(bundle)),
                               section, BUNDLE_IGNORE_PATHS)
-    write_file_durably(path / DEVICE_SIGNATURE_NAME, make_envelope(payload, private))
+    durable_write(path / DEVICE_SIGNATURE_NAME, make_envelope(payload, private))
     return private.key_id
 
 
@@ -426,7 +427,6 @@ def verify_delta_signature(envelope_data: bytes | None, metadata: bytes, info: M
 
 def sign_file(path: str | Path, key: Any) -> Path:
     """Sign one file (e.g. a fused ``.tflite``/``.onnx``); writes ``PATH.dsse.json`` beside it."""
-    from edgeadapt.device.bundle import sha256_file, write_file_durably
     from edgeadapt.device.keys import load_private_key
     from edgeadapt.device.manifest import utc_timestamp
 
@@ -434,9 +434,9 @@ def sign_file(path: str | Path, key: Any) -> Path:
     path = Path(path)
     if not path.is_file():
         raise SignatureError(f"{path} is not a file")
-    payload = build_statement(path.name, {path.name: sha256_file(path)}, {"kind": "file", "signed_at": utc_timestamp()})
+    payload = build_statement(path.name, {path.name: sha256_and_size(path)[0]}, {"kind": "file", "signed_at": utc_timestamp()})
     output = path.with_name(path.name + FILE_SIGNATURE_SUFFIX)
-    write_file_durably(output, make_envelope(payload, private))
+    durable_write(output, make_envelope(payload, private))
     return output
 
 
@@ -446,7 +446,6 @@ def verify_file(path: str | Path, trusted_keys: Any, signature: str | Path | Non
     Raises:
         SignatureError: no keys configured, unsigned, malformed, unknown signer, bad signature, changed file.
     """
-    from edgeadapt.device.bundle import sha256_file
     from edgeadapt.device.trust import resolve_trusted_keys
 
     path = Path(path)
@@ -460,5 +459,5 @@ def verify_file(path: str | Path, trusted_keys: Any, signature: str | Path | Non
     key = envelope.verify(trusted)
     statement = envelope.statement()
     check_kind(statement, "file", envelope.source)
-    compare_resources(statement["_resources"], {path.name: sha256_file(path)}, str(path))
+    compare_resources(statement["_resources"], {path.name: sha256_and_size(path)[0]}, str(path))
     return key.key_id

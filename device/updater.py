@@ -26,89 +26,39 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings
-from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError, UpdateError
+from edgeadapt.device.bundle import ReferenceEmbeddings
+from edgeadapt.device.errors import IncompatibleModelError, InputError, UpdateError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.manifest import Manifest, utc_timestamp
+from edgeadapt.device.naming import MAX_CLASS_NAME_LENGTH, check_class_name  # noqa: F401 (re-exported)
+from edgeadapt.device.head_state import (  # noqa: F401 (re-exported)
+    HeadState,
+    apply_to_runtime as _apply_to_runtime,
+    head_file_paths,
+    load_state,
+    refresh_runtime,
+    refuse_temporary_unpack as _refuse_temporary_unpack,
+)
+from edgeadapt.device.update_gate import (  # noqa: F401 (re-exported: the gate's public names)
+    DEFAULT_GATE_BUDGET,
+    DEFAULT_REFERENCES_PER_CLASS,
+    GateReport,
+    UpdateGateError,
+    evaluate_gate,
+    gate_references,
+)
 from edgeadapt.device.preprocessing import _is_pil_image, prepare_image
 from edgeadapt.device.version_builder import DEFAULT_COMPACT_FRACTION, ChangeAction, VersionPlan, build_version
-from edgeadapt.device.unknown import UNKNOWN_LABEL, UnknownRejection, calibrate_unknown, load_unknown
+from edgeadapt.device.unknown import UNKNOWN_LABEL, UnknownRejection, calibrate_unknown
 from edgeadapt.device.versions import (
     DEFAULT_KEEP_VERSIONS,
     DEFAULT_READER_GRACE_SECONDS,
-    HEADS_DIR,
     VersionInfo,
     VersionStore,
 )
 
 logger = logging.getLogger(__name__)
 
-#: Default update-gate budget: the largest fraction of old-class reference embeddings that an
-#: update may disturb (see :class:`GateReport`) before it is refused.
-DEFAULT_GATE_BUDGET = 0.10
-DEFAULT_REFERENCES_PER_CLASS = 5
-MAX_CLASS_NAME_LENGTH = 200
-#: Above this many reference x class x dimension multiply-adds the exact gate falls back to a
-#: deterministic subsample of the references.
-_EXACT_GATE_WORK = 4e8
-
-
-class UpdateGateError(UpdateError):
-    """The update gate refused an update: old-class predictions would change beyond the budget."""
-
-    def __init__(self, message: str, report: "GateReport"):
-        super().__init__(message)
-        self.report = report
-
-
-# ----------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class GateReport:
-    """What the update gate measured on the stored references of the old classes.
-
-    A reference embedding of an old class is *disturbed* when, after the update, a new or
-    changed class outscores its own class although it did not before (for a reference of a
-    changed class: it was predicted correctly before and is not after). ``fraction`` =
-    disturbed / checked; the update passes when ``fraction <= budget``.
-    """
-
-    source: str
-    checked: int
-    disturbed: int
-    budget: float
-    passed: bool
-    forced: bool = False
-    exact: bool = True
-    details: tuple[dict, ...] = ()
-
-    @property
-    def fraction(self) -> float:
-        return self.disturbed / self.checked if self.checked else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "checked": self.checked,
-            "disturbed": self.disturbed,
-            "fraction": round(self.fraction, 6),
-            "budget": self.budget,
-            "passed": self.passed,
-            "forced": self.forced,
-            "details": list(self.details),
-        }
-
-    def describe(self) -> str:
-        if not self.checked:
-            return f"gate: nothing to check ({self.source})"
-        worst = "; ".join(
-            f"{entry['class']!r}: {entry['disturbed']}/{entry['of']} now taken by "
-            + ", ".join(f"{name!r}" for name in entry["taken_by"])
-            for entry in self.details[:5]
-        )
-        return (
-            f"{self.disturbed} of {self.checked} old-class reference embeddings ({self.fraction:.1%}) would change "
-            f"prediction, budget {self.budget:.1%}" + (f" ({worst})" if worst else "")
-        )
 
 
 @dataclass(frozen=True)
@@ -123,65 +73,7 @@ class UpdateResult:
     timings: dict = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------- state
-@dataclass
-class HeadState:
-    """Everything one head version holds (read from disk under the writer lock)."""
-
-    manifest: Manifest
-    head: Head
-    stats: ClassStats | None
-    references: ReferenceEmbeddings | None
-    device_examples: ReferenceEmbeddings | None
-    unknown: UnknownRejection | None
-    background: np.ndarray | None = None
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.manifest.class_names
-
-    @property
-    def classes(self) -> list[dict]:
-        return [dict(entry) for entry in self.manifest.data["classes"]]
-
-
-def head_file_paths(manifest: Manifest) -> list[str]:
-    """Files of the manifest that belong to the head version (everything under ``heads/``)."""
-    return [name for name in manifest.files if name.startswith(f"{HEADS_DIR}/")]
-
-
-def load_state(bundle_path: Path, manifest: Manifest, verify: bool = True) -> HeadState:
-    """Read (and checksum) the head, statistics, references, device examples and unknown rule of ``manifest``."""
-    bundle = Bundle(Path(bundle_path), manifest)
-    if verify:
-        bundle.verify(only=head_file_paths(manifest))
-    return HeadState(
-        manifest=manifest,
-        head=bundle.load_head(),
-        stats=bundle.load_class_stats(),
-        references=bundle.load_reference_embeddings(),
-        device_examples=bundle.load_device_examples(),
-        unknown=load_unknown(bundle),
-        background=bundle.load_background(),
-    )
-
-
 # ----------------------------------------------------------------------------- validation helpers
-def check_class_name(name: Any, what: str = "class name") -> str:
-    """Return ``name`` if it is a usable class name, else raise :class:`InputError`."""
-    if not isinstance(name, str):
-        raise InputError(f"{what} must be a string, got {type(name).__name__}")
-    if not name.strip():
-        raise InputError(f"{what} is empty; give the class a name")
-    if name != name.strip():
-        raise InputError(f"{what} {name!r} has leading or trailing whitespace; remove it")
-    if any(ord(character) < 32 or ord(character) == 127 for character in name):
-        raise InputError(f"{what} {name!r} contains control characters")
-    if len(name) > MAX_CLASS_NAME_LENGTH:
-        raise InputError(f"{what} is {len(name)} characters long; use at most {MAX_CLASS_NAME_LENGTH}")
-    return name
-
-
 def as_example_list(examples: Any) -> list:
     """One image or a collection of images as a list; :class:`InputError` when there are none."""
     if examples is None:
@@ -232,186 +124,6 @@ def _finite_embeddings(embeddings: np.ndarray, what: str) -> np.ndarray:
     if not np.all(np.isfinite(embeddings)):
         raise InputError(f"the backbone produced NaN or infinite embeddings for {what}; nothing was changed")
     return embeddings
-
-
-def _column_range(indices: np.ndarray) -> slice | np.ndarray:
-    """``indices`` as a slice when they are consecutive (a view instead of a copy)."""
-    if indices.size and indices[-1] - indices[0] == indices.size - 1 and np.all(np.diff(indices) == 1):
-        return slice(int(indices[0]), int(indices[-1]) + 1)
-    return indices
-
-
-def _equal_columns(old: Head, new: Head, kept_old: np.ndarray, kept_new: np.ndarray) -> np.ndarray:
-    """Which kept columns (and biases) are bit-identical in ``old`` and ``new``."""
-    old_columns, new_columns = _column_range(kept_old), _column_range(kept_new)
-    equal = (old.weights[:, old_columns] == new.weights[:, new_columns]).all(axis=0)
-    return equal & (old.bias[old_columns] == new.bias[new_columns])
-
-
-def _own_logits(features: np.ndarray, head: Head, labels: np.ndarray) -> np.ndarray:
-    """Each row's logit for its own class (before temperature), without the full (K, C) product.
-
-    References are usually stored sorted by class with the same number per class; then each
-    class's column is read once instead of once per reference (5x less memory traffic).
-    """
-    count = labels.size
-    if count:
-        first_row = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
-        per_class = count // first_row.size
-        if per_class > 1 and per_class * first_row.size == count and np.all(np.diff(first_row) == per_class):
-            classes = labels[first_row]
-            columns = np.ascontiguousarray(head.weights.T[classes])  # (U, D)
-            grouped = features.reshape(first_row.size, per_class, features.shape[1])
-            return (np.einsum("ucd,ud->uc", grouped, columns).reshape(count) + head.bias[labels]).astype(np.float32)
-    rows = np.ascontiguousarray(head.weights.T)[labels]
-    return np.einsum("kd,kd->k", features, rows) + head.bias[labels]
-
-
-def gate_references(state: HeadState, per_class: int = DEFAULT_REFERENCES_PER_CLASS
-                    ) -> tuple[np.ndarray, np.ndarray, str]:
-    """The gate's reference embeddings (K, D) and labels (class indices).
-
-    Stored references (``head.references``, written at export or by
-    :meth:`HeadUpdater.set_reference_embeddings`); for classes without them, up to
-    ``per_class`` of the examples the class was learned from on this device; for classes
-    with neither, the class mean from the class statistics.
-    """
-    parts, labels, sources = [], [], []
-    covered = np.zeros(state.head.num_classes, dtype=bool)
-    if state.references is not None and len(state.references):
-        parts.append(state.references.as_float32())
-        labels.append(state.references.labels)
-        covered[state.references.labels[state.references.labels < covered.size]] = True
-        sources.append("references")
-    examples = state.device_examples
-    if examples is not None and len(examples):
-        order = np.argsort(examples.labels, kind="stable")
-        sorted_labels = examples.labels[order]
-        starts = np.searchsorted(sorted_labels, sorted_labels)  # first position of each row's class
-        rank = np.arange(sorted_labels.size) - starts
-        chosen = order[(rank < per_class) & ~covered[sorted_labels]]
-        if chosen.size:
-            chosen = np.sort(chosen)
-            parts.append(examples.as_float32()[chosen])
-            labels.append(examples.labels[chosen])
-            covered[examples.labels[chosen]] = True
-            sources.append("device examples")
-    if state.stats is not None:
-        missing = np.flatnonzero(~covered & (state.stats.counts > 0))
-        if missing.size:
-            parts.append(state.stats.means()[missing].astype(np.float32))
-            labels.append(missing.astype(np.int64))
-            sources.append("class means")
-    if not parts:
-        return np.zeros((0, state.head.embedding_size), np.float32), np.zeros(0, np.int64), "none"
-    if len(parts) == 1:
-        return parts[0], labels[0], sources[0]
-    return np.concatenate(parts), np.concatenate(labels), " + ".join(sources)
-
-
-def evaluate_gate(
-    old_head: Head,
-    new_head: Head,
-    references: np.ndarray,
-    labels: np.ndarray,
-    index_map: np.ndarray,
-    old_names: Sequence[str],
-    new_names: Sequence[str],
-    budget: float,
-    source: str = "references",
-    force: bool = False,
-) -> GateReport:
-    """Compare ``old_head`` and ``new_head`` on the reference embeddings of the surviving old classes.
-
-    ``index_map[i]`` is the new index of old class i (-1 when removed). Cheap when the update
-    keeps most columns bit-identical (it only scores the new and changed columns); exact on
-    all references otherwise (subsampled beyond a fixed amount of work).
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    surviving = index_map[labels] >= 0
-    embeddings = np.asarray(references, dtype=np.float32)
-    old_labels = labels
-    if not surviving.all():
-        embeddings, old_labels = embeddings[surviving], labels[surviving]
-    new_labels = index_map[old_labels]
-    checked = int(old_labels.size)
-    if checked == 0:
-        return GateReport(source=source if source != "none" else "none (no references or class statistics)",
-                          checked=0, disturbed=0, budget=budget, passed=True, forced=force)
-    changed: np.ndarray | None = None
-    if old_head.same_normalisation(new_head):
-        kept_old = np.flatnonzero(index_map >= 0)
-        kept_new = index_map[kept_old]
-        equal = _equal_columns(old_head, new_head, kept_old, kept_new)
-        unchanged = np.zeros(new_head.num_classes, dtype=bool)
-        unchanged[kept_new[equal]] = True
-        changed = np.flatnonzero(~unchanged)
-        if changed.size > max(64, new_head.num_classes // 4):
-            changed = None
-    disturbed = np.zeros(checked, dtype=bool)
-    taker = np.full(checked, -1, dtype=np.int64)
-    exact = True
-    if changed is not None:
-        features = new_head.features(embeddings)  # == old features: same normalisation
-        own_logit = _own_logits(features, new_head, new_labels)
-        if changed.size:
-            new_logits = features @ new_head.weights[:, changed] + new_head.bias[changed]
-            beats = new_logits > own_logit[:, None]
-            new_to_old = np.full(new_head.num_classes, -1, dtype=np.int64)
-            new_to_old[index_map[index_map >= 0]] = np.flatnonzero(index_map >= 0)
-            existed = new_to_old[changed] >= 0
-            if existed.any():
-                old_columns = new_to_old[changed[existed]]
-                old_logits = features @ old_head.weights[:, old_columns] + old_head.bias[old_columns]
-                old_own = _own_logits(features, old_head, old_labels)
-                beats[:, existed] &= ~(old_logits > old_own[:, None])
-            own_changed = np.isin(new_labels, changed)
-            stolen = beats.any(axis=1) & ~own_changed
-            disturbed |= stolen
-            masked = np.where(beats, new_logits, -np.inf)
-            taker[stolen] = changed[masked[stolen].argmax(axis=1)]
-            if own_changed.any():  # references of a changed class: exact before/after on those only
-                rows = np.flatnonzero(own_changed)
-                before = old_head.logits(embeddings[rows]).argmax(axis=1)
-                after = new_head.logits(embeddings[rows]).argmax(axis=1)
-                regressed = (before == old_labels[rows]) & (after != new_labels[rows])
-                disturbed[rows[regressed]] = True
-                taker[rows[regressed]] = after[regressed]
-        exact = False
-    else:
-        rows = np.arange(checked)
-        work = float(checked) * embeddings.shape[1] * (old_head.num_classes + new_head.num_classes)
-        if work > _EXACT_GATE_WORK:
-            keep = max(1, int(checked * _EXACT_GATE_WORK / work))
-            rows = np.sort(np.random.default_rng(0).choice(checked, keep, replace=False))
-            exact = False
-        before = old_head.logits(embeddings[rows]).argmax(axis=1)
-        after = new_head.logits(embeddings[rows]).argmax(axis=1)
-        regressed = (before == old_labels[rows]) & (after != new_labels[rows])
-        disturbed = np.zeros(checked, dtype=bool)
-        disturbed[rows[regressed]] = True
-        taker[rows[regressed]] = after[regressed]
-        checked = int(rows.size)
-        disturbed, taker, old_labels = disturbed[rows], taker[rows], old_labels[rows]
-    count = int(disturbed.sum())
-    details = []
-    if count:  # the worst classes (at most 10) and who took their references
-        hit_labels, hit_takers = old_labels[disturbed], taker[disturbed]
-        totals = np.bincount(old_labels, minlength=len(old_names))
-        classes_hit, hit_counts = np.unique(hit_labels, return_counts=True)
-        for position in np.argsort(-hit_counts, kind="stable")[:10]:
-            old_class = int(classes_hit[position])
-            takers, counts = np.unique(hit_takers[hit_labels == old_class], return_counts=True)
-            order = np.argsort(-counts, kind="stable")
-            details.append({
-                "class": old_names[old_class],
-                "disturbed": int(hit_counts[position]),
-                "of": int(totals[old_class]),
-                "taken_by": {new_names[int(takers[i])]: int(counts[i]) for i in order if takers[i] >= 0},
-            })
-    fraction = count / checked if checked else 0.0
-    return GateReport(source=source, checked=checked, disturbed=count, budget=float(budget),
-                      passed=fraction <= budget, forced=force, exact=exact, details=tuple(details))
 
 
 # ----------------------------------------------------------------------------- the plan of one update
@@ -1005,42 +717,6 @@ def _file_signatures(root: Path, names: Iterable[str]) -> dict[str, tuple[int, i
         status = (root / name).stat()
         signatures[name] = (status.st_size, status.st_mtime_ns, status.st_ino)
     return signatures
-
-
-def _refuse_temporary_unpack(path: Path) -> None:
-    """A runtime opened from a packed bundle runs from a temporary unpacked copy: updates would be lost."""
-    import tempfile
-
-    parent = path.resolve().parent
-    if parent.name.startswith("edgeadapt-bundle-") and parent.parent == Path(tempfile.gettempdir()).resolve():
-        raise BundleError(
-            f"this runtime was opened from a packed bundle, unpacked to the temporary folder {path}; updates there "
-            "would be lost. Unpack it once to a permanent folder (edgeadapt.device.unpack_bundle) and open that"
-        )
-
-
-def _apply_to_runtime(runtime: Any, path: Path, manifest: Manifest, head: Head) -> None:
-    names = manifest.class_names
-    runtime.bundle = Bundle(path, manifest)
-    runtime.manifest = manifest
-    runtime.set_head(head, names)
-
-
-def refresh_runtime(runtime: Any) -> bool:
-    """Reload ``runtime``'s head if another process committed a newer version; True when it changed.
-
-    Cheap when nothing changed (reads and compares ``manifest.json``). The backbone is not reopened.
-    """
-    store_path = Path(runtime.bundle.path)
-    manifest = VersionStore(store_path).read_manifest()
-    if manifest.version == runtime.manifest.version and manifest.data == runtime.manifest.data:
-        return False
-    if manifest.backbone_fingerprint != runtime.manifest.backbone_fingerprint:
-        raise BundleError(f"{store_path} now holds another backbone; reopen it with Runtime.open")
-    bundle = Bundle(store_path, manifest)
-    bundle.verify(only=head_file_paths(manifest))
-    _apply_to_runtime(runtime, store_path, manifest, bundle.load_head())
-    return True
 
 
 #: Methods whose add_examples recomputes the column from the class statistics (see incremental.add_examples).

@@ -24,7 +24,6 @@ files (or on request) it writes full new base files: a compaction.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from edgeadapt.device.bundle import ReferenceEmbeddings, head_file_names, head_payload
+from edgeadapt.device.change_actions import ChangeAction  # noqa: F401 (re-exported)
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_file import carried_head_file
 from edgeadapt.device.head_parts import MAX_PARTS, base_bytes, part_bytes
@@ -51,28 +51,6 @@ DEFAULT_COMPACT_FRACTION = 0.25
 DEFAULT_COMPACT_PARTS = 256
 #: A part may replace at most this many existing columns (more: full base files).
 MAX_REPLACED_COLUMNS = 64
-
-
-class ChangeAction(str, enum.Enum):
-    """The ``change.action`` of a bundle version."""
-
-    EXPORT = "export"
-    ADD_CLASS = "add-class"
-    ADD_EXAMPLES = "add-examples"
-    REMOVE_CLASS = "remove-class"
-    RENAME_CLASS = "rename-class"
-    SET_REFERENCES = "set-references"
-    CALIBRATE_UNKNOWN = "calibrate-unknown"
-    ROLLBACK = "rollback"
-    COMPACT = "compact"
-    EXPORT_HEAD = "export-head"
-    HOST_ADD_CLASSES = "host-add-classes"
-    HOST_RESOLVE = "host-resolve"
-    HOST_MERGE_HEADS = "host-merge-heads"
-    MERGE_DELTAS = "merge-deltas"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass

@@ -759,7 +759,7 @@ class VersionStore:
         restored.data["parent_version"] = current.version
         restored.data["committed_at"] = utc_timestamp()
         restored.data["head"]["version"] = number
-        from edgeadapt.device.version_builder import ChangeAction
+        from edgeadapt.device.change_actions import ChangeAction
 
         restored.data["change"] = {"action": ChangeAction.ROLLBACK.value, "to_version": version, **(change or {})}
         return restored

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeadapt.device.errors import DatasetError, InputError
 from edgeadapt.device.manifest import InputSpec
-from edgeadapt.device.preprocessing import IMAGE_SUFFIXES, prepare_image
+from edgeadapt.device.preprocessing import IMAGE_SUFFIXES, list_image_files, prepare_image
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,7 @@ def background_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"background folder {str(folder)!r} does not exist or is not a folder")
-    files = sorted(
-        path for path in folder.rglob("*")
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    )
+    files = list_image_files(folder, recursive=True)
     if not files:
         raise DatasetError(
             f"background folder {str(folder)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images; give a folder of "

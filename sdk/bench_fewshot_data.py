@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.device.errors import DatasetError, InputError
-from edgeadapt.device.preprocessing import IMAGE_SUFFIXES
+from edgeadapt.device.preprocessing import IMAGE_SUFFIXES, list_image_files
 from edgeadapt.bench_fewshot import EmbeddedData, per_class_split
 from edgeadapt.embedding_cache import EmbeddingCache
 
@@ -26,8 +26,7 @@ def image_files(folder: str | Path, what: str) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"{what} folder {str(root)!r} does not exist or is not a directory")
-    files = sorted(path for path in root.rglob("*") if path.is_file() and not path.name.startswith(".")
-                   and path.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_image_files(root, recursive=True)
     if not files:
         raise InputError(f"{what} folder {str(root)!r} holds no {'/'.join(IMAGE_SUFFIXES)} image; give a folder of photos")
     return files

@@ -47,6 +47,7 @@ from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device import incremental as head_math
 from edgeadapt.device.incremental import DEFAULT_METHOD, METHODS, AddClassOptions
 from edgeadapt.device.manifest import InputSpec
+from edgeadapt.device.safefs import durable_write
 from edgeadapt.fewshot_measure import fair_scores, per_class_accuracy
 
 logger = logging.getLogger(__name__)
@@ -424,12 +425,10 @@ def _load_cached(cache_file: Path, order: int, names: list[str], base: int, back
 
 
 def _store_cached(cache_file: Path, splits: Splits, seconds: float) -> None:
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache_file.with_name(cache_file.name + ".tmp.npz")
-    np.savez(temporary, train_seconds=seconds,
-             **{f"{name}_embeddings": value[0] for name, value in splits.items()},
-             **{f"{name}_labels": value[1] for name, value in splits.items()})
-    temporary.replace(cache_file)
+    durable_write(cache_file, lambda handle: np.savez(
+        handle, train_seconds=seconds,
+        **{f"{name}_embeddings": value[0] for name, value in splits.items()},
+        **{f"{name}_labels": value[1] for name, value in splits.items()}))
 
 
 def _trained_backbone_embeddings(options: IncrementalBenchmarkOptions, subset, order: int,

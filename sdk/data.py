@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from edgeadapt.device.errors import DatasetError, InputError
 from edgeadapt.device.manifest import InputSpec
-from edgeadapt.device.preprocessing import IMAGE_SUFFIXES, prepare_image
+from edgeadapt.device.preprocessing import IMAGE_SUFFIXES, list_class_folders, list_image_files, prepare_image
 
 logger = logging.getLogger(__name__)
 
@@ -156,14 +156,6 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        path
-        for path in folder.iterdir()
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
-    )
-
-
 def scan_image_folder(
     root: str | Path, classes: Sequence[str] | None = None, min_images: int = 2
 ) -> tuple[list[str], list[FolderEntry]]:
@@ -181,7 +173,7 @@ def scan_image_folder(
         raise DatasetError(
             f"dataset folder {str(root)!r} {what}; give a folder with one sub-folder of images per class"
         )
-    available = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    available = [folder.name for folder in list_class_folders(root)]
     if not available:
         raise DatasetError(
             f"dataset folder {str(root)!r} has no class sub-folders; put each class's images "
@@ -201,7 +193,7 @@ def scan_image_folder(
     seen: dict[str, FolderEntry] = {}
     for label, name in enumerate(class_names):
         folder = root / name
-        files = _image_files(folder)
+        files = list_image_files(folder)
         if not files:
             raise DatasetError(
                 f"class folder {str(folder)!r} has no images; add {'/'.join(IMAGE_SUFFIXES)} files or remove the folder"

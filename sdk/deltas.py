@@ -166,7 +166,7 @@ def merge_deltas(
 
 def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path,
            options: MergeDeltasOptions) -> MergeReport:
-    from edgeadapt.device.updater import check_class_name
+    from edgeadapt.device.naming import check_class_name
     from edgeadapt.device import incremental
 
     manifest = bundle.manifest
@@ -328,7 +328,8 @@ def _gate(manifest: Any, base_head: Any, base_stats: Any, references: ReferenceE
     Raises:
         UpdateGateError: the gate refused and ``options.force`` is false (the report is attached).
     """
-    from edgeadapt.device.updater import HeadState, UpdateGateError, evaluate_gate, gate_references
+    from edgeadapt.device.head_state import HeadState
+    from edgeadapt.device.update_gate import UpdateGateError, evaluate_gate, gate_references
 
     state = HeadState(manifest, base_head, base_stats, references, None, None)
     embeddings, labels, source = gate_references(state, options.references_per_class)

@@ -14,13 +14,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from edgeadapt.device.errors import InputError
+from edgeadapt.device.safefs import durable_write
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,9 @@ class EmbeddingCache:
         if not entries:
             return
         try:
-            self.store.parent.mkdir(parents=True, exist_ok=True)
             keys = np.array(sorted(entries))
-            handle, temporary = tempfile.mkstemp(prefix=".embeddings-", suffix=".npz", dir=self.store.parent)
-            with os.fdopen(handle, "wb") as stream:
-                np.savez(stream, keys=keys, embeddings=np.stack([entries[key] for key in keys]))
-            os.replace(temporary, self.store)
+            durable_write(self.store, lambda stream: np.savez(
+                stream, keys=keys, embeddings=np.stack([entries[key] for key in keys])))
         except OSError as error:
             logger.warning("cannot write the embedding cache %s (%s); embeddings are recomputed next time",
                            self.store, error)

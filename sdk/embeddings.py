@@ -13,6 +13,8 @@ import numpy as np
 
 from edgeadapt.device.console import progress_enabled
 from edgeadapt.device.manifest import InputSpec
+from edgeadapt.device.preprocessing import pixel_table
+from edgeadapt.device.safefs import durable_write
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -21,8 +23,16 @@ logger = logging.getLogger(__name__)
 
 
 def normalize_pixels(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """uint8 pixels -> the float input the backbone was trained on."""
-    return images.astype(np.float32) * np.float32(spec.scale) + np.float32(spec.offset)
+    """uint8 pixels -> the float input the device feeds the backbone (:func:`pixel_table`'s rule).
+
+    Args:
+        images: uint8 images (any shape).
+        spec: The input spec (pixel scale and offset).
+
+    Returns:
+        float32 values of the same shape.
+    """
+    return pixel_table(spec)[images]
 
 
 def compute_embeddings(
@@ -87,8 +97,5 @@ class EmbeddingCache:
             logger.info("embedding cache hit: %s", path.name)
             return np.load(path, allow_pickle=False)
         result = compute_embeddings(backbone, images, spec, progress=progress)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp.npy")
-        np.save(temporary, result, allow_pickle=False)
-        temporary.replace(path)
+        durable_write(path, lambda handle: np.save(handle, result, allow_pickle=False))
         return result

@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 
 from edgeadapt.device.errors import InputError
+from edgeadapt.device.safefs import durable_write
 
 REPORT_SUFFIXES = (".html", ".png")
 
@@ -170,8 +171,4 @@ def write_report(report: dict, path: str | Path) -> Path:
                    "<body><h1>edgeadapt bench fewshot</h1>"
                    f"<img alt='few-shot curves' src='data:image/png;base64,{encoded}'>"
                    f"<pre>{html.escape(report_table(report))}</pre></body></html>").encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(content)
-    temporary.replace(path)
-    return path
+    return durable_write(path, content)

@@ -3,6 +3,12 @@
 Softmax regression with mini-batch Adam, L2 weight decay and early stopping, in numpy: on
 cached embeddings an epoch is a few matrix products, so there is nothing for a graph
 framework to speed up and its start-up cost would dominate.
+
+The device's :func:`edgeadapt.device.incremental.train_columns` is a different trainer on
+purpose: it trains only the new columns of an existing head (the old ones frozen), full-batch
+and class-balanced on a few examples, deterministic and in float64. This module trains every
+column of a new head on a whole dataset (shuffled mini-batches, early stopping, warm start),
+so neither can stand in for the other without changing what it computes.
 """
 
 from __future__ import annotations

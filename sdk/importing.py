@@ -46,7 +46,7 @@ from edgeadapt.device.errors import ConversionError, DatasetError, IncompatibleM
 from edgeadapt.device.head import ClassStats, Head, softmax
 from edgeadapt.device.incremental import choose_method, with_ridge_basis
 from edgeadapt.device.manifest import ClassInfo, InputSpec, new_manifest, utc_timestamp
-from edgeadapt.device.preprocessing import IMAGE_SUFFIXES, prepare_batch, prepare_image
+from edgeadapt.device.preprocessing import IMAGE_SUFFIXES, list_class_folders, list_image_files, prepare_batch, prepare_image
 from edgeadapt.import_report import FormatCheck, ImportReport  # noqa: F401  (public names of this module)
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def load_class_images(root: str | Path, class_names: Sequence[str], spec: InputS
     if not root.is_dir():
         raise DatasetError(f"data folder {str(root)!r} does not exist or is not a folder")
     index = {name: position for position, name in enumerate(class_names)}
-    folders = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
+    folders = list_class_folders(root)
     if not folders:
         raise DatasetError(f"data folder {str(root)!r} has no class sub-folders (root/<label>/*.jpg)")
     unknown = [folder.name for folder in folders if folder.name not in index]
@@ -153,7 +153,7 @@ def load_class_images(root: str | Path, class_names: Sequence[str], spec: InputS
         )
     images, labels = [], []
     for folder in folders:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = list_image_files(folder)
         if not files:
             raise DatasetError(f"class folder {str(folder)!r} has no images ({'/'.join(IMAGE_SUFFIXES)})")
         for path in files:
@@ -363,47 +363,13 @@ def import_classifier(
         stats = ClassStats(sums=np.zeros((0, head.embedding_size)), counts=np.zeros(0, np.int64))
 
     # verification before writing: device interpreter + head vs the original model
-    probes = _probe_images(spec, settings)
-    original = prepared.reference_scores(probes)
-    expected_width = head.embedding_size if headless else head.num_classes
-    if original.shape != (len(probes), expected_width):
-        raise ConversionError(f"the original model returns {original.shape} scores for {len(probes)} probes")
-    minimum = settings.min_agreement if settings.min_agreement is not None else (1.0 if prepared.exact else 0.9)
-    checks: list[FormatCheck] = []
-    report_warnings: list[str] = []
-    embeddings_by_format: dict[str, np.ndarray] = {}
-    primary_format = imported.backbone.format
-    for model_format, exported in prepared.backbones.items():
-        embeddings = run_exported(exported.content, model_format, spec, probes)
-        embeddings_by_format[model_format] = embeddings
-        if headless:
-            from edgeadapt.import_headless import check_headless
-
-            checks.append(check_headless(model_format, exported, original, embeddings, embeddings_by_format,
-                                         primary_format, len(probes), report_warnings, exact=prepared.exact))
-            continue
-        top1 = head.logits(embeddings).argmax(axis=1)
-        aware, strict, ties = top1_agreement(original, top1)
-        file_name = f"backbone.{exported.quantization}.{model_format}"
-        check = FormatCheck(model_format, file_name, exported.size, exported.quantization, aware, strict, ties, len(probes))
-        if model_format != primary_format and primary_format in embeddings_by_format:
-            check.parity_with_primary = _parity(embeddings_by_format[primary_format], embeddings, head, primary_format)
-        checks.append(check)
-        if model_format == primary_format and aware < minimum:
-            raise ConversionError(
-                f"the imported {model_format} bundle agrees with the original model on only {aware:.1%} of "
-                f"{len(probes)} probes (needed {minimum:.0%}); the cut or the normalisation is wrong: report this model"
-            )
-        if aware < minimum:
-            message = f"{model_format} backbone agrees with the original on {aware:.1%} of probes only"
-            logger.warning(message)
-            report_warnings.append(message)
+    checks, report_warnings = _verify_backbones(prepared, settings, headless)
 
     background = None
     if settings.background is not None:
         from edgeadapt.background import embed_background
 
-        background = embed_background(settings.background, imported.backbone.content, primary_format, spec,
+        background = embed_background(settings.background, imported.backbone.content, imported.backbone.format, spec,
                                       limit=settings.background_limit, seed=settings.seed)
 
     # write the bundle
@@ -467,6 +433,68 @@ def import_classifier(
         raise ConversionError("the written head differs from the imported one; the bundle is inconsistent")
     head_size = sum(int(entry["size"]) for name, entry in bundle.manifest.files.items()
                     if name.startswith("heads/") and not name.endswith("/background.npy"))  # stated on its own line
+    report = _import_report(output, model_path, imported, spec, stats, renamed, start, checks, report_warnings,
+                            background, references, headless, head_size)
+    return report
+
+
+def _verify_backbones(prepared: Any, settings: ImportSettings, headless: bool) -> tuple[list[FormatCheck], list[str]]:
+    """Run every exported backbone on probe images and compare with the original model.
+
+    Returns:
+        One :class:`FormatCheck` per backbone format, and warnings for the report.
+
+    Raises:
+        ConversionError: The original model's scores have the wrong shape, or the primary
+            backbone agrees with it on fewer probes than required.
+    """
+    from edgeadapt.converters.parity import run_exported
+
+    imported = prepared.imported
+    head, spec = imported.head, imported.input_spec
+    probes = _probe_images(spec, settings)
+    original = prepared.reference_scores(probes)
+    expected_width = head.embedding_size if headless else head.num_classes
+    if original.shape != (len(probes), expected_width):
+        raise ConversionError(f"the original model returns {original.shape} scores for {len(probes)} probes")
+    minimum = settings.min_agreement if settings.min_agreement is not None else (1.0 if prepared.exact else 0.9)
+    checks: list[FormatCheck] = []
+    report_warnings: list[str] = []
+    embeddings_by_format: dict[str, np.ndarray] = {}
+    primary_format = imported.backbone.format
+    for model_format, exported in prepared.backbones.items():
+        embeddings = run_exported(exported.content, model_format, spec, probes)
+        embeddings_by_format[model_format] = embeddings
+        if headless:
+            from edgeadapt.import_headless import check_headless
+
+            checks.append(check_headless(model_format, exported, original, embeddings, embeddings_by_format,
+                                         primary_format, len(probes), report_warnings, exact=prepared.exact))
+            continue
+        top1 = head.logits(embeddings).argmax(axis=1)
+        aware, strict, ties = top1_agreement(original, top1)
+        file_name = f"backbone.{exported.quantization}.{model_format}"
+        check = FormatCheck(model_format, file_name, exported.size, exported.quantization, aware, strict, ties, len(probes))
+        if model_format != primary_format and primary_format in embeddings_by_format:
+            check.parity_with_primary = _parity(embeddings_by_format[primary_format], embeddings, head, primary_format)
+        checks.append(check)
+        if model_format == primary_format and aware < minimum:
+            raise ConversionError(
+                f"the imported {model_format} bundle agrees with the original model on only {aware:.1%} of "
+                f"{len(probes)} probes (needed {minimum:.0%}); the cut or the normalisation is wrong: report this model"
+            )
+        if aware < minimum:
+            message = f"{model_format} backbone agrees with the original on {aware:.1%} of probes only"
+            logger.warning(message)
+            report_warnings.append(message)
+    return checks, report_warnings
+
+
+def _import_report(output: Path, model_path: Path, imported: Any, spec: Any, stats: ClassStats | None,
+                   renamed: dict, start: float, checks: list[FormatCheck], report_warnings: list[str],
+                   background: Any, references: Any, headless: bool, head_size: int) -> ImportReport:
+    """The :class:`ImportReport` of a written bundle."""
+    head = imported.head
     report = ImportReport(
         path=output, source=str(model_path), source_format=imported.source_format,
         source_size=model_path.stat().st_size, head_operator=imported.head_operator, tail=imported.tail,

@@ -43,14 +43,14 @@ from edgeadapt.device.incremental import (
 )
 from edgeadapt.device import incremental as head_math
 from edgeadapt.device.manifest import utc_timestamp
+from edgeadapt.device.naming import check_class_name
 from edgeadapt.device.updater import distinct_examples
 from edgeadapt.device.version_builder import ChangeAction
 
 logger = logging.getLogger(__name__)
 
 #: References kept per new class for the device update gate when the parent bundle has none.
-DEFAULT_REFERENCES_PER_CLASS = 5
-_MAX_NAME_LENGTH = 200
+from edgeadapt.device.update_gate import DEFAULT_REFERENCES_PER_CLASS  # noqa: E402,F401 (one default)
 
 
 @dataclass(frozen=True)
@@ -104,17 +104,6 @@ class IncrementalResult:
 
 
 # ============================================================================= inputs
-def check_class_name(name: Any) -> str:
-    """``name`` if it is a usable class name, else :class:`InputError`."""
-    if not isinstance(name, str):
-        raise InputError(f"class names must be strings, got {type(name).__name__}")
-    if not name.strip() or name != name.strip():
-        raise InputError(f"class name {name!r} is empty or has leading/trailing whitespace")
-    if any(ord(character) < 32 or ord(character) == 127 for character in name) or len(name) > _MAX_NAME_LENGTH:
-        raise InputError(f"class name {name!r} contains control characters or is longer than {_MAX_NAME_LENGTH}")
-    return name
-
-
 def _open(bundle: str | Path | Bundle) -> Bundle:
     return bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
 

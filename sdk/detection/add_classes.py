@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,8 @@ from edgeadapt.detection.runner import TensorRunner, model_with_outputs, pixels_
 from edgeadapt.detection.structure import SSDStructure, load_ssd
 from edgeadapt.detection.training import TrainingOptions, corners, match, train_new_rows
 from edgeadapt.device.errors import ConversionError, DatasetError, InputError
-from edgeadapt.device.preprocessing import IMAGE_SUFFIXES
+from edgeadapt.device.preprocessing import list_image_files
+from edgeadapt.device.safefs import durable_write_all
 
 logger = logging.getLogger(__name__)
 VERIFY_IMAGES = 4
@@ -123,7 +123,7 @@ def negative_images(folder: str | Path | None) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"--negatives {folder} is not a folder of photos without the new classes")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = list_image_files(folder)
     if not images:
         raise DatasetError(f"--negatives {folder} holds no JPEG/PNG/BMP image")
     return images
@@ -225,24 +225,6 @@ def extend_detector(content: bytes, labelmap: Sequence[str], annotations: dict[s
         positive_anchors=positives, embed_seconds=embed_seconds, train_seconds=train_seconds, verified_images=verified)
 
 
-def _write_atomically(files: dict[Path, bytes]) -> None:
-    temporaries = {}
-    try:
-        for path, data in files.items():
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(temporary, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            temporaries[path] = temporary
-        for path, temporary in temporaries.items():
-            os.replace(temporary, path)
-    finally:
-        for temporary in temporaries.values():
-            if temporary.exists():
-                temporary.unlink()
-
-
 def add_detector_classes(model: str | Path, labelmap: str | Path, data: str | Path, classes: Sequence[str],
                          out: str | Path, negatives: str | Path | None = None,
                          options: DetectorOptions = DetectorOptions(), overwrite: bool = False) -> AddClassesResult:
@@ -287,7 +269,7 @@ def add_detector_classes(model: str | Path, labelmap: str | Path, data: str | Pa
     names = check_classes(classes, old_names)
     annotations = load_new_classes(data, names, old_names)
     extended = extend_detector(content, lines, annotations, negative_images(negatives), options)
-    _write_atomically({out: extended.content, labels_file: ("\n".join(extended.labelmap_lines) + "\n").encode("utf-8")})
+    durable_write_all({out: extended.content, labels_file: ("\n".join(extended.labelmap_lines) + "\n").encode("utf-8")})
     return AddClassesResult(
         model=out, labels_file=labels_file, num_classes=len(extended.labels), added=extended.added, nms=options.nms,
         images_per_class=extended.images_per_class, boxes_per_class=extended.boxes_per_class,

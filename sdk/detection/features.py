@@ -22,6 +22,7 @@ from edgeadapt.detection.runner import TensorRunner, box_scales, decode_boxes, m
 from edgeadapt.detection.structure import SSDStructure
 from edgeadapt.device.errors import DatasetError
 from edgeadapt.device.manifest import InputSpec
+from edgeadapt.device.safefs import durable_write
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -134,10 +135,8 @@ class FeatureExtractor:
                 logger.warning("ignoring unreadable cache entry %s", path)
         features = self.compute(load_pixels(image, self.spec))
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(temporary, boxes=features.boxes, **{f"map{i}": m for i, m in enumerate(features.maps)})
-            os.replace(temporary, path)
+            durable_write(path, lambda handle: np.savez(
+                handle, boxes=features.boxes, **{f"map{i}": m for i, m in enumerate(features.maps)}))
         return features
 
     def dequantize(self, index: int, values: np.ndarray) -> np.ndarray:
