@@ -128,7 +128,12 @@ def test_headless_import_makes_a_zero_class_bundle_with_the_original_embedding(m
     original = tflite_scores(models[kind].read_bytes(), images, bundle.manifest.input_spec)
     for backend in (["litert", "onnxruntime"] if kind == "uint8" else ["litert"]):
         embedded = Runtime.open(output, backend=backend).embed(images)
-        np.testing.assert_allclose(embedded, original, rtol=1e-5, atol=1e-3 if backend == "onnxruntime" else 1e-6)
+        if backend == "litert":
+            np.testing.assert_allclose(embedded, original, rtol=1e-5, atol=1e-6)
+        else:  # onnxruntime's x86 u8s8 kernels (no VNNI) may round a value one output step differently
+            step = float(np.min(np.diff(np.unique(original)))) if np.unique(original).size > 1 else 1e-3
+            assert np.max(np.abs(embedded - original)) <= step * 1.01 + 1e-6
+            assert np.mean(np.isclose(embedded, original, rtol=1e-5, atol=1e-6)) >= 0.9
     assert "classes    0 (none yet" in describe_bundle(bundle)
 
 
