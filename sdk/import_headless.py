@@ -14,7 +14,7 @@ import numpy as np
 
 from edgeadapt.converters.model_info import ExportedModel
 from edgeadapt.device.errors import ConversionError, IncompatibleModelError
-from edgeadapt.importing import FormatCheck, ImportSettings, _Prepared
+from edgeadapt.importing import FormatCheck, ImportSettings, _Prepared, tflite_backbones
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +49,7 @@ def prepare_headless(path: Path, kind: str, settings: ImportSettings) -> _Prepar
 
     content = path.read_bytes()
     imported = import_tflite_extractor(content, settings.model)
-    backbones = {"tflite": imported.backbone}
-    if settings.onnx:
-        from edgeadapt.converters.tflite_to_onnx import tflite_to_onnx
-
-        try:
-            backbones["onnx"] = tflite_to_onnx(imported.backbone.content, opset=settings.onnx_opset)
-        except ConversionError as error:
-            logger.warning("no ONNX backbone: %s", error)
-            imported.details["onnx_conversion_error"] = str(error)
+    backbones = tflite_backbones(imported, settings)
     return _Prepared(imported, backbones, lambda images: tflite_scores(content, images, imported.input_spec), True)
 
 

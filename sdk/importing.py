@@ -214,11 +214,9 @@ class _Prepared:
     exact: bool
 
 
-def _prepare_tflite(path: Path, settings: ImportSettings) -> _Prepared:
-    from edgeadapt.converters.tflite_import import import_tflite_classifier, tflite_scores
-
-    content = path.read_bytes()
-    imported = import_tflite_classifier(content, settings.model)
+def tflite_backbones(imported: Any, settings: ImportSettings) -> dict[str, Any]:
+    """The TFLite backbone of an import and, with ``settings.onnx``, its ONNX conversion (skipped with a
+    warning, recorded in ``imported.details``, when tf2onnx cannot convert it)."""
     backbones = {"tflite": imported.backbone}
     if settings.onnx:
         from edgeadapt.converters.tflite_to_onnx import tflite_to_onnx
@@ -228,6 +226,15 @@ def _prepare_tflite(path: Path, settings: ImportSettings) -> _Prepared:
         except ConversionError as error:
             logger.warning("no ONNX backbone: %s", error)
             imported.details["onnx_conversion_error"] = str(error)
+    return backbones
+
+
+def _prepare_tflite(path: Path, settings: ImportSettings) -> _Prepared:
+    from edgeadapt.converters.tflite_import import import_tflite_classifier, tflite_scores
+
+    content = path.read_bytes()
+    imported = import_tflite_classifier(content, settings.model)
+    backbones = tflite_backbones(imported, settings)
     return _Prepared(imported, backbones, lambda images: tflite_scores(content, images, imported.input_spec), True)
 
 
