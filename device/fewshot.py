@@ -51,7 +51,7 @@ from edgeadapt.device.prototype_column import (
     prototype_direction,
     raise_to_floor,
 )
-from edgeadapt.device.ridge import within_covariance
+from edgeadapt.device.ridge_model import within_covariance
 
 #: The largest number of synthetic old-class samples drawn from the statistics.
 MAX_SYNTHETIC = 4096

@@ -45,7 +45,7 @@ trained discriminatively on lots of data. The methods (``AddClassOptions.method`
     Needs :class:`ClassStats` with a Gram matrix.
 
     The work that depends only on the classes already in the head (both inverses, the
-    calibration) is kept as a :class:`~edgeadapt.device.ridge.RidgeBasis` with the statistics
+    calibration) is kept as a :class:`~edgeadapt.device.ridge_basis.RidgeBasis` with the statistics
     and in the bundle, so a new class costs O(D^2 n) instead of O(D^3 + D^2 C): about 10 ms
     instead of 0.7 s at 1000 classes x 1280-d. A new class enters the least-squares moment
     matrix with its own second moment; the shared covariance and the calibration stay those
@@ -115,15 +115,9 @@ from edgeadapt.device.head_checks import (
     require_statistics,
 )
 from edgeadapt.device.merging import merge_heads, resolve_all, with_ridge_basis  # noqa: F401 (re-exported)
-from edgeadapt.device.ridge import (
-    as_basis,
-    within_covariance,
-    basis_class_column,
-    basis_new_columns,
-    class_feature_mean,
-    current_basis,
-    new_class_examples,
-)
+from edgeadapt.device.ridge_basis import as_basis, current_basis
+from edgeadapt.device.ridge_basis_columns import basis_class_column, basis_new_columns
+from edgeadapt.device.ridge_model import class_feature_mean, new_class_examples, within_covariance
 
 logger = logging.getLogger(__name__)
 

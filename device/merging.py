@@ -17,7 +17,9 @@ from edgeadapt.device.columns import align_weights, appended, mean_norm, unit_co
 from edgeadapt.device.errors import IncompatibleModelError, InputError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_checks import check_options, check_stats, require_cosine_head, require_statistics
-from edgeadapt.device.ridge import build_ridge_basis, resolve_columns, ridge_merge_columns, within_covariance
+from edgeadapt.device.ridge import resolve_columns, ridge_merge_columns
+from edgeadapt.device.ridge_basis import build_ridge_basis
+from edgeadapt.device.ridge_model import within_covariance
 
 logger = logging.getLogger(__name__)
 

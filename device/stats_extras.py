@@ -1,7 +1,7 @@
 """Extra arrays kept with the class statistics: a hook of the bundle format (numpy only).
 
 A solver may keep derived state with the class statistics (the ridge method keeps its
-:class:`~edgeadapt.device.ridge.RidgeBasis`). The bundle format stores it as named arrays
+:class:`~edgeadapt.device.ridge_basis.RidgeBasis`). The bundle format stores it as named arrays
 plus a small metadata mapping under ``head.statistics.<key>``, without knowing the solver:
 the solver registers a loader for its key (:func:`register_statistics_extra`); a section
 read before its solver registered stays a :class:`StoredExtra`, which the solver converts

@@ -33,14 +33,15 @@ temporary files. Readers need no lock. A head file is deleted only when no kept 
 it (versions share base files and parts: the union of the kept versions' file tables is what
 stays).
 
+The file writes of a commit live in :mod:`edgeadapt.device.commit_writes`, the writers' lock
+in :mod:`edgeadapt.device.bundle_lock`.
+
 Versions only grow: a rollback to version 3 commits a new version whose manifest is version
 3's (same head files, shared, not copied) with ``change.action == "rollback"``.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import logging
 import os
 import re
@@ -53,13 +54,20 @@ from typing import Any, Mapping
 import numpy as np
 
 from edgeadapt.device.bundle import MANIFEST_NAME, Bundle, fsync_directory
-from edgeadapt.device.errors import BundleError, ConcurrentUpdateError, InputError, UpdateError
+from edgeadapt.device.bundle_lock import BundleLock
+from edgeadapt.device.commit_writes import (
+    TEMPORARY_MARKER,
+    describe_os_error,
+    fsync_directories,
+    write_files_durably,
+    write_manifest_and_record,
+)
+from edgeadapt.device.errors import BundleError, InputError, UpdateError
 from edgeadapt.device.manifest import MAX_MANIFEST_BYTES, Manifest, check_relative_path, utc_timestamp
-from edgeadapt.device.safefs import check_tree, read_regular, refuse_link, temporary_name
+from edgeadapt.device.safefs import check_tree, read_regular, refuse_link
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = ".edgeadapt.lock"
 VERSIONS_DIR = "versions"
 HEADS_DIR = "heads"
 DEFAULT_KEEP_VERSIONS = 5
@@ -68,317 +76,6 @@ DEFAULT_KEEP_VERSIONS = 5
 DEFAULT_READER_GRACE_SECONDS = 10.0
 MINIMUM_KEEP_VERSIONS = 2
 _RECORD_PATTERN = re.compile(r"^v(\d+)\.json$")
-_TEMPORARY_MARKER = ".tmp-"
-
-
-# ----------------------------------------------------------------------------- errors
-def describe_os_error(error: OSError, path: Path, what: str) -> UpdateError:
-    """Turn an OSError raised while writing into an :class:`UpdateError` that says what to do."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return UpdateError(
-            f"cannot {what}: no space left on the device holding {path} ({error.strerror}); "
-            "nothing was changed: free some space and retry"
-        )
-    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return UpdateError(
-            f"cannot {what}: {path} is read-only or not writable by this user ({error.strerror}); "
-            "nothing was changed: make the bundle directory writable (or copy it somewhere writable) and retry"
-        )
-    return UpdateError(f"cannot {what} in {path}: {error}; nothing was changed")
-
-
-# ----------------------------------------------------------------------------- durable writes
-def _open_file(path: Path, flags: int) -> int:
-    """``os.open`` with mode 0o644 and ``O_NOFOLLOW`` (one place, so tests can simulate a read-only or full
-    file system). A symlink planted at ``path`` is never followed."""
-    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
-
-
-def _create_temporary(path: Path) -> tuple[Path, int]:
-    """A new temporary file next to ``path`` (fresh random name, ``O_EXCL``: never an existing file or link)."""
-    temporary = temporary_name(path, _TEMPORARY_MARKER)
-    return temporary, _open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-
-
-def _write_all(descriptor: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(descriptor, view)
-        view = view[written:]
-
-
-class _HashingWriter:
-    """A minimal binary file object over a descriptor that hashes and counts what it writes."""
-
-    def __init__(self, descriptor: int):
-        self.descriptor = descriptor
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        _write_all(self.descriptor, view)
-        self.digest.update(view)
-        self.size += len(view)
-        return len(view)
-
-    def flush(self) -> None:
-        pass
-
-
-@dataclass
-class _PendingFile:
-    """A file written to its temporary name, not yet fsynced or renamed."""
-
-    path: Path
-    temporary: Path
-    descriptor: int | None
-    sha256: str
-    size: int
-
-
-def _write_temporary(path: Path, data: bytes | np.ndarray) -> _PendingFile:
-    """Write ``data`` (bytes, or an array as ``.npy``, streamed) to a temporary file next to ``path``."""
-    temporary, descriptor = _create_temporary(path)
-    try:
-        writer = _HashingWriter(descriptor)
-        if isinstance(data, np.ndarray):
-            np.lib.format.write_array(writer, np.ascontiguousarray(data), allow_pickle=False)
-        else:
-            writer.write(data)
-    except BaseException:
-        os.close(descriptor)
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    return _PendingFile(path, temporary, descriptor, writer.digest.hexdigest(), writer.size)
-
-
-def _fsync_folder(descriptor: int) -> None:
-    try:
-        os.fsync(descriptor)
-    except OSError:  # some platforms cannot fsync a folder; the files themselves were fsynced
-        pass
-
-
-def _fsync_all(descriptors: list[int], folders: list[int] = ()) -> None:
-    """fsync files (errors propagate) and folders (best effort) at once: concurrent fsyncs share
-    journal commits on most file systems, so N files cost about one flush instead of N."""
-    calls = [(os.fsync, descriptor) for descriptor in descriptors] + [(_fsync_folder, folder) for folder in folders]
-    if len(calls) <= 1:
-        for function, descriptor in calls:
-            function(descriptor)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(8, len(calls))) as pool:
-        for future in [pool.submit(function, descriptor) for function, descriptor in calls]:
-            future.result()  # re-raises an OSError from a file's fsync
-
-
-def write_files_durably(files: list[tuple[Path, bytes | np.ndarray]]) -> list[tuple[str, int]]:
-    """Write several files, each through a temporary file, fsync (all at once) and rename.
-
-    Returns (sha256, size) per file. The folders are not fsynced here. On error every
-    temporary file is removed, files already renamed stay (the caller cleans them up), and
-    the OSError propagates.
-    """
-    pending: list[_PendingFile] = []
-    try:
-        for path, data in files:
-            pending.append(_write_temporary(path, data))
-    except BaseException:
-        _flush_and_rename_abort(pending)
-        raise
-    _flush_and_rename(pending, [])
-    return [(item.sha256, item.size) for item in pending]
-
-
-def _flush_and_rename_abort(pending: list[_PendingFile]) -> None:
-    for item in pending:
-        if item.descriptor is not None:
-            os.close(item.descriptor)
-        if item.temporary is not None:
-            try:
-                os.unlink(item.temporary)
-            except OSError:
-                pass
-
-
-def _flush_and_rename(pending: list[_PendingFile], folders: list[Path]) -> None:
-    """fsync ``pending`` temporary files and ``folders`` together, then rename the files in order.
-
-    On error every temporary file not yet renamed is removed and the error propagates.
-    """
-    folder_descriptors = []
-    try:
-        for folder in folders:
-            try:
-                folder_descriptors.append(os.open(folder, os.O_RDONLY))
-            except OSError:
-                continue
-        _fsync_all([item.descriptor for item in pending], folder_descriptors)
-        for item in pending:
-            os.close(item.descriptor)
-            item.descriptor = None
-        for item in pending:
-            os.replace(item.temporary, item.path)
-            item.temporary = None
-    finally:
-        for descriptor in folder_descriptors:
-            os.close(descriptor)
-        _flush_and_rename_abort(pending)  # only what is left: nothing after success
-
-
-def _link_record(temporary: Path, record: Path) -> bool:
-    """Make ``record`` a hard link to the manifest's temporary file; False where the file system
-    cannot (FAT, some network shares: the caller writes a copy instead)."""
-    try:
-        os.link(temporary, record, follow_symlinks=False)
-    except OSError as error:
-        if error.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
-            return False
-        raise
-    return True
-
-
-def fsync_directories(paths: list[Path]) -> None:
-    """fsync several folders at once (best effort, like :func:`fsync_directory`)."""
-    descriptors = []
-    try:
-        for path in paths:
-            try:
-                descriptors.append(os.open(path, os.O_RDONLY))
-            except OSError:
-                continue
-        _fsync_all([], descriptors)
-    finally:
-        for descriptor in descriptors:
-            os.close(descriptor)
-
-
-def write_durably(path: Path, data: bytes | np.ndarray) -> tuple[str, int]:
-    """Write ``data`` (bytes, or an array saved as ``.npy``) to ``path``: temporary file in the
-    same folder, fsync, rename. Returns (sha256, size) of what was written.
-
-    Arrays are streamed in chunks (no full in-memory copy). The folder itself is not fsynced
-    here (callers fsync each folder once). On error the temporary file is removed and the
-    OSError propagates.
-    """
-    temporary, descriptor = _create_temporary(path)
-    try:
-        try:
-            writer = _HashingWriter(descriptor)
-            if isinstance(data, np.ndarray):
-                np.lib.format.write_array(writer, np.ascontiguousarray(data), allow_pickle=False)
-            else:
-                writer.write(data)
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    return writer.digest.hexdigest(), writer.size
-
-
-# ----------------------------------------------------------------------------- lock
-class BundleLock:
-    """An exclusive ``fcntl.flock`` on ``BUNDLE/.edgeadapt.lock`` that serialises writers.
-
-    With ``wait`` false a second writer gets :class:`ConcurrentUpdateError` at once; with
-    ``wait`` true it waits up to ``timeout`` seconds (forever when None). The kernel drops
-    the lock when the holder dies, so a killed writer never leaves the bundle locked.
-    """
-
-    def __init__(self, bundle_path: str | Path, wait: bool = False, timeout: float | None = None,
-                 poll_interval: float = 0.02):
-        self.path = Path(bundle_path) / LOCK_NAME
-        self.wait = wait
-        self.timeout = timeout
-        self.poll_interval = poll_interval
-        self._descriptor: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._descriptor is not None
-
-    def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError as error:  # pragma: no cover - Windows
-            raise UpdateError("device updates need POSIX file locks (fcntl); run them on Linux or macOS") from error
-        if self._descriptor is not None:
-            raise UpdateError(f"{self.path} is already locked by this updater")
-        if not self.path.parent.is_dir():
-            raise BundleError(f"bundle {str(self.path.parent)!r} does not exist or is not a bundle directory")
-        try:
-            descriptor = _open_file(self.path, os.O_RDWR | os.O_CREAT)
-        except OSError as error:
-            if error.errno == errno.ELOOP:
-                raise BundleError(f"the lock file {self.path} is a symbolic link; refusing to write through it "
-                                  "(remove it; the bundle may have been tampered with)") from error
-            raise describe_os_error(error, self.path.parent, "lock the bundle for writing") from error
-        status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
-            os.close(descriptor)
-            raise BundleError(f"the lock file {self.path} is not a plain regular file (a device, FIFO or hard link "
-                              "to another file); refusing to write to it: remove it")
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not self.wait or (deadline is not None and time.monotonic() >= deadline):
-                    holder = _read_holder(descriptor)
-                    os.close(descriptor)
-                    waited = "" if not self.wait else f" for {self.timeout:g} s"
-                    raise ConcurrentUpdateError(
-                        f"another writer{holder} is updating {self.path.parent}{waited}; retry when it is done "
-                        "or pass wait_for_lock=True (--wait) to queue behind it"
-                    ) from None
-                time.sleep(self.poll_interval)
-            except OSError as error:
-                os.close(descriptor)
-                raise describe_os_error(error, self.path.parent, "lock the bundle for writing") from error
-        try:  # who holds the lock, for the error message of the next writer (best effort, fixed width)
-            os.pwrite(descriptor, f"{os.getpid():>10}\n".encode(), 0)
-        except OSError:
-            pass
-        self._descriptor = descriptor
-
-    def release(self) -> None:
-        if self._descriptor is None:
-            return
-        import fcntl
-
-        try:
-            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
-        finally:
-            os.close(self._descriptor)
-            self._descriptor = None
-
-    def __enter__(self) -> "BundleLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-def _read_holder(descriptor: int) -> str:
-    try:
-        text = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
-    except OSError:
-        return ""
-    return f" (process {text})" if text.isdigit() else ""
 
 
 # ----------------------------------------------------------------------------- history
@@ -591,11 +288,59 @@ class VersionStore:
         older ones (backbone files, unchanged head files); entries (sha256, size) for
         ``new_files`` (bytes, or arrays written as ``.npy``) are added while they are written.
         New files must live directly in ``heads/v{N}/`` where N is the new version.
+
+        Args:
+            manifest: The new version's manifest (copied, not changed).
+            new_files: The new head files by relative path.
+
+        Returns:
+            The committed manifest (with the new files' entries).
+
+        Raises:
+            UpdateError: When the version exists already, a file is misplaced or missing, or a write
+                fails (nothing was changed then).
+            BundleError: When the bundle holds a link or the new manifest is invalid.
         """
         check_tree(self.path)
         manifest = manifest.copy()
         version = manifest.version
         head_folder = self.path / HEADS_DIR / f"v{version}"
+        table = self._checked_file_table(manifest, new_files, head_folder)
+        written: list[Path] = []
+        committed = False
+        parent = self.read_manifest()
+        try:
+            self._write_head_files(parent, new_files, head_folder, table, written)
+            manifest.data["files"] = table
+            manifest.validate(str(self.path / MANIFEST_NAME))
+            record = self.record_path(version)
+            written.append(record)
+            # One flush for: the folders that received the new files and the record, and the manifest.
+            # Then the manifest -- the commit point -- is renamed into place and the folders flushed.
+            # A record newer than manifest.json is removed by recover().
+            folders = [head_folder, head_folder.parent, record.parent] if new_files else [record.parent]
+            write_manifest_and_record(self.path / MANIFEST_NAME, record, manifest.to_json().encode(), folders)
+            committed = True
+            self._remember_committed(manifest, record)
+            fsync_directories([record.parent, self.path])
+        except (OSError, BundleError) as error:
+            if not committed:
+                _remove_written(written, head_folder)
+                if isinstance(error, BundleError):
+                    raise
+                raise describe_os_error(error, self.path, f"write version {version}") from error
+            logger.warning("version %d is committed but flushing the folder failed: %s", version, error)
+        try:
+            self.prune()
+        except (OSError, BundleError) as error:  # the commit stands; the next writer prunes again
+            logger.warning("version %d committed; pruning old versions failed: %s", version, error)
+        return manifest
+
+    def _checked_file_table(self, manifest: Manifest, new_files: Mapping[str, bytes | np.ndarray],
+                            head_folder: Path) -> dict:
+        """The new version's file table, after checking the version is new, every new file lives directly
+        in its head folder and every shared file exists."""
+        version = manifest.version
         prefix = f"{HEADS_DIR}/v{version}/"
         if self.record_path(version).exists() or (head_folder.exists() and any(head_folder.iterdir())):
             raise UpdateError(f"version {version} already exists in {self.path}; run recover() first")
@@ -607,67 +352,27 @@ class VersionStore:
         missing = [name for name in table if name not in new_files and not (self.path / name).is_file()]
         if missing:
             raise UpdateError(f"the new version refers to files missing from {self.path}: {missing}")
-        written: list[Path] = []
-        committed = False
-        parent = self.read_manifest()
-        try:
-            batch: list[tuple[Path, bytes | np.ndarray]] = []
-            if self._record_data(parent.version) != parent.data:
-                # the version being replaced needs its history copy (an exported bundle has none yet)
-                batch.append((self.record_path(parent.version), parent.to_json().encode()))
-            for relative_path, data in new_files.items():
-                batch.append((self.path / relative_path, data))
-            refuse_link(self.path / VERSIONS_DIR, "version folder")
-            (self.path / VERSIONS_DIR).mkdir(exist_ok=True)
-            if new_files:
-                head_folder.mkdir(parents=True, exist_ok=True)
-            written.extend(path for path, _ in batch)
-            for (path, _), (digest, size) in zip(batch, write_files_durably(batch)):
-                if path.parent == head_folder:
-                    table[f"{prefix}{path.name}"] = {"sha256": digest, "size": size}
-            manifest.data["files"] = table
-            manifest.validate(str(self.path / MANIFEST_NAME))
-            text = manifest.to_json().encode()
-            record = self.record_path(version)
-            written.append(record)
-            # The manifest is written once, to a temporary name; the record is a hard link to it
-            # (a second copy where the file system has no hard links). One flush for: the folders
-            # that received the new files and the record, and the manifest. Then the manifest --
-            # the commit point -- is renamed into place and the folders flushed. A record newer
-            # than manifest.json is removed by recover().
-            folders = [head_folder, head_folder.parent, record.parent] if new_files else [record.parent]
-            pending: list[_PendingFile] = []
-            try:
-                pending.append(_write_temporary(self.path / MANIFEST_NAME, text))
-                if not _link_record(pending[0].temporary, record):
-                    pending.insert(0, _write_temporary(record, text))
-            except BaseException:
-                _flush_and_rename_abort(pending)
-                raise
-            _flush_and_rename(pending, folders)
-            committed = True
-            self._remember_committed(manifest, record)
-            fsync_directories([record.parent, self.path])
-        except (OSError, BundleError) as error:
-            if not committed:
-                for path in reversed(written):
-                    try:
-                        path.unlink()
-                    except OSError:
-                        pass
-                try:
-                    head_folder.rmdir()
-                except OSError:
-                    pass
-                if isinstance(error, BundleError):
-                    raise
-                raise describe_os_error(error, self.path, f"write version {version}") from error
-            logger.warning("version %d is committed but flushing the folder failed: %s", version, error)
-        try:
-            self.prune()
-        except (OSError, BundleError) as error:  # the commit stands; the next writer prunes again
-            logger.warning("version %d committed; pruning old versions failed: %s", version, error)
-        return manifest
+        return table
+
+    def _write_head_files(self, parent: Manifest, new_files: Mapping[str, bytes | np.ndarray], head_folder: Path,
+                          table: dict, written: list[Path]) -> None:
+        """Step 1 of a commit: the new head files (and the replaced version's record when it has none yet),
+        durably; their entries go into ``table``, their paths into ``written`` (before they are written)."""
+        batch: list[tuple[Path, bytes | np.ndarray]] = []
+        if self._record_data(parent.version) != parent.data:
+            # the version being replaced needs its history copy (an exported bundle has none yet)
+            batch.append((self.record_path(parent.version), parent.to_json().encode()))
+        for relative_path, data in new_files.items():
+            batch.append((self.path / relative_path, data))
+        refuse_link(self.path / VERSIONS_DIR, "version folder")
+        (self.path / VERSIONS_DIR).mkdir(exist_ok=True)
+        if new_files:
+            head_folder.mkdir(parents=True, exist_ok=True)
+        written.extend(path for path, _ in batch)
+        prefix = f"{HEADS_DIR}/{head_folder.name}/"
+        for (path, _), (digest, size) in zip(batch, write_files_durably(batch)):
+            if path.parent == head_folder:
+                table[f"{prefix}{path.name}"] = {"sha256": digest, "size": size}
 
     def _remember_committed(self, manifest: Manifest, record: Path) -> None:
         """Seed the manifest and record caches with what was just written (no re-parse by prune)."""
@@ -729,7 +434,7 @@ class VersionStore:
             refuse_link(folder, "bundle folder")
             if folder.is_dir():
                 for entry in os.scandir(folder):
-                    if entry.name.startswith(".") and _TEMPORARY_MARKER in entry.name and not entry.is_dir(
+                    if entry.name.startswith(".") and TEMPORARY_MARKER in entry.name and not entry.is_dir(
                             follow_symlinks=False):
                         Path(entry.path).unlink(missing_ok=True)  # a planted link is removed, never followed
 
@@ -763,3 +468,16 @@ class VersionStore:
 
         restored.data["change"] = {"action": ChangeAction.ROLLBACK.value, "to_version": version, **(change or {})}
         return restored
+
+
+def _remove_written(written: list[Path], head_folder: Path) -> None:
+    """Undo the writes of a commit that did not reach its commit point (best effort)."""
+    for path in reversed(written):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    try:
+        head_folder.rmdir()
+    except OSError:
+        pass

@@ -117,13 +117,13 @@ def test_planted_dangling_temporary_symlinks_create_nothing_outside(bundle_copy,
 
 def test_temporary_files_are_created_exclusively_with_fresh_names(bundle_copy, monkeypatch):
     """Even without the tree check, a name already taken is never opened for writing (O_EXCL)."""
-    from edgeadapt.device import versions
+    from edgeadapt.device import commit_writes
 
     taken = bundle_copy / "taken"
     taken.write_bytes(b"old")
-    monkeypatch.setattr(versions, "temporary_name", lambda path, marker=".tmp-": taken)
+    monkeypatch.setattr(commit_writes, "temporary_name", lambda path, marker=".tmp-": taken)
     with pytest.raises(FileExistsError):
-        versions.write_durably(bundle_copy / "x.bin", b"new")
+        commit_writes.write_durably(bundle_copy / "x.bin", b"new")
     assert taken.read_bytes() == b"old"
 
 

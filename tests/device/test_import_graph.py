@@ -25,6 +25,10 @@ FORBIDDEN = {
     ("bundle", "ridge"), ("bundle", "incremental"), ("bundle", "fewshot"), ("bundle", "updater"),
     ("delta", "updater"), ("ridge", "incremental"), ("ridge", "fewshot"), ("fewshot", "incremental"),
     ("head_state", "updater"), ("update_gate", "updater"),
+} | {  # the ridge method's parts, as the ridge module itself
+    edge
+    for part in ("ridge_model", "ridge_closed_forms", "ridge_calibration", "ridge_basis", "ridge_basis_columns")
+    for edge in (("bundle", part), (part, "incremental"), (part, "fewshot"))
 }
 
 

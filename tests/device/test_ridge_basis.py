@@ -1,4 +1,4 @@
-"""The ridge method's cached solver state (edgeadapt.device.ridge.RidgeBasis): numpy only.
+"""The ridge method's cached solver state (edgeadapt.device.ridge_basis.RidgeBasis): numpy only.
 
 The basis makes adding a class to a large head cheap; these tests pin down that it is an
 exact cache (a stored basis gives the very columns a freshly built one gives), that it is
@@ -22,7 +22,9 @@ from edgeadapt.device.incremental import (
     resolve_all,
     with_ridge_basis,
 )
-from edgeadapt.device.ridge import RidgeBasis, basis_new_columns, build_ridge_basis, new_class_examples
+from edgeadapt.device.ridge_basis import RidgeBasis, build_ridge_basis
+from edgeadapt.device.ridge_basis_columns import basis_new_columns
+from edgeadapt.device.ridge_model import new_class_examples
 from edgeadapt.device import HeadUpdater
 
 from test_head_math import gaussian_classes, trained_head
@@ -158,7 +160,9 @@ def test_tampered_basis_file_is_refused(bundle_copy):
 def test_cached_update_equals_an_explicit_joint_solve():
     """The Woodbury update of the cached state gives what solving the grown system from scratch gives:
     the new class's least-squares column AND the refit of the logit scale on the old columns."""
-    from edgeadapt.device import ridge
+    from edgeadapt.device import ridge_basis_columns
+    from edgeadapt.device.ridge_calibration import Moments, fit_alignment
+    from edgeadapt.device.ridge_model import feature_model
 
     embeddings, labels, _ = gaussian_classes(6, 40, seed=5, size=12)
     old = labels < 5
@@ -168,15 +172,15 @@ def test_cached_update_equals_an_explicit_joint_solve():
     means, deviations = new_class_examples(head, [embeddings[labels == 5][:3]])
     factors = np.concatenate([np.append(means[0], 1.0)[None, :],
                               np.concatenate([deviations[0] / np.sqrt(3), np.zeros((3, 1))], axis=1)])
-    cached_weights, cached_bias = ridge._refitted_least_squares(basis, head, means, factors)
+    cached_weights, cached_bias = ridge_basis_columns._refitted_least_squares(basis, head, means, factors)
 
     grown = np.linalg.inv(basis.least_squares_inverse.astype(np.float64)) + factors.T @ factors
-    model = ridge._feature_model(head, stats)
+    model = feature_model(head, stats)
     used = basis.classes_used
     old_targets = np.concatenate([model.means[used], np.ones((used.size, 1))], axis=1).T
     solution = np.linalg.solve(grown, np.concatenate([np.append(means[0], 1.0)[:, None], old_targets], axis=1))
-    moments = ridge._Moments(first=basis.first_moment, second=basis.second_moment.astype(np.float64))
-    scale, offset, offset_bias = ridge._alignment(
+    moments = Moments(first=basis.first_moment, second=basis.second_moment.astype(np.float64))
+    scale, offset, offset_bias = fit_alignment(
         head.weights[:, used].astype(np.float64), head.bias[used].astype(np.float64),
         solution[:12, 1:], solution[12, 1:], None, used, moments)
     np.testing.assert_allclose(cached_weights, scale * solution[:12, :1] + offset[:, None], rtol=1e-4, atol=1e-5)

@@ -79,7 +79,7 @@ def test_statistics_extras_hook_keeps_the_format_free_of_the_solver():
     from edgeadapt.device.add_options import AddClassOptions
     from edgeadapt.device.errors import BundleError, IncompatibleModelError
     from edgeadapt.device.head import ClassStats, Head
-    from edgeadapt.device.ridge import RidgeBasis, as_basis, build_ridge_basis
+    from edgeadapt.device.ridge_basis import RidgeBasis, as_basis, build_ridge_basis
     from edgeadapt.device.stats_extras import EXTRA_KEY, StatisticsExtra, StoredExtra, load_statistics_extra
 
     rng = np.random.default_rng(0)

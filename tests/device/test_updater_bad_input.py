@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeadapt.device import Bundle, BundleError, EdgeAdaptError, InputError, Runtime, UpdateError, versions
+from edgeadapt.device import Bundle, BundleError, EdgeAdaptError, InputError, Runtime, UpdateError, commit_writes
 from edgeadapt.device import HeadUpdater
-from edgeadapt.device.versions import LOCK_NAME
+from edgeadapt.device.bundle_lock import LOCK_NAME
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -179,7 +179,7 @@ def test_read_only_bundle_directory(setup, bundle_copy):
 def test_read_only_file_system_simulated(setup, bundle_copy, monkeypatch, failing_call):
     """EROFS from the file system at the lock file (call 1) or in the middle of a commit."""
     runtime, updater, examples, before = setup
-    real_open = versions._open_file
+    real_open = commit_writes.open_file
     calls = {"count": 0}
 
     def read_only_open(path, flags):
@@ -188,7 +188,7 @@ def test_read_only_file_system_simulated(setup, bundle_copy, monkeypatch, failin
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_open(path, flags)
 
-    monkeypatch.setattr(versions, "_open_file", read_only_open)
+    monkeypatch.setattr(commit_writes, "open_file", read_only_open)
     with pytest.raises(UpdateError, match="read-only or not writable.*nothing was changed"):
         updater.add_class("ring2", examples, force=True)  # past the update gate, to the file system
     monkeypatch.undo()
@@ -202,14 +202,14 @@ def count_writes(bundle: Path, tmp_path: Path, examples, monkeypatch) -> int:
 
     copy = tmp_path / "count.eab"
     shutil.copytree(bundle, copy)
-    real_write = versions._write_all
+    real_write = commit_writes._write_all
     calls = {"count": 0}
 
     def counting_write(descriptor, data):
         calls["count"] += 1
         return real_write(descriptor, data)
 
-    monkeypatch.setattr(versions, "_write_all", counting_write)
+    monkeypatch.setattr(commit_writes, "_write_all", counting_write)
     HeadUpdater(Runtime.open(copy)).add_class("ring2", examples, force=True)
     monkeypatch.undo()
     return calls["count"]
@@ -221,7 +221,7 @@ def test_full_disk_simulated_at_different_points_of_the_commit(setup, bundle_cop
     runtime, updater, examples, before = setup
     total = count_writes(bundle_copy, tmp_path, examples, monkeypatch)
     failing_write = {"first": 1, "third": 3, "middle": total // 2, "record": total - 1, "manifest": total}[position]
-    real_write = versions._write_all
+    real_write = commit_writes._write_all
     calls = {"count": 0}
 
     def full_disk_write(descriptor, data):
@@ -231,7 +231,7 @@ def test_full_disk_simulated_at_different_points_of_the_commit(setup, bundle_cop
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(descriptor, data)
 
-    monkeypatch.setattr(versions, "_write_all", full_disk_write)
+    monkeypatch.setattr(commit_writes, "_write_all", full_disk_write)
     with pytest.raises(UpdateError, match="no space left.*nothing was changed"):
         updater.add_class("ring2", examples, force=True)
     assert calls["count"] == failing_write

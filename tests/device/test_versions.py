@@ -16,7 +16,8 @@ import pytest
 
 from edgeadapt.device import Bundle, ConcurrentUpdateError, HeadUpdater, InputError, Runtime, UpdateError
 from edgeadapt.device.updater import head_file_paths, refresh_runtime
-from edgeadapt.device.versions import LOCK_NAME, BundleLock, VersionStore
+from edgeadapt.device.bundle_lock import LOCK_NAME, BundleLock
+from edgeadapt.device.versions import VersionStore
 
 CRASH_WORKER = Path(__file__).with_name("test_crash_safety.py")
 
@@ -152,7 +153,7 @@ def test_a_second_writer_gets_a_clear_error_or_waits(bundle_copy, test_images):
 def test_lock_held_by_another_process_and_released_when_it_dies(bundle_copy):
     code = (
         "import sys, time\n"
-        "from edgeadapt.device.versions import BundleLock\n"
+        "from edgeadapt.device.bundle_lock import BundleLock\n"
         "lock = BundleLock(sys.argv[1]); lock.acquire(); print('locked', flush=True); time.sleep(60)\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", code, str(bundle_copy)], stdout=subprocess.PIPE, text=True)

@@ -29,7 +29,7 @@ from edgeadapt.device.incremental import (
 from edgeadapt.device.inspection import describe_bundle
 from edgeadapt.device.runtime import Runtime
 from edgeadapt.device.updater import HeadUpdater, distinct_examples
-from edgeadapt.device.versions import LOCK_NAME
+from edgeadapt.device.bundle_lock import LOCK_NAME
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
