@@ -12,8 +12,10 @@ is committed as a new head version by :mod:`edgeadapt.device.versions`.
 'mug'
 >>> updater.rollback(1)                          # restore the exported head
 
-Every method validates all of its inputs (names, every image) before it takes the lock
-and writes anything; a refused or failed update leaves the bundle exactly as it was.
+Every method validates all of its inputs (names, every image: :mod:`edgeadapt.device.update_inputs`)
+before it takes the lock and writes anything; a refused or failed update leaves the bundle exactly
+as it was. What each operation changes is its plan (:mod:`edgeadapt.device.update_plans`); this
+module runs the gate on it and commits it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from edgeadapt.device.bundle import ReferenceEmbeddings
-from edgeadapt.device.errors import IncompatibleModelError, InputError, UpdateError
-from edgeadapt.device.head import ClassStats, Head
-from edgeadapt.device.manifest import Manifest, utc_timestamp
+from edgeadapt.device.errors import InputError, UpdateError
+from edgeadapt.device.head import ClassStats
+from edgeadapt.device.manifest import Manifest
 from edgeadapt.device.naming import MAX_CLASS_NAME_LENGTH, check_class_name  # noqa: F401 (re-exported)
 from edgeadapt.device.head_state import (  # noqa: F401 (re-exported)
     HeadState,
@@ -47,9 +49,31 @@ from edgeadapt.device.update_gate import (  # noqa: F401 (re-exported: the gate'
     evaluate_gate,
     gate_references,
 )
-from edgeadapt.device.preprocessing import _is_pil_image, prepare_image
 from edgeadapt.device.version_builder import DEFAULT_COMPACT_FRACTION, ChangeAction, VersionPlan, build_version
-from edgeadapt.device.unknown import UNKNOWN_LABEL, UnknownRejection, calibrate_unknown
+from edgeadapt.device.update_inputs import (
+    check_embeddings,
+    check_name_free,
+    check_new_names,
+    distinct_examples,
+    existing_index,
+    finite_embeddings,
+    prepare_examples,
+    reference_labels,
+)
+from edgeadapt.device.update_plans import (
+    STRENGTHEN_NEEDS_STATISTICS,
+    UpdatePlan,
+    add_classes_plan,
+    add_examples_plan,
+    calibrate_unknown_plan,
+    calibration_embeddings,
+    compact_plan,
+    head_math,
+    refuse_strengthen_without_statistics,
+    remove_class_plan,
+    rename_class_plan,
+    set_references_plan,
+)
 from edgeadapt.device.versions import (
     DEFAULT_KEEP_VERSIONS,
     DEFAULT_READER_GRACE_SECONDS,
@@ -58,7 +82,6 @@ from edgeadapt.device.versions import (
 )
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -74,106 +97,9 @@ class UpdateResult:
 
 
 # ----------------------------------------------------------------------------- validation helpers
-def as_example_list(examples: Any) -> list:
-    """One image or a collection of images as a list; :class:`InputError` when there are none."""
-    if examples is None:
-        raise InputError("no examples given; give a list of image paths, PIL images or uint8 arrays")
-    if isinstance(examples, (str, Path)) or _is_pil_image(examples):
-        return [examples]
-    if isinstance(examples, np.ndarray):
-        items = [examples] if examples.ndim in (2, 3) else list(examples) if examples.ndim == 4 else None
-        if items is None:
-            raise InputError(f"an image array must be (H, W[, C]) or a (N, H, W, C) batch, got shape {examples.shape}")
-    elif isinstance(examples, (list, tuple)):
-        items = list(examples)
-    elif isinstance(examples, Iterable) and not isinstance(examples, (bytes, dict)):
-        items = list(examples)
-    else:
-        raise InputError(
-            f"examples must be image paths, PIL images or uint8 arrays (or a list of them), got {type(examples).__name__}"
-        )
-    if not items:
-        raise InputError("the example list is empty; give at least one image of the class")
-    return items
-
-
-def _describe_example(example: Any) -> str:
-    if isinstance(example, (str, Path)):
-        return repr(str(example))
-    if isinstance(example, np.ndarray):
-        return f"array {example.dtype} {example.shape}"
-    return type(example).__name__
-
-
-def distinct_examples(embeddings: np.ndarray) -> np.ndarray:
-    """``embeddings`` (n, D) without exact duplicate rows, in first-seen order.
-
-    The same photo given several times is one example: it gives bit-identical embeddings, and
-    counting it n times would make the head math trust a mean "estimated" from n examples.
-    So duplicates learn exactly like the single example (different photos never collide).
-    """
-    if embeddings.shape[0] < 2:
-        return embeddings
-    _, first = np.unique(np.ascontiguousarray(embeddings), axis=0, return_index=True)
-    if first.size == embeddings.shape[0]:
-        return embeddings
-    return embeddings[np.sort(first)]
-
-
-def _finite_embeddings(embeddings: np.ndarray, what: str) -> np.ndarray:
-    if not np.all(np.isfinite(embeddings)):
-        raise InputError(f"the backbone produced NaN or infinite embeddings for {what}; nothing was changed")
-    return embeddings
 
 
 # ----------------------------------------------------------------------------- the plan of one update
-@dataclass
-class _Plan:
-    """The new head version an operation produces (before the gate and the commit)."""
-
-    action: str
-    classes: list[dict]
-    head: Head
-    stats: ClassStats | None
-    references: ReferenceEmbeddings | None
-    device_examples: ReferenceEmbeddings | None
-    unknown: UnknownRejection | None
-    index_map: np.ndarray
-    change: dict
-    gate: bool = True
-    timings: dict = field(default_factory=dict)
-    #: (embeddings, class indices) appended to the device examples whose outer products entered the Gram matrix
-    added_examples: tuple[np.ndarray, np.ndarray] | None = None
-    compact: bool = False
-
-
-def _relabel(store: ReferenceEmbeddings | None, index_map: np.ndarray) -> ReferenceEmbeddings | None:
-    if store is None:
-        return None
-    new_labels = index_map[store.labels]
-    keep = new_labels >= 0
-    if not keep.any():
-        return None
-    result = ReferenceEmbeddings(store.embeddings[keep], new_labels[keep])
-    if store.embeddings.dtype != np.float32 and "_float32" in store.__dict__:
-        result.__dict__["_float32"] = store.__dict__["_float32"][keep]
-    return result
-
-
-def _append(store: ReferenceEmbeddings | None, embeddings: np.ndarray, label: int, dtype) -> ReferenceEmbeddings:
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    labels = np.full(embeddings.shape[0], label, dtype=np.int64)
-    if store is None or not len(store):
-        return ReferenceEmbeddings(embeddings.astype(dtype), labels)
-    result = ReferenceEmbeddings(
-        np.concatenate([store.embeddings, embeddings.astype(store.embeddings.dtype)]),
-        np.concatenate([store.labels, labels]),
-    )
-    if store.embeddings.dtype != np.float32 and "_float32" in store.__dict__:
-        # keep the float32 copy current without converting everything again
-        rounded = embeddings.astype(store.embeddings.dtype).astype(np.float32)
-        result.__dict__["_float32"] = np.concatenate([store.__dict__["_float32"], rounded])
-    return result
 
 
 # ----------------------------------------------------------------------------- the updater
@@ -258,7 +184,7 @@ class HeadUpdater:
 
     def add_examples(self, name: str, examples: Any, *, force: bool = False) -> UpdateResult:
         """Strengthen the existing class ``name`` with more examples."""
-        self._existing_index(name, self.store.read_manifest())
+        existing_index(name, self.store.read_manifest())
         self._check_method_early(strengthen=True)
         start = time.perf_counter()
         embeddings = self._embed(examples, f"class {name!r}")
@@ -266,57 +192,34 @@ class HeadUpdater:
 
     def add_examples_embeddings(self, name: str, embeddings: np.ndarray, *, force: bool = False) -> UpdateResult:
         """:meth:`add_examples` from embeddings already computed with this bundle's backbone."""
-        self._existing_index(name, self.store.read_manifest())
+        existing_index(name, self.store.read_manifest())
         return self._add_examples(name, self._check_embeddings(embeddings, f"class {name!r}"), force, 0.0)
 
     def remove_class(self, name: str, *, force: bool = False) -> UpdateResult:
         """Remove class ``name`` (refused for the last class)."""
         manifest = self.store.read_manifest()
-        self._existing_index(name, manifest)
+        existing_index(name, manifest)
         if len(manifest.class_names) <= 1:
             raise UpdateError(f"cannot remove {name!r}: it is the last class of the bundle; nothing was changed")
 
-        def build(state: HeadState) -> _Plan:
-            index = self._existing_index(name, state.manifest)
-            if state.head.num_classes <= 1:
-                raise UpdateError(f"cannot remove {name!r}: it is the last class of the bundle; nothing was changed")
-            incremental = _incremental()
-            start = time.perf_counter()
-            head, stats = incremental.remove_class(state.head, state.stats, index)
-            seconds = time.perf_counter() - start
-            index_map = np.arange(state.head.num_classes, dtype=np.int64)
-            index_map[index] = -1
-            index_map[index + 1:] -= 1
-            classes = [entry for entry in state.classes if entry["name"] != name]
-            for position, entry in enumerate(classes):
-                entry["index"] = position
-            return _Plan(ChangeAction.REMOVE_CLASS, classes, head, stats, _relabel(state.references, index_map),
-                         _relabel(state.device_examples, index_map), state.unknown, index_map,
-                         {"action": ChangeAction.REMOVE_CLASS, "classes": [name]}, timings={"math": seconds})
+        def build(state: HeadState) -> UpdatePlan:
+            return remove_class_plan(state, name, existing_index(name, state.manifest))
 
         return self._update(build, force)
 
     def rename_class(self, old_name: str, new_name: str) -> UpdateResult:
         """Rename a class (head rows and statistics are unchanged; their files are shared)."""
         manifest = self.store.read_manifest()
-        self._existing_index(old_name, manifest)
+        existing_index(old_name, manifest)
         check_class_name(new_name, "new class name")
-        self._check_name_free(new_name, manifest, exclude=old_name)
+        check_name_free(new_name, manifest, exclude=old_name)
         if new_name == old_name:
             raise InputError(f"the class is already called {old_name!r}; nothing to rename")
 
-        def build(state: HeadState) -> _Plan:
-            self._existing_index(old_name, state.manifest)
-            self._check_name_free(new_name, state.manifest, exclude=old_name)
-            classes = state.classes
-            for entry in classes:
-                if entry["name"] == old_name:
-                    entry["name"] = new_name
-            identity = np.arange(state.head.num_classes, dtype=np.int64)
-            return _Plan(ChangeAction.RENAME_CLASS, classes, state.head, state.stats, state.references, state.device_examples,
-                         state.unknown, identity,
-                         {"action": ChangeAction.RENAME_CLASS, "classes": [new_name], "old_name": old_name,
-                          "new_name": new_name}, gate=False)
+        def build(state: HeadState) -> UpdatePlan:
+            existing_index(old_name, state.manifest)
+            check_name_free(new_name, state.manifest, exclude=old_name)
+            return rename_class_plan(state, old_name, new_name)
 
         return self._update(build, force=False)
 
@@ -340,7 +243,7 @@ class HeadUpdater:
             if not examples_by_name:
                 raise InputError("no classes given")
             for name in examples_by_name:
-                self._existing_index(name, manifest)
+                existing_index(name, manifest)
             parts = [self._embed(examples_by_name[name], f"class {name!r}") for name in examples_by_name]
             labels_array = np.concatenate([np.full(len(part), names.index(name), np.int64)
                                            for part, name in zip(parts, examples_by_name)])
@@ -349,32 +252,14 @@ class HeadUpdater:
             if embeddings is None or labels is None:
                 raise InputError("give examples_by_name, or embeddings together with labels")
             all_embeddings = self._check_embeddings(embeddings, "reference embeddings")
-            labels_list = list(labels)
-            if len(labels_list) != all_embeddings.shape[0]:
-                raise InputError(f"{all_embeddings.shape[0]} embeddings but {len(labels_list)} labels")
-            labels_array = np.array([self._existing_index(label, manifest) if isinstance(label, str) else int(label)
-                                     for label in labels_list], dtype=np.int64)
-            if labels_array.size and (labels_array.min() < 0 or labels_array.max() >= len(names)):
-                raise InputError(f"reference labels must be class indices in 0..{len(names) - 1}")
+            labels_array = reference_labels(labels, all_embeddings.shape[0], manifest)
         chosen = ReferenceEmbeddings.select(all_embeddings, labels_array, per_class=per_class)
         label_set = [names[int(index)] for index in np.unique(labels_array)]
 
-        def build(state: HeadState) -> _Plan:
+        def build(state: HeadState) -> UpdatePlan:
             if state.manifest.class_names != names:
                 raise UpdateError("the classes changed while the references were being computed; retry")
-            existing = state.references
-            if existing is not None and not replace:
-                keep = ~np.isin(existing.labels, np.unique(chosen.labels))
-                merged = ReferenceEmbeddings(
-                    np.concatenate([existing.embeddings[keep], chosen.embeddings.astype(existing.embeddings.dtype)]),
-                    np.concatenate([existing.labels[keep], chosen.labels]),
-                )
-            else:
-                merged = chosen
-            identity = np.arange(state.head.num_classes, dtype=np.int64)
-            return _Plan(ChangeAction.SET_REFERENCES, state.classes, state.head, state.stats, merged, state.device_examples,
-                         state.unknown, identity,
-                         {"action": ChangeAction.SET_REFERENCES, "classes": label_set, "references": len(chosen)}, gate=False)
+            return set_references_plan(state, chosen, label_set, replace)
 
         return self._update(build, force=False)
 
@@ -389,26 +274,8 @@ class HeadUpdater:
         known = self._embed(examples, "unknown-rejection calibration") if examples is not None else None
         unknown = self._embed(unknown_examples, "unknown examples") if unknown_examples is not None else None
 
-        def build(state: HeadState) -> _Plan:
-            if state.head.num_classes == 0:
-                raise InputError("the bundle has no classes yet, so there is nothing to tell unknowns from; teach it "
-                                 "classes first (add_class / `edgeadapt-device add-class`); nothing was changed")
-            embeddings = known
-            if embeddings is None:
-                if state.references is None or not len(state.references):
-                    raise InputError(
-                        "give images of the known classes to calibrate unknown rejection; the bundle stores no "
-                        "reference embeddings to fall back on"
-                    )
-                embeddings = state.references.embeddings.astype(np.float32)
-            rule = calibrate_unknown(state.head, state.stats, embeddings, accept_rate=accept_rate,
-                                     unknown_embeddings=unknown)
-            identity = np.arange(state.head.num_classes, dtype=np.int64)
-            return _Plan(ChangeAction.CALIBRATE_UNKNOWN, state.classes, state.head, state.stats, state.references,
-                         state.device_examples, rule, identity,
-                         {"action": ChangeAction.CALIBRATE_UNKNOWN, "classes": [], "threshold": rule.threshold,
-                          "accept_rate": rule.accept_rate, "examples": int(embeddings.shape[0]),
-                          "unknown_examples": 0 if unknown is None else int(unknown.shape[0])}, gate=False)
+        def build(state: HeadState) -> UpdatePlan:
+            return calibrate_unknown_plan(state, known, unknown, accept_rate)
 
         return self._update(build, force=False)
 
@@ -418,14 +285,7 @@ class HeadUpdater:
         Returns:
             The result of the new version (``action == "compact"``).
         """
-        def build(state: HeadState) -> _Plan:
-            identity = np.arange(state.head.num_classes, dtype=np.int64)
-            return _Plan(ChangeAction.COMPACT, state.classes, state.head, state.stats, state.references,
-                         state.device_examples, state.unknown, identity,
-                         {"action": ChangeAction.COMPACT, "classes": [],
-                          "parts": len(state.manifest.data["head"].get("parts") or ())}, gate=False, compact=True)
-
-        return self._update(build, force=False)
+        return self._update(compact_plan, force=False)
 
     def history(self) -> list[VersionInfo]:
         """Kept versions, oldest first, with what changed and which one is current."""
@@ -466,65 +326,23 @@ class HeadUpdater:
 
     # ------------------------------------------------------------------ internals
     def _check_new_names(self, names: list) -> list[str]:
-        if not names:
-            raise InputError("no classes given; give at least one class name with its examples")
-        for name in names:
-            check_class_name(name)
-        if len(set(names)) != len(names):
-            raise InputError(f"duplicate class names in {names}")
+        check_new_names(names)
         manifest = self.store.read_manifest()
         for name in names:
-            self._check_name_free(name, manifest)
+            check_name_free(name, manifest)
         return names
 
-    @staticmethod
-    def _check_name_free(name: str, manifest: Manifest, exclude: str | None = None) -> None:
-        existing = [entry for entry in manifest.class_names if entry != exclude]
-        if name in existing:
-            raise InputError(f"class {name!r} already exists in the bundle; use add_examples to strengthen it "
-                             "or choose another name; nothing was changed")
-        if name == UNKNOWN_LABEL and manifest.data["head"].get("unknown"):
-            raise InputError(f"{name!r} is the label unknown rejection reports; choose another class name")
-
-    @staticmethod
-    def _existing_index(name: Any, manifest: Manifest) -> int:
-        check_class_name(name)
-        names = manifest.class_names
-        if name not in names:
-            raise InputError(f"class {name!r} is not in the bundle (classes: {names[:20]}"
-                             f"{' ...' if len(names) > 20 else ''}); nothing was changed")
-        return names.index(name)
-
     def _embed(self, examples: Any, what: str) -> np.ndarray:
-        items = as_example_list(examples)
-        spec = self.runtime.input_spec
-        prepared = []
-        for number, item in enumerate(items, start=1):
-            try:
-                prepared.append(prepare_image(item, spec))
-            except InputError as error:
-                raise InputError(
-                    f"example {number} of {len(items)} for {what} ({_describe_example(item)}) is unusable: {error}; "
-                    "the whole update was refused and nothing was changed"
-                ) from error
-        embeddings = self.runtime.embed(np.stack(prepared))
-        return _finite_embeddings(np.asarray(embeddings, dtype=np.float32), what)
+        embeddings = self.runtime.embed(prepare_examples(examples, self.runtime.input_spec, what))
+        return finite_embeddings(np.asarray(embeddings, dtype=np.float32), what)
 
     def _check_embeddings(self, embeddings: Any, what: str) -> np.ndarray:
-        array = np.asarray(embeddings)
-        if array.ndim == 1:
-            array = array[None]
-        size = self.runtime.head.embedding_size
-        if array.ndim != 2 or array.shape[1] != size or array.shape[0] == 0:
-            raise InputError(f"embeddings for {what} must be (N >= 1, {size}), got {array.shape}")
-        if not np.issubdtype(array.dtype, np.floating):
-            raise InputError(f"embeddings for {what} must be floats, got {array.dtype}")
-        return _finite_embeddings(array.astype(np.float32), what)
+        return check_embeddings(embeddings, self.runtime.head.embedding_size, what)
 
     def _options(self, state: HeadState, has_calibration: bool):
         """The options of an add/strengthen on ``state``: the method the user chose (checked against what the
         bundle carries), else the one :func:`~edgeadapt.device.incremental.choose_method` picks for it."""
-        incremental = _incremental()
+        incremental = head_math()
         if self.options is not None:
             incremental.choose_method(state.stats, has_calibration, self.options.method)
             return self.options
@@ -533,12 +351,12 @@ class HeadUpdater:
     def _check_method_early(self, strengthen: bool = False) -> None:
         """Refuse a chosen method the bundle cannot support before any image is embedded (checked again under
         the lock on the state the update really uses)."""
-        incremental = _incremental()
+        incremental = head_math()
         section = self.store.read_manifest().data["head"]
         if self.options is None:
             method = incremental.choose_method(None, False, None)
-            if strengthen and not section.get("statistics") and method in _STRENGTHEN_NEEDS_STATISTICS:
-                _refuse_strengthen_without_statistics(method)
+            if strengthen and not section.get("statistics") and method in STRENGTHEN_NEEDS_STATISTICS:
+                refuse_strengthen_without_statistics(method)
             return
         statistics = section.get("statistics")
         stats = None
@@ -562,40 +380,12 @@ class HeadUpdater:
         embeddings = [distinct_examples(part) for part in embeddings]
         duplicates = given - sum(int(part.shape[0]) for part in embeddings)
 
-        def build(state: HeadState) -> _Plan:
+        def build(state: HeadState) -> UpdatePlan:
             for name in names:
-                self._check_name_free(name, state.manifest)
-            incremental = _incremental()
-            calibration = _calibration(state)
+                check_name_free(name, state.manifest)
+            calibration = calibration_embeddings(state)
             options = self._options(state, calibration is not None)
-            start = time.perf_counter()
-            head, stats = incremental.add_classes(state.head, state.stats, embeddings, options,
-                                                  calibration=calibration)
-            seconds = time.perf_counter() - start
-            old_count = state.head.num_classes
-            if head.num_classes != old_count + len(names):
-                raise UpdateError(f"the head math returned {head.num_classes} classes, expected {old_count + len(names)}")
-            classes = state.classes
-            examples = state.device_examples
-            for offset, (name, class_embeddings) in enumerate(zip(names, embeddings)):
-                index = old_count + offset
-                classes.append({"name": name, "index": index, "origin": "device-added", "added_at": utc_timestamp(),
-                                "examples": int(class_embeddings.shape[0]), "added_in_version": None})
-                # the device examples double as the gate references of this class in later updates
-                examples = _append(examples, class_embeddings, index, np.float32)
-            unchanged = bool(np.array_equal(head.weights[:, :old_count], state.head.weights)
-                             and np.array_equal(head.bias[:old_count], state.head.bias))
-            change = {"action": ChangeAction.ADD_CLASS, "classes": list(names),
-                      "examples": int(sum(part.shape[0] for part in embeddings)),
-                      "method": getattr(options, "method", None), "old_rows_unchanged": unchanged}
-            if duplicates:
-                change["duplicates_ignored"] = duplicates
-            added = (np.concatenate(embeddings).astype(np.float32),
-                     np.concatenate([np.full(part.shape[0], old_count + offset, np.int64)
-                                     for offset, part in enumerate(embeddings)]))
-            return _Plan(ChangeAction.ADD_CLASS, classes, head, stats, state.references, examples, state.unknown,
-                         np.arange(old_count, dtype=np.int64), change, timings={"math": seconds},
-                         added_examples=added)
+            return add_classes_plan(state, names, embeddings, options, calibration, duplicates)
 
         return self._update(build, force, embed_seconds=embed_seconds)
 
@@ -604,37 +394,16 @@ class HeadUpdater:
         embeddings = distinct_examples(embeddings)
         duplicates = given - int(embeddings.shape[0])
 
-        def build(state: HeadState) -> _Plan:
-            index = self._existing_index(name, state.manifest)
-            incremental = _incremental()
-            calibration = _calibration(state, exclude_class=index)
+        def build(state: HeadState) -> UpdatePlan:
+            index = existing_index(name, state.manifest)
+            calibration = calibration_embeddings(state, exclude_class=index)
             options = self._options(state, calibration is not None)
-            start = time.perf_counter()
-            try:
-                head, stats = incremental.add_examples(state.head, state.stats, index, embeddings, options,
-                                                       calibration=calibration)
-            except IncompatibleModelError:
-                if self.options is None and state.stats is None:  # the automatic method needs what is missing
-                    _refuse_strengthen_without_statistics(options.method)
-                raise
-            seconds = time.perf_counter() - start
-            classes = state.classes
-            entry = classes[index]
-            if entry.get("examples") is not None:
-                entry["examples"] = int(entry["examples"]) + int(embeddings.shape[0])
-            examples = _append(state.device_examples, embeddings, index, np.float32)
-            change = {"action": ChangeAction.ADD_EXAMPLES, "classes": [name], "examples": int(embeddings.shape[0]),
-                      "method": getattr(options, "method", None)}
-            if duplicates:
-                change["duplicates_ignored"] = duplicates
-            return _Plan(ChangeAction.ADD_EXAMPLES, classes, head, stats, state.references, examples, state.unknown,
-                         np.arange(state.head.num_classes, dtype=np.int64), change, timings={"math": seconds},
-                         added_examples=(embeddings.astype(np.float32),
-                                         np.full(embeddings.shape[0], index, np.int64)))
+            return add_examples_plan(state, name, index, embeddings, options, calibration, duplicates,
+                                     automatic=self.options is None)
 
         return self._update(build, force, embed_seconds=embed_seconds)
 
-    def _update(self, build: Callable[[HeadState], _Plan], force: bool, embed_seconds: float = 0.0) -> UpdateResult:
+    def _update(self, build: Callable[[HeadState], UpdatePlan], force: bool, embed_seconds: float = 0.0) -> UpdateResult:
         timings = {"embed": embed_seconds}
         start = time.perf_counter()
         with self.store.lock(wait=self.wait_for_lock, timeout=self.lock_timeout):
@@ -694,7 +463,7 @@ class HeadUpdater:
         except OSError:
             self._state_cache = None
 
-    def _assemble(self, current: Manifest, plan: _Plan, version: int,
+    def _assemble(self, current: Manifest, plan: UpdatePlan, version: int,
                   state: HeadState | None = None) -> tuple[Manifest, dict[str, np.ndarray | bytes]]:
         """The new manifest and the head files it needs written (unchanged files are shared, appended
         classes become a small part: :func:`edgeadapt.device.version_builder.build_version`)."""
@@ -717,46 +486,6 @@ def _file_signatures(root: Path, names: Iterable[str]) -> dict[str, tuple[int, i
         status = (root / name).stat()
         signatures[name] = (status.st_size, status.st_mtime_ns, status.st_ino)
     return signatures
-
-
-#: Methods whose add_examples recomputes the column from the class statistics (see incremental.add_examples).
-_STRENGTHEN_NEEDS_STATISTICS = ("ridge", "imprint", "center_l2", "imprint_calibrated")
-
-
-def _refuse_strengthen_without_statistics(method: str) -> None:
-    raise IncompatibleModelError(
-        f"strengthening a class recomputes its column from the class statistics with the automatic method "
-        f"({method}), and this bundle has none (imported without --data). Give --method weight_align (options="
-        "AddClassOptions(method='weight_align')), which trains the column further on the new photos, or remove "
-        "the class and add it again with all its photos; nothing was changed"
-    )
-
-
-def _calibration(state: HeadState, exclude_class: int | None = None) -> np.ndarray | None:
-    """The calibration embeddings of a state, float32 (N, D): its background, its reference embeddings and the
-    examples learned on the device (without those of ``exclude_class``, the class being strengthened)."""
-    parts = []
-    if state.background is not None and len(state.background):
-        parts.append(np.asarray(state.background, dtype=np.float32))
-    if state.references is not None and len(state.references):
-        keep = slice(None) if exclude_class is None else state.references.labels != exclude_class
-        parts.append(state.references.as_float32()[keep])
-    examples = state.device_examples
-    if examples is not None and len(examples):
-        keep = slice(None) if exclude_class is None else examples.labels != exclude_class
-        parts.append(examples.as_float32()[keep])
-    parts = [part for part in parts if len(part)]
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def _incremental():
-    try:
-        from edgeadapt.device import incremental
-    except ImportError as error:  # pragma: no cover - only while the module is missing
-        raise UpdateError(f"the head math module edgeadapt.device.incremental is unavailable: {error}") from error
-    return incremental
 
 
 def _package_version() -> str:

@@ -44,7 +44,7 @@ from edgeadapt.device.incremental import (
 from edgeadapt.device import incremental as head_math
 from edgeadapt.device.manifest import utc_timestamp
 from edgeadapt.device.naming import check_class_name
-from edgeadapt.device.updater import distinct_examples
+from edgeadapt.device.update_inputs import distinct_examples
 from edgeadapt.device.version_builder import ChangeAction
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from edgeadapt.device.incremental import (
 )
 from edgeadapt.device.inspection import describe_bundle
 from edgeadapt.device.runtime import Runtime
-from edgeadapt.device.updater import HeadUpdater, distinct_examples
+from edgeadapt.device.update_inputs import distinct_examples
+from edgeadapt.device.updater import HeadUpdater
 from edgeadapt.device.bundle_lock import LOCK_NAME
 
 
