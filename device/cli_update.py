@@ -221,12 +221,15 @@ def _method_option(parser: argparse.ArgumentParser) -> None:
                         f"{STATISTICS_FREE_METHOD}; a method the bundle cannot support is refused)")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    bundle_help = "bundle directory (NAME.eab)"
+BUNDLE_HELP = "bundle directory (NAME.eab)"
+
+
+def _register_class_commands(subparsers: argparse._SubParsersAction) -> None:
+    """add-class, add-examples, remove-class, rename-class."""
     parser = subparsers.add_parser("add-class", help="add a class from a few example images",
                                    description="Learn a new class from example images (files or folders) with the "
                                    "bundle's own backbone and commit it as a new head version.")
-    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     parser.add_argument("name", help="name of the new class")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="example images or folders of images")
     _method_option(parser)
@@ -234,7 +237,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_add_class)
 
     parser = subparsers.add_parser("add-examples", help="strengthen an existing class with more examples")
-    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     parser.add_argument("name", help="existing class")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="example images or folders of images")
     _method_option(parser)
@@ -242,32 +245,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_add_examples)
 
     parser = subparsers.add_parser("remove-class", help="remove a class (a new head version)")
-    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     parser.add_argument("name", help="the class to remove")
     _writer_options(parser)
     parser.set_defaults(handler=_remove_class)
 
     parser = subparsers.add_parser("rename-class", help="rename a class (a new head version)")
-    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     parser.add_argument("old_name", help="the class's current name")
     parser.add_argument("new_name", help="its new name")
     _writer_options(parser, gate=False)
     parser.set_defaults(handler=_rename_class)
 
+
+def _register_version_commands(subparsers: argparse._SubParsersAction) -> None:
+    """compact, history, rollback, export-delta."""
     parser = subparsers.add_parser("compact", help="fold the head parts of later commits into one set of head "
                                    "files (a new head version)")
-    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     _writer_options(parser, gate=False)
     parser.set_defaults(handler=_compact)
 
     parser = subparsers.add_parser("history", help="list the kept head versions and what changed")
-    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
     add_trust_arguments(parser)
     parser.set_defaults(handler=_history)
 
     parser = subparsers.add_parser("rollback", help="restore an earlier head version (committed as a new version)")
-    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     parser.add_argument("version", type=int, help="version number from `history`")
     _writer_options(parser, gate=False)
     parser.set_defaults(handler=_rollback)
@@ -276,7 +282,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description="Write the classes added (or strengthened) on this device -- head "
                                    "columns, example embeddings, provenance -- to a small file that `edgeadapt "
                                    "merge-deltas` folds into a new bundle on the host.")
-    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     parser.add_argument("output", type=Path, help="delta file to write (e.g. device42.eadelta)")
     parser.add_argument("--source", help="name of this device in the host's provenance (default: host name)")
     parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
@@ -284,10 +290,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _device_key_argument(parser, "the delta, so the host can check it came from an enrolled device")
     parser.set_defaults(handler=_export_delta)
 
+
+def _register_unknown_commands(subparsers: argparse._SubParsersAction) -> None:
+    """set-references, calibrate-unknown, classify-unknown (the gate's references and unknown rejection)."""
     parser = subparsers.add_parser("set-references", help="store update-gate reference embeddings from images",
                                    description="Embed a few images per class and store them as the update gate's "
                                    "reference embeddings. Give one folder per class, named after the class.")
-    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     parser.add_argument("folders", nargs="+", type=Path, metavar="CLASS_FOLDER",
                         help="one folder of images per class, named after the class")
     parser.add_argument("--per-class", type=int, default=5, help="references kept per class")
@@ -295,7 +304,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_set_references)
 
     parser = subparsers.add_parser("calibrate-unknown", help="calibrate unknown rejection and store it in the bundle")
-    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     parser.add_argument("--known", nargs="+", type=Path, metavar="IMAGE",
                         help="images of known classes (default: the stored reference embeddings)")
     parser.add_argument("--unknown", nargs="+", type=Path, metavar="IMAGE",
@@ -306,9 +315,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_calibrate_unknown)
 
     parser = subparsers.add_parser("classify-unknown", help="classify images, answering 'unknown' when unsure")
-    parser.add_argument("bundle", type=Path, help=bundle_help)
+    parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="images or folders of images")
     add_backend_option(parser)
     parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
     add_trust_arguments(parser)
     parser.set_defaults(handler=_classify_unknown)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the update commands to ``subparsers`` (the ``edgeadapt-device`` command line).
+
+    Args:
+        subparsers: The command line's sub-command parsers.
+    """
+    _register_class_commands(subparsers)
+    _register_version_commands(subparsers)
+    _register_unknown_commands(subparsers)

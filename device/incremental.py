@@ -334,6 +334,38 @@ def add_classes(
     return result, updated
 
 
+def _strengthened_statistics(stats: ClassStats, index: int, array: np.ndarray) -> ClassStats:
+    """``stats`` with the examples ``array`` (n, D) added to class ``index``'s row and the Gram matrix
+    (a stored ridge basis is kept, having served one more update)."""
+    sums = stats.sums.copy()
+    counts = stats.counts.copy()
+    sums[index] += array.sum(axis=0)
+    counts[index] += array.shape[0]
+    gram = None if stats.gram is None else stats.gram + array.T @ array
+    stored = as_basis(stats.ridge_basis)
+    basis = stored.after(1) if stored is not None else None
+    return ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(stats.extra), ridge_basis=basis)
+
+
+def _column_from_class_mean(head: Head, updated: ClassStats, index: int, array: np.ndarray, others: np.ndarray,
+                            options: AddClassOptions) -> tuple[np.ndarray, float]:
+    """Class ``index``'s column and bias from its updated statistics mean (methods imprint, center_l2 and
+    imprint_calibrated of :func:`add_examples`); ``others``: the other columns."""
+    method = options.method
+    model_mean = (updated.sums[index] / max(int(updated.counts[index]), 1))
+    if head.feature_mean is not None:
+        model_mean = model_mean - head.feature_mean.astype(np.float64)
+    direction = _unit(model_mean[:, None])[:, 0]
+    if method == "imprint":
+        return direction, 0.0
+    if method == "imprint_calibrated":
+        column = direction * _mean_norm(head.weights[:, others] if others.size else head.weights)
+        return column, _own_example_bias(head, column, _features(head, array), others, options.own_example_quantile)
+    reference = head.weights[:, others] if others.size else head.weights
+    column = direction * _mean_norm(reference)
+    return column, float(np.mean(head.bias[others])) if others.size else float(head.bias[index])
+
+
 def add_examples(
     head: Head,
     stats: ClassStats | None,
@@ -367,16 +399,7 @@ def add_examples(
         stats = require_statistics(stats, method, "strengthen a class (its column is recomputed from its statistics)")
     if method == "center_l2":
         _require_cosine_head(head, method)
-    updated = None
-    if stats is not None:
-        sums = stats.sums.copy()
-        counts = stats.counts.copy()
-        sums[index] += array.sum(axis=0)
-        counts[index] += array.shape[0]
-        gram = None if stats.gram is None else stats.gram + array.T @ array
-        stored = as_basis(stats.ridge_basis)
-        basis = stored.after(1) if stored is not None else None
-        updated = ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(stats.extra), ridge_basis=basis)
+    updated = None if stats is None else _strengthened_statistics(stats, index, array)
     others = np.array([column for column in range(head.num_classes) if column != index], dtype=np.int64)
 
     if method == "claim":
@@ -395,19 +418,7 @@ def add_examples(
         updated.ridge_basis = basis.after(1)
     elif method in ("imprint", "center_l2", "imprint_calibrated"):
         assert updated is not None
-        model_mean = (updated.sums[index] / max(int(updated.counts[index]), 1))
-        if head.feature_mean is not None:
-            model_mean = model_mean - head.feature_mean.astype(np.float64)
-        direction = _unit(model_mean[:, None])[:, 0]
-        if method == "imprint":
-            column, bias_value = direction, 0.0
-        elif method == "imprint_calibrated":
-            column = direction * _mean_norm(head.weights[:, others] if others.size else head.weights)
-            bias_value = _own_example_bias(head, column, _features(head, array), others, options.own_example_quantile)
-        else:
-            reference = head.weights[:, others] if others.size else head.weights
-            column = direction * _mean_norm(reference)
-            bias_value = float(np.mean(head.bias[others])) if others.size else float(head.bias[index])
+        column, bias_value = _column_from_class_mean(head, updated, index, array, others, options)
     else:
         features = _features(head, array)
         labels = np.full(array.shape[0], index, dtype=np.int64)

@@ -17,8 +17,8 @@ def _signature_line(bundle: Bundle) -> str:
     return describe_signature(bundle).describe()
 
 
-def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
-    """Summarise a verified bundle: identity, input, backbone files, head, classes, parity."""
+def _identity_lines(bundle: Bundle) -> list[str]:
+    """Identity, input, signature and backbone files."""
     data = bundle.manifest.data
     spec = bundle.manifest.input_spec
     lines = [
@@ -41,6 +41,13 @@ def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
             f"  {model['file']:<28} {model['format']:<7} {model.get('quantization', '?'):<8} "
             f"{_kib(size):>12}  input {tensor.get('dtype', '?')}{quant}"
         )
+    return lines
+
+
+def _head_lines(bundle: Bundle) -> list[str]:
+    """The head, its statistics (and ridge solver state) and its background embeddings."""
+    data = bundle.manifest.data
+    lines = []
     head = data["head"]
     normalisation = []
     if head.get("feature_mean"):
@@ -75,6 +82,12 @@ def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
         size = bundle.manifest.files.get(background.get("embeddings"), {}).get("size", 0)
         lines.append(f"background {background.get('count')} embeddings of ordinary photos, {background.get('dtype')}, "
                      f"{_kib(size)}")
+    return lines
+
+
+def _class_lines(data: dict, max_classes: int) -> list[str]:
+    """The classes by origin, then the first ``max_classes`` of them."""
+    lines = []
     classes = data["classes"]
     origins = Counter(entry.get("origin", "base") for entry in classes)
     if classes:
@@ -87,6 +100,12 @@ def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
         lines.append(f"  {entry['index']:>4}  {entry['name']:<24} {entry.get('origin', 'base'):<13}{extra}")
     if len(classes) > max_classes:
         lines.append(f"  ... {len(classes) - max_classes} more")
+    return lines
+
+
+def _parity_lines(data: dict) -> list[str]:
+    """The export parity figures per model format (none when the manifest has none)."""
+    lines = []
     parity = data.get("parity") or {}
     if parity:
         lines.append("parity     format   float acc  int8 acc  top-1 agreement  samples")
@@ -100,5 +119,20 @@ def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
                 f"{figures.get('quantized_accuracy', float('nan')):>9.3f} {figures.get('top1_agreement', float('nan')):>16.3f}"
                 f"  {figures.get('samples')}"
             )
+    return lines
+
+
+def describe_bundle(bundle: Bundle, max_classes: int = 20) -> str:
+    """Summarise a verified bundle: identity, input, backbone files, head, classes, parity.
+
+    Args:
+        bundle: An opened (verified) bundle.
+        max_classes: How many classes to list one per line.
+
+    Returns:
+        The summary, one item per line.
+    """
+    data = bundle.manifest.data
+    lines = _identity_lines(bundle) + _head_lines(bundle) + _class_lines(data, max_classes) + _parity_lines(data)
     lines.append(f"total size {_kib(bundle.total_size())}")
     return "\n".join(lines)
