@@ -96,12 +96,6 @@ class UpdateResult:
     timings: dict = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------- validation helpers
-
-
-# ----------------------------------------------------------------------------- the plan of one update
-
-
 # ----------------------------------------------------------------------------- the updater
 class HeadUpdater:
     """Updates the head of an open :class:`~edgeadapt.device.runtime.Runtime`'s bundle in place.
