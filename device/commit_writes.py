@@ -212,35 +212,6 @@ def fsync_directories(paths: list[Path]) -> None:
             os.close(descriptor)
 
 
-def write_durably(path: Path, data: bytes | np.ndarray) -> tuple[str, int]:
-    """Write ``data`` (bytes, or an array saved as ``.npy``) to ``path``: temporary file in the
-    same folder, fsync, rename. Returns (sha256, size) of what was written.
-
-    Arrays are streamed in chunks (no full in-memory copy). The folder itself is not fsynced
-    here (callers fsync each folder once). On error the temporary file is removed and the
-    OSError propagates.
-    """
-    temporary, descriptor = _create_temporary(path)
-    try:
-        try:
-            writer = _HashingWriter(descriptor)
-            if isinstance(data, np.ndarray):
-                np.lib.format.write_array(writer, np.ascontiguousarray(data), allow_pickle=False)
-            else:
-                writer.write(data)
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    return writer.digest.hexdigest(), writer.size
-
-
 def write_manifest_and_record(manifest_path: Path, record: Path, text: bytes, folders: list[Path]) -> None:
     """Write a new manifest and its version record, then rename the manifest into place (the commit point).
 

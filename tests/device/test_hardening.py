@@ -123,7 +123,7 @@ def test_temporary_files_are_created_exclusively_with_fresh_names(bundle_copy, m
     taken.write_bytes(b"old")
     monkeypatch.setattr(commit_writes, "temporary_name", lambda path, marker=".tmp-": taken)
     with pytest.raises(FileExistsError):
-        commit_writes.write_durably(bundle_copy / "x.bin", b"new")
+        commit_writes.write_files_durably([(bundle_copy / "x.bin", b"new")])
     assert taken.read_bytes() == b"old"
 
 
