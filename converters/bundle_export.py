@@ -131,39 +131,14 @@ def export_bundle(
         ConversionError: When a format cannot be converted or quantized.
         BundleError: When ``output`` exists and ``options.overwrite`` is not set.
     """
-    if len(set(class_names)) != len(class_names):
-        raise InputError(f"duplicate class names in {list(class_names)}")
-    if len(class_names) != head.num_classes:
-        raise InputError(f"{len(class_names)} class names for a head with {head.num_classes} classes")
-    if head.embedding_size != int(backbone.output.shape[-1]):
-        raise InputError(
-            f"head expects {head.embedding_size}-d embeddings, backbone gives {int(backbone.output.shape[-1])}"
-        )
-    for model_format in options.formats:
-        if model_format not in FORMATS:
-            raise InputError(f"unknown export format {model_format!r}; choose from {FORMATS}")
+    _check_arguments(backbone, head, class_names, options)
     fingerprint = backbone_fingerprint or fingerprint_backbone(backbone)
     calibration = select_calibration_images(
         calibration_images, calibration_labels, count=options.calibration_samples, seed=0
     )
     result = BundleExport(path=Path(output))
-    files: dict[str, bytes | np.ndarray] = {}
-    models = []
-    mode = "int8" if options.quantize else "float32"
-    for model_format in options.formats:
-        logger.info("exporting %s backbone (%s)", model_format, mode)
-        exported = _export_format(model_format, backbone, input_spec, calibration, options, options.quantize)
-        file_name = f"backbone.{mode}.{model_format}"
-        files[file_name] = exported.content
-        models.append({"file": file_name, **exported.describe()})
-        result.quantized_sizes[model_format] = len(exported.content)
-        if options.quantize and options.measure_parity and evaluation_images is not None:
-            float_model = _export_format(model_format, backbone, input_spec, calibration, options, quantize=False)
-            result.float_sizes[model_format] = len(float_model.content)
-            result.parity[model_format] = measure_parity(
-                model_format, float_model.content, exported.content, input_spec, head,
-                evaluation_images, np.asarray(evaluation_labels),
-            )
+    files, models = _export_backbones(result, backbone, head, input_spec, calibration, evaluation_images,
+                                      evaluation_labels, options)
     class_stats = with_ridge_basis(head, class_stats)  # lets the device add classes to large heads fast
     head_section, head_files = head_payload(head, class_stats, version=1, backbone_fingerprint=fingerprint,
                                             reference_embeddings=reference_embeddings)
@@ -186,3 +161,47 @@ def export_bundle(
     )
     write_bundle(output, manifest, files, overwrite=options.overwrite)
     return result
+
+
+def _check_arguments(backbone: "keras.Model", head: Head, class_names: Sequence[str],
+                     options: BundleExportOptions) -> None:
+    """Refuse names that do not match the head, a head that does not fit the backbone, unknown formats."""
+    if len(set(class_names)) != len(class_names):
+        raise InputError(f"duplicate class names in {list(class_names)}")
+    if len(class_names) != head.num_classes:
+        raise InputError(f"{len(class_names)} class names for a head with {head.num_classes} classes")
+    if head.embedding_size != int(backbone.output.shape[-1]):
+        raise InputError(
+            f"head expects {head.embedding_size}-d embeddings, backbone gives {int(backbone.output.shape[-1])}"
+        )
+    for model_format in options.formats:
+        if model_format not in FORMATS:
+            raise InputError(f"unknown export format {model_format!r}; choose from {FORMATS}")
+
+
+def _export_backbones(result: BundleExport, backbone: "keras.Model", head: Head, spec: InputSpec,
+                      calibration: np.ndarray, evaluation_images: np.ndarray | None,
+                      evaluation_labels: np.ndarray | None,
+                      options: BundleExportOptions) -> tuple[dict[str, bytes | np.ndarray], list[dict]]:
+    """Convert the backbone to each format: (bundle files, manifest model entries).
+
+    Records sizes and, for int8 exports with evaluation images, the float-vs-int8 parity in ``result``.
+    """
+    files: dict[str, bytes | np.ndarray] = {}
+    models = []
+    mode = "int8" if options.quantize else "float32"
+    for model_format in options.formats:
+        logger.info("exporting %s backbone (%s)", model_format, mode)
+        exported = _export_format(model_format, backbone, spec, calibration, options, options.quantize)
+        file_name = f"backbone.{mode}.{model_format}"
+        files[file_name] = exported.content
+        models.append({"file": file_name, **exported.describe()})
+        result.quantized_sizes[model_format] = len(exported.content)
+        if options.quantize and options.measure_parity and evaluation_images is not None:
+            float_model = _export_format(model_format, backbone, spec, calibration, options, quantize=False)
+            result.float_sizes[model_format] = len(float_model.content)
+            result.parity[model_format] = measure_parity(
+                model_format, float_model.content, exported.content, spec, head,
+                evaluation_images, np.asarray(evaluation_labels),
+            )
+    return files, models

@@ -22,8 +22,8 @@ Labels and normalisation are embedded:
   and the associated files packed as a zip appended to the model, as the TFLite Support
   MetadataPopulator does: ``labels.txt`` (one name per line) and ``edgeadapt.json`` (the
   keys below). The model loads in any TFLite interpreter; ``zipfile`` / the Android
-  MetadataExtractor read the files.
-- ONNX: ``metadata_props`` with the keys of :data:`ONNX_METADATA_KEYS`.
+  MetadataExtractor read the files (written and read by :mod:`edgeadapt.converters.tflite_metadata`).
+- ONNX: ``metadata_props`` with the keys of :data:`edgeadapt.converters.fused_format.ONNX_METADATA_KEYS`.
 
 :func:`verify_fused` runs the fused file and the split bundle on the same images and
 returns the top-1 agreement and the largest score difference.
@@ -31,16 +31,25 @@ returns the top-1 agreement and the largest score difference.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgeadapt.converters.fused_format import (
+    FORMATS,
+    INFO_FILE,
+    INPUT_NAME,
+    LABELS_FILE,
+    OUTPUT_NAME,
+    fused_info,
+    onnx_metadata_props,
+)
+from edgeadapt.converters.tflite_graph import TFLiteGraph, read_tflite_model, write_tflite_model
+from edgeadapt.converters.tflite_metadata import append_associated_files, tflite_metadata_flatbuffer
 from edgeadapt.device.bundle import Bundle
 from edgeadapt.device.errors import BundleError, ConversionError, InputError
 from edgeadapt.device.head import Head
@@ -49,22 +58,6 @@ from edgeadapt.device.preprocessing import InputQuantizer
 from edgeadapt.device.safefs import durable_write
 
 logger = logging.getLogger(__name__)
-
-FORMATS = ("tflite", "onnx")
-INPUT_NAME = "image"
-OUTPUT_NAME = "probabilities"
-LABELS_FILE = "labels.txt"
-INFO_FILE = "edgeadapt.json"
-FUSED_FORMAT_VERSION = 1
-#: ONNX ``metadata_props`` keys written into fused ONNX files (values are strings).
-ONNX_METADATA_KEYS = {
-    "edgeadapt.format_version": "fused-model format version (\"1\")",
-    "edgeadapt.labels": "JSON list of class names, index i = output column i",
-    "edgeadapt.input": "JSON: name, dtype (uint8), layout (NHWC), height, width, channels, color_order, resize, "
-                       "scale, offset (the graph computes pixel*scale+offset itself)",
-    "edgeadapt.output": "JSON: name (probabilities), dtype (float32), kind (softmax)",
-    "edgeadapt.bundle": "JSON: bundle name, id, version, head version, backbone fingerprint, backbone quantization",
-}
 
 
 @dataclass
@@ -89,28 +82,6 @@ class FusedExport:
 # ----------------------------------------------------------------------------- shared pieces
 def _bundle(bundle: Bundle | str | Path) -> Bundle:
     return bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-
-
-def fused_info(bundle: Bundle, model_format: str, quantization: str) -> dict[str, Any]:
-    """The description embedded in a fused file (``edgeadapt.json`` / ONNX metadata_props)."""
-    spec = bundle.manifest.input_spec
-    data = bundle.manifest.data
-    return {
-        "format_version": FUSED_FORMAT_VERSION,
-        "labels": bundle.manifest.class_names,
-        "input": {
-            "name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "height": spec.height, "width": spec.width,
-            "channels": spec.channels, "color_order": spec.color_order, "resize": spec.resize,
-            "scale": spec.scale, "offset": spec.offset,
-            "normalization": "inside the graph: float input = pixel * scale + offset",
-        },
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "kind": "softmax", "classes": len(bundle.manifest.class_names)},
-        "bundle": {
-            "name": data.get("name"), "bundle_id": data.get("bundle_id"), "version": data.get("version"),
-            "head_version": data["head"].get("version"), "backbone_fingerprint": bundle.manifest.backbone_fingerprint,
-            "backbone_quantization": quantization, "format": model_format,
-        },
-    }
 
 
 def _folded_head(head: Head) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -138,10 +109,7 @@ def _backbone_content(bundle: Bundle, model_format: str) -> tuple[bytes, dict[st
 
 # ----------------------------------------------------------------------------- TFLite
 def _fused_tflite(bundle: Bundle) -> tuple[bytes, str]:
-    from edgeadapt.converters.tflite_import import TFLiteGraph, read_tflite_model, write_tflite_model
-
     content, entry = _backbone_content(bundle, "tflite")
-    spec = bundle.manifest.input_spec
     head = bundle.load_head()
     model = read_tflite_model(content)
     graph = TFLiteGraph(model)
@@ -151,42 +119,70 @@ def _fused_tflite(bundle: Bundle) -> tuple[bytes, str]:
     backbone_input, embedding = graph.inputs[0], graph.outputs[0]
     if graph.tensor_dtype(embedding) != "float32":
         raise BundleError("the bundle's TFLite backbone must output float32 embeddings")
-    size = head.embedding_size
-    classes = head.num_classes
+    image = _tflite_pixel_input(graph, bundle.manifest.input_spec, backbone_input)
+    probabilities = _tflite_head(graph, head, embedding)
+    graph.subgraph.inputs = np.asarray([image], np.int32)
+    graph.subgraph.outputs = np.asarray([probabilities], np.int32)
+    graph.prune()
+    graph.set_io(graph.inputs, graph.outputs, [INPUT_NAME], [OUTPUT_NAME])
 
-    # input: uint8 pixels -> whatever the backbone takes
+    quantization = str(entry.get("quantization", "float32"))
+    info = fused_info(bundle, "tflite", quantization)
+    metadata = tflite_metadata_flatbuffer(bundle, info)
+    metadata_entry = schema.MetadataT()
+    metadata_entry.name = "TFLITE_METADATA"
+    metadata_entry.buffer = graph.add_buffer(metadata)
+    model.metadata = [*(model.metadata or []), metadata_entry]
+    model.description = f"edgeadapt fused classifier {bundle.manifest.data.get('name', '')}: uint8 image -> probabilities"
+    fused = write_tflite_model(model)
+    return append_associated_files(fused, {
+        LABELS_FILE: ("\n".join(bundle.manifest.class_names) + "\n").encode("utf-8"),
+        INFO_FILE: json.dumps(info, indent=2).encode("utf-8"),
+    }), quantization
+
+
+def _tflite_pixel_input(graph: TFLiteGraph, spec: InputSpec, backbone_input: int) -> int:
+    """The uint8 ``"image"`` input: CAST, MUL scale, ADD offset (and QUANTIZE) in front of ``backbone_input``.
+
+    Reuses ``backbone_input`` itself when it already takes the bundle's pixels unchanged.
+    Returns the index of the new input tensor.
+    """
+    schema = graph.schema
     input_dtype = graph.tensor_dtype(backbone_input)
     scales, zero_points, _ = graph.quantization(backbone_input)
-    shape = graph.tensor_shape(backbone_input)
-    image_shape = [1, *shape[1:]]
+    image_shape = [1, *graph.tensor_shape(backbone_input)[1:]]
     identity = input_dtype == "uint8" and scales.size and InputQuantizer(
         spec, "uint8", float(scales[0]), int(zero_points[0])).is_identity
     if identity:
-        image = backbone_input
-        graph.tensor(image).name = INPUT_NAME
-    else:
-        image = graph.add_tensor(INPUT_NAME, image_shape, "UINT8")
-        first_new = len(graph.subgraph.operators)
-        as_float = graph.add_tensor("edgeadapt/pixels_float", image_shape, "FLOAT32")
-        cast = schema.CastOptionsT()
-        cast.inDataType = schema.TensorType.UINT8
-        cast.outDataType = schema.TensorType.FLOAT32
-        graph.add_operator("CAST", [image], [as_float], cast, "CastOptions")
-        scale = graph.add_tensor("edgeadapt/input_scale", [1], "FLOAT32", data=np.array([spec.scale], np.float32))
-        offset = graph.add_tensor("edgeadapt/input_offset", [1], "FLOAT32", data=np.array([spec.offset], np.float32))
-        scaled = graph.add_tensor("edgeadapt/pixels_scaled", image_shape, "FLOAT32")
-        graph.add_operator("MUL", [as_float, scale], [scaled], schema.MulOptionsT(), "MulOptions")
-        normalized = backbone_input if input_dtype == "float32" else graph.add_tensor(
-            "edgeadapt/pixels_normalized", image_shape, "FLOAT32")
-        graph.add_operator("ADD", [scaled, offset], [normalized], schema.AddOptionsT(), "AddOptions")
-        if input_dtype != "float32":
-            graph.add_operator("QUANTIZE", [normalized], [backbone_input], version=2 if input_dtype == "int8" else 1)
-        # the new operators must run first
-        added = graph.subgraph.operators[first_new:]
-        del graph.subgraph.operators[first_new:]
-        graph.subgraph.operators[0:0] = added
+        graph.tensor(backbone_input).name = INPUT_NAME
+        return backbone_input
+    image = graph.add_tensor(INPUT_NAME, image_shape, "UINT8")
+    first_new = len(graph.subgraph.operators)
+    as_float = graph.add_tensor("edgeadapt/pixels_float", image_shape, "FLOAT32")
+    cast = schema.CastOptionsT()
+    cast.inDataType = schema.TensorType.UINT8
+    cast.outDataType = schema.TensorType.FLOAT32
+    graph.add_operator("CAST", [image], [as_float], cast, "CastOptions")
+    scale = graph.add_tensor("edgeadapt/input_scale", [1], "FLOAT32", data=np.array([spec.scale], np.float32))
+    offset = graph.add_tensor("edgeadapt/input_offset", [1], "FLOAT32", data=np.array([spec.offset], np.float32))
+    scaled = graph.add_tensor("edgeadapt/pixels_scaled", image_shape, "FLOAT32")
+    graph.add_operator("MUL", [as_float, scale], [scaled], schema.MulOptionsT(), "MulOptions")
+    normalized = backbone_input if input_dtype == "float32" else graph.add_tensor(
+        "edgeadapt/pixels_normalized", image_shape, "FLOAT32")
+    graph.add_operator("ADD", [scaled, offset], [normalized], schema.AddOptionsT(), "AddOptions")
+    if input_dtype != "float32":
+        graph.add_operator("QUANTIZE", [normalized], [backbone_input], version=2 if input_dtype == "int8" else 1)
+    # the new operators must run first
+    added = graph.subgraph.operators[first_new:]
+    del graph.subgraph.operators[first_new:]
+    graph.subgraph.operators[0:0] = added
+    return image
 
-    # head: [SUB mean -> L2_NORMALIZATION] -> FULLY_CONNECTED -> SOFTMAX
+
+def _tflite_head(graph: TFLiteGraph, head: Head, embedding: int) -> int:
+    """[SUB mean -> L2_NORMALIZATION] -> FULLY_CONNECTED -> SOFTMAX after ``embedding``; the output's index."""
+    schema = graph.schema
+    size, classes = head.embedding_size, head.num_classes
     weights, bias, mean = _folded_head(head)
     features = embedding
     if head.l2_normalize:
@@ -210,222 +206,13 @@ def _fused_tflite(bundle: Bundle) -> tuple[bytes, str]:
     softmax = schema.SoftmaxOptionsT()
     softmax.beta = 1.0
     graph.add_operator("SOFTMAX", [logits], [probabilities], softmax, "SoftmaxOptions")
-    graph.subgraph.inputs = np.asarray([image], np.int32)
-    graph.subgraph.outputs = np.asarray([probabilities], np.int32)
-    graph.prune()
-    graph.set_io(graph.inputs, graph.outputs, [INPUT_NAME], [OUTPUT_NAME])
-
-    quantization = str(entry.get("quantization", "float32"))
-    info = fused_info(bundle, "tflite", quantization)
-    metadata = tflite_metadata_flatbuffer(bundle, info)
-    metadata_entry = schema.MetadataT()
-    metadata_entry.name = "TFLITE_METADATA"
-    metadata_entry.buffer = graph.add_buffer(metadata)
-    model.metadata = [*(model.metadata or []), metadata_entry]
-    model.description = f"edgeadapt fused classifier {bundle.manifest.data.get('name', '')}: uint8 image -> probabilities"
-    fused = write_tflite_model(model)
-    return _append_associated_files(fused, {
-        LABELS_FILE: ("\n".join(bundle.manifest.class_names) + "\n").encode("utf-8"),
-        INFO_FILE: json.dumps(info, indent=2).encode("utf-8"),
-    }), quantization
-
-
-def _append_associated_files(model_content: bytes, files: dict[str, bytes]) -> bytes:
-    """Append a zip of ``files`` to the model, as the TFLite Support MetadataPopulator does."""
-    buffer = io.BytesIO(model_content)
-    buffer.seek(0, io.SEEK_END)
-    with zipfile.ZipFile(buffer, "a", compression=zipfile.ZIP_STORED) as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
-# -- TFLite Metadata flatbuffer (metadata_schema.fbs of TFLite Support, file identifier "M001")
-_ASSOCIATED_FILE_TYPES = {"DESCRIPTIONS": 1, "TENSOR_AXIS_LABELS": 2}
-_CONTENT_FEATURE, _CONTENT_IMAGE = 1, 2
-_COLOR_SPACE = {"RGB": 1, "GRAY": 2, "BGR": 0}
-_PROCESS_UNIT_NORMALIZATION = 1
-METADATA_PARSER_VERSION = "1.0.0"
-
-
-class _FlatBufferWriter:
-    def __init__(self) -> None:
-        import flatbuffers
-
-        self.builder = flatbuffers.Builder(1024)
-
-    def string(self, text: str) -> int:
-        return self.builder.CreateString(text)
-
-    def offsets(self, offsets: list[int]) -> int:
-        builder = self.builder
-        builder.StartVector(4, len(offsets), 4)
-        for offset in reversed(offsets):
-            builder.PrependUOffsetTRelative(offset)
-        return builder.EndVector()
-
-    def floats(self, values: list[float]) -> int:
-        builder = self.builder
-        builder.StartVector(4, len(values), 4)
-        for value in reversed(values):
-            builder.PrependFloat32(float(value))
-        return builder.EndVector()
-
-    def table(self, fields: dict[int, tuple[str, Any]]) -> int:
-        """fields: slot -> (kind, value), kind in offset/int8/uint8/uint32."""
-        builder = self.builder
-        builder.StartObject(max(fields) + 1 if fields else 0)
-        for slot, (kind, value) in sorted(fields.items()):
-            if kind == "offset":
-                builder.PrependUOffsetTRelativeSlot(slot, value, 0)
-            elif kind == "int8":
-                builder.PrependInt8Slot(slot, value, 0)
-            elif kind == "uint8":
-                builder.PrependUint8Slot(slot, value, 0)
-            elif kind == "uint32":
-                builder.PrependUint32Slot(slot, value, 0)
-        return builder.EndObject()
-
-    def finish(self, root: int, identifier: bytes) -> bytes:
-        self.builder.Finish(root, file_identifier=identifier)
-        return bytes(self.builder.Output())
-
-
-def tflite_metadata_flatbuffer(bundle: Bundle, info: dict[str, Any]) -> bytes:
-    """A TFLite Support ``ModelMetadata`` flatbuffer describing the fused classifier."""
-    spec = bundle.manifest.input_spec
-    writer = _FlatBufferWriter()
-    # associated files
-    labels = writer.table({0: ("offset", writer.string(LABELS_FILE)),
-                           1: ("offset", writer.string("Class names, one per line, in output order")),
-                           2: ("int8", _ASSOCIATED_FILE_TYPES["TENSOR_AXIS_LABELS"])})
-    info_file = writer.table({0: ("offset", writer.string(INFO_FILE)),
-                              1: ("offset", writer.string("edgeadapt description: labels, input spec, bundle identity")),
-                              2: ("int8", _ASSOCIATED_FILE_TYPES["DESCRIPTIONS"])})
-    # input tensor: image, RGB, uint8 pixels (the graph normalises: mean 0, std 1)
-    size = writer.table({0: ("uint32", spec.width), 1: ("uint32", spec.height)})
-    image_properties = writer.table({0: ("int8", _COLOR_SPACE.get(spec.color_order, 0)), 1: ("offset", size)})
-    input_content = writer.table({0: ("uint8", _CONTENT_IMAGE), 1: ("offset", image_properties)})
-    normalization = writer.table({0: ("offset", writer.floats([0.0])), 1: ("offset", writer.floats([1.0]))})
-    process_unit = writer.table({0: ("uint8", _PROCESS_UNIT_NORMALIZATION), 1: ("offset", normalization)})
-    input_stats = writer.table({0: ("offset", writer.floats([255.0])), 1: ("offset", writer.floats([0.0]))})
-    input_metadata = writer.table({
-        0: ("offset", writer.string(INPUT_NAME)),
-        1: ("offset", writer.string(
-            f"uint8 {spec.color_order} image {spec.height}x{spec.width} ({spec.resize}); raw pixels, the model "
-            f"normalises them itself (pixel * {spec.scale:.9g} + {spec.offset:.9g})")),
-        3: ("offset", input_content),
-        4: ("offset", writer.offsets([process_unit])),
-        5: ("offset", input_stats),
-    })
-    feature = writer.table({})
-    output_content = writer.table({0: ("uint8", _CONTENT_FEATURE), 1: ("offset", feature)})
-    output_stats = writer.table({0: ("offset", writer.floats([1.0])), 1: ("offset", writer.floats([0.0]))})
-    output_metadata = writer.table({
-        0: ("offset", writer.string(OUTPUT_NAME)),
-        1: ("offset", writer.string("Softmax score of each class (float32), in the order of labels.txt")),
-        3: ("offset", output_content),
-        5: ("offset", output_stats),
-        6: ("offset", writer.offsets([labels])),
-    })
-    subgraph = writer.table({
-        0: ("offset", writer.string("image_classifier")),
-        2: ("offset", writer.offsets([input_metadata])),
-        3: ("offset", writer.offsets([output_metadata])),
-    })
-    data = bundle.manifest.data
-    root = writer.table({
-        0: ("offset", writer.string(str(data.get("name") or "edgeadapt classifier"))),
-        1: ("offset", writer.string(
-            f"Image classifier with {len(info['labels'])} classes, fused by edgeadapt from bundle "
-            f"{data.get('bundle_id')} version {data.get('version')} (backbone {info['bundle']['backbone_quantization']}, "
-            "float32 head, softmax output)")),
-        2: ("offset", writer.string(str(data.get("version", 1)))),
-        3: ("offset", writer.offsets([subgraph])),
-        4: ("offset", writer.string("edgeadapt")),
-        6: ("offset", writer.offsets([info_file])),
-        7: ("offset", writer.string(METADATA_PARSER_VERSION)),
-    })
-    return writer.finish(root, b"M001")
-
-
-def read_tflite_fused_metadata(content: bytes) -> dict[str, Any]:
-    """Read back what a fused .tflite embeds: labels and info (zip), and the TFLite Metadata fields.
-
-    Returns ``{"labels", "info", "metadata": {name, min_parser_version, input_name,
-    input_mean, input_std, output_name, output_label_file, output_label_type}}``.
-    """
-    from flatbuffers import table as flatbuffer_table
-    from flatbuffers.number_types import UOffsetTFlags
-
-    from edgeadapt.converters.tflite_import import read_tflite_model
-
-    with zipfile.ZipFile(io.BytesIO(bytes(content))) as archive:
-        labels = archive.read(LABELS_FILE).decode("utf-8").splitlines()
-        info = json.loads(archive.read(INFO_FILE).decode("utf-8"))
-    model = read_tflite_model(content)
-    entry = next((e for e in model.metadata or [] if (e.name.decode() if isinstance(e.name, bytes) else e.name) == "TFLITE_METADATA"), None)
-    if entry is None:
-        raise ConversionError("the TFLite file has no TFLITE_METADATA entry")
-    buffer = bytes(np.asarray(model.buffers[entry.buffer].data, np.uint8).tobytes())
-    if buffer[4:8] != b"M001":
-        raise ConversionError("the TFLITE_METADATA buffer is not a metadata flatbuffer (identifier M001)")
-
-    def root(position: int) -> Any:
-        return flatbuffer_table.Table(bytearray(buffer), position)
-
-    def field(tab: Any, slot: int) -> int:
-        return tab.Offset(4 + 2 * slot)
-
-    def string(tab: Any, slot: int) -> str | None:
-        offset = field(tab, slot)
-        return tab.String(offset + tab.Pos).decode("utf-8") if offset else None
-
-    def subtable(tab: Any, slot: int) -> Any:
-        offset = field(tab, slot)
-        return root(tab.Indirect(offset + tab.Pos)) if offset else None
-
-    def vector_tables(tab: Any, slot: int) -> list[Any]:
-        offset = field(tab, slot)
-        if not offset:
-            return []
-        start = tab.Vector(offset)
-        return [root(tab.Indirect(start + 4 * i)) for i in range(tab.VectorLen(offset))]
-
-    def vector_floats(tab: Any, slot: int) -> list[float]:
-        offset = field(tab, slot)
-        if not offset:
-            return []
-        start = tab.Vector(offset)
-        return [float(np.frombuffer(buffer[start + 4 * i : start + 4 * i + 4], "<f4")[0]) for i in range(tab.VectorLen(offset))]
-
-    top = root(UOffsetTFlags.py_type(int.from_bytes(buffer[0:4], "little")))
-    subgraph = vector_tables(top, 3)[0]
-    input_tensor = vector_tables(subgraph, 2)[0]
-    output_tensor = vector_tables(subgraph, 3)[0]
-    normalization = subtable(vector_tables(input_tensor, 4)[0], 1)
-    label_file = vector_tables(output_tensor, 6)[0]
-    type_offset = field(label_file, 2)
-    return {
-        "labels": labels,
-        "info": info,
-        "metadata": {
-            "name": string(top, 0),
-            "min_parser_version": string(top, 7),
-            "input_name": string(input_tensor, 0),
-            "input_mean": vector_floats(normalization, 0),
-            "input_std": vector_floats(normalization, 1),
-            "output_name": string(output_tensor, 0),
-            "output_label_file": string(label_file, 0),
-            "output_label_type": int(np.frombuffer(buffer[label_file.Pos + type_offset : label_file.Pos + type_offset + 1], np.int8)[0]) if type_offset else 0,
-        },
-    }
+    return probabilities
 
 
 # ----------------------------------------------------------------------------- ONNX
 def _fused_onnx(bundle: Bundle) -> tuple[bytes, str]:
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     content, entry = _backbone_content(bundle, "onnx")
     spec = bundle.manifest.input_spec
@@ -446,40 +233,12 @@ def _fused_onnx(bundle: Bundle) -> tuple[bytes, str]:
     normalized = "edgeadapt_normalized_input"
     for node in graph.node:
         node.input[:] = [normalized if name == backbone_input.name else name for name in node.input]
-    weights, bias, mean = _folded_head(head)
-    initializers = [
-        numpy_helper.from_array(np.array(spec.scale, np.float32), "edgeadapt_fused_pixel_scale"),
-        numpy_helper.from_array(np.array(spec.offset, np.float32), "edgeadapt_fused_pixel_offset"),
-        numpy_helper.from_array(weights, "edgeadapt_head_weights"),
-        numpy_helper.from_array(bias, "edgeadapt_head_bias"),
-    ]
-    front = [
-        helper.make_node("Cast", [INPUT_NAME], ["edgeadapt_pixels_float"], to=TensorProto.FLOAT, name="edgeadapt_cast"),
-        helper.make_node("Mul", ["edgeadapt_pixels_float", "edgeadapt_fused_pixel_scale"], ["edgeadapt_pixels_scaled"],
-                         name="edgeadapt_scale"),
-        helper.make_node("Add", ["edgeadapt_pixels_scaled", "edgeadapt_fused_pixel_offset"], [normalized],
-                         name="edgeadapt_offset"),
-    ]
-    back = []
-    features = embedding
-    if head.l2_normalize:
-        if mean is not None:
-            initializers.append(numpy_helper.from_array(mean, "edgeadapt_feature_mean"))
-            back.append(helper.make_node("Sub", [features, "edgeadapt_feature_mean"], ["edgeadapt_centered"],
-                                         name="edgeadapt_center"))
-            features = "edgeadapt_centered"
-        back.append(helper.make_node("LpNormalization", [features], ["edgeadapt_l2_normalized"], axis=-1, p=2,
-                                     name="edgeadapt_l2_normalize"))
-        features = "edgeadapt_l2_normalized"
-    back += [
-        helper.make_node("Gemm", [features, "edgeadapt_head_weights", "edgeadapt_head_bias"], ["edgeadapt_logits"],
-                         name="edgeadapt_head"),
-        helper.make_node("Softmax", ["edgeadapt_logits"], [OUTPUT_NAME], axis=-1, name="edgeadapt_softmax"),
-    ]
+    front, front_initializers = _onnx_pixel_nodes(spec, normalized)
+    back, back_initializers = _onnx_head_nodes(head, embedding)
     nodes = front + list(graph.node) + back
     del graph.node[:]
     graph.node.extend(nodes)
-    graph.initializer.extend(initializers)
+    graph.initializer.extend(front_initializers + back_initializers)
     graph.input.remove(backbone_input)
     graph.input.insert(0, helper.make_tensor_value_info(
         INPUT_NAME, TensorProto.UINT8, ["batch", spec.height, spec.width, spec.channels]))
@@ -487,15 +246,8 @@ def _fused_onnx(bundle: Bundle) -> tuple[bytes, str]:
     graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", head.num_classes]))
     graph.name = "edgeadapt_fused_classifier"
     quantization = str(entry.get("quantization", "float32"))
-    info = fused_info(bundle, "onnx", quantization)
     del model.metadata_props[:]
-    for key, value in (
-        ("edgeadapt.format_version", str(FUSED_FORMAT_VERSION)),
-        ("edgeadapt.labels", json.dumps(info["labels"])),
-        ("edgeadapt.input", json.dumps(info["input"])),
-        ("edgeadapt.output", json.dumps(info["output"])),
-        ("edgeadapt.bundle", json.dumps(info["bundle"])),
-    ):
+    for key, value in onnx_metadata_props(fused_info(bundle, "onnx", quantization)):
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     model.doc_string = (f"edgeadapt fused classifier: uint8 NHWC {spec.color_order} image -> softmax probabilities "
                         f"over {head.num_classes} classes; labels in metadata_props['edgeadapt.labels']")
@@ -507,17 +259,50 @@ def _fused_onnx(bundle: Bundle) -> tuple[bytes, str]:
     return model.SerializeToString(), quantization
 
 
-def read_onnx_fused_metadata(content: bytes) -> dict[str, Any]:
-    """The ``edgeadapt.*`` metadata_props of a fused ONNX file, JSON values decoded."""
-    import onnx
+def _onnx_pixel_nodes(spec: InputSpec, normalized: str) -> tuple[list[Any], list[Any]]:
+    """(nodes, initializers): uint8 ``"image"`` -> Cast -> Mul scale -> Add offset -> ``normalized``."""
+    from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load_from_string(bytes(content))
-    props = {entry.key: entry.value for entry in model.metadata_props}
-    result: dict[str, Any] = {}
-    for key in ONNX_METADATA_KEYS:
-        if key in props:
-            result[key] = props[key] if key == "edgeadapt.format_version" else json.loads(props[key])
-    return result
+    initializers = [
+        numpy_helper.from_array(np.array(spec.scale, np.float32), "edgeadapt_fused_pixel_scale"),
+        numpy_helper.from_array(np.array(spec.offset, np.float32), "edgeadapt_fused_pixel_offset"),
+    ]
+    nodes = [
+        helper.make_node("Cast", [INPUT_NAME], ["edgeadapt_pixels_float"], to=TensorProto.FLOAT, name="edgeadapt_cast"),
+        helper.make_node("Mul", ["edgeadapt_pixels_float", "edgeadapt_fused_pixel_scale"], ["edgeadapt_pixels_scaled"],
+                         name="edgeadapt_scale"),
+        helper.make_node("Add", ["edgeadapt_pixels_scaled", "edgeadapt_fused_pixel_offset"], [normalized],
+                         name="edgeadapt_offset"),
+    ]
+    return nodes, initializers
+
+
+def _onnx_head_nodes(head: Head, embedding: str) -> tuple[list[Any], list[Any]]:
+    """(nodes, initializers): ``embedding`` -> [Sub mean -> LpNormalization] -> Gemm -> Softmax ``"probabilities"``."""
+    from onnx import helper, numpy_helper
+
+    weights, bias, mean = _folded_head(head)
+    initializers = [
+        numpy_helper.from_array(weights, "edgeadapt_head_weights"),
+        numpy_helper.from_array(bias, "edgeadapt_head_bias"),
+    ]
+    nodes = []
+    features = embedding
+    if head.l2_normalize:
+        if mean is not None:
+            initializers.append(numpy_helper.from_array(mean, "edgeadapt_feature_mean"))
+            nodes.append(helper.make_node("Sub", [features, "edgeadapt_feature_mean"], ["edgeadapt_centered"],
+                                          name="edgeadapt_center"))
+            features = "edgeadapt_centered"
+        nodes.append(helper.make_node("LpNormalization", [features], ["edgeadapt_l2_normalized"], axis=-1, p=2,
+                                      name="edgeadapt_l2_normalize"))
+        features = "edgeadapt_l2_normalized"
+    nodes += [
+        helper.make_node("Gemm", [features, "edgeadapt_head_weights", "edgeadapt_head_bias"], ["edgeadapt_logits"],
+                         name="edgeadapt_head"),
+        helper.make_node("Softmax", ["edgeadapt_logits"], [OUTPUT_NAME], axis=-1, name="edgeadapt_softmax"),
+    ]
+    return nodes, initializers
 
 
 # ----------------------------------------------------------------------------- API

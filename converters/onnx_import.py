@@ -20,6 +20,7 @@ Only onnx and onnxruntime are needed (no TensorFlow).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -272,6 +273,55 @@ def import_onnx_classifier(content: bytes, options: ImportOptions = ImportOption
     """
     model = load_onnx_model(content)
     graph = OnnxGraph(model)
+    image = _image_input(graph, options)
+    original_input, dimensions, layout = image.value, image.dimensions, image.layout
+    node, embedding, head, tail = _locate_head(graph)
+    embedding_shape = _embedding_shape(graph, node, embedding, head)
+    spec, source = _input_spec(image, options)
+    backbone = _cut(model, graph, embedding, len(embedding_shape), original_input, layout, image.element_type,
+                    image.height, image.width, image.channels, options)
+    backbone_content = backbone.SerializeToString()
+    _check_runs(backbone_content, spec, head.embedding_size)
+    described = inspect_onnx(backbone_content)
+    output_kind = "probabilities" if "Softmax" in tail else "log_probabilities" if "LogSoftmax" in tail else "logits"
+    description = f"{node.op_type} {node.name or node.output[0]!r} ({head.embedding_size} -> {head.num_classes})"
+    logger.info("imported ONNX classifier: head %s after %r", description, embedding)
+    return ImportedClassifier(
+        source_format="onnx",
+        backbone=described,
+        head=head,
+        input_spec=spec,
+        head_operator=description,
+        tail=tail,
+        output_kind=output_kind,
+        normalization_source=source + (" + per-channel mean/std" if options.channel_mean is not None else ""),
+        details={
+            "embedding_tensor": embedding,
+            "layout": layout,
+            "original_input": {"name": original_input.name, "shape": [str(d) for d in dimensions],
+                               "element_type": int(image.element_type)},
+            "channel_mean": list(options.channel_mean) if options.channel_mean is not None else None,
+            "channel_std": list(options.channel_std) if options.channel_std is not None else None,
+            "dropped_nodes": len(model.graph.node) - len(backbone.graph.node),
+        },
+    )
+
+
+@dataclass(frozen=True)
+class _ImageInput:
+    """The model's image input: its ONNX value info, shape, layout, size and element type."""
+
+    value: Any
+    dimensions: list[Any]
+    layout: str
+    channels: int
+    height: int
+    width: int
+    element_type: int
+
+
+def _image_input(graph: OnnxGraph, options: ImportOptions) -> _ImageInput:
+    """The one image input; its size comes from ``options.input_size`` when the model's is dynamic."""
     inputs = graph.inputs
     if len(inputs) != 1:
         raise IncompatibleModelError(f"the model has {len(inputs)} inputs; an image classifier takes one image tensor")
@@ -292,8 +342,11 @@ def import_onnx_classifier(content: bytes, options: ImportOptions = ImportOption
     element_type = original_input.type.tensor_type.elem_type
     if element_type not in (_FLOAT, _UINT8):
         raise IncompatibleModelError(f"the model input has ONNX element type {element_type}; edgeadapt supports float and uint8")
+    return _ImageInput(original_input, dimensions, layout, int(channels), height, width, element_type)
 
-    node, embedding, head, tail = _locate_head(graph)
+
+def _embedding_shape(graph: OnnxGraph, node: Any, embedding: str, head: Head) -> list[Any]:
+    """The shape of the classifier's input tensor; it must be fixed and hold ``head.embedding_size`` values."""
     embedding_shape = graph.shapes.get(embedding)
     if not embedding_shape or any(not isinstance(value, int) for value in embedding_shape[1:]):
         raise IncompatibleModelError(
@@ -306,43 +359,22 @@ def import_onnx_classifier(content: bytes, options: ImportOptions = ImportOption
         raise IncompatibleModelError(
             f"the embedding {embedding!r} holds {size} values but the classifier weights expect {head.embedding_size}"
         )
-    if element_type == _UINT8:
-        spec = InputSpec(height=height, width=width, channels=int(channels),
+    return embedding_shape
+
+
+def _input_spec(image: _ImageInput, options: ImportOptions) -> tuple[InputSpec, str]:
+    """(input spec, where its normalisation came from): raw pixels for uint8 inputs, else ``options``."""
+    channels = image.channels
+    if image.element_type == _UINT8:
+        spec = InputSpec(height=image.height, width=image.width, channels=channels,
                          color_order="GRAY" if channels == 1 else options.color_order, resize=options.resize, resample=options.resample,
                          scale=1.0, offset=0.0)
         source = "uint8 input (raw pixels)"
     else:
-        spec, source = input_spec_from_quantization(height, width, int(channels), "float32", 0.0, 0, options)
+        spec, source = input_spec_from_quantization(image.height, image.width, channels, "float32", 0.0, 0, options)
     if options.channel_mean is not None and len(options.channel_mean) not in (1, channels):
         raise InputError(f"channel_mean has {len(options.channel_mean)} values for {channels} channels")
-
-    backbone = _cut(model, graph, embedding, len(embedding_shape), original_input, layout, element_type,
-                    height, width, int(channels), options)
-    backbone_content = backbone.SerializeToString()
-    _check_runs(backbone_content, spec, head.embedding_size)
-    described = inspect_onnx(backbone_content)
-    output_kind = "probabilities" if "Softmax" in tail else "log_probabilities" if "LogSoftmax" in tail else "logits"
-    description = f"{node.op_type} {node.name or node.output[0]!r} ({head.embedding_size} -> {head.num_classes})"
-    logger.info("imported ONNX classifier: head %s after %r", description, embedding)
-    return ImportedClassifier(
-        source_format="onnx",
-        backbone=described,
-        head=head,
-        input_spec=spec,
-        head_operator=description,
-        tail=tail,
-        output_kind=output_kind,
-        normalization_source=source + (" + per-channel mean/std" if options.channel_mean is not None else ""),
-        details={
-            "embedding_tensor": embedding,
-            "layout": layout,
-            "original_input": {"name": original_input.name, "shape": [str(d) for d in dimensions],
-                               "element_type": int(element_type)},
-            "channel_mean": list(options.channel_mean) if options.channel_mean is not None else None,
-            "channel_std": list(options.channel_std) if options.channel_std is not None else None,
-            "dropped_nodes": len(model.graph.node) - len(backbone.graph.node),
-        },
-    )
+    return spec, source
 
 
 def input_adapter_nodes(original_name: str, layout: str, element_type: int, channels: int,

@@ -263,25 +263,44 @@ def export_tflite(
     Raises:
         ConversionError: When the model cannot be converted (see above).
     """
-    tf, _ = import_tensorflow()
     embedding_size = check_backbone(backbone, spec)
-    representative: np.ndarray | None = None
-    if options.quantize:
-        if calibration_images is None:
-            raise ConversionError(
-                "int8 export needs real calibration images to measure activation ranges; "
-                "pass calibration_images (uint8, shape (N, H, W, C)) or set quantize=False"
-            )
-        images = check_image_batch(calibration_images, spec)
-        representative = select_calibration_images(images, count=options.calibration_samples, seed=0)
-        if representative.shape[0] < 20:
-            logger.warning(
-                "calibrating on only %d images; int8 accuracy may suffer (100-500 are typical)",
-                representative.shape[0],
-            )
-
+    representative = _representative_images(calibration_images, spec, options) if options.quantize else None
     kind = "int8" if options.quantize else "float32"
     logger.info("converting backbone to %s TFLite (input %s)", kind, spec.shape)
+    content = _convert(backbone, spec, representative, options)
+    exported = _checked_model(content, kind, options, embedding_size)
+    logger.info(
+        "exported %s TFLite backbone: %d bytes, operators %s",
+        kind,
+        exported.size,
+        ", ".join(tflite_operator_names(content)),
+    )
+    return exported
+
+
+def _representative_images(calibration_images: np.ndarray | None, spec: InputSpec,
+                           options: TFLiteExportOptions) -> np.ndarray:
+    """The calibration subset for int8 conversion (checked, at most ``options.calibration_samples``)."""
+    if calibration_images is None:
+        raise ConversionError(
+            "int8 export needs real calibration images to measure activation ranges; "
+            "pass calibration_images (uint8, shape (N, H, W, C)) or set quantize=False"
+        )
+    images = check_image_batch(calibration_images, spec)
+    representative = select_calibration_images(images, count=options.calibration_samples, seed=0)
+    if representative.shape[0] < 20:
+        logger.warning(
+            "calibrating on only %d images; int8 accuracy may suffer (100-500 are typical)",
+            representative.shape[0],
+        )
+    return representative
+
+
+def _convert(backbone: "keras.Model", spec: InputSpec, representative: np.ndarray | None,
+             options: TFLiteExportOptions) -> bytes:
+    """Trace ``backbone`` into a SavedModel and run the TFLite converter on it (int8 when ``representative``)."""
+    tf, _ = import_tensorflow()
+    kind = "int8" if options.quantize else "float32"
     with tempfile.TemporaryDirectory(prefix="edgeadapt-tflite-") as directory:
         try:
             with captured_native_output():
@@ -307,7 +326,7 @@ def export_tflite(
         native = NativeOutput()
         try:
             with captured_native_output() as native:
-                content = converter.convert()
+                return converter.convert()
         except Exception as error:
             message = f"{error}\n{native.text}"
             unsupported = _unsupported_tf_ops(message)
@@ -321,6 +340,9 @@ def export_tflite(
                 f"TFLite {kind} conversion failed: {_error_summary(error, native.text)}"
             ) from error
 
+
+def _checked_model(content: bytes, kind: str, options: TFLiteExportOptions, embedding_size: int) -> ExportedModel:
+    """Describe the converted model and check it: builtin operators only, expected dtypes, runs once."""
     custom = tflite_custom_operator_names(content)
     if custom:
         raise ConversionError(
@@ -352,10 +374,4 @@ def export_tflite(
                 "integer-only accelerators will not run this model",
                 ", ".join(float_ops),
             )
-    logger.info(
-        "exported %s TFLite backbone: %d bytes, operators %s",
-        kind,
-        exported.size,
-        ", ".join(tflite_operator_names(content)),
-    )
     return exported

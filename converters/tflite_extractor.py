@@ -85,39 +85,13 @@ def import_tflite_extractor(content: bytes, options: ImportOptions = ImportOptio
     """
     model = read_tflite_model(content)
     graph = TFLiteGraph(model)
-    inputs, outputs = graph.inputs, graph.outputs
-    if len(inputs) != 1:
-        raise IncompatibleModelError(f"the model has {len(inputs)} inputs; an image feature extractor takes one image")
-    input_shape = graph.tensor_shape(inputs[0])
-    if len(input_shape) != 4 or input_shape[3] not in (1, 3):
-        raise IncompatibleModelError(
-            f"the model input {graph.tensor_name(inputs[0])!r} has shape {input_shape}; edgeadapt imports image "
-            "models with an NHWC input of 1 or 3 channels"
-        )
-    if len(outputs) != 1:
-        raise IncompatibleModelError(
-            f"the model has {len(outputs)} outputs; a feature extractor has one embedding output (a detection or "
-            "multi-task model cannot be imported)"
-        )
-    output = outputs[0]
-    shape = graph.tensor_shape(output)
-    if len(shape) == 4 and shape[1] * shape[2] != 1:
-        raise IncompatibleModelError(
-            f"the model's output {graph.tensor_name(output)!r} is a {shape[1]}x{shape[2]}x{shape[3]} feature map, not "
-            "an embedding; end the extractor in a global average pooling (or give a classifier with --labels)"
-        )
-    if len(shape) not in (2, 4) or (len(shape) == 2 and shape[1] < 1):
-        raise IncompatibleModelError(
-            f"the model's output {graph.tensor_name(output)!r} has shape {shape}; an embedding is (1, D) or (1, 1, 1, D)"
-        )
-    if options.channel_mean is not None:
-        raise InputError("per-channel mean/std normalisation is supported for ONNX imports only")
+    image_input, output, shape = _image_and_embedding(graph, options)
     producer, tail = _producing_operator(graph, output)
-    input_dtype = graph.tensor_dtype(inputs[0])
+    input_dtype = graph.tensor_dtype(image_input)
     if input_dtype not in ("float32", "uint8", "int8"):
         raise IncompatibleModelError(f"the model input has type {input_dtype}; edgeadapt supports float32, uint8, int8")
-    scales, zero_points, _ = graph.quantization(inputs[0])
-    height, width, channels = input_shape[1:]
+    scales, zero_points, _ = graph.quantization(image_input)
+    height, width, channels = graph.tensor_shape(image_input)[1:]
     spec, source = input_spec_from_quantization(
         height, width, channels, input_dtype,
         float(scales[0]) if scales.size else 0.0, int(zero_points[0]) if scales.size else 0, options,
@@ -151,3 +125,39 @@ def import_tflite_extractor(content: bytes, options: ImportOptions = ImportOptio
                                "zero_point": int(zero_points[0]) if scales.size else 0},
         },
     )
+
+
+def _image_and_embedding(graph: TFLiteGraph, options: ImportOptions) -> tuple[int, int, list[int]]:
+    """(the image input, the embedding output, its shape) of a headless model; refuses anything else.
+
+    One NHWC image input of 1 or 3 channels, one (1, D) or (1, 1, 1, D) output, no per-channel
+    mean/std in ``options`` (ONNX imports only).
+    """
+    inputs, outputs = graph.inputs, graph.outputs
+    if len(inputs) != 1:
+        raise IncompatibleModelError(f"the model has {len(inputs)} inputs; an image feature extractor takes one image")
+    input_shape = graph.tensor_shape(inputs[0])
+    if len(input_shape) != 4 or input_shape[3] not in (1, 3):
+        raise IncompatibleModelError(
+            f"the model input {graph.tensor_name(inputs[0])!r} has shape {input_shape}; edgeadapt imports image "
+            "models with an NHWC input of 1 or 3 channels"
+        )
+    if len(outputs) != 1:
+        raise IncompatibleModelError(
+            f"the model has {len(outputs)} outputs; a feature extractor has one embedding output (a detection or "
+            "multi-task model cannot be imported)"
+        )
+    output = outputs[0]
+    shape = graph.tensor_shape(output)
+    if len(shape) == 4 and shape[1] * shape[2] != 1:
+        raise IncompatibleModelError(
+            f"the model's output {graph.tensor_name(output)!r} is a {shape[1]}x{shape[2]}x{shape[3]} feature map, not "
+            "an embedding; end the extractor in a global average pooling (or give a classifier with --labels)"
+        )
+    if len(shape) not in (2, 4) or (len(shape) == 2 and shape[1] < 1):
+        raise IncompatibleModelError(
+            f"the model's output {graph.tensor_name(output)!r} has shape {shape}; an embedding is (1, D) or (1, 1, 1, D)"
+        )
+    if options.channel_mean is not None:
+        raise InputError("per-channel mean/std normalisation is supported for ONNX imports only")
+    return inputs[0], output, shape

@@ -342,6 +342,52 @@ class TFLiteGraph:
         Returns counts of what was dropped.
         """
         operators = self.subgraph.operators
+        kept_operators, needed = self._needed_operators()
+        tensor_order = sorted(needed)
+        tensor_map = {old: new for new, old in enumerate(tensor_order)}
+
+        def remap(indices: Any) -> Any:
+            if indices is None:
+                return None
+            return np.asarray([tensor_map[int(i)] if i >= 0 else -1 for i in indices], dtype=np.int32)
+
+        for operator in kept_operators:
+            operator.inputs = remap(operator.inputs)
+            operator.outputs = remap(operator.outputs)
+            if operator.intermediates is not None:
+                operator.intermediates = remap(operator.intermediates)
+        tensors = [self.subgraph.tensors[old] for old in tensor_order]
+        new_buffers, kept_metadata = self._keep_buffers(tensors, keep_metadata)
+        new_codes = self._keep_operator_codes(kept_operators)
+        dropped = {
+            "operators": len(operators) - len(kept_operators),
+            "tensors": len(self.subgraph.tensors) - len(tensors),
+            "buffers": len(self.model.buffers) - len(new_buffers),
+            "subgraphs": len(self.model.subgraphs) - 1,
+            "metadata": len(self.model.metadata or []) - len(kept_metadata),
+        }
+        old_inputs, old_outputs = self.inputs, self.outputs
+        self.subgraph.operators = kept_operators
+        self.subgraph.tensors = tensors
+        self.subgraph.inputs = remap(old_inputs)
+        self.subgraph.outputs = remap(old_outputs)
+        self.model.buffers = new_buffers
+        self.model.operatorCodes = new_codes
+        self.model.metadata = kept_metadata or None
+        self.model.subgraphs = [self.subgraph]
+        if getattr(self.model, "signatureDefs", None):
+            for signature in self.model.signatureDefs:
+                for entry in list(signature.inputs or []) + list(signature.outputs or []):
+                    entry.tensorIndex = tensor_map.get(int(entry.tensorIndex), 0)
+        self.model.metadataBuffer = None
+        return dropped
+
+    def _needed_operators(self) -> tuple[list[Any], set[int]]:
+        """(operators the outputs depend on, in graph order; indices of every tensor they and the inputs use).
+
+        Raises IncompatibleModelError for control flow, or a model input the outputs do not use.
+        """
+        operators = self.subgraph.operators
         needed = set(self.outputs)
         kept_positions = []
         for position in range(len(operators) - 1, -1, -1):
@@ -370,21 +416,13 @@ class TFLiteGraph:
                 "this is not an image classifier edgeadapt can cut"
             )
         needed.update(self.inputs)
-        tensor_order = sorted(needed)
-        tensor_map = {old: new for new, old in enumerate(tensor_order)}
+        return kept_operators, needed
 
-        def remap(indices: Any) -> Any:
-            if indices is None:
-                return None
-            return np.asarray([tensor_map[int(i)] if i >= 0 else -1 for i in indices], dtype=np.int32)
+    def _keep_buffers(self, tensors: list[Any], keep_metadata: Sequence[str]) -> tuple[list[Any], list[Any]]:
+        """(the buffers ``tensors`` and the kept metadata use, renumbered in place; the kept metadata entries).
 
-        for operator in kept_operators:
-            operator.inputs = remap(operator.inputs)
-            operator.outputs = remap(operator.outputs)
-            if operator.intermediates is not None:
-                operator.intermediates = remap(operator.intermediates)
-        tensors = [self.subgraph.tensors[old] for old in tensor_order]
-        # buffers: 0 stays the empty sentinel; then tensor buffers, then kept metadata buffers
+        Buffer 0 stays the empty sentinel; then tensor buffers, then kept metadata buffers.
+        """
         buffer_map: dict[int, int] = {0: 0}
         new_buffers = [self.model.buffers[0] if self.model.buffers else self.schema.BufferT()]
 
@@ -401,7 +439,10 @@ class TFLiteGraph:
             if _name(entry.name) in keep_metadata:
                 entry.buffer = keep_buffer(int(entry.buffer))
                 kept_metadata.append(entry)
-        # operator codes
+        return new_buffers, kept_metadata
+
+    def _keep_operator_codes(self, kept_operators: list[Any]) -> list[Any]:
+        """The operator codes ``kept_operators`` use, renumbered in place."""
         code_map: dict[int, int] = {}
         new_codes = []
         for operator in kept_operators:
@@ -409,28 +450,7 @@ class TFLiteGraph:
                 code_map[operator.opcodeIndex] = len(new_codes)
                 new_codes.append(self.model.operatorCodes[operator.opcodeIndex])
             operator.opcodeIndex = code_map[operator.opcodeIndex]
-        dropped = {
-            "operators": len(operators) - len(kept_operators),
-            "tensors": len(self.subgraph.tensors) - len(tensors),
-            "buffers": len(self.model.buffers) - len(new_buffers),
-            "subgraphs": len(self.model.subgraphs) - 1,
-            "metadata": len(self.model.metadata or []) - len(kept_metadata),
-        }
-        old_inputs, old_outputs = self.inputs, self.outputs
-        self.subgraph.operators = kept_operators
-        self.subgraph.tensors = tensors
-        self.subgraph.inputs = remap(old_inputs)
-        self.subgraph.outputs = remap(old_outputs)
-        self.model.buffers = new_buffers
-        self.model.operatorCodes = new_codes
-        self.model.metadata = kept_metadata or None
-        self.model.subgraphs = [self.subgraph]
-        if getattr(self.model, "signatureDefs", None):
-            for signature in self.model.signatureDefs:
-                for entry in list(signature.inputs or []) + list(signature.outputs or []):
-                    entry.tensorIndex = tensor_map.get(int(entry.tensorIndex), 0)
-        self.model.metadataBuffer = None
-        return dropped
+        return new_codes
 
     def find_tensor(self, name: str) -> int | None:
         for index, tensor in enumerate(self.subgraph.tensors):

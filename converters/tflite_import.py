@@ -372,32 +372,10 @@ def import_tflite_classifier(content: bytes, options: ImportOptions = ImportOpti
     """
     model = read_tflite_model(content)
     graph = TFLiteGraph(model)
-    inputs = graph.inputs
-    if len(inputs) != 1:
-        raise IncompatibleModelError(
-            f"the model has {len(inputs)} inputs; an image classifier takes one image tensor"
-        )
-    input_shape = graph.tensor_shape(inputs[0])
-    if len(input_shape) != 4 or input_shape[3] not in (1, 3):
-        raise IncompatibleModelError(
-            f"the model input {graph.tensor_name(inputs[0])!r} has shape {input_shape}; edgeadapt imports image "
-            "classifiers with an NHWC input of 1 or 3 channels"
-        )
+    image_input = _image_input(graph)
     location = locate_head(graph)
     head = head_from_location(graph, location)
-    input_dtype = graph.tensor_dtype(inputs[0])
-    if input_dtype not in ("float32", "uint8", "int8"):
-        raise IncompatibleModelError(f"the model input has type {input_dtype}; edgeadapt supports float32, uint8, int8")
-    scales, zero_points, _ = graph.quantization(inputs[0])
-    height, width, channels = input_shape[1:]
-    if options.input_size is not None and tuple(options.input_size) != (height, width):
-        logger.warning("ignoring input_size %s: the TFLite model's input is %dx%d", options.input_size, height, width)
-    spec, source = input_spec_from_quantization(
-        height, width, channels, input_dtype,
-        float(scales[0]) if scales.size else 0.0, int(zero_points[0]) if scales.size else 0, options,
-    )
-    if options.channel_mean is not None:
-        raise InputError("per-channel mean/std normalisation is supported for ONNX imports only")
+    spec, source, original_input = _input_spec(graph, image_input, options)
     weights_quantization = graph.quantization(location.weights_tensor)[0]
     head_description = (
         f"{location.operator_name} {graph.tensor_name(int(graph.subgraph.operators[location.operator_position].outputs[0]))!r}"
@@ -408,12 +386,7 @@ def import_tflite_classifier(content: bytes, options: ImportOptions = ImportOpti
     )
     embedding_name = graph.tensor_name(location.embedding_tensor)
     cut = cut_at_embedding(graph, location.embedding_tensor)
-    backbone_content = write_tflite_model(model)
-    described = inspect_tflite(backbone_content)
-    if described.output.dtype != "float32":
-        raise ConversionError(f"the cut backbone has a {described.output.dtype} output; expected float32")
-    _check_builtin_only(backbone_content)
-    _smoke_test(backbone_content, head.embedding_size)
+    described = _checked_backbone(write_tflite_model(model), head.embedding_size)
     logger.info(
         "imported TFLite classifier: head %s after %s, embedding %r (%d), dropped %s",
         head_description, embedding_name, embedding_name, head.embedding_size, cut["dropped"],
@@ -434,10 +407,53 @@ def import_tflite_classifier(content: bytes, options: ImportOptions = ImportOpti
             "dropped": cut["dropped"],
             "head_weights_quantized": bool(weights_quantization.size),
             "head_weights_per_channel": bool(weights_quantization.size > 1),
-            "original_input": {"dtype": input_dtype, "scale": float(scales[0]) if scales.size else 0.0,
-                               "zero_point": int(zero_points[0]) if scales.size else 0},
+            "original_input": original_input,
         },
     )
+
+
+def _image_input(graph: TFLiteGraph) -> int:
+    """The model's one input tensor; refuses models whose input is not one NHWC image of 1 or 3 channels."""
+    inputs = graph.inputs
+    if len(inputs) != 1:
+        raise IncompatibleModelError(
+            f"the model has {len(inputs)} inputs; an image classifier takes one image tensor"
+        )
+    input_shape = graph.tensor_shape(inputs[0])
+    if len(input_shape) != 4 or input_shape[3] not in (1, 3):
+        raise IncompatibleModelError(
+            f"the model input {graph.tensor_name(inputs[0])!r} has shape {input_shape}; edgeadapt imports image "
+            "classifiers with an NHWC input of 1 or 3 channels"
+        )
+    return inputs[0]
+
+
+def _input_spec(graph: TFLiteGraph, image_input: int,
+                options: ImportOptions) -> tuple[InputSpec, str, dict[str, Any]]:
+    """(input spec, where its normalisation came from, the original input's dtype/scale/zero point)."""
+    input_dtype = graph.tensor_dtype(image_input)
+    if input_dtype not in ("float32", "uint8", "int8"):
+        raise IncompatibleModelError(f"the model input has type {input_dtype}; edgeadapt supports float32, uint8, int8")
+    scales, zero_points, _ = graph.quantization(image_input)
+    height, width, channels = graph.tensor_shape(image_input)[1:]
+    if options.input_size is not None and tuple(options.input_size) != (height, width):
+        logger.warning("ignoring input_size %s: the TFLite model's input is %dx%d", options.input_size, height, width)
+    scale = float(scales[0]) if scales.size else 0.0
+    zero_point = int(zero_points[0]) if scales.size else 0
+    spec, source = input_spec_from_quantization(height, width, channels, input_dtype, scale, zero_point, options)
+    if options.channel_mean is not None:
+        raise InputError("per-channel mean/std normalisation is supported for ONNX imports only")
+    return spec, source, {"dtype": input_dtype, "scale": scale, "zero_point": zero_point}
+
+
+def _checked_backbone(backbone_content: bytes, embedding_size: int) -> ExportedModel:
+    """Describe the cut backbone and check it: float32 output, builtin operators only, runs once."""
+    described = inspect_tflite(backbone_content)
+    if described.output.dtype != "float32":
+        raise ConversionError(f"the cut backbone has a {described.output.dtype} output; expected float32")
+    _check_builtin_only(backbone_content)
+    _smoke_test(backbone_content, embedding_size)
+    return described
 
 
 def _check_builtin_only(content: bytes) -> None:

@@ -5,14 +5,24 @@
 writes OUT_DIR/tiny.eab (int8 TFLite + int8 ONNX backbones, head, class statistics),
 OUT_DIR/images/<class>/*.png (held-out test images) and OUT_DIR/info.json. The device
 test environment (no TensorFlow) reads them through EDGEADAPT_TEST_FIXTURES=OUT_DIR.
+
+:func:`cached_fixtures` keeps one build in a cache folder (pytest's ``.pytest_cache``), keyed
+by the content of everything that shapes it (this file, the ``sdk/``, ``converters/`` and
+``device/`` sources, the versions of the libraries that train and convert, the platform),
+and checked file by file before each reuse; any other key or a changed file means a new build.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import platform
+import shutil
 import sys
-import contextlib
+import tempfile
+import time
 from pathlib import Path
 
 FIXTURE_VERSION = 2
@@ -99,6 +109,78 @@ def build_fixtures(output: Path, seed: int = 0) -> Path:
     }
     (output / "info.json").write_text(json.dumps(info, indent=2))
     return output
+
+
+#: Packages whose versions change what build_fixtures writes (training, conversion, quantization).
+_KEYED_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy", "ai-edge-litert", "pillow")
+_SOURCE_FOLDERS = ("sdk", "converters", "device")
+_CONTENTS_FILE = "contents.sha256.json"
+
+
+def fixture_key() -> str:
+    """A hash of everything the built fixture depends on: sources, library versions, platform."""
+    from importlib import metadata
+
+    digest = hashlib.sha256()
+    digest.update(f"fixture {FIXTURE_VERSION} {sys.version} {platform.machine()} {platform.system()}\n".encode())
+    for package in _KEYED_PACKAGES:
+        try:
+            version = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            version = "absent"
+        digest.update(f"{package}=={version}\n".encode())
+    root = Path(__file__).resolve().parents[1]
+    sources = [Path(__file__).resolve()]
+    for folder in _SOURCE_FOLDERS:
+        sources += sorted((root / folder).rglob("*.py"))
+    for source in sources:
+        digest.update(str(source.relative_to(root)).encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()[:24]
+
+
+def _contents(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative path -> hex digest), the contents file itself excluded."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != _CONTENTS_FILE}
+
+
+def _intact(folder: Path) -> bool:
+    try:
+        recorded = json.loads((folder / _CONTENTS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded == _contents(folder)
+
+
+def cached_fixtures(cache_root: Path) -> Path:
+    """The fixture folder for the current sources from ``cache_root``, built there first if needed.
+
+    A cached build is reused only when its key (:func:`fixture_key`) matches and every file
+    still has the content recorded right after the build; otherwise it is rebuilt. Builds land
+    in a temporary folder renamed into place, so an interrupted or concurrent build is never
+    half-read. Builds for other keys (and builds interrupted a day ago) are removed.
+    """
+    cache_root = Path(cache_root)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    key = fixture_key()
+    target = cache_root / key
+    if target.is_dir() and _intact(target):
+        return target
+    building = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=cache_root))
+    build_fixtures(building)
+    (building / _CONTENTS_FILE).write_text(json.dumps(_contents(building), indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        building.rename(target)
+    except OSError:  # another session renamed its build first: use that one
+        shutil.rmtree(building, ignore_errors=True)
+        if not _intact(target):
+            raise
+    for entry in cache_root.iterdir():  # other keys, and builds interrupted more than a day ago
+        building_now = entry.name.startswith(".build-") and time.time() - entry.stat().st_mtime < 86400
+        if entry != target and not building_now:
+            shutil.rmtree(entry, ignore_errors=True)
+    return target
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Shared test fixtures.
 
-Device tests need a real bundle. On the host (TensorFlow installed) it is built once per
-session by tests/build_fixtures.py. In the device-only environment (no TensorFlow), CI
-builds it beforehand with the host environment and passes its folder in
-EDGEADAPT_TEST_FIXTURES.
+Device tests need a real bundle. On the host (TensorFlow installed) tests/build_fixtures.py
+builds it once and keeps it in pytest's cache folder (``.pytest_cache``), keyed by the content
+of the sources and library versions that shape it and checked before each reuse; without the
+cache (``-p no:cacheprovider``, or ``EDGEADAPT_TEST_FIXTURE_CACHE=0``) it is built once per
+session. In the device-only environment (no TensorFlow), CI builds it beforehand with the host
+environment and passes its folder in EDGEADAPT_TEST_FIXTURES (CI does that for the host suites too).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def tensorflow_available() -> bool:
 
 
 @pytest.fixture(scope="session")
-def fixture_dir(tmp_path_factory) -> Path:
+def fixture_dir(tmp_path_factory, pytestconfig) -> Path:
     """Folder with tiny.eab, images/, test_images.npy, test_labels.npy, info.json."""
     given = os.environ.get("EDGEADAPT_TEST_FIXTURES")
     if given:
@@ -38,9 +40,12 @@ def fixture_dir(tmp_path_factory) -> Path:
     if not tensorflow_available():
         pytest.fail("device tests need a real bundle: set EDGEADAPT_TEST_FIXTURES to a folder built by "
                     "`python tests/build_fixtures.py DIR` (host environment), or install edgeadapt[host]")
-    from build_fixtures import build_fixtures
+    from build_fixtures import build_fixtures, cached_fixtures
 
-    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
+    cache = getattr(pytestconfig, "cache", None)  # None with -p no:cacheprovider
+    if cache is None or os.environ.get("EDGEADAPT_TEST_FIXTURE_CACHE") == "0":
+        return build_fixtures(tmp_path_factory.mktemp("fixtures"))
+    return cached_fixtures(cache.mkdir("edgeadapt-test-fixtures"))
 
 
 @pytest.fixture(scope="session")

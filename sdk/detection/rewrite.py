@@ -214,9 +214,9 @@ def add_rows(structure: SSDStructure, rows: Sequence[NewRows], nms: str = "regul
 # ----------------------------------------------------------------------------- metadata
 def detector_metadata_flatbuffer(labels: Sequence[str], structure: SSDStructure, info: dict[str, Any]) -> bytes:
     """A TFLite Support ``ModelMetadata`` flatbuffer for an SSD detector (outputs: location, category, score, count)."""
-    from edgeadapt.converters.fused_export import METADATA_PARSER_VERSION, _FlatBufferWriter
+    from edgeadapt.converters.tflite_metadata import METADATA_PARSER_VERSION, FlatBufferWriter
 
-    writer = _FlatBufferWriter()
+    writer = FlatBufferWriter()
     builder = writer.builder
     height, width, _ = structure.input_shape
     label_file = writer.table({0: ("offset", writer.string(EMBEDDED_LABELS_FILE)),
@@ -279,7 +279,7 @@ def serialize(structure: SSDStructure, labels: Sequence[str] | None = None, info
     Raises:
         ConversionError: the model cannot be serialised.
     """
-    from edgeadapt.converters.fused_export import _append_associated_files
+    from edgeadapt.converters.tflite_metadata import append_associated_files
     from edgeadapt.converters.tflite_import import write_tflite_model
 
     graph = structure.graph
@@ -298,7 +298,7 @@ def serialize(structure: SSDStructure, labels: Sequence[str] | None = None, info
         content = write_tflite_model(model)
     except Exception as error:  # flatbuffers raises plain exceptions on bad object trees
         raise ConversionError(f"cannot write the extended detector: {error}") from error
-    return _append_associated_files(content, {
+    return append_associated_files(content, {
         EMBEDDED_LABELS_FILE: ("\n".join(labels) + "\n").encode("utf-8"),
         INFO_FILE: json.dumps(info, indent=2).encode("utf-8"),
     })

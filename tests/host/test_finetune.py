@@ -160,6 +160,7 @@ def test_early_stopping_restores_the_starting_weights_when_training_only_hurts()
     assert all(np.array_equal(a, b) for a, b in zip(start, model.get_weights()))
 
 
+@pytest.mark.slow  # fine-tunes a model
 def test_validation_is_carved_out_when_the_dataset_has_none(dataset, base, caplog):
     with caplog.at_level("INFO", logger="edgeadapt.finetune"):
         result = fine_tune(base, _without_validation(dataset), FineTuneOptions.head_only(**QUICK))

@@ -21,10 +21,10 @@ from edgeadapt.converters.fused_export import (  # noqa: E402
     export_fused,
     fused_model_bytes,
     probe_image_batch,
-    read_onnx_fused_metadata,
-    read_tflite_fused_metadata,
     verify_fused,
 )
+from edgeadapt.converters.fused_format import read_onnx_fused_metadata  # noqa: E402
+from edgeadapt.converters.tflite_metadata import read_tflite_fused_metadata  # noqa: E402
 from edgeadapt.device import Bundle  # noqa: E402
 from edgeadapt.device.bundle import head_payload, write_bundle  # noqa: E402
 from edgeadapt import BundleError, Head, ImportSettings, InputError, InputSpec, Runtime, import_classifier  # noqa: E402

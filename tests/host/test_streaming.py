@@ -223,6 +223,7 @@ def test_export_from_a_stream_calibrates_on_the_in_memory_choice(folder, in_memo
 
 
 # ----------------------------------------------------------------------------- bad data
+@pytest.mark.slow  # trains the `base` classifier, then fine-tunes it until the broken file is read
 def test_an_undecodable_file_is_named_in_a_dataset_error(folder, base, tmp_path):
     copy = Path(shutil.copytree(folder, tmp_path / "data"))
     stream = stream_image_folder(copy, SPEC, SPLIT)
