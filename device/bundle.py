@@ -46,6 +46,7 @@ from edgeadapt.device.errors import BundleError, IncompatibleModelError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_parts import assemble, load_parts
 from edgeadapt.device.manifest import MAX_MANIFEST_BYTES, Manifest, check_relative_path
+from edgeadapt.device.manifest_tables import folder_reader
 from edgeadapt.device.npyio import read_npy
 from edgeadapt.device.stats_extras import (
     EXTRA_KEY,
@@ -622,7 +623,7 @@ def read_manifest(folder: Path) -> Manifest:
     if not os.path.lexists(manifest_path):
         raise BundleError(f"{folder} has no {MANIFEST_NAME}; it is not a bundle (or it is incomplete)")
     raw = read_regular(manifest_path, MAX_MANIFEST_BYTES, "bundle manifest")
-    return Manifest.from_json(raw, str(manifest_path))
+    return Manifest.from_json(raw, str(manifest_path), folder_reader(folder))
 
 
 # ----------------------------------------------------------------------------- packing

@@ -36,6 +36,7 @@ from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_file import carried_head_file
 from edgeadapt.device.head_parts import MAX_PARTS, base_bytes, part_bytes
 from edgeadapt.device.manifest import Manifest, utc_timestamp
+from edgeadapt.device.manifest_tables import SEGMENT_NAME, choose_layout
 
 HEADS_DIR = "heads"
 DEVICE_EXAMPLE_FILES = ("device_embeddings.npy", "device_labels.npy")
@@ -181,6 +182,12 @@ def build_version(parent: Manifest, plan: VersionPlan, version: int, *, tool: st
     manifest = _provenance(parent, plan, version, tool, created_by)
     manifest.data["head"] = section
     manifest.data["files"] = table
+    manifest.tables = None
+    if previous is not None and created_by is None:  # a device commit: shared table segments
+        segment_path = f"{HEADS_DIR}/v{version}/{SEGMENT_NAME}"
+        segment = choose_layout(parent, manifest, segment_path)
+        if segment is not None:
+            new_files[segment_path] = segment
     return BuiltVersion(manifest, new_files, sorted(set(shared)), compacted)
 
 
