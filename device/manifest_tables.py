@@ -181,7 +181,10 @@ def delta(data: dict, layout: TableLayout) -> dict | None:
     if len(classes) < known or head_parts[:len(layout.head_parts)] != layout.head_parts:
         return None
     result: dict[str, Any] = {}
-    changed = [entry for index, entry in enumerate(classes) if index >= known or entry != layout.classes[index]]
+    if classes[:known] == layout.classes:  # (one C-level comparison: the common case)
+        changed = classes[known:]
+    else:
+        changed = [entry for index, entry in enumerate(classes) if index >= known or entry != layout.classes[index]]
     if changed:
         result["classes"] = changed
     files = {path: entry for path, entry in table.items() if layout.files.get(path) != entry}

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from edgeadapt.device.bundle import ReferenceEmbeddings
+from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
 from edgeadapt.device.errors import IncompatibleModelError, InputError, UpdateError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.manifest import Manifest, utc_timestamp

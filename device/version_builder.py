@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeadapt.device.bundle import ReferenceEmbeddings, head_file_names, head_payload
+from edgeadapt.device.head_section import head_file_names, head_payload
+from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
 from edgeadapt.device.change_actions import ChangeAction  # noqa: F401 (re-exported)
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_file import carried_head_file
@@ -143,7 +144,7 @@ def build_version(parent: Manifest, plan: VersionPlan, version: int, *, tool: st
             ``device_examples``, ``unknown``, ``background``, e.g. the updater's ``HeadState``):
             files whose arrays are the very same objects are shared, and appended classes become
             a part. None (host writers): every head file is written.
-        compact: write full base files even when a part would do.
+        compact: write full base files even when a part would do, and a full manifest (no table segments).
         compact_fraction: compact once the parts exceed this fraction of the base files.
         created_by: host writers: who built the version (merged into ``created_by``); the version
             then also gets ``created_at`` and loses the parent's ``derived_from`` (a new host
@@ -183,7 +184,7 @@ def build_version(parent: Manifest, plan: VersionPlan, version: int, *, tool: st
     manifest.data["head"] = section
     manifest.data["files"] = table
     manifest.tables = None
-    if previous is not None and created_by is None:  # a device commit: shared table segments
+    if previous is not None and created_by is None and not compact:  # a device commit: shared table segments
         segment_path = f"{HEADS_DIR}/v{version}/{SEGMENT_NAME}"
         segment = choose_layout(parent, manifest, segment_path)
         if segment is not None:
