@@ -23,6 +23,9 @@ Layout::
       heads/v7/part_*.npy           classes appended (or columns replaced) by version 7 on top
                                     of shared base files: ``head.parts``, assembled by the
                                     ``load_*`` readers (see edgeadapt.device.head_parts)
+      heads/v2/tables.json          class and file tables of device versions, shared by later
+                                    ones: ``manifest.tables``, assembled by :func:`read_manifest`
+                                    (see edgeadapt.device.manifest_tables)
 
 Every file is listed in the manifest with its sha256 and size; readers verify them
 before use. Writers build the new directory next to the target, fsync it and rename.
