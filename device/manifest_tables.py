@@ -162,6 +162,9 @@ def expand(document: Any, read: Callable[[str, int], bytes], source: str,
     layout = TableLayout(tuple({"file": path, "sha256": digest, "size": size} for path, digest, size in refs),
                          list(classes), dict(files), list(head_parts))
     _apply(classes, files, head_parts, {key: section[key] for key in DELTA_KEYS if key in section}, source)
+    for path, digest, size in refs:  # pruning keeps what ``files`` lists: every segment must stay listed
+        if files.get(path) != {"sha256": digest, "size": size}:
+            raise _fail(source, f"the table segment {path!r} must stay listed in files with its sha256 and size")
     data = {key: value for key, value in document.items() if key != TABLES_KEY}
     data["classes"], data["files"] = classes, files
     data["head"] = dict(head)

@@ -158,6 +158,8 @@ def _mutations(document: dict) -> list[tuple[str, dict]]:
     case("class not an object", lambda d: d["tables"].update(classes=["x"]))
     case("remove unlisted", lambda d: d["tables"].update(removed=["heads/v1/nothing.npy"]))
     case("files a list", lambda d: d["tables"].update(files=[]))
+    case("segment unlisted", lambda d: d["tables"].update(removed=[reference["file"]]))
+    case("segment relisted", lambda d: d["tables"].update(files={reference["file"]: {"sha256": "0" * 64, "size": 1}}))
     case("inline classes too", lambda d: d.update(classes=[]))
     case("inline head parts too", lambda d: d["head"].update(parts=[]))
     case("tables not an object", lambda d: d.update(tables=[]))
