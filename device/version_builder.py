@@ -323,8 +323,11 @@ def _part(parent: Manifest, plan: VersionPlan, previous: Any, version: int,
     if new_head.weights is old_head.weights and new_head.bias is old_head.bias:
         changed = np.zeros(0, np.int64)
     else:
-        differs = np.any(new_head.weights[:, :old_count] != old_head.weights, axis=0)
-        differs |= new_head.bias[:old_count] != old_head.bias
+        if plan.change.get("old_rows_unchanged") is True:  # the updater compared the old columns already
+            differs = np.zeros(old_count, bool)
+        else:
+            differs = np.any(new_head.weights[:, :old_count] != old_head.weights, axis=0)
+            differs |= new_head.bias[:old_count] != old_head.bias
         if plan.stats is not None and plan.stats.sums is not previous.stats.sums:
             differs |= np.any(plan.stats.sums[:old_count] != previous.stats.sums, axis=1)
             differs |= plan.stats.counts[:old_count] != previous.stats.counts
