@@ -8,7 +8,9 @@ TensorFlow, kept in the work folder), then adds classes one at a time with
 
 - the end-to-end time of ``add_class`` against the 5 backbone inferences it runs;
 - the bytes the process wrote (``wchar`` of /proc/self/io: every ``write`` call, the
-  manifest and the version record included) and the bytes of the new files the version lists;
+  manifest, the version record and a new table segment included; median, mean and max over
+  the repeats: a commit that rolls the manifest's delta into a segment writes more than the
+  others) and the bytes of the new files the version lists;
 - what a compaction (``HeadUpdater.compact``, when available) writes and costs.
 
 ``--baseline FILE`` (the ``--json-out`` of an earlier run, e.g. on the code before a change)
@@ -66,7 +68,9 @@ def bench(bundle: Path, images: np.ndarray, repeats: int, method: str | None) ->
             inference.append(time.perf_counter() - start)
         options = None if method is None else AddClassOptions(method=method)
         updater = HeadUpdater(runtime, reader_grace_seconds=0.0, options=options)
+        mark = written_bytes()
         updater.add_class("warm-up", examples, force=True)
+        first = written_bytes() - mark
         times, wrote, listed, breakdown = [], [], [], []
         for repeat in range(repeats):
             before = VersionStore(copy).read_manifest().files
@@ -92,6 +96,7 @@ def bench(bundle: Path, images: np.ndarray, repeats: int, method: str | None) ->
         "add_class_min_ms": min(times) * 1000.0,
         "overhead_ms": (median(times) - median(inference)) * 1000.0,
         "bytes_written": int(median(wrote)), "bytes_new_files": int(median(listed)),
+        "bytes_written_first": int(first), "bytes_written_mean": int(statistics.fmean(wrote)), "bytes_written_max": int(max(wrote)),
         "breakdown_ms": {key: median([part.get(key, 0.0) for part in breakdown]) * 1000.0 for key in keys},
         "compaction": compaction, "bundle_bytes_after": disk, "repeats": repeats,
         "method": method or "automatic",
@@ -106,6 +111,10 @@ def report(row: dict, title: str) -> list[str]:
              f"{row['five_inferences_ms']:.1f} ms + {row['overhead_ms']:.1f} ms   [{parts}]",
              f"   written per added class: {row['bytes_written'] / 1e3:,.1f} KB (new files listed: "
              f"{row['bytes_new_files'] / 1e3:,.1f} KB)"]
+    if "bytes_written_max" in row:
+        lines[-1] += (f"; mean {row['bytes_written_mean'] / 1e3:,.1f} KB, max "
+                      f"{row['bytes_written_max'] / 1e3:,.1f} KB; the first commit on the exported bundle "
+                      f"{row['bytes_written_first'] / 1e3:,.1f} KB")
     if row.get("compaction"):
         lines.append(f"   compaction: {row['compaction']['bytes'] / 1e6:.1f} MB written in {row['compaction']['ms']:.0f} ms")
     return lines

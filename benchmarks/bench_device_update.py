@@ -56,7 +56,7 @@ def synthetic_statistics(classes: int, dimension: int, per_class: int, seed: int
     """Class statistics (with Gram matrix), a base head and reference embeddings that look like
     pooled ReLU features of ``classes`` well separated classes."""
     from edgeadapt.device import incremental
-    from edgeadapt.device.bundle import ReferenceEmbeddings
+    from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
     from edgeadapt.device.head import ClassStats, Head
 
     rng = np.random.default_rng(seed)
@@ -154,7 +154,8 @@ def build_large_bundle(path: Path, classes: int, dimension: int, image_size: int
 
     from edgeadapt.backbones import BackboneOptions, build_backbone
     from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
-    from edgeadapt.device.bundle import Bundle, head_payload, write_bundle
+    from edgeadapt.device.bundle import Bundle, write_bundle
+    from edgeadapt.device.head_section import head_payload
     from edgeadapt.device.manifest import InputSpec
 
     keras.utils.set_random_seed(0)

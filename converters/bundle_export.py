@@ -13,7 +13,9 @@ from edgeadapt.converters.fingerprint import backbone_fingerprint as fingerprint
 from edgeadapt.converters.calibration import select_calibration_images
 from edgeadapt.converters.model_info import ExportedModel
 from edgeadapt.converters.parity import ParityReport, measure_parity
-from edgeadapt.device.bundle import ReferenceEmbeddings, head_payload, write_bundle
+from edgeadapt.device.bundle import write_bundle
+from edgeadapt.device.head_section import head_payload
+from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
 from edgeadapt.device.errors import InputError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.incremental import with_ridge_basis

@@ -32,7 +32,7 @@ _EXPORTS = {
     "Runtime": "edgeadapt.device.runtime",
     "HeadUpdater": "edgeadapt.device.updater",
     "UpdateGateError": "edgeadapt.device.update_gate",
-    "ReferenceEmbeddings": "edgeadapt.device.bundle",
+    "ReferenceEmbeddings": "edgeadapt.device.reference_embeddings",
     "UnknownAwareClassifier": "edgeadapt.device.unknown",
     "Prediction": "edgeadapt.device.runtime",
     "Detector": "edgeadapt.device.detector",

@@ -23,6 +23,9 @@ Layout::
       heads/v7/part_*.npy           classes appended (or columns replaced) by version 7 on top
                                     of shared base files: ``head.parts``, assembled by the
                                     ``load_*`` readers (see edgeadapt.device.head_parts)
+      heads/v2/tables.json          class and file tables of device versions, shared by later
+                                    ones: ``manifest.tables``, assembled by :func:`read_manifest`
+                                    (see edgeadapt.device.manifest_tables)
 
 Every file is listed in the manifest with its sha256 and size; readers verify them
 before use. Writers build the new directory next to the target, fsync it and rename.
@@ -46,14 +49,10 @@ from edgeadapt.device.errors import BundleError, IncompatibleModelError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_parts import assemble, load_parts
 from edgeadapt.device.manifest import MAX_MANIFEST_BYTES, Manifest, check_relative_path
+from edgeadapt.device.manifest_tables import folder_reader
 from edgeadapt.device.npyio import read_npy
-from edgeadapt.device.stats_extras import (
-    EXTRA_KEY,
-    StatisticsExtra,
-    extra_array_names,
-    is_extra_array_name,
-    load_statistics_extra,
-)
+from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
+from edgeadapt.device.stats_extras import EXTRA_KEY, is_extra_array_name, load_statistics_extra
 from edgeadapt.device.packing import UnpackedCopy
 from edgeadapt.device.safefs import (
     check_tree,
@@ -103,179 +102,6 @@ def _content_bytes(content: FileContent) -> bytes:
 def write_file_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and rename (:func:`safefs.durable_write`)."""
     durable_write(path, data)
-
-
-# ----------------------------------------------------------------------------- head files
-def head_file_names(version: int) -> dict[str, str]:
-    base = f"heads/v{version}"
-    return {
-        "weights": f"{base}/weights.npy",
-        "bias": f"{base}/bias.npy",
-        "feature_mean": f"{base}/feature_mean.npy",
-        "class_sums": f"{base}/class_sums.npy",
-        "class_counts": f"{base}/class_counts.npy",
-        "gram": f"{base}/gram.npy",
-        "reference_embeddings": f"{base}/reference_embeddings.npy",
-        "reference_labels": f"{base}/reference_labels.npy",
-        "background": f"{base}/background.npy",
-        **{name: f"{base}/{name}.npy" for name in extra_array_names()},
-    }
-
-
-@dataclass
-class ReferenceEmbeddings:
-    """A few raw embeddings per class, kept in the bundle for the device update gate.
-
-    Before the device commits a head update it checks that the updated head still
-    predicts these old-class embeddings as before (see docs/DEVICE_UPDATES.md).
-    ``embeddings`` is (K, D) float16 or float32 (float16 halves the size and is plenty for
-    the gate), ``labels`` is (K,) int64 class indices into the head.
-    """
-
-    embeddings: np.ndarray
-    labels: np.ndarray
-
-    def __post_init__(self) -> None:
-        embeddings = np.asarray(self.embeddings)
-        if embeddings.dtype not in (np.float16, np.float32):
-            embeddings = embeddings.astype(np.float32)
-        self.embeddings = np.ascontiguousarray(embeddings)
-        self.labels = np.ascontiguousarray(np.asarray(self.labels, dtype=np.int64).reshape(-1))
-        if self.embeddings.ndim != 2 or self.embeddings.shape[0] != self.labels.shape[0]:
-            raise IncompatibleModelError(
-                f"reference embeddings {self.embeddings.shape} and labels {self.labels.shape} do not match"
-            )
-        if not np.all(np.isfinite(self.embeddings)):
-            raise IncompatibleModelError("reference embeddings contain NaN or infinite values")
-        if self.labels.size and self.labels.min() < 0:
-            raise IncompatibleModelError("reference labels must be non-negative class indices")
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def as_float32(self) -> np.ndarray:
-        """The embeddings as float32 (converted once and cached: float16 conversion is slow in numpy)."""
-        cached = self.__dict__.get("_float32")
-        if cached is None:
-            cached = np.asarray(self.embeddings, dtype=np.float32)
-            self.__dict__["_float32"] = cached
-        return cached
-
-    @classmethod
-    def select(
-        cls, embeddings: np.ndarray, labels: np.ndarray, per_class: int = 5, seed: int = 0, dtype: str = "float16"
-    ) -> "ReferenceEmbeddings":
-        """Pick at most ``per_class`` embeddings of each class (deterministic in ``seed``)."""
-        embeddings = np.asarray(embeddings)
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        if embeddings.ndim != 2 or embeddings.shape[0] != labels.shape[0]:
-            raise IncompatibleModelError(f"embeddings {embeddings.shape} and labels {labels.shape} do not match")
-        if per_class < 1:
-            raise IncompatibleModelError(f"per_class must be at least 1, got {per_class}")
-        chosen = []
-        for label in np.unique(labels):
-            members = np.flatnonzero(labels == label)
-            if len(members) > per_class:
-                members = np.sort(np.random.default_rng([int(seed), int(label)]).choice(members, per_class, replace=False))
-            chosen.append(members)
-        indices = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
-        return cls(embeddings[indices].astype(np.dtype(dtype)), labels[indices])
-
-    def per_class_count(self) -> int:
-        """The largest number of references held for one class (0 when empty)."""
-        return int(np.bincount(self.labels).max()) if self.labels.size else 0
-
-
-def head_payload(
-    head: Head,
-    stats: ClassStats | None,
-    version: int,
-    backbone_fingerprint: str,
-    reference_embeddings: ReferenceEmbeddings | None = None,
-    background: np.ndarray | None = None,
-) -> tuple[dict, dict[str, np.ndarray]]:
-    """Manifest ``head`` section and the files that hold ``head``, ``stats``, the references and the background.
-
-    ``background``: optional (N, D) raw embeddings of ordinary, unlabelled photos (float16 or
-    float32). Few-shot methods calibrate a new class against them so that it claims only what
-    is its own (see :mod:`edgeadapt.device.fewshot`).
-    """
-    names = head_file_names(version)
-    files: dict[str, np.ndarray] = {names["weights"]: head.weights, names["bias"]: head.bias}
-    section: dict = {
-        "version": version,
-        "format": "npy",
-        "weights": names["weights"],
-        "bias": names["bias"],
-        "feature_mean": None,
-        "l2_normalize": bool(head.l2_normalize),
-        "temperature": float(head.temperature),
-        "backbone_fingerprint": backbone_fingerprint,
-        "statistics": None,
-    }
-    if head.feature_mean is not None:
-        files[names["feature_mean"]] = head.feature_mean
-        section["feature_mean"] = names["feature_mean"]
-    if stats is not None:
-        if stats.num_classes != head.num_classes or stats.embedding_size != head.embedding_size:
-            raise IncompatibleModelError(
-                f"class statistics ({stats.num_classes} classes x {stats.embedding_size}) do not match the head "
-                f"({head.num_classes} classes x {head.embedding_size})"
-            )
-        files[names["class_sums"]] = stats.sums
-        files[names["class_counts"]] = stats.counts
-        statistics = {
-            "class_sums": names["class_sums"],
-            "class_counts": names["class_counts"],
-            "gram": None,
-            "bytes_per_class": stats.nbytes_per_class(),
-            "bytes_shared": stats.nbytes_shared(),
-            "examples": int(stats.counts.sum()),
-        }
-        if stats.gram is not None:
-            files[names["gram"]] = stats.gram
-            statistics["gram"] = names["gram"]
-        basis = stats.ridge_basis
-        if isinstance(basis, StatisticsExtra) and basis.embedding_size == head.embedding_size:
-            paths = {}
-            for name, array in basis.arrays().items():
-                files[names[name]] = array
-                paths[name] = names[name]
-            statistics[EXTRA_KEY] = {**basis.metadata(), "files": paths,
-                                         "bytes": sum(int(array.nbytes) for array in basis.arrays().values())}
-        section["statistics"] = statistics
-    if reference_embeddings is not None and len(reference_embeddings):
-        references = reference_embeddings
-        if references.embeddings.shape[1] != head.embedding_size:
-            raise IncompatibleModelError(
-                f"reference embeddings are {references.embeddings.shape[1]}-d but the head takes "
-                f"{head.embedding_size}-d embeddings"
-            )
-        if references.labels.max() >= head.num_classes:
-            raise IncompatibleModelError(
-                f"reference labels go up to {int(references.labels.max())} but the head has {head.num_classes} classes"
-            )
-        files[names["reference_embeddings"]] = references.embeddings
-        files[names["reference_labels"]] = references.labels
-        section["references"] = {
-            "embeddings": names["reference_embeddings"],
-            "labels": names["reference_labels"],
-            "count": len(references),
-            "per_class": references.per_class_count(),
-            "dtype": references.embeddings.dtype.name,
-        }
-    if background is not None and len(background):
-        background = np.asarray(background)
-        if background.ndim != 2 or background.shape[1] != head.embedding_size:
-            raise IncompatibleModelError(
-                f"background embeddings have shape {background.shape}, expected (N, {head.embedding_size})"
-            )
-        if background.dtype not in (np.float16, np.float32):
-            background = background.astype(np.float32)
-        files[names["background"]] = background
-        section["background"] = {"embeddings": names["background"], "count": int(background.shape[0]),
-                                 "dtype": background.dtype.name}
-    return section, files
 
 
 # ----------------------------------------------------------------------------- writing
@@ -622,7 +448,7 @@ def read_manifest(folder: Path) -> Manifest:
     if not os.path.lexists(manifest_path):
         raise BundleError(f"{folder} has no {MANIFEST_NAME}; it is not a bundle (or it is incomplete)")
     raw = read_regular(manifest_path, MAX_MANIFEST_BYTES, "bundle manifest")
-    return Manifest.from_json(raw, str(manifest_path))
+    return Manifest.from_json(raw, str(manifest_path), folder_reader(folder))
 
 
 # ----------------------------------------------------------------------------- packing

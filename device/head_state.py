@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings
+from edgeadapt.device.bundle import Bundle
+from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
 from edgeadapt.device.errors import BundleError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.manifest import Manifest

@@ -11,7 +11,7 @@ import copy
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from edgeadapt.device.dsse import DEVICE_SIGNATURE_NAME, SIGNATURE_NAME
 from edgeadapt.device.errors import BundleError, InputError
@@ -165,6 +165,8 @@ class Manifest:
     """In-memory form of ``manifest.json``. ``data`` holds the raw JSON dictionary."""
 
     data: dict[str, Any] = field(default_factory=dict)
+    #: the table segments the stored document names (:mod:`edgeadapt.device.manifest_tables`); None: full tables
+    tables: Any = field(default=None, compare=False, repr=False)
 
     # -- convenience accessors -------------------------------------------------
     @property
@@ -227,12 +229,19 @@ class Manifest:
                              for path, entry in value.items()}
             else:
                 data[key] = copy.deepcopy(value)
-        return Manifest(data)
+        return Manifest(data, self.tables)
+
+    def stored_document(self) -> dict[str, Any]:
+        """The document :meth:`to_json` writes: ``data``, or its table segments plus what changed since them."""
+        from edgeadapt.device.manifest_tables import split
+
+        return split(self.data, self.tables)
 
     def to_json(self) -> str:
         """The manifest as written: indented JSON, one line per class entry and per file entry (a
-        commit rewrites the manifest, so its size is part of what every update costs)."""
-        items = list(self.data.items())
+        commit rewrites the manifest, so its size is part of what every update costs; a device commit
+        stores the class and file tables in shared segments, see :mod:`edgeadapt.device.manifest_tables`)."""
+        items = list(self.stored_document().items())
         lines = ["{"]
         for position, (key, value) in enumerate(items):
             comma = "," if position < len(items) - 1 else ""
@@ -240,6 +249,9 @@ class Manifest:
             if key == "classes" and isinstance(value, list) and value:
                 body = ",\n".join(f"    {_ENTRY.encode(entry)}" for entry in value)
                 lines.append(f"  {name}: [\n{body}\n  ]{comma}")
+            elif key == "tables" and isinstance(value, dict):
+                body = ",\n".join(f"    {_ENTRY.encode(part)}: {_ENTRY.encode(item)}" for part, item in value.items())
+                lines.append(f"  {name}: {{\n{body}\n  }}{comma}")
             elif key == "files" and isinstance(value, dict) and value:
                 body = ",\n".join(f"    {_ENTRY.encode(path)}:{_ENTRY.encode(entry)}"
                                  for path, entry in value.items())
@@ -250,11 +262,34 @@ class Manifest:
         return "\n".join(lines) + "\n"
 
     @classmethod
-    def from_json(cls, text: str | bytes, source: str = "manifest.json") -> "Manifest":
-        """Parse and validate a manifest; :class:`BundleError` names the first problem."""
-        data = parse_document(text, source, MAX_MANIFEST_BYTES, flat_keys=("classes", "files"),
-                              unique_keys=False)
-        manifest = cls(data)
+    def from_json(cls, text: str | bytes, source: str = "manifest.json",
+                  read_segment: Callable[[str, int], bytes] | None = None) -> "Manifest":
+        """Parse and validate a manifest; :class:`BundleError` names the first problem.
+
+        Args:
+            text: the stored document.
+            source: name used in error messages.
+            read_segment: ``read(path, size)`` for the table segments a device-committed manifest
+                names (:func:`edgeadapt.device.manifest_tables.folder_reader`); without it such a
+                manifest is refused.
+
+        Returns:
+            The manifest, its tables assembled.
+
+        Raises:
+            BundleError: naming the first problem.
+        """
+        from edgeadapt.device.manifest_schema import check_listed_path
+        from edgeadapt.device.manifest_tables import TABLES_KEY, SegmentRules, expand
+
+        document = parse_document(text, source, MAX_MANIFEST_BYTES, flat_keys=("classes", "files"),
+                                  unique_keys=False)
+        if isinstance(document, dict) and TABLES_KEY in document and read_segment is None:
+            raise BundleError(f"{source} keeps its tables in segment files: read it from its bundle folder")
+        rules = SegmentRules(MAX_MANIFEST_BYTES, check_listed_path, SHA256_PATTERN)
+        data, layout = expand(document, read_segment, source, rules) if read_segment is not None \
+            else (document, None)
+        manifest = cls(data, layout)
         manifest.validate(source)
         return manifest
 

@@ -116,7 +116,12 @@ def _plan(archive: zipfile.ZipFile, packed: Path) -> tuple[bytes, Manifest, list
     if MANIFEST_NAME not in by_name:
         raise BundleError(f"{packed} has no {MANIFEST_NAME}; it is not a packed bundle")
     raw = read_member(archive, by_name[MANIFEST_NAME], MAX_MANIFEST_BYTES, packed)
-    manifest = Manifest.from_json(raw, f"{packed}:{MANIFEST_NAME}")
+    def read_segment(path: str, size: int) -> bytes:
+        if path not in by_name:
+            raise BundleError(f"{packed} lacks the table segment {path!r} its manifest names; the archive is damaged")
+        return read_member(archive, by_name[path], size, packed)
+
+    manifest = Manifest.from_json(raw, f"{packed}:{MANIFEST_NAME}", read_segment)
     table = manifest.files
     folders = {"/".join(name.split("/")[:depth]) + "/" for name in table for depth in range(1, name.count("/") + 1)}
     files = []

@@ -101,7 +101,7 @@ def _read_manifest_file(folder: Path) -> bytes:
 def _manifest_bytes(bundle: Any) -> bytes:
     data = _read_manifest_file(Path(bundle.path))
     try:
-        same = json.loads(data) == bundle.manifest.data
+        same = json.loads(data) == bundle.manifest.stored_document()
     except (json.JSONDecodeError, UnicodeDecodeError):
         same = False
     if not same:
@@ -300,7 +300,7 @@ def chain_manifest(bundle_path: str | Path, current: Any, new: Any) -> Any:
         return new
     section = statement["predicate"]["edgeadapt"]
     signed_current = hashlib.sha256(manifest_data).hexdigest() == statement["_resources"].get(MANIFEST_RESOURCE) \
-        and json.loads(manifest_data) == current.data
+        and json.loads(manifest_data) == current.stored_document()
     already = (current.data.get("derived_from") or {}).get("statement_sha256") == envelope.statement_sha256
     if signed_current or already:
         new.data["derived_from"] = {"statement_sha256": envelope.statement_sha256,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeadapt.device.bundle import ReferenceEmbeddings
+from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
 from edgeadapt.device.errors import IncompatibleModelError, InputError, UpdateError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_state import HeadState

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from edgeadapt.device.bundle import ReferenceEmbeddings
+from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
 from edgeadapt.device.errors import InputError, UpdateError
 from edgeadapt.device.head import ClassStats
 from edgeadapt.device.manifest import Manifest

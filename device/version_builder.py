@@ -30,12 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from edgeadapt.device.bundle import ReferenceEmbeddings, head_file_names, head_payload
+from edgeadapt.device.head_section import head_file_names, head_payload
+from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
 from edgeadapt.device.change_actions import ChangeAction  # noqa: F401 (re-exported)
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_file import carried_head_file
 from edgeadapt.device.head_parts import MAX_PARTS, base_bytes, part_bytes
 from edgeadapt.device.manifest import Manifest, utc_timestamp
+from edgeadapt.device.manifest_tables import SEGMENT_NAME, choose_layout
 
 HEADS_DIR = "heads"
 DEVICE_EXAMPLE_FILES = ("device_embeddings.npy", "device_labels.npy")
@@ -142,7 +144,7 @@ def build_version(parent: Manifest, plan: VersionPlan, version: int, *, tool: st
             ``device_examples``, ``unknown``, ``background``, e.g. the updater's ``HeadState``):
             files whose arrays are the very same objects are shared, and appended classes become
             a part. None (host writers): every head file is written.
-        compact: write full base files even when a part would do.
+        compact: write full base files even when a part would do, and a full manifest (no table segments).
         compact_fraction: compact once the parts exceed this fraction of the base files.
         created_by: host writers: who built the version (merged into ``created_by``); the version
             then also gets ``created_at`` and loses the parent's ``derived_from`` (a new host
@@ -181,6 +183,12 @@ def build_version(parent: Manifest, plan: VersionPlan, version: int, *, tool: st
     manifest = _provenance(parent, plan, version, tool, created_by)
     manifest.data["head"] = section
     manifest.data["files"] = table
+    manifest.tables = None
+    if previous is not None and created_by is None and not compact:  # a device commit: shared table segments
+        segment_path = f"{HEADS_DIR}/v{version}/{SEGMENT_NAME}"
+        segment = choose_layout(parent, manifest, segment_path)
+        if segment is not None:
+            new_files[segment_path] = segment
     return BuiltVersion(manifest, new_files, sorted(set(shared)), compacted)
 
 
@@ -315,8 +323,11 @@ def _part(parent: Manifest, plan: VersionPlan, previous: Any, version: int,
     if new_head.weights is old_head.weights and new_head.bias is old_head.bias:
         changed = np.zeros(0, np.int64)
     else:
-        differs = np.any(new_head.weights[:, :old_count] != old_head.weights, axis=0)
-        differs |= new_head.bias[:old_count] != old_head.bias
+        if plan.change.get("old_rows_unchanged") is True:  # the updater compared the old columns already
+            differs = np.zeros(old_count, bool)
+        else:
+            differs = np.any(new_head.weights[:, :old_count] != old_head.weights, axis=0)
+            differs |= new_head.bias[:old_count] != old_head.bias
         if plan.stats is not None and plan.stats.sums is not previous.stats.sums:
             differs |= np.any(plan.stats.sums[:old_count] != previous.stats.sums, axis=1)
             differs |= plan.stats.counts[:old_count] != previous.stats.counts

@@ -64,6 +64,7 @@ from edgeadapt.device.commit_writes import (
 )
 from edgeadapt.device.errors import BundleError, InputError, UpdateError
 from edgeadapt.device.manifest import MAX_MANIFEST_BYTES, Manifest, check_relative_path, utc_timestamp
+from edgeadapt.device.manifest_tables import folder_reader
 from edgeadapt.device.safefs import check_tree, read_regular, refuse_link
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ class VersionStore:
         if cached is not None and cached[0] == signature and stat.S_ISREG(status.st_mode):
             return cached[1]
         manifest = Manifest.from_json(read_regular(manifest_path, MAX_MANIFEST_BYTES, "bundle manifest"),
-                                      str(manifest_path))
+                                      str(manifest_path), folder_reader(self.path))
         self._manifest_cache = (signature, manifest)
         return manifest
 
@@ -228,7 +229,8 @@ class VersionStore:
             cached = self._record_cache.get(version)
             if cached is not None and cached[0] == signature:
                 return cached[1]
-            manifest = Manifest.from_json(read_regular(path, MAX_MANIFEST_BYTES, "version record"), str(path))
+            manifest = Manifest.from_json(read_regular(path, MAX_MANIFEST_BYTES, "version record"), str(path),
+                                          folder_reader(self.path))
         except FileNotFoundError as error:
             raise BundleError(f"version {version} has no record in {path.parent}") from error
         self._record_cache[version] = (signature, manifest)

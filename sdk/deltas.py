@@ -23,7 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings, write_bundle
+from edgeadapt.device.bundle import Bundle, write_bundle
+from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
 from edgeadapt.device.delta import Delta, read_delta
 from edgeadapt.device.errors import IncompatibleModelError, InputError
 from edgeadapt.device.incremental import with_ridge_basis

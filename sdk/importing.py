@@ -317,7 +317,8 @@ def import_classifier(
     """
     from edgeadapt.converters.bundle_export import created_by
     from edgeadapt.converters.parity import run_exported
-    from edgeadapt.device.bundle import Bundle, head_payload, write_bundle
+    from edgeadapt.device.bundle import Bundle, write_bundle
+    from edgeadapt.device.head_section import head_payload
 
     start = time.perf_counter()
     model_path = Path(model_path)
@@ -525,7 +526,7 @@ def _import_report(output: Path, model_path: Path, imported: Any, spec: Any, sta
 def _reference_embeddings(embeddings: np.ndarray, labels: np.ndarray, per_class: int = 5) -> Any:
     """A few embeddings per class for the device update gate, when this edgeadapt's bundle format has them."""
     try:
-        from edgeadapt.device.bundle import ReferenceEmbeddings
+        from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
     except ImportError:
         return None
     return ReferenceEmbeddings.select(embeddings, labels, per_class=per_class, seed=0)

@@ -274,7 +274,7 @@ def _new_references(parent: Bundle, arrays: list[np.ndarray], first_index: int):
     references = _parent_references(parent)
     if references is None:
         return None
-    from edgeadapt.device.bundle import ReferenceEmbeddings
+    from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
 
     per_class = max(1, references.per_class_count())
     embeddings, labels = [references.embeddings], [references.labels]

@@ -137,7 +137,8 @@ def run_demo(options: DemoOptions) -> DemoReport:
         ConversionError: When an export fails.
     """
     from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
-    from edgeadapt.device.bundle import Bundle, ReferenceEmbeddings
+    from edgeadapt.device.bundle import Bundle
+    from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
     from edgeadapt.device.runtime import Runtime
     from edgeadapt.embeddings import EmbeddingCache
     from edgeadapt.head_training import DEFAULT_NORMALIZATION, HeadTrainingOptions, train_head

@@ -55,7 +55,7 @@ def build_fixtures(output: Path, seed: int = 0) -> Path:
     from edgeadapt.backbones import BackboneOptions
     from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
     from edgeadapt.data import SplitOptions, write_image_folder
-    from edgeadapt.device.bundle import ReferenceEmbeddings
+    from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
     from edgeadapt.device.head import ClassStats
     from edgeadapt.embeddings import compute_embeddings
     from edgeadapt.model_split import backbone_fingerprint, split_classifier

@@ -85,7 +85,8 @@ def check_consistent(bundle_path: Path, base_weights: np.ndarray, base_names: li
         assert state.stats.num_classes == len(names)
     record = bundle_path / "versions" / f"v{manifest.version}.json"
     if record.is_file():  # the history copy of the current version is the same document
-        assert json.loads(record.read_text()) == manifest.data
+        assert json.loads(record.read_text()) == json.loads((bundle_path / "manifest.json").read_text())
+        assert json.loads(record.read_text()) == manifest.stored_document()
     return manifest.version
 
 

@@ -12,10 +12,12 @@ from edgeadapt.device import Bundle, HeadUpdater, Runtime
 from edgeadapt.device.errors import BundleError
 from edgeadapt.device.head import ClassStats
 from edgeadapt.device.version_builder import ChangeAction
+from edgeadapt.device.versions import VersionStore
 
 
 def _current(bundle_path) -> dict:
-    return json.loads((bundle_path / "manifest.json").read_text())
+    """The current manifest, its tables assembled from the shared segments."""
+    return VersionStore(bundle_path).read_manifest().data
 
 
 def _new_files(before: dict, after: dict) -> dict[str, int]:
@@ -48,7 +50,7 @@ def test_add_class_writes_a_small_part_and_readers_assemble_it(bundle_copy, test
     assert result.action == ChangeAction.ADD_CLASS == "add-class"
     assert set(written) <= {f"heads/v{result.version}/part_{name}.npy"
                             for name in ("indices", "weights", "bias", "class_sums", "class_counts", "examples",
-                                         "labels")}
+                                         "labels")} | {f"heads/v{result.version}/tables.json"}
     parts = after["head"]["parts"]
     assert len(parts) == 1 and parts[0]["added"] == 1 and parts[0]["rows"] == 4
     assert after["head"]["weights"] == base["head"]["weights"]  # the base files are shared, not rewritten
@@ -117,12 +119,12 @@ def test_parts_that_do_not_fit_their_base_are_refused(bundle_copy, test_images):
     HeadUpdater(runtime).add_class_embeddings("extra", runtime.embed(images[labels == 1][:4]), force=True)
     manifest_path = bundle_copy / "manifest.json"
     data = json.loads(manifest_path.read_text())
-    data["head"]["parts"][0]["added"] = 2  # claims one more class than its files hold
+    data["tables"]["head_parts"][0]["added"] = 2  # claims one more class than its files hold
     manifest_path.write_text(json.dumps(data))
     with pytest.raises(BundleError, match="head.parts.0..added must be"):
         Bundle.open(bundle_copy, trusted_keys=False).load_head()
-    data["head"]["parts"][0]["added"] = 1
-    data["head"]["parts"][0]["weights"] = "heads/v1/weights.npy"  # a file of another shape
+    data["tables"]["head_parts"][0]["added"] = 1
+    data["tables"]["head_parts"][0]["weights"] = "heads/v1/weights.npy"  # a file of another shape
     manifest_path.write_text(json.dumps(data))
     with pytest.raises(BundleError):
         Bundle.open(bundle_copy, trusted_keys=False).load_head()

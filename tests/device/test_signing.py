@@ -23,6 +23,7 @@ from edgeadapt.device import signing  # noqa: E402
 from edgeadapt.device.bundle import Bundle, pack_bundle  # noqa: E402
 from edgeadapt.device.cli import main as device_main  # noqa: E402
 from edgeadapt.device.delta import export_delta, read_delta  # noqa: E402
+from edgeadapt.device.versions import VersionStore  # noqa: E402
 from edgeadapt.device.dsse import canonical_json  # noqa: E402
 from edgeadapt.device.errors import (  # noqa: E402
     BadSignatureError,
@@ -151,7 +152,7 @@ def test_device_commit_leaves_the_publisher_signed_files_untouched(signed, keys,
     before = {name: (signed / name).read_bytes() for name in signed_files}
     runtime = Runtime.open(signed, trusted_keys=[public])
     HeadUpdater(runtime, trusted_keys=[public]).add_class("extra", list(images[labels == 4][:5]), force=True)
-    manifest = json.loads((signed / "manifest.json").read_text())
+    manifest = VersionStore(signed).read_manifest().data  # tables assembled from their segments
     assert manifest["head"]["parts"]  # the new class is a part on top of the signed base files
     for name, data in before.items():
         assert name in manifest["files"] and (signed / name).read_bytes() == data

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeadapt.device.bundle import Bundle, head_payload, write_bundle
+from edgeadapt.device.bundle import Bundle, write_bundle
+from edgeadapt.device.head_section import head_payload
 from edgeadapt.device.cli import main as device_main
 from edgeadapt.device.delta import read_delta
 from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError, UpdateError

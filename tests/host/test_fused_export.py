@@ -26,7 +26,8 @@ from edgeadapt.converters.fused_export import (  # noqa: E402
 from edgeadapt.converters.fused_format import read_onnx_fused_metadata  # noqa: E402
 from edgeadapt.converters.tflite_metadata import read_tflite_fused_metadata  # noqa: E402
 from edgeadapt.device import Bundle  # noqa: E402
-from edgeadapt.device.bundle import head_payload, write_bundle  # noqa: E402
+from edgeadapt.device.bundle import write_bundle  # noqa: E402
+from edgeadapt.device.head_section import head_payload  # noqa: E402
 from edgeadapt import BundleError, Head, ImportSettings, InputError, InputSpec, Runtime, import_classifier  # noqa: E402
 
 SIZE = 32

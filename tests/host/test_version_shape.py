@@ -11,8 +11,10 @@ from edgeadapt.device import Bundle, HeadUpdater, Runtime
 from edgeadapt.device.version_builder import MANAGED_KEYS, ChangeAction
 from edgeadapt.incremental import add_classes
 
-#: What only a device version holds: the examples it learned (host versions learned none).
+#: What only a device version holds: the examples it learned (host versions learned none), and its
+#: class and file tables as a shared segment (host versions keep them in the manifest).
 DEVICE_ONLY = {"device_examples"}
+DEVICE_ONLY_FILES = ("heads/vN/device_", "heads/vN/tables.json")
 
 
 def _shape(path) -> dict:
@@ -22,7 +24,7 @@ def _shape(path) -> dict:
     return {
         "head": sorted(set(head) - DEVICE_ONLY),
         "statistics": sorted(head.get("statistics") or {}),
-        "files": [name for name in files if not name.startswith("heads/vN/device_")],
+        "files": [name for name in files if not name.startswith(DEVICE_ONLY_FILES)],
         "provenance": sorted(key for key in ("version", "parent_version", "committed_at") if manifest.data.get(key)),
         "change": sorted({"action", "classes", "tool"} & set(manifest.data["change"])),
         "action": manifest.data["change"]["action"],
