@@ -15,7 +15,8 @@ from edgeadapt.device import Bundle, Runtime
 from edgeadapt import BundleError, IncompatibleModelError, InputError
 from edgeadapt.device.incremental import STATISTICS_FREE_METHOD, AddClassOptions, remove_class
 from edgeadapt import add_classes, merge_heads
-from edgeadapt.incremental import NamedHead, write_version
+from edgeadapt.incremental import NamedHead
+from edgeadapt.version_writing import write_version
 
 NEW = ["cross", "ring"]
 
@@ -195,7 +196,7 @@ def test_existing_output_is_refused(base_bundle, new_class_folder, tmp_path):
 def test_merge_heads(base_bundle, new_class_folder, test_images, fixture_dir, tmp_path):
     from edgeadapt import ClassStats
     from edgeadapt.head_training import HeadTrainingOptions, train_head
-    from edgeadapt.incremental import folder_examples
+    from edgeadapt.incremental_inputs import folder_examples
 
     parent = Bundle.open(base_bundle)
     runtime = Runtime.open(base_bundle)
