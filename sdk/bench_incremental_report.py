@@ -116,6 +116,15 @@ def _json_default(value: Any):
 
 
 def row_order(methods: Sequence[str]) -> list[str]:
+    """The table's method order: the joint retrain, each method run (``resolve_all`` after the default), the
+    joint retrain on old data + shots.
+
+    Args:
+        methods: the methods the benchmark ran.
+
+    Returns:
+        Method and baseline names in table order.
+    """
     order = [JOINT]
     for method in METHODS:
         if method in methods:
@@ -127,6 +136,15 @@ def row_order(methods: Sequence[str]) -> list[str]:
 
 
 def benchmark_figures(rows: list[dict], shots: Sequence[int]) -> dict:
+    """The figure checks of docs/INCREMENTAL.md on the averaged rows.
+
+    Args:
+        rows: the report's rows (:func:`aggregate_rows`).
+        shots: the shot counts run.
+
+    Returns:
+        ``{"checks": [{"name", "value", "passed", "text"}], "passed": all passed}``.
+    """
     def find(shot: int, method: str) -> dict | None:
         return next((row for row in rows if row["shots"] == shot and row["method"] == method), None)
 

@@ -23,7 +23,19 @@ logger = logging.getLogger("edgeadapt.finetune")
 
 def train_backbone(backbone, head: Head, data: "MemoryData | StreamData", spec: InputSpec,
                     options: FineTuneOptions, distribution_strategy):
-    """Stage 2: unfreeze the top blocks (or all), train them with the head; returns a plain copy."""
+    """Stage 2: unfreeze the top blocks (or all), train them with the head; returns a plain copy.
+
+    Args:
+        backbone: the backbone after the head stage (not modified).
+        head: the head of the head stage, the starting point of the classifier layer.
+        data: the training data source.
+        spec: the input spec of the images.
+        options: strategy, learning rates, epochs, BatchNorm mode, dropout, seed.
+        distribution_strategy: an optional ``tf.distribute.Strategy``.
+
+    Returns:
+        ``(trained backbone, head, names of the trainable layers, history)``.
+    """
     import keras
 
     from edgeadapt.training import augmentation_layers

@@ -28,6 +28,14 @@ logger = logging.getLogger("edgeadapt.finetune")
 
 
 def is_stream(dataset: Any) -> bool:
+    """Whether ``dataset`` is a streamed folder (:class:`edgeadapt.streaming.StreamingImageFolder`).
+
+    Args:
+        dataset: an in-memory dataset or a streamed folder.
+
+    Returns:
+        True for a streamed folder.
+    """
     from edgeadapt.streaming import StreamingImageFolder
 
     return isinstance(dataset, StreamingImageFolder)

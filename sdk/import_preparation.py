@@ -54,6 +54,17 @@ def prepare_import(model_path: Path, kind: str, settings: ImportSettings, class_
 
 
 def model_kind(path: Path) -> str:
+    """The kind of model file at ``path``: "tflite", "onnx" or "keras" (by suffix, else by TFLite magic).
+
+    Args:
+        path: the model file.
+
+    Returns:
+        "tflite", "onnx" or "keras".
+
+    Raises:
+        IncompatibleModelError: an unknown model type.
+    """
     suffix = path.suffix.lower()
     if suffix == ".tflite":
         return "tflite"

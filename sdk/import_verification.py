@@ -44,6 +44,15 @@ def top1_agreement(original: np.ndarray, candidate_top1: np.ndarray) -> tuple[fl
 
 
 def probe_images(spec: InputSpec, settings: ImportSettings) -> np.ndarray:
+    """The probe batch: the given probe image files (prepared for ``spec``), then ``settings.probes`` generated.
+
+    Args:
+        spec: the model's input spec.
+        settings: the import settings (probe files, probe count, seed).
+
+    Returns:
+        A uint8 (N, H, W, C) batch.
+    """
     from edgeadapt.converters.fused_export import probe_image_batch
 
     generated = probe_image_batch(spec, settings.probes, seed=settings.seed)

@@ -34,6 +34,19 @@ def folder_examples(folder: str | Path, classes: Sequence[str] | None = None) ->
 
 
 def examples_mapping(data: Any, classes: Sequence[str] | None, what: str) -> dict[str, Any]:
+    """``{class name: examples}`` from a folder (one sub-folder per class) or a mapping.
+
+    Args:
+        data: a folder, or a mapping name -> images or embeddings.
+        classes: the classes to keep (None: all).
+        what: what ``data`` is, for messages ("new data", "replay").
+
+    Returns:
+        The examples of each class, in ``classes`` order when given.
+
+    Raises:
+        InputError: ``data`` is neither, or lacks one of ``classes``.
+    """
     if isinstance(data, (str, Path)):
         return folder_examples(data, classes)
     if isinstance(data, Mapping):
@@ -86,6 +99,20 @@ class BundleEmbedder:
 def replay_embeddings(
     replay: Any, class_names: list[str], embedder: BundleEmbedder, size: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Embeddings and label indices of replay examples of the bundle's old classes.
+
+    Args:
+        replay: None, a folder or a mapping of examples of old classes.
+        class_names: the bundle's class names.
+        embedder: embeds images with the bundle's backbone.
+        size: the embedding size.
+
+    Returns:
+        ``(embeddings, labels)``, or None without replay examples.
+
+    Raises:
+        InputError: replay names a class the bundle does not have, or bad examples.
+    """
     if replay is None:
         return None
     mapping = examples_mapping(replay, None, "replay")

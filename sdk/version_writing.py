@@ -23,6 +23,14 @@ KEEP_REFERENCES = object()
 
 
 def parent_references(parent: Bundle):
+    """The parent's update-gate reference embeddings, or None (also for bundle objects without them).
+
+    Args:
+        parent: the parent bundle.
+
+    Returns:
+        Its ``ReferenceEmbeddings``, or None.
+    """
     loader = getattr(parent, "load_reference_embeddings", None)
     return None if loader is None else loader()
 
@@ -86,6 +94,16 @@ def _version() -> str:
 
 
 def new_references(parent: Bundle, arrays: list[np.ndarray], first_index: int):
+    """The parent's references plus the first few examples of each new class (as many per class as it keeps).
+
+    Args:
+        parent: the parent bundle.
+        arrays: each new class's embeddings.
+        first_index: the head column of the first new class.
+
+    Returns:
+        The new ``ReferenceEmbeddings``, or None when the parent has none.
+    """
     references = parent_references(parent)
     if references is None:
         return None
