@@ -76,77 +76,110 @@ def _timed(function, *args, **kwargs):
     return value, time.perf_counter() - start
 
 
-def run(arguments: argparse.Namespace) -> Results:
-    from edgeadapt.backbones import BackboneOptions
-    from edgeadapt.data import SplitOptions, load_image_folder
-    from edgeadapt.device.manifest import InputSpec
-    from edgeadapt.finetune import FineTuneOptions, fine_tune, time_budget
-    from edgeadapt.input_adaptation import adapt_input
-    from edgeadapt.training import ClassifierTrainingOptions, train_classifier
+class _Bench:
+    """The benchmark's settings and rows, and its three steps: load a folder, train from scratch, fine-tune."""
 
-    size, large, seed = arguments.image_size, arguments.large_size, arguments.seed
-    split = SplitOptions(seed=seed)
-    results = Results()
-    backbone = BackboneOptions()
+    def __init__(self, arguments: argparse.Namespace):
+        from edgeadapt.backbones import BackboneOptions
+        from edgeadapt.data import SplitOptions
 
-    def load(height: int, channels: int = 3):
+        self.arguments = arguments
+        self.seed = arguments.seed
+        self.split = SplitOptions(seed=arguments.seed)
+        self.results = Results()
+        self.backbone = BackboneOptions()
+
+    def load(self, height: int, channels: int = 3):
+        from edgeadapt.data import load_image_folder
+        from edgeadapt.device.manifest import InputSpec
+
+        arguments = self.arguments
         spec = InputSpec(height=height, width=height, channels=channels, color_order="RGB" if channels == 3 else "GRAY")
-        dataset, seconds = _timed(load_image_folder, arguments.data, spec, split, progress=False)
+        dataset, seconds = _timed(load_image_folder, arguments.data, spec, self.split, progress=False)
         if arguments.max_per_class:
-            dataset.train = dataset.train.per_class(arguments.max_per_class, seed)
+            dataset.train = dataset.train.per_class(arguments.max_per_class, self.seed)
         print(f"[bench] loaded {arguments.data} at {spec.shape}: {len(dataset.train)}/{len(dataset.validation)}/"
               f"{len(dataset.test)} images in {seconds:.1f} s", flush=True)
         return dataset
 
-    def scratch(dataset, epochs: int, seconds: float | None = None):
-        options = ClassifierTrainingOptions(epochs=epochs, seed=seed, verbose=arguments.verbose, backbone=backbone)
+    def scratch(self, dataset, epochs: int, seconds: float | None = None):
+        from edgeadapt.finetune_keras import time_budget
+        from edgeadapt.training import ClassifierTrainingOptions, train_classifier
+
+        options = ClassifierTrainingOptions(epochs=epochs, seed=self.seed, verbose=self.arguments.verbose,
+                                            backbone=self.backbone)
         callbacks = [time_budget(seconds)] if seconds else []
         return _timed(train_classifier, dataset, options, callbacks)
 
-    def tune(model, dataset, strategy: str, epochs: int):
+    def tune(self, model, dataset, strategy: str, epochs: int):
+        from edgeadapt.finetune import FineTuneOptions, fine_tune
+
+        arguments = self.arguments
         options = FineTuneOptions.from_string(strategy, epochs=epochs, augment=strategy != "head_only",
-                                              head_learning_rate=arguments.learning_rate, seed=seed,
+                                              head_learning_rate=arguments.learning_rate, seed=self.seed,
                                               verbose=arguments.verbose, patience=arguments.patience)
         return _timed(fine_tune, model, dataset, options)
 
-    # ------------------------------------------------------------------ part 1: strategies
-    rgb = load(size)
+
+def run(arguments: argparse.Namespace) -> Results:
+    bench = _Bench(arguments)
+    rgb = bench.load(arguments.image_size)
+    tuned = _strategies(bench, rgb)
+    _resolution(bench, rgb, tuned[f"top_layers:{arguments.top_blocks}"].model)
+    _gray_to_rgb(bench, rgb)
+    return bench.results
+
+
+def _strategies(bench: _Bench, rgb) -> dict:
+    """Part 1: pretrain on two classes, then each strategy on all classes, against training from scratch."""
+    arguments, results = bench.arguments, bench.results
     names = rgb.class_names
     base_classes = names[:2]
-    section = f"{size}px, {len(base_classes)}->{len(names)} classes"
-    base, seconds = scratch(rgb.select_classes(base_classes), arguments.pretrain_epochs)
+    section = f"{arguments.image_size}px, {len(base_classes)}->{len(names)} classes"
+    base, seconds = bench.scratch(rgb.select_classes(base_classes), arguments.pretrain_epochs)
     results.add(section, f"pretrain on {'+'.join(base_classes)}", _classifier_accuracy(base, rgb.select_classes(base_classes)),
                 seconds, f"{len(base_classes)}-class test accuracy, {arguments.pretrain_epochs} epochs")
     tuned = {}
     for strategy in ("head_only", f"top_layers:{arguments.top_blocks}", "full"):
-        result, seconds = tune(base, rgb, strategy, arguments.epochs)
+        result, seconds = bench.tune(base, rgb, strategy, arguments.epochs)
         tuned[strategy] = result
         epochs_run = len(result.history.get("backbone", {}).get("loss", []))
         note = "head on cached embeddings" if strategy == "head_only" else (
             f"head stage + {epochs_run} backbone epoch(s), backbone lr {result.options.effective_backbone_learning_rate:g}")
         results.add(section, strategy, result.evaluate(rgb.test.images, rgb.test.labels), seconds, note)
-    model, seconds = scratch(rgb, arguments.pretrain_epochs)
+    model, seconds = bench.scratch(rgb, arguments.pretrain_epochs)
     results.add(section, "from scratch (all classes)", _classifier_accuracy(model, rgb), seconds,
                 f"{arguments.pretrain_epochs} epochs, random init")
+    return tuned
 
-    # ------------------------------------------------------------------ part 2a: resolution
-    source = tuned[f"top_layers:{arguments.top_blocks}"].model
+
+def _resolution(bench: _Bench, rgb, source) -> None:
+    """Part 2a: adapt the top_layers model to the large size, with and without a short fine-tune."""
+    from edgeadapt.input_adaptation import adapt_input
+
+    arguments, results = bench.arguments, bench.results
+    size, large = arguments.image_size, arguments.large_size
     section = f"resolution {size}->{large}"
     results.add(section, f"source model at {size}", _classifier_accuracy(source, rgb), 0.0,
                 f"top_layers:{arguments.top_blocks} result of part 1")
-    big = load(large)
+    big = bench.load(large)
     adapted, seconds = _timed(adapt_input, source, large, large)
     results.add(section, "adapted, no training", _classifier_accuracy(adapted, big), seconds, "every weight reused")
-    result, tune_seconds = tune(adapted, big, arguments.short_strategy, arguments.short_epochs)
+    result, tune_seconds = bench.tune(adapted, big, arguments.short_strategy, arguments.short_epochs)
     results.add(section, f"adapted + short {arguments.short_strategy}", result.evaluate(big.test.images, big.test.labels),
                 tune_seconds, f"{arguments.short_epochs} epoch(s) max")
-    model, seconds = scratch(big, 100, tune_seconds)
+    model, seconds = bench.scratch(big, 100, tune_seconds)
     results.add(section, "from scratch, same time", _classifier_accuracy(model, big), seconds, "random init, time-capped")
 
-    # ------------------------------------------------------------------ part 2b: gray -> RGB
-    section = f"gray->RGB at {size}"
-    gray = load(size, channels=1)
-    gray_model, seconds = scratch(gray, arguments.pretrain_epochs)
+
+def _gray_to_rgb(bench: _Bench, rgb) -> None:
+    """Part 2b: a grayscale model adapted to RGB, with and without a short fine-tune."""
+    from edgeadapt.input_adaptation import adapt_input
+
+    arguments, results = bench.arguments, bench.results
+    section = f"gray->RGB at {arguments.image_size}"
+    gray = bench.load(arguments.image_size, channels=1)
+    gray_model, seconds = bench.scratch(gray, arguments.pretrain_epochs)
     results.add(section, "gray model on gray images", _classifier_accuracy(gray_model, gray), seconds,
                 f"trained from scratch, {arguments.pretrain_epochs} epochs")
     for spread in ("equal", "luma"):
@@ -154,12 +187,11 @@ def run(arguments: argparse.Namespace) -> Results:
         results.add(section, f"adapted ({spread}), no training", _classifier_accuracy(adapted, rgb), seconds,
                     "on colour images")
     adapted = adapt_input(gray_model, channels=3, spread=arguments.spread)
-    result, tune_seconds = tune(adapted, rgb, arguments.short_strategy, arguments.short_epochs)
+    result, tune_seconds = bench.tune(adapted, rgb, arguments.short_strategy, arguments.short_epochs)
     results.add(section, f"adapted ({arguments.spread}) + short {arguments.short_strategy}",
                 result.evaluate(rgb.test.images, rgb.test.labels), tune_seconds, f"{arguments.short_epochs} epoch(s) max")
-    model, seconds = scratch(rgb, 100, tune_seconds)
+    model, seconds = bench.scratch(rgb, 100, tune_seconds)
     results.add(section, "from scratch, same time", _classifier_accuracy(model, rgb), seconds, "random init, time-capped")
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,9 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -64,33 +66,59 @@ def section(title: str) -> None:
 
 
 def run(data: Path, output: Path, new_classes: list[str], device_shots: int, repeats: int) -> dict:
-    from edgeadapt.converters.fused_export import FusedRunner, export_fused
-    from edgeadapt.converters.tflite_import import tflite_scores
-    from edgeadapt.data import SplitOptions, load_image_folder
     from edgeadapt.device.bundle import Bundle
-    from edgeadapt.device.preprocessing import prepare_batch
     from edgeadapt.device.runtime import Runtime
-    from edgeadapt.importing import ImportSettings, import_classifier, top1_agreement
 
     results: dict = {}
     mobilenet = data / "imagenet_mobilenet"
     model_path, labels_path = mobilenet / MODEL, mobilenet / "imagenet_labels.txt"
     test_paths = [mobilenet / name for name in TEST_IMAGES]
-
-    # ------------------------------------------------------------------ 1. import
-    section("import")
     bundle_path = output / "mobilenet.eab"
-    report = import_classifier(model_path, labels_path, bundle_path,
-                               ImportSettings(probe_images=tuple(test_paths), probes=64, overwrite=True))
-    print(report.table())
-    results["import"] = report.to_dict()
-
-    # ------------------------------------------------------------------ 2. acceptance: same labels as the original
-    section("acceptance: the three test images, original file vs imported bundle")
+    results["import"] = _import(model_path, labels_path, bundle_path, test_paths)
     bundle = Bundle.open(bundle_path)
     spec = bundle.manifest.input_spec
     names = bundle.manifest.class_names
     runtimes = {backend: Runtime.open(bundle_path, backend=backend) for backend in ("litert", "onnxruntime")}
+    results["acceptance"] = _acceptance(model_path, test_paths, spec, names, runtimes)
+    reference_images = _lanczos(test_paths, spec.height)
+    results["fused"] = _fused(output, bundle_path, reference_images, names, runtimes, repeats)
+
+    # ------------------------------------------------------------------ 4. add two flower classes
+    section(f"add {', '.join(new_classes)} from {data / 'flowers'}")
+    test = _NewClassTest.embed(data / "flowers", spec, new_classes, names, runtimes["litert"], reference_images)
+    base_head = bundle.load_head()
+    additions = {"before": test.evaluate(base_head, "before (imported, 1001 classes)", 0.0)}
+    try:
+        from edgeadapt.device import incremental  # noqa: F401 (only checks it is there)
+    except ImportError:
+        print("edgeadapt.device.incremental is not available: adding classes skipped")
+        results["add_classes"] = additions
+        return results
+    with_stats_path = output / "mobilenet_with_stats.eab"
+    additions.update(_host_additions(test, base_head, model_path, labels_path, with_stats_path))
+    additions.update(_device_additions(test, output, bundle_path, with_stats_path, device_shots, len(additions)))
+    results["add_classes"] = additions
+    return results
+
+
+def _import(model_path: Path, labels_path: Path, bundle_path: Path, test_paths: list[Path]) -> dict:
+    """1. import the model, verified on the test images and 64 probes."""
+    from edgeadapt.importing import ImportSettings, import_classifier
+
+    section("import")
+    report = import_classifier(model_path, labels_path, bundle_path,
+                               ImportSettings(probe_images=tuple(test_paths), probes=64, overwrite=True))
+    print(report.table())
+    return report.to_dict()
+
+
+def _acceptance(model_path: Path, test_paths: list[Path], spec, names: list[str], runtimes: dict) -> dict:
+    """2. acceptance: the three test images keep the original file's labels, with both resizes."""
+    from edgeadapt.converters.tflite_import import tflite_scores
+    from edgeadapt.device.preprocessing import prepare_batch
+    from edgeadapt.import_verification import top1_agreement
+
+    section("acceptance: the three test images, original file vs imported bundle")
     acceptance = {}
     for preprocessing, images in (("reference resize (PIL LANCZOS, as pycoral)", _lanczos(test_paths, spec.height)),
                                   ("device resize (bilinear stretch)", prepare_batch([str(p) for p in test_paths], spec))):
@@ -106,10 +134,14 @@ def run(data: Path, output: Path, new_classes: list[str], device_shots: int, rep
             print(f"  {key:<12} {row[key]}")
         print(f"  agreement    litert {row['litert_agreement']:.3f}, onnxruntime {row['onnxruntime_agreement']:.3f}"
               f"; expected {list(TEST_IMAGES.values())}")
-    results["acceptance"] = acceptance
-    reference_images = _lanczos(test_paths, spec.height)
+    return acceptance
 
-    # ------------------------------------------------------------------ 3. fused files
+
+def _fused(output: Path, bundle_path: Path, reference_images: np.ndarray, names: list[str], runtimes: dict,
+           repeats: int) -> dict:
+    """3. fused single-file models: size, agreement with the split bundle, latency against it."""
+    from edgeadapt.converters.fused_export import FusedRunner, export_fused
+
     section("fused single-file models vs split bundle")
     fused = {}
     probe = reference_images[0]
@@ -127,37 +159,53 @@ def run(data: Path, output: Path, new_classes: list[str], device_shots: int, rep
         print(f"{model_format:<7} {result.size / 1024:7.0f} KiB  top-1 agreement {result.top1_agreement:.3f} on "
               f"{result.probes} probes, max score diff {result.max_score_difference:.2g}; latency per image: fused "
               f"{fused_ms:.2f} ms, split {split_ms:.2f} ms (backbone {backbone_ms:.2f} ms + head); test images {labels}")
-    results["fused"] = fused
+    return fused
 
-    # ------------------------------------------------------------------ 4. add two flower classes
-    section(f"add {', '.join(new_classes)} from {data / 'flowers'}")
-    classes = [*new_classes, "daisy"]
-    flowers = load_image_folder(data / "flowers", spec, SplitOptions(validation_fraction=0.0, test_fraction=0.3, seed=0),
-                                classes=classes, progress=False)
-    runtime = runtimes["litert"]
-    start = time.perf_counter()
-    train_embeddings = runtime.embed(flowers.train.images)
-    test_embeddings = runtime.embed(flowers.test.images)
-    embed_seconds = time.perf_counter() - start
-    reference_embeddings = runtime.embed(reference_images)
-    print(f"flowers: {len(flowers.train)} train / {len(flowers.test)} test images of {classes} (deduplicated); "
-          f"embedded in {embed_seconds:.1f} s")
-    new_train = [train_embeddings[flowers.train.labels == k] for k in range(len(new_classes))]
-    daisy_test = test_embeddings[flowers.test.labels == len(new_classes)]
-    daisy_index = names.index("daisy")
 
-    def evaluate(head, label: str, seconds: float) -> dict:
+@dataclass
+class _NewClassTest:
+    """The flower photos (new classes + daisy) embedded by the bundle, and how an updated head is scored on them."""
+
+    flowers: Any  # edgeadapt.data.Dataset: the new classes, then daisy
+    new_classes: list[str]
+    names: list[str]
+    test_embeddings: np.ndarray
+    new_train: list[np.ndarray]
+    daisy_test: np.ndarray
+    reference_embeddings: np.ndarray
+
+    @classmethod
+    def embed(cls, folder: Path, spec, new_classes: list[str], names: list[str], runtime,
+              reference_images: np.ndarray) -> "_NewClassTest":
+        from edgeadapt.data import SplitOptions, load_image_folder
+
+        classes = [*new_classes, "daisy"]
+        flowers = load_image_folder(folder, spec, SplitOptions(validation_fraction=0.0, test_fraction=0.3, seed=0),
+                                    classes=classes, progress=False)
+        start = time.perf_counter()
+        train_embeddings = runtime.embed(flowers.train.images)
+        test_embeddings = runtime.embed(flowers.test.images)
+        embed_seconds = time.perf_counter() - start
+        reference_embeddings = runtime.embed(reference_images)
+        print(f"flowers: {len(flowers.train)} train / {len(flowers.test)} test images of {classes} (deduplicated); "
+              f"embedded in {embed_seconds:.1f} s")
+        new_train = [train_embeddings[flowers.train.labels == k] for k in range(len(new_classes))]
+        daisy_test = test_embeddings[flowers.test.labels == len(new_classes)]
+        return cls(flowers, new_classes, names, test_embeddings, new_train, daisy_test, reference_embeddings)
+
+    def evaluate(self, head, label: str, seconds: float) -> dict:
         from edgeadapt.device.head import softmax
 
+        new_classes, flowers, names = self.new_classes, self.flowers, self.names
         count = head.num_classes
         new_indices = list(range(count - len(new_classes), count))
         test_new = flowers.test.labels < len(new_classes)
-        logits = head.logits(test_embeddings)
+        logits = head.logits(self.test_embeddings)
         top1 = logits.argmax(1)
         new_accuracy = float(np.mean(top1[test_new] == np.asarray(new_indices)[flowers.test.labels[test_new]]))
         among_new = float(np.mean(logits[test_new][:, new_indices].argmax(1) == flowers.test.labels[test_new]))
-        daisy_top1 = head.logits(daisy_test).argmax(1)
-        reference_top1 = softmax(head.logits(reference_embeddings)).argmax(1)
+        daisy_top1 = head.logits(self.daisy_test).argmax(1)
+        reference_top1 = softmax(head.logits(self.reference_embeddings)).argmax(1)
         reference_labels = [([*names, *new_classes])[i] for i in reference_top1]
         row = {
             "method": label, "classes": count, "seconds": seconds,
@@ -166,11 +214,11 @@ def run(data: Path, output: Path, new_classes: list[str], device_shots: int, rep
             "test_images_keep_labels": reference_labels == list(TEST_IMAGES.values()),
             "test_image_labels": reference_labels,
             "daisy_taken_for_new_class": float(np.mean(np.isin(daisy_top1, new_indices))),
-            "daisy_still_daisy": float(np.mean(daisy_top1 == daisy_index)),
-            "daisy_test_images": int(len(daisy_test)),
+            "daisy_still_daisy": float(np.mean(daisy_top1 == names.index("daisy"))),
+            "daisy_test_images": int(len(self.daisy_test)),
             "old_test_images_taken_for_new": int(np.sum(np.isin(daisy_top1, new_indices))
                                                  + np.sum(np.isin(reference_top1, new_indices))),
-            "old_test_images": int(len(daisy_test) + len(reference_top1)),
+            "old_test_images": int(len(self.daisy_test) + len(reference_top1)),
         }
         print(f"{label:<46} classes {count}, new-class accuracy {new_accuracy:.3f} (among the new only "
               f"{among_new:.3f}) on {row['new_test_images']} test images; test images {reference_labels} "
@@ -180,29 +228,28 @@ def run(data: Path, output: Path, new_classes: list[str], device_shots: int, rep
               f"{seconds * 1000:.0f} ms")
         return row
 
-    base_head = bundle.load_head()
-    additions = {"before": evaluate(base_head, "before (imported, 1001 classes)", 0.0)}
-    try:
-        from edgeadapt.device import incremental
-    except ImportError:
-        print("edgeadapt.device.incremental is not available: adding classes skipped")
-        results["add_classes"] = additions
-        return results
-    fallback = incremental.AddClassOptions(method=FALLBACK_METHOD)
+
+def _host_additions(test: _NewClassTest, base_head, model_path: Path, labels_path: Path,
+                    with_stats_path: Path) -> dict:
+    """Host additions: without statistics (fallback, weight aligning, imprinting), then with daisy statistics."""
+    from edgeadapt.device import incremental
+    from edgeadapt.device.bundle import Bundle
+    from edgeadapt.importing import ImportSettings, import_classifier
+
+    additions = {}
     # host, no class statistics: the statistics-free fallback (and weight aligning / plain imprinting for comparison)
     for method in (FALLBACK_METHOD, "weight_align", "imprint"):
         start = time.perf_counter()
-        head, _ = incremental.add_classes(base_head, None, new_train, incremental.AddClassOptions(method=method))
-        additions[f"host_{method}_no_statistics"] = evaluate(
+        head, _ = incremental.add_classes(base_head, None, test.new_train, incremental.AddClassOptions(method=method))
+        additions[f"host_{method}_no_statistics"] = test.evaluate(
             head, f"host {method}, no statistics", time.perf_counter() - start)
     # host, statistics of an existing class from --data images (the daisy train photos)
     with tempfile.TemporaryDirectory(prefix="edgeadapt-bench-data-") as directory:
         daisy_folder = Path(directory) / "daisy"
         daisy_folder.mkdir()
-        for path, label in zip(flowers.train.paths, flowers.train.labels):
-            if label == len(new_classes):
+        for path, label in zip(test.flowers.train.paths, test.flowers.train.labels):
+            if label == len(test.new_classes):
                 os.symlink(path, daisy_folder / Path(path).name)
-        with_stats_path = output / "mobilenet_with_stats.eab"
         stats_report = import_classifier(model_path, labels_path, with_stats_path,
                                          ImportSettings(data=Path(directory), onnx=False, probes=8, overwrite=True))
     stats_bundle = Bundle.open(with_stats_path)
@@ -211,20 +258,30 @@ def run(data: Path, output: Path, new_classes: list[str], device_shots: int, rep
           f"{stats_report.import_seconds:.1f} s")
     default_method = incremental.AddClassOptions().method
     start = time.perf_counter()
-    head, _ = incremental.add_classes(stats_bundle.load_head(), stats, new_train, incremental.AddClassOptions())
-    additions[f"host_{default_method}_daisy_statistics"] = evaluate(
+    head, _ = incremental.add_classes(stats_bundle.load_head(), stats, test.new_train, incremental.AddClassOptions())
+    additions[f"host_{default_method}_daisy_statistics"] = test.evaluate(
         head, f"host {default_method}, statistics of 'daisy' (--data)", time.perf_counter() - start)
+    return additions
 
-    # device: HeadUpdater on copies of both bundles, a few photos per class
+
+def _device_additions(test: _NewClassTest, output: Path, bundle_path: Path, with_stats_path: Path,
+                      device_shots: int, rows_so_far: int) -> dict:
+    """Device additions: HeadUpdater on copies of both bundles, a few photos per class."""
+    from edgeadapt.device import incremental
+    from edgeadapt.device.runtime import Runtime
     from edgeadapt.device.updater import HeadUpdater
 
+    fallback = incremental.AddClassOptions(method=FALLBACK_METHOD)
+    default_method = incremental.AddClassOptions().method
+    flowers = test.flowers
     examples = {}
-    for k, name in enumerate(new_classes):
+    for k, name in enumerate(test.new_classes):
         members = flowers.train.images[flowers.train.labels == k]
         examples[name] = list(members[np.random.default_rng(k).permutation(len(members))[:device_shots]])
+    additions = {}
     for label, source, options in ((f"device {FALLBACK_METHOD}, no statistics", bundle_path, fallback),
                                    (f"device {default_method}, 'daisy' statistics", with_stats_path, None)):
-        device_path = output / f"device_{len(additions)}.eab"
+        device_path = output / f"device_{rows_so_far + len(additions)}.eab"
         if device_path.exists():
             shutil.rmtree(device_path)
         shutil.copytree(source, device_path)
@@ -238,14 +295,13 @@ def run(data: Path, output: Path, new_classes: list[str], device_shots: int, rep
             start = time.perf_counter()
             updater.add_classes(examples, force=True)
         seconds = time.perf_counter() - start
-        row = evaluate(Runtime.open(device_path, backend="litert").head,
-                       f"{label}, {device_shots} photos/class", seconds)
+        row = test.evaluate(Runtime.open(device_path, backend="litert").head,
+                            f"{label}, {device_shots} photos/class", seconds)
         row["note"] = note.strip()
         if note:
             print(f"  note:{note}")
         additions[f"device_{'no' if options else 'daisy'}_statistics_{device_shots}_shots"] = row
-    results["add_classes"] = additions
-    return results
+    return additions
 
 
 def main(argv: list[str] | None = None) -> int:

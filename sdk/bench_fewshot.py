@@ -278,6 +278,41 @@ def draw_shots(labels: np.ndarray, embeddings: np.ndarray, new_labels: Sequence[
     return arrays
 
 
+def run_draws(train: tuple[np.ndarray, np.ndarray], new_labels: Sequence[int], setup: Setup,
+              methods: Mapping[str, MethodFunction], options: FewShotOptions, split: int, what: str,
+              score: Callable[[Head], dict]) -> dict[str, dict[str, list[dict]]]:
+    """Every method at every k in every draw: the one loop of both few-shot scenarios.
+
+    Args:
+        train: (embeddings, labels) holding the new classes' training photos.
+        new_labels: the new classes' labels in ``train``.
+        setup: the base head and what it carries, handed to every method.
+        methods: the methods by name.
+        options: shots, draws and seed.
+        split: the split number (seeds the draws with ``options.seed``).
+        what: the scenario in the progress log ("split 0", "stability").
+        score: the figures of an updated head.
+
+    Returns:
+        ``{name: {k: [score(head) + {"seconds"}, or {"n/a": reason}, one per draw]}}``.
+    """
+    results: dict[str, dict[str, list[dict]]] = {name: {str(k): [] for k in options.shots} for name in methods}
+    for draw in range(options.draws):
+        for shots in options.shots:
+            arrays = draw_shots(train[1], train[0], new_labels, shots, options.seed, split, draw)
+            for name, function in methods.items():
+                start = time.perf_counter()
+                try:
+                    head = function(setup, arrays)
+                except EdgeAdaptError as error:
+                    results[name][str(shots)].append({"n/a": str(error)})
+                    continue
+                seconds = time.perf_counter() - start
+                results[name][str(shots)].append({**score(head), "seconds": seconds})
+        logger.info("%s draw %d measured", what, draw)
+    return results
+
+
 def run_split(data: EmbeddedData, base: Sequence[str], new: Sequence[str], options: FewShotOptions,
               split: int = 0, methods: Mapping[str, MethodFunction] | None = None) -> dict:
     """Measure every method on one base/new class split (see the module docstring).
@@ -312,22 +347,10 @@ def run_split(data: EmbeddedData, base: Sequence[str], new: Sequence[str], optio
     joint_head = train_head(train[0], train[1], len(order), HeadTrainingOptions(
         seed=split_seed, normalization=DEFAULT_NORMALIZATION, epochs=options.head_epochs))
     joint = head_scores(joint_head, test[0], test[1], old_classes, new_classes)
-    results: dict[str, dict[str, list[dict]]] = {name: {str(k): [] for k in options.shots} for name in methods}
+    results = run_draws(train, new_classes, setup, methods, options, split, f"split {split}",
+                        lambda head: against_joint(head_scores(head, test[0], test[1], old_classes, new_classes),
+                                                   joint, base_old))
     results[JOINT] = {str(k): [against_joint(joint, joint, base_old)] for k in options.shots}
-    for draw in range(options.draws):
-        for shots in options.shots:
-            arrays = draw_shots(train[1], train[0], new_classes, shots, options.seed, split, draw)
-            for name, function in methods.items():
-                start = time.perf_counter()
-                try:
-                    head = function(setup, arrays)
-                except EdgeAdaptError as error:
-                    results[name][str(shots)].append({"n/a": str(error)})
-                    continue
-                seconds = time.perf_counter() - start
-                scores = against_joint(head_scores(head, test[0], test[1], old_classes, new_classes), joint, base_old)
-                results[name][str(shots)].append({**scores, "seconds": seconds})
-        logger.info("split %d draw %d measured", split, draw)
     return {"base_classes": list(base), "new_classes": list(new), "base_old_accuracy": base_old, "joint": joint,
             "train_photos": int(len(train[1])), "test_photos": int(len(test[1])), "methods": results}
 

@@ -14,14 +14,13 @@ each k the new classes are added from k training photos each, and per method we 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Mapping
 
 import numpy as np
 
-from edgeadapt.bench_fewshot import FewShotOptions, MethodFunction, Setup, draw_shots, method_functions
+from edgeadapt.bench_fewshot import FewShotOptions, MethodFunction, Setup, method_functions, run_draws
 from edgeadapt.device import incremental as head_math
-from edgeadapt.device.errors import EdgeAdaptError, InputError
+from edgeadapt.device.errors import InputError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.fewshot_measure import per_class_accuracy
 
@@ -69,37 +68,22 @@ def run_stability_on_embeddings(
         raise InputError(f"stability embeddings must be (M >= 1, {base_head.embedding_size}), got {stability.shape}")
     methods = dict(methods) if methods is not None else method_functions(options.methods)
     count = base_head.num_classes
-    before = base_head.logits(stability).argmax(axis=1)
-    labelled = None if stability_labels is None else np.asarray(stability_labels) >= 0
-    top1_before = None
-    if labelled is not None and np.any(labelled):
-        top1_before = float(np.mean(before[labelled] == stability_labels[labelled]))
+    before, labelled, top1_before = _before_update(base_head, stability, stability_labels)
     setup = Setup(base_head, stats, calibration, None)
     new_labels = list(range(len(new_classes)))
-    results: dict[str, dict[str, list[dict]]] = {name: {str(k): [] for k in options.shots} for name in methods}
-    for draw in range(options.draws):
-        for shots in options.shots:
-            arrays = draw_shots(new_train[1], new_train[0], new_labels, shots, options.seed, 0, draw)
-            for name, function in methods.items():
-                start = time.perf_counter()
-                try:
-                    head = function(setup, arrays)
-                except EdgeAdaptError as error:
-                    results[name][str(shots)].append({"n/a": str(error)})
-                    continue
-                seconds = time.perf_counter() - start
-                after = head.logits(stability).argmax(axis=1)
-                predicted_new = head.logits(new_test[0]).argmax(axis=1) - count
-                entry = {
-                    "changed_share": float(np.mean(after != before)),
-                    "new_claim_share": float(np.mean(after >= count)),
-                    "new_recall": per_class_accuracy(predicted_new, new_test[1], new_labels),
-                    "top1_accuracy_after": None if top1_before is None
-                    else float(np.mean(after[labelled] == stability_labels[labelled])),
-                    "seconds": seconds,
-                }
-                results[name][str(shots)].append(entry)
-        logger.info("stability draw %d measured", draw)
+
+    def score(head: Head) -> dict:
+        after = head.logits(stability).argmax(axis=1)
+        predicted_new = head.logits(new_test[0]).argmax(axis=1) - count
+        return {
+            "changed_share": float(np.mean(after != before)),
+            "new_claim_share": float(np.mean(after >= count)),
+            "new_recall": per_class_accuracy(predicted_new, new_test[1], new_labels),
+            "top1_accuracy_after": None if top1_before is None
+            else float(np.mean(after[labelled] == stability_labels[labelled])),
+        }
+
+    results = run_draws(new_train, new_labels, setup, methods, options, 0, "stability", score)
     summary = {name: {k: _median(entries) for k, entries in by_shot.items()} for name, by_shot in results.items()}
     return {
         "mode": "imported-head",
@@ -122,6 +106,17 @@ def run_stability_on_embeddings(
                    "classes on their held-out photos (argmax over all classes)",
         "methods": summary,
     }
+
+
+def _before_update(base_head: Head, stability: np.ndarray, stability_labels: np.ndarray | None
+                   ) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+    """(the base head's top-1 on the stability photos, which are labelled, their top-1 accuracy or None)."""
+    before = base_head.logits(stability).argmax(axis=1)
+    labelled = None if stability_labels is None else np.asarray(stability_labels) >= 0
+    top1_before = None
+    if labelled is not None and np.any(labelled):
+        top1_before = float(np.mean(before[labelled] == stability_labels[labelled]))
+    return before, labelled, top1_before
 
 
 def _median(entries: list[dict]) -> dict:

@@ -35,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     Returns:
         None.
     """
+    _register_adapt_input(subparsers)
+    _register_train(subparsers)
+
+
+def _register_adapt_input(subparsers: argparse._SubParsersAction) -> None:
     adapt = subparsers.add_parser(
         "adapt-input",
         help="give a Keras model a new input size and/or channel count, reusing its weights",
@@ -58,6 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     adapt.set_defaults(handler=run_adapt_input)
 
+
+def _register_train(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train",
         help="fine-tune a Keras model on an image folder: head_only, top_layers:N or full",
@@ -189,27 +196,11 @@ def run_train(arguments: argparse.Namespace) -> int:
     """
     # A multi-worker strategy must exist before any other TensorFlow work.
     distribution = _distribution(arguments.distribute)
-    from edgeadapt.data import SplitOptions, load_image_folder
-    from edgeadapt.finetune import FineTuneOptions, fine_tune
+    from edgeadapt.finetune import fine_tune
     from edgeadapt.input_adaptation import adapt_input, input_spec_for_model
     from edgeadapt.model_split import load_keras_model
-    from edgeadapt.streaming import StreamOptions, stream_image_folder
 
-    options = FineTuneOptions.from_string(
-        arguments.strategy,
-        epochs=arguments.epochs,
-        head_epochs=arguments.head_epochs,
-        head_learning_rate=arguments.learning_rate,
-        backbone_learning_rate=arguments.backbone_learning_rate,
-        batch_size=arguments.batch_size,
-        patience=arguments.patience,
-        augment=arguments.augment,
-        validation_fraction=arguments.validation_fraction,
-        embedding_cache=arguments.embedding_cache,
-        seed=arguments.seed,
-        verbose=(keras_verbosity(verbosity_of(arguments)) if arguments.keras_verbose is None
-                 else arguments.keras_verbose),
-    )
+    options = _fine_tune_options(arguments)
     chief = is_chief()
     if chief:
         _check_output(arguments.out, arguments.overwrite)
@@ -218,14 +209,7 @@ def run_train(arguments: argparse.Namespace) -> int:
         height, width = arguments.size if arguments.size else (None, None)
         model = adapt_input(model, height=height, width=width, channels=arguments.channels)
     spec = input_spec_for_model(model)
-    classes = [name.strip() for name in arguments.classes.split(",")] if arguments.classes else None
-    split = SplitOptions(validation_fraction=arguments.validation_fraction, test_fraction=arguments.test_fraction,
-                         seed=arguments.seed)
-    if arguments.stream:
-        dataset = stream_image_folder(arguments.data, spec, split, classes=classes,
-                                      options=StreamOptions(decoder=arguments.stream_decoder))
-    else:
-        dataset = load_image_folder(arguments.data, spec, split, classes=classes)
+    dataset = _training_data(arguments, spec)
     result = fine_tune(model, dataset, options, distribution_strategy=distribution)
     if not arguments.stream:
         accuracy = result.evaluate(dataset.test.images, dataset.test.labels)
@@ -256,6 +240,49 @@ def run_train(arguments: argparse.Namespace) -> int:
         lines.append("not the chief worker: nothing written")
         print(json.dumps(report, indent=2) if arguments.json else "\n".join(lines))
         return 0
+    lines += _write_outputs(arguments, result, dataset, report)
+    emit_report(arguments, "\n".join(lines), report)
+    return 0
+
+
+def _fine_tune_options(arguments: argparse.Namespace):
+    """The :class:`~edgeadapt.finetune.FineTuneOptions` of ``edgeadapt train``'s command line."""
+    from edgeadapt.finetune import FineTuneOptions
+
+    return FineTuneOptions.from_string(
+        arguments.strategy,
+        epochs=arguments.epochs,
+        head_epochs=arguments.head_epochs,
+        head_learning_rate=arguments.learning_rate,
+        backbone_learning_rate=arguments.backbone_learning_rate,
+        batch_size=arguments.batch_size,
+        patience=arguments.patience,
+        augment=arguments.augment,
+        validation_fraction=arguments.validation_fraction,
+        embedding_cache=arguments.embedding_cache,
+        seed=arguments.seed,
+        verbose=(keras_verbosity(verbosity_of(arguments)) if arguments.keras_verbose is None
+                 else arguments.keras_verbose),
+    )
+
+
+def _training_data(arguments: argparse.Namespace, spec):
+    """The --data folder at the model's input spec: loaded into memory, or streamed with --stream."""
+    from edgeadapt.data import SplitOptions, load_image_folder
+    from edgeadapt.streaming import StreamOptions, stream_image_folder
+
+    classes = [name.strip() for name in arguments.classes.split(",")] if arguments.classes else None
+    split = SplitOptions(validation_fraction=arguments.validation_fraction, test_fraction=arguments.test_fraction,
+                         seed=arguments.seed)
+    if arguments.stream:
+        return stream_image_folder(arguments.data, spec, split, classes=classes,
+                                   options=StreamOptions(decoder=arguments.stream_decoder))
+    return load_image_folder(arguments.data, spec, split, classes=classes)
+
+
+def _write_outputs(arguments: argparse.Namespace, result, dataset, report: dict) -> list[str]:
+    """Save the model (--out .keras) or export a bundle, and --save-model; returns the lines to print."""
+    lines = []
     if arguments.out.suffix == ".keras":
         result.save_model(arguments.out)
         lines.append(f"saved {arguments.out}")
@@ -270,5 +297,4 @@ def run_train(arguments: argparse.Namespace) -> int:
     if arguments.save_model:
         result.save_model(arguments.save_model)
         lines.append(f"saved {arguments.save_model}")
-    emit_report(arguments, "\n".join(lines), report)
-    return 0
+    return lines

@@ -167,8 +167,8 @@ def merge_deltas(
 
 def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path,
            options: MergeDeltasOptions) -> MergeReport:
-    from edgeadapt.device.naming import check_class_name
     from edgeadapt.device import incremental
+    from edgeadapt.version_writing import calibration_embeddings
 
     manifest = bundle.manifest
     deltas: list[Delta] = [read_delta(path, trusted_keys=options.trusted_devices) for path in delta_paths]
@@ -178,6 +178,42 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
     base_names = manifest.class_names
     report = MergeReport(output=Path(output), version=manifest.version + 1, parent_version=manifest.version)
     report.signers = {str(delta.path): delta.signer for delta in deltas}
+    _check_deltas(bundle, deltas, head, options, report)
+    incoming, strengthen = _sort_classes(deltas, base_names, options, report)
+    calibration = calibration_embeddings(bundle)
+    if options.add_options is not None:
+        add_options = options.add_options
+    else:  # the method this bundle supports, chosen for what it carries
+        add_options = incremental.AddClassOptions(
+            method=incremental.choose_method(stats, calibration is not None, None))
+    for name, item in strengthen.items():
+        embeddings = np.concatenate(item.embeddings)
+        head, stats = incremental.add_examples(head, stats, base_names.index(name), embeddings, add_options,
+                                               calibration=calibration)
+        report.strengthened.append({"name": name, "examples": int(embeddings.shape[0]), "sources": item.sources})
+    new_names = list(incoming)
+    new_embeddings = [np.concatenate(incoming[name].embeddings) for name in new_names]
+    old_count = head.num_classes
+    if new_names:
+        if options.use_device_rows:
+            head, stats = _merge_device_rows(head, stats, deltas, [incoming[name] for name in new_names], add_options)
+        else:
+            head, stats = incremental.add_classes(head, stats, new_embeddings, add_options, calibration=calibration)
+    classes = _merged_classes(manifest, incoming, strengthen, report)
+    references = bundle.load_reference_embeddings()
+    report.gate = _gate(manifest, base_head, base_stats, references, head, [entry["name"] for entry in classes],
+                        options).to_dict()
+    references = _with_new_references(references, new_embeddings, old_count, options.references_per_class)
+    change = _change_record(deltas, report, options, add_options)
+    _write_merged(bundle, output, head, stats, classes, references, change, report.version, options.overwrite)
+    logger.info("merged %d delta(s) into %s", len(deltas), output)
+    return report
+
+
+def _check_deltas(bundle: Bundle, deltas: list[Delta], head: Any, options: MergeDeltasOptions,
+                  report: MergeReport) -> None:
+    """Refuse deltas of another backbone or embedding size (or normalisation, for device rows) and bad renames."""
+    manifest = bundle.manifest
     for number, delta in enumerate(deltas, start=1):
         if delta.backbone_fingerprint != manifest.backbone_fingerprint:
             raise IncompatibleModelError(
@@ -200,6 +236,16 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
             position = key.split(":", 1)[0]
             if not position.isdigit() or not 1 <= int(position) <= len(deltas):
                 raise InputError(f"rename {key!r} refers to delta {position}, but {len(deltas)} delta(s) were given")
+
+
+def _sort_classes(deltas: list[Delta], base_names: list[str], options: MergeDeltasOptions,
+                  report: MergeReport) -> tuple[dict[str, _Incoming], dict[str, _Incoming]]:
+    """(classes to add, bundle classes to strengthen) after renames and the clash policy; skips go to ``report``.
+
+    Raises:
+        InputError: Unresolved clashes (all of them listed), or nothing left to merge.
+    """
+    from edgeadapt.device.naming import check_class_name
 
     incoming: dict[str, _Incoming] = {}
     strengthen: dict[str, _Incoming] = {}
@@ -242,46 +288,33 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
         )
     if not incoming and not strengthen:
         raise InputError("the deltas hold nothing to merge (every class was skipped)")
+    return incoming, strengthen
 
-    from edgeadapt.incremental import calibration_embeddings
 
-    calibration = calibration_embeddings(bundle)
-    if options.add_options is not None:
-        add_options = options.add_options
-    else:  # the method this bundle supports, chosen for what it carries
-        add_options = incremental.AddClassOptions(
-            method=incremental.choose_method(stats, calibration is not None, None))
-    for name, item in strengthen.items():
-        embeddings = np.concatenate(item.embeddings)
-        head, stats = incremental.add_examples(head, stats, base_names.index(name), embeddings, add_options,
-                                               calibration=calibration)
-        report.strengthened.append({"name": name, "examples": int(embeddings.shape[0]), "sources": item.sources})
-    new_names = list(incoming)
-    new_embeddings = [np.concatenate(incoming[name].embeddings) for name in new_names]
-    old_count = head.num_classes
-    if new_names:
-        if options.use_device_rows:
-            head, stats = _merge_device_rows(head, stats, deltas, [incoming[name] for name in new_names], add_options)
-        else:
-            head, stats = incremental.add_classes(head, stats, new_embeddings, add_options, calibration=calibration)
+def _merged_classes(manifest: Any, incoming: dict[str, _Incoming], strengthen: dict[str, _Incoming],
+                    report: MergeReport) -> list[dict]:
+    """The new version's class entries: the bundle's (example counts of strengthened ones raised) + the added."""
     version = manifest.version + 1
+    base_names = manifest.class_names
     classes = [dict(entry) for entry in manifest.data["classes"]]
-    for name, embeddings in zip(new_names, new_embeddings):
-        item = incoming[name]
+    for name, item in incoming.items():
+        examples = int(sum(part.shape[0] for part in item.embeddings))
         classes.append({"name": name, "index": len(classes), "origin": "device-added",
-                        "added_at": item.added_at or utc_timestamp(), "examples": int(embeddings.shape[0]),
+                        "added_at": item.added_at or utc_timestamp(), "examples": examples,
                         "added_in_version": version, "source": ", ".join(item.sources)})
-        report.added.append({"name": name, "examples": int(embeddings.shape[0]), "sources": item.sources})
+        report.added.append({"name": name, "examples": examples, "sources": item.sources})
     for name, item in strengthen.items():
         entry = classes[base_names.index(name)]
         if entry.get("examples") is not None:
             entry["examples"] = int(entry["examples"]) + int(sum(part.shape[0] for part in item.embeddings))
+    return classes
 
-    references = bundle.load_reference_embeddings()
-    report.gate = _gate(manifest, base_head, base_stats, references, head, [entry["name"] for entry in classes],
-                        options).to_dict()
+
+def _with_new_references(references: ReferenceEmbeddings | None, new_embeddings: list[np.ndarray], old_count: int,
+                         per_class: int) -> ReferenceEmbeddings | None:
+    """The base bundle's update-gate references plus the first ``per_class`` examples of each added class."""
     for offset, embeddings in enumerate(new_embeddings):
-        chosen = embeddings[: options.references_per_class]
+        chosen = embeddings[:per_class]
         labels = np.full(chosen.shape[0], old_count + offset, np.int64)
         if references is None:
             references = ReferenceEmbeddings(chosen.astype(np.float16), labels)
@@ -289,11 +322,14 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
             references = ReferenceEmbeddings(
                 np.concatenate([references.embeddings, chosen.astype(references.embeddings.dtype)]),
                 np.concatenate([references.labels, labels]))
-    from edgeadapt.converters.bundle_export import created_by
-    from edgeadapt.device.unknown import load_unknown
-    from edgeadapt.device.version_builder import ChangeAction, VersionPlan, build_version
+    return references
 
-    change = {
+
+def _change_record(deltas: list[Delta], report: MergeReport, options: MergeDeltasOptions, add_options: Any) -> dict:
+    """The new version's ``change`` entry: what was merged from which delta, and how."""
+    from edgeadapt.device.version_builder import ChangeAction
+
+    return {
         "action": ChangeAction.MERGE_DELTAS,
         "classes": [entry["name"] for entry in report.added],
         "strengthened": [entry["name"] for entry in report.strengthened],
@@ -306,17 +342,23 @@ def _merge(bundle: Bundle, delta_paths: Sequence[str | Path], output: str | Path
         "method": getattr(add_options, "method", None),
         "gate": report.gate,
     }
+
+
+def _write_merged(bundle: Bundle, output: str | Path, head: Any, stats: Any, classes: list[dict],
+                  references: ReferenceEmbeddings | None, change: dict, version: int, overwrite: bool) -> None:
+    """Build the merged version from ``bundle`` (its unknown and background carried on) and write it."""
+    from edgeadapt import __version__
+    from edgeadapt.converters.bundle_export import created_by
+    from edgeadapt.device.unknown import load_unknown
+    from edgeadapt.device.version_builder import VersionPlan, build_version
+
     plan = VersionPlan(head=head, stats=with_ridge_basis(head, stats), classes=classes, change=change,
                        references=references, unknown=load_unknown(bundle), background=bundle.load_background())
-    from edgeadapt import __version__
-
-    built = build_version(manifest, plan, version, tool=f"edgeadapt {__version__}", created_by=created_by())
+    built = build_version(bundle.manifest, plan, version, tool=f"edgeadapt {__version__}", created_by=created_by())
     new_manifest = built.manifest  # a new host version: unsigned until `edgeadapt sign`, derived from nothing
     files: dict[str, Any] = {name: bundle.path / name for name in new_manifest.files}
     files.update(built.new_files)
-    write_bundle(output, new_manifest, files, overwrite=options.overwrite)
-    logger.info("merged %d delta(s) into %s", len(deltas), output)
-    return report
+    write_bundle(output, new_manifest, files, overwrite=overwrite)
 
 
 def _gate(manifest: Any, base_head: Any, base_stats: Any, references: ReferenceEmbeddings | None, head: Any,

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,23 +42,16 @@ import numpy as np
 from edgeadapt.device.errors import IncompatibleModelError, InputError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.manifest import InputSpec
-from edgeadapt.device.safefs import durable_write
-from edgeadapt.finetune_keras import (  # noqa: F401 (re-exported: time_budget, backbone_blocks and the helpers tests use)
+from edgeadapt.finetune_backbone import train_backbone
+from edgeadapt.finetune_data import MemoryData, StreamData, all_reduce_stats, export_samples, is_stream
+from edgeadapt.finetune_keras import (
     backbone_blocks,
-    backbone_of as _backbone_of,
-    classifier_model as _classifier,
-    copy_model as _copy_model,
-    distribute_options as _distribute_options,
-    early_stopping as _early_stopping,
-    fit_head as _train_head,
-    fit_model as _fit,
-    is_multi_worker as _is_multi_worker,
-    multiple_of as _multiple_of,
-    scaled_adam as _scaled_adam,
-    set_trainable as _set_trainable,
-    strategy_scope as _scope,
-    time_budget,
-    validation_split as _validation_split,
+    backbone_of,
+    classifier_model,
+    copy_model,
+    fit_head,
+    is_multi_worker,
+    validation_split,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -258,7 +251,7 @@ class FineTuneResult:
         from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
 
         options = options or BundleExportOptions()
-        if _is_stream(dataset):
+        if is_stream(dataset):
             train, test = export_samples(dataset, options.calibration_samples, max_evaluation_images)
         else:
             train, test = dataset.train, dataset.test
@@ -277,47 +270,6 @@ class FineTuneResult:
             backbone_fingerprint=self.backbone_fingerprint,
             options=options,
         )
-
-
-def _is_stream(dataset: Any) -> bool:
-    from edgeadapt.streaming import StreamingImageFolder
-
-    return isinstance(dataset, StreamingImageFolder)
-
-
-def export_samples(stream: "StreamingImageFolder", calibration_count: int, max_evaluation_images: int):
-    """Load from a streamed folder only the images a bundle export uses.
-
-    The calibration images are the ones the in-memory path would pick, so both calibrate alike.
-
-    Args:
-        stream: The streamed folder.
-        calibration_count: Calibration images to pick (stratified by class).
-        max_evaluation_images: Most test images for the parity check (a stratified sample).
-
-    Returns:
-        ``(calibration ImageSet, evaluation ImageSet)``.
-
-    Raises:
-        InputError: When there are no training images or ``max_evaluation_images`` < 1.
-    """
-    from edgeadapt.converters.calibration import select_calibration_images
-
-    if max_evaluation_images < 1:
-        raise InputError(f"max_evaluation_images must be at least 1, got {max_evaluation_images}")
-    if not len(stream.train):
-        raise InputError("the streamed folder has no training images to calibrate the int8 model with")
-    # select_calibration_images only indexes its first argument: on positions it returns the positions it
-    # would pick from the in-memory images, so both paths calibrate on the same images.
-    chosen = select_calibration_images(np.arange(len(stream.train)), stream.train.labels, count=calibration_count,
-                                       seed=0)
-    calibration = stream.load("train", np.sort(chosen))
-    test_indices = np.arange(len(stream.test))
-    if len(stream.test) > max_evaluation_images:
-        logger.info("parity on a stratified sample of %d of %d test images", max_evaluation_images, len(stream.test))
-        test_indices = np.sort(select_calibration_images(test_indices, stream.test.labels, count=max_evaluation_images,
-                                                         seed=0))
-    return calibration, stream.load("test", test_indices)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -354,28 +306,72 @@ def fine_tune(
     import keras
 
     from edgeadapt.converters.fingerprint import backbone_fingerprint
-    from edgeadapt.model_split import load_keras_model
 
     if isinstance(options, str):
         options = FineTuneOptions.from_string(options)
-    if options.max_seconds is not None and _is_multi_worker(distribution_strategy):
+    if options.max_seconds is not None and is_multi_worker(distribution_strategy):
         raise InputError("max_seconds cannot be used with a multi-worker strategy: workers would stop after "
                          "different numbers of steps and wait for each other forever; bound epochs instead")
     keras.utils.set_random_seed(options.seed)
+    source, backbone = _private_backbone(model, dataset.spec, options)
+    data = _training_data(dataset, backbone, options, distribution_strategy)
+    num_classes = len(dataset.class_names)
+    previous_fingerprint = backbone_fingerprint(backbone)
+    seconds: dict[str, float] = {}
+    history: dict[str, dict] = {}
+    logger.info("fine-tuning %s with strategy %s: %d classes, %d train / %d validation images%s", source.name,
+                options.label, num_classes, data.count("train"), data.count("validation"), data.description)
+    head, train_embeddings = _head_stage(backbone, data, num_classes, previous_fingerprint, options,
+                                         distribution_strategy, seconds, history)
+    trainable_layers: list[str] = []
+    if options.strategy != "head_only" and options.epochs > 0:
+        start = time.perf_counter()
+        backbone, head, trainable_layers, history["backbone"] = train_backbone(
+            backbone, head, data, dataset.spec, options, distribution_strategy)
+        seconds["backbone"] = time.perf_counter() - start
+        start = time.perf_counter()
+        train_embeddings = data.embeddings(backbone, "train", None, None, options.verbose == 1)
+        seconds["statistics"] = time.perf_counter() - start
+    class_stats = ClassStats.from_embeddings(train_embeddings, data.labels("train"), num_classes)
+    if data.sharded_totals is not None:
+        class_stats = all_reduce_stats(class_stats, distribution_strategy)
+    fingerprint = backbone_fingerprint(backbone)
+    if fingerprint != previous_fingerprint:
+        logger.warning(
+            "the backbone changed (%s): new fingerprint %s (was %s). Heads, class statistics and device-added "
+            "classes bound to the old backbone are no longer compatible: export a new bundle from this result "
+            "(class statistics were recomputed with the new backbone)",
+            options.label, fingerprint[:19], previous_fingerprint[:19])
+    return FineTuneResult(
+        model=classifier_model(backbone, head), backbone=backbone, head=head, class_names=list(dataset.class_names),
+        input_spec=dataset.spec, class_stats=class_stats, backbone_fingerprint=fingerprint,
+        previous_backbone_fingerprint=previous_fingerprint, options=options, trainable_layers=trainable_layers,
+        history=history, seconds=seconds, worker_shard=data.shard)
+
+
+def _private_backbone(model: Any, spec: InputSpec, options: FineTuneOptions) -> tuple["keras.Model", "keras.Model"]:
+    """(the loaded source model, a private copy of its backbone), checked against the data's input shape."""
+    from edgeadapt.model_split import load_keras_model
+
     source = load_keras_model(model)
-    backbone, _ = _backbone_of(source, options.embedding_layer)
-    backbone = _copy_model(backbone)  # a private copy: the caller's model is never touched
-    spec = dataset.spec
+    backbone, _ = backbone_of(source, options.embedding_layer)
+    backbone = copy_model(backbone)  # a private copy: the caller's model is never touched
     model_shape = tuple(int(value) for value in backbone.inputs[0].shape[1:])
     if model_shape != spec.shape:
         raise IncompatibleModelError(
             f"the dataset is prepared at {spec.shape} but {source.name} takes {model_shape} images: load the data "
             f"at the model's size, or adapt the model first (adapt_input / edgeadapt adapt-input)"
         )
+    return source, backbone
+
+
+def _training_data(dataset: "Dataset | StreamingImageFolder", backbone: "keras.Model", options: FineTuneOptions,
+                   distribution_strategy: Any) -> MemoryData | StreamData:
+    """The train/validation split of ``dataset`` as a data source, after checking it fits ``options``."""
     num_classes = len(dataset.class_names)
     if num_classes < 2:
         raise InputError(f"fine-tuning needs at least 2 classes, got {dataset.class_names}")
-    train_set, validation_set = _validation_split(dataset, options.validation_fraction, options.seed)
+    train_set, validation_set = validation_split(dataset, options.validation_fraction, options.seed)
     missing = sorted(set(range(num_classes)) - set(np.unique(train_set.labels).tolist()))
     if missing:
         raise InputError(f"classes {[dataset.class_names[i] for i in missing]} have no training images")
@@ -387,255 +383,28 @@ def fine_tune(
     if options.augment and options.strategy == "head_only":
         logger.warning("augment=True has no effect with head_only: the head trains on cached embeddings of the "
                        "original images (use top_layers:N or full to train on augmented images)")
-    if _is_stream(dataset):
-        data: _MemoryData | _StreamData = _StreamData(dataset, train_set, validation_set, options,
-                                                      distribution_strategy)
-    else:
-        data = _MemoryData(train_set, validation_set, spec)
-    previous_fingerprint = backbone_fingerprint(backbone)
-    seconds: dict[str, float] = {}
-    history: dict[str, dict] = {}
-    logger.info("fine-tuning %s with strategy %s: %d classes, %d train / %d validation images%s", source.name,
-                options.label, num_classes, len(train_set), len(validation_set), data.description)
+    if is_stream(dataset):
+        return StreamData(dataset, train_set, validation_set, options, distribution_strategy)
+    return MemoryData(train_set, validation_set, dataset.spec)
 
-    # Stage 1: the head on embeddings of the frozen backbone (computed once, cached if asked).
+
+def _head_stage(backbone: "keras.Model", data: MemoryData | StreamData, num_classes: int, fingerprint: str,
+                options: FineTuneOptions, distribution_strategy: Any, seconds: dict[str, float],
+                history: dict[str, dict]) -> tuple[Head, np.ndarray]:
+    """Stage 1: the head on embeddings of the frozen backbone (computed once, cached if asked).
+
+    Returns the head and the training embeddings; records the stage's timings in ``seconds``
+    and its Keras history in ``history``.
+    """
     start = time.perf_counter()
     progress = options.verbose == 1
     cache = options.embedding_cache
-    train_embeddings = data.embeddings(backbone, "train", previous_fingerprint, cache, progress)
-    validation_embeddings = data.embeddings(backbone, "validation", previous_fingerprint, cache, progress)
+    train_embeddings = data.embeddings(backbone, "train", fingerprint, cache, progress)
+    validation_embeddings = data.embeddings(backbone, "validation", fingerprint, cache, progress)
     seconds["embeddings"] = time.perf_counter() - start
     start = time.perf_counter()
-    head, history["head"] = _train_head(train_embeddings, data.labels("train"), validation_embeddings,
-                                        data.labels("validation"), num_classes, options, distribution_strategy,
-                                        sharded_totals=data.sharded_totals)
+    head, history["head"] = fit_head(train_embeddings, data.labels("train"), validation_embeddings,
+                                     data.labels("validation"), num_classes, options, distribution_strategy,
+                                     sharded_totals=data.sharded_totals)
     seconds["head"] = time.perf_counter() - start
-    trainable_layers: list[str] = []
-
-    if options.strategy != "head_only" and options.epochs > 0:
-        start = time.perf_counter()
-        backbone, head, trainable_layers, history["backbone"] = _train_backbone(
-            backbone, head, data, spec, options, distribution_strategy)
-        seconds["backbone"] = time.perf_counter() - start
-        start = time.perf_counter()
-        train_embeddings = data.embeddings(backbone, "train", None, None, progress)
-        seconds["statistics"] = time.perf_counter() - start
-
-    class_stats = ClassStats.from_embeddings(train_embeddings, data.labels("train"), num_classes)
-    if data.sharded_totals is not None:
-        class_stats = _all_reduce_stats(class_stats, distribution_strategy)
-    fingerprint = backbone_fingerprint(backbone)
-    if fingerprint != previous_fingerprint:
-        logger.warning(
-            "the backbone changed (%s): new fingerprint %s (was %s). Heads, class statistics and device-added "
-            "classes bound to the old backbone are no longer compatible: export a new bundle from this result "
-            "(class statistics were recomputed with the new backbone)",
-            options.label, fingerprint[:19], previous_fingerprint[:19])
-    return FineTuneResult(
-        model=_classifier(backbone, head),
-        backbone=backbone,
-        head=head,
-        class_names=list(dataset.class_names),
-        input_spec=spec,
-        class_stats=class_stats,
-        backbone_fingerprint=fingerprint,
-        previous_backbone_fingerprint=previous_fingerprint,
-        options=options,
-        trainable_layers=trainable_layers,
-        history=history,
-        seconds=seconds,
-        worker_shard=data.shard,
-    )
-
-
-# ----------------------------------------------------------------------------- data sources
-class _MemoryData:
-    """Training data held in memory: two :class:`edgeadapt.data.ImageSet` s."""
-
-    description = ""
-    sharded_totals = None
-    shard = (1, 0)
-
-    def __init__(self, train_set, validation_set, spec: InputSpec):
-        self.sets = {"train": train_set, "validation": validation_set}
-        self.spec = spec
-
-    def labels(self, split: str) -> np.ndarray:
-        return self.sets[split].labels
-
-    def embeddings(self, backbone, split: str, fingerprint: str | None, cache, progress: bool) -> np.ndarray:
-        """Embeddings of a split's images; cached on disk when ``cache`` (a folder) and ``fingerprint`` are given."""
-        from edgeadapt.embeddings import EmbeddingCache, compute_embeddings
-
-        images = self.sets[split].images
-        if cache is not None and fingerprint is not None:
-            return EmbeddingCache(cache).embeddings(backbone, fingerprint, images, self.spec, progress=progress)
-        return compute_embeddings(backbone, images, self.spec, progress=progress)
-
-    def backbone_inputs(self, options: FineTuneOptions, augment, distribution_strategy):
-        """(train, validation) tf.data pipelines of the backbone stage; sharded per element by TensorFlow."""
-        from edgeadapt.training import make_tf_dataset
-
-        train_set, validation_set = self.sets["train"], self.sets["validation"]
-        train = make_tf_dataset(train_set.images, train_set.labels, self.spec, options.batch_size, True,
-                                options.seed, augment)
-        train = _distribute_options(train, distribution_strategy)
-        validation = None
-        if len(validation_set):
-            validation = make_tf_dataset(validation_set.images, validation_set.labels, self.spec,
-                                         max(options.batch_size, 64), False, options.seed)
-            validation = _distribute_options(validation, distribution_strategy)
-        return train, validation
-
-    def reading(self):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-
-class _StreamData:
-    """Training data streamed from files; under MultiWorkerMirroredStrategy each worker has its own shard."""
-
-    def __init__(self, stream: "StreamingImageFolder", train_files: "FileSet", validation_files: "FileSet",
-                 options: FineTuneOptions, distribution_strategy):
-        from edgeadapt.streaming import worker_shard
-
-        self.stream = stream
-        self.files = {"train": train_files, "validation": validation_files}
-        self.shard = worker_shard(distribution_strategy) if _is_multi_worker(distribution_strategy) else (1, 0)
-        num_workers, index = self.shard
-        self.sharded_totals = (len(train_files), len(validation_files)) if num_workers > 1 else None
-        self.local = {name: files.shard(num_workers, index) for name, files in self.files.items()}
-        self.description = f" (streamed from {stream.root}, {stream.options.decoder} decoder)"
-        if num_workers > 1:
-            replicas = distribution_strategy.num_replicas_in_sync
-            if options.batch_size % replicas:
-                raise InputError(f"batch_size {options.batch_size} must be a multiple of the {replicas} replicas to "
-                                 "stream shards to every worker in full batches; use e.g. "
-                                 f"{_multiple_of(options.batch_size, replicas)}")
-            if len(train_files) < num_workers:
-                raise InputError(f"{len(train_files)} training images cannot be shared by {num_workers} workers: "
-                                 "every worker needs at least one")
-            self.description += f", this worker reads shard {index} of {num_workers}: {len(self.local['train'])} " \
-                                f"train / {len(self.local['validation'])} validation files"
-
-    def labels(self, split: str) -> np.ndarray:
-        """Labels of this worker's files of ``split`` (all files on one machine)."""
-        return self.local[split].labels
-
-    def embeddings(self, backbone, split: str, fingerprint: str | None, cache, progress: bool) -> np.ndarray:
-        """Embeddings of this worker's files of ``split``, streamed in file order (cached when asked)."""
-        from edgeadapt.streaming import stream_embeddings
-
-        files = self.local[split]
-        compute = lambda: stream_embeddings(backbone, self.stream, files, progress=progress)  # noqa: E731
-        if cache is None or fingerprint is None or not files.digests:
-            return compute()
-        return _cached_embeddings(Path(cache), _stream_cache_key(fingerprint, files, self.stream), compute)
-
-    def backbone_inputs(self, options: FineTuneOptions, augment, distribution_strategy):
-        """(train, validation) of the backbone stage: tf.data pipelines, or per-worker inputs reading own shards."""
-        stream, train_files, validation_files = self.stream, self.files["train"], self.files["validation"]
-        validation_batch = max(options.batch_size, 64)
-        if self.sharded_totals is None:
-            train = stream.dataset(train_files, options.batch_size, shuffle=True, seed=options.seed, augment=augment)
-            validation = stream.dataset(validation_files, validation_batch) if len(validation_files) else None
-            return train, validation
-        train = stream.per_worker_input(train_files, options.batch_size, training=True, seed=options.seed,
-                                        augment=augment)
-        validation = None
-        if len(validation_files):
-            replicas = distribution_strategy.num_replicas_in_sync
-            validation = stream.per_worker_input(validation_files, _multiple_of(validation_batch, replicas),
-                                                 training=False)
-        return train, validation
-
-    def reading(self):
-        return self.stream.reading(self.local["train"], self.local["validation"])
-
-
-def _stream_cache_key(fingerprint: str, files: "FileSet", stream: "StreamingImageFolder") -> str:
-    """Cache key of streamed embeddings: backbone, input spec, decoder and the files' content digests, in order."""
-    import hashlib
-
-    digest = hashlib.sha256(fingerprint.encode())
-    digest.update(repr((sorted(stream.spec.to_dict().items()), stream.options.decoder, len(files))).encode())
-    for file_digest in files.digests:
-        digest.update(file_digest.encode())
-    return "stream-" + digest.hexdigest()[:32]
-
-
-def _cached_embeddings(directory: Path, key: str, compute) -> np.ndarray:
-    """``directory/key.npy`` if present, else ``compute()`` written there (temp file + rename)."""
-    path = directory / f"{key}.npy"
-    if path.is_file():
-        logger.info("embedding cache hit: %s", path.name)
-        return np.load(path, allow_pickle=False)
-    result = compute()
-    durable_write(path, lambda handle: np.save(handle, result, allow_pickle=False))
-    return result
-
-
-def _all_reduce_stats(stats: ClassStats, distribution_strategy) -> ClassStats:
-    """Sum every worker's class statistics (each computed on its own shard): the statistics of all files."""
-    import tensorflow as tf
-
-    from edgeadapt.streaming import worker_shard
-
-    num_workers, _ = worker_shard(distribution_strategy)
-    local_replicas = max(1, distribution_strategy.num_replicas_in_sync // num_workers)
-    parts = [stats.sums, stats.counts.astype(np.float64)] + ([stats.gram] if stats.gram is not None else [])
-    totals = []
-    for part in parts:
-        local, zeros = tf.constant(part, tf.float64), tf.zeros(part.shape, tf.float64)
-        # one contribution per worker: its first local replica carries the worker's sums
-        values = distribution_strategy.experimental_distribute_values_from_function(
-            lambda context, local=local, zeros=zeros: local if context.replica_id_in_sync_group % local_replicas == 0
-            else zeros)
-        totals.append(np.asarray(distribution_strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None)))
-    return ClassStats(sums=totals[0], counts=np.rint(totals[1]).astype(np.int64),
-                      gram=totals[2] if len(totals) > 2 else None)
-
-
-def _train_backbone(backbone, head: Head, data: "_MemoryData | _StreamData", spec: InputSpec,
-                    options: FineTuneOptions, distribution_strategy):
-    """Stage 2: unfreeze the top blocks (or all), train them with the head; returns a plain copy."""
-    import keras
-
-    from edgeadapt.training import augmentation_layers
-
-    if options.strategy == "top_layers":
-        blocks = backbone_blocks(backbone)
-        trainable_paths = {path for block in blocks[-options.unfreeze_blocks:] for path in block}
-    else:
-        trainable_paths = None
-    backbone_rate = options.effective_backbone_learning_rate
-    with _scope(distribution_strategy):
-        network = _copy_model(backbone)
-        trainable = _set_trainable(network, trainable_paths, options.batch_norm_inference)
-        inputs = keras.Input(spec.shape, name="image")
-        features = network(inputs)
-        if options.head_dropout:
-            features = keras.layers.Dropout(options.head_dropout, seed=options.seed, name="head_dropout")(features)
-        dense = keras.layers.Dense(head.num_classes, name="classifier")
-        training_model = keras.Model(inputs, dense(features), name="fine_tuning")
-        dense.set_weights([head.weights, head.bias])
-        slow = {id(variable) for variable in network.trainable_variables}
-        training_model.compile(
-            optimizer=_scaled_adam(options.head_learning_rate, slow, backbone_rate / options.head_learning_rate),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
-    logger.info("backbone stage: %d layer(s) with weights trainable (%s), head lr %g, backbone lr %g, "
-                "BatchNorm in %s mode", len(trainable), ", ".join(trainable[:6]) + (" ..." if len(trainable) > 6 else ""),
-                options.head_learning_rate, backbone_rate, "inference" if options.batch_norm_inference else "training")
-    augment = augmentation_layers(options.seed) if options.augment else None
-    train, validation = data.backbone_inputs(options, augment, distribution_strategy)
-    with data.reading():
-        history = _fit(training_model, train, validation, epochs=options.epochs, patience=options.patience,
-                       verbose=options.verbose, distribution_strategy=distribution_strategy,
-                       start_is_candidate=True, max_seconds=options.max_seconds)
-    kernel, bias = dense.get_weights()
-    plain = _copy_model(network)  # outside the strategy scope: ordinary variables, exportable
-    plain.trainable = True
-    return plain, replace(head, weights=kernel, bias=bias), trainable, history
+    return head, train_embeddings

@@ -309,6 +309,8 @@ def fit_model(model, train, validation, *, epochs: int, patience: int, verbose: 
     compete with every epoch's, so training never ends worse on validation than it began.
     """
     if is_multi_worker(distribution_strategy):
+        from edgeadapt.multi_worker_training import fit_model_multi_worker
+
         return fit_model_multi_worker(model, train, validation, epochs=epochs, patience=patience, verbose=verbose,
                                  strategy=distribution_strategy, start_is_candidate=start_is_candidate)
     callbacks = []
@@ -322,115 +324,6 @@ def fit_model(model, train, validation, *, epochs: int, patience: int, verbose: 
     fitted = model.fit(train, validation_data=validation, epochs=epochs, callbacks=callbacks,
                        shuffle=False, verbose=verbose)  # the tf.data pipeline shuffles
     return history_dict(fitted)
-
-
-def fit_model_multi_worker(model, train, validation, *, epochs: int, patience: int, verbose: int, strategy,
-                      start_is_candidate: bool) -> dict[str, list[float]]:
-    """A synchronous data-parallel loop for MultiWorkerMirroredStrategy with Keras-style progress output.
-
-    Every worker runs this with the same model, data and settings; per-example losses are
-    summed across all replicas, gradients are all-reduced by the optimizer, and early
-    stopping decides on the global validation loss, so all workers stop at the same epoch.
-    ``train`` and ``validation`` are tf.data pipelines sharded by TensorFlow, or
-    :class:`edgeadapt.streaming.PerWorkerInput` functions with which each worker reads
-    only its own data.
-    """
-    import keras
-    import tensorflow as tf
-
-    from edgeadapt.streaming import PerWorkerInput, worker_shard
-
-    optimizer = model.optimizer
-    replicas = strategy.num_replicas_in_sync
-    if not optimizer.built:
-        with strategy.scope():  # slot variables are created in cross-replica context, before the loop
-            optimizer.build(model.trainable_variables)
-
-    def per_example_loss(labels, logits):
-        return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-
-    def train_replica(images, labels):
-        with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            losses = per_example_loss(labels, logits)
-            # mean over the global batch: each replica's share, summed by the all-reduce
-            loss = tf.reduce_sum(losses) / tf.cast(tf.shape(labels)[0] * replicas, losses.dtype)
-            if model.losses:
-                loss += tf.add_n(model.losses) / replicas
-        gradients = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels),
-                                        tf.float32))
-        return tf.reduce_sum(losses), correct, tf.cast(tf.shape(labels)[0], tf.float32)
-
-    def evaluate_replica(images, labels):
-        logits = model(images, training=False)
-        losses = per_example_loss(labels, logits)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels),
-                                        tf.float32))
-        return tf.reduce_sum(losses), correct, tf.cast(tf.shape(labels)[0], tf.float32)
-
-    def summed(values):
-        return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in values]
-
-    @tf.function
-    def train_step(batch):
-        return summed(strategy.run(train_replica, args=batch))
-
-    @tf.function
-    def evaluate_step(batch):
-        return summed(strategy.run(evaluate_replica, args=batch))
-
-    def distribute(inputs):
-        """A function giving each epoch's distributed batches. An input function is distributed once: its
-        pipeline is built once per worker and every epoch's new iterator reshuffles it."""
-        if isinstance(inputs, PerWorkerInput):
-            distributed = strategy.distribute_datasets_from_function(inputs)
-            return lambda: distributed
-        return lambda: strategy.experimental_distribute_dataset(inputs)
-
-    def run_epoch(distributed, step, progress=None):
-        totals = np.zeros(3)
-        for number, batch in enumerate(distributed, start=1):
-            totals += np.array([float(value) for value in step(batch)])
-            if progress is not None:
-                progress.update(number, [("loss", totals[0] / totals[2]), ("accuracy", totals[1] / totals[2])])
-        return totals[0] / max(totals[2], 1.0), totals[1] / max(totals[2], 1.0)
-
-    distributed_train = distribute(train)
-    distributed_validation = distribute(validation) if validation is not None else None
-    history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
-    best_loss, best_weights, waited = np.inf, None, 0
-    if validation is not None and start_is_candidate:
-        best_loss, _ = run_epoch(distributed_validation(), evaluate_step)
-        best_weights = model.get_weights()
-    if isinstance(train, PerWorkerInput):
-        steps = train.steps(worker_shard(strategy)[0])
-    else:
-        steps = int(train.cardinality())
-    for epoch in range(epochs):
-        if verbose:
-            print(f"Epoch {epoch + 1}/{epochs}")
-        progress = keras.utils.Progbar(steps if steps > 0 else None, verbose=verbose, stateful_metrics=["loss", "accuracy"]) if verbose else None
-        loss, accuracy = run_epoch(distributed_train(), train_step, progress)
-        history["loss"].append(loss)
-        history["accuracy"].append(accuracy)
-        if validation is None:
-            continue
-        validation_loss, validation_accuracy = run_epoch(distributed_validation(), evaluate_step)
-        history["val_loss"].append(validation_loss)
-        history["val_accuracy"].append(validation_accuracy)
-        if verbose:
-            print(f"val_loss: {validation_loss:.4f} - val_accuracy: {validation_accuracy:.4f}")
-        if validation_loss < best_loss:
-            best_loss, best_weights, waited = validation_loss, model.get_weights(), 0
-        else:
-            waited += 1
-            if waited >= patience:  # as keras.callbacks.EarlyStopping
-                break
-    if best_weights is not None:
-        model.set_weights(best_weights)
-    return {key: values for key, values in history.items() if values}
 
 
 def classifier_model(backbone: "keras.Model", head: Head) -> "keras.Model":

@@ -104,21 +104,10 @@ def train_head(
     dimension = embeddings.shape[1]
     shell = _normalisation_shell(embeddings, options)
     temperature = np.float32(options.temperature)
-    if initial is not None:
-        if initial.weights.shape != (dimension, num_classes):
-            raise InputError(f"initial head is {initial.weights.shape}, expected ({dimension}, {num_classes})")
-        start = _warm_start(initial, shell, options)
-        weights, bias = start.weights.copy(), start.bias.copy()
-    else:
-        weights, bias = np.zeros((dimension, num_classes), np.float32), np.zeros(num_classes, np.float32)
+    weights, bias = _initial_columns(initial, shell, options, dimension, num_classes)
     if shell.feature_mean is not None or shell.l2_normalize:
         embeddings = shell.features(embeddings)
-    if validation is not None and len(validation[1]):
-        validation = _check(validation[0], validation[1], num_classes, "validation")
-        if shell.feature_mean is not None or shell.l2_normalize:
-            validation = (shell.features(validation[0]), validation[1])
-    else:
-        validation = None
+    validation = _normalised_validation(validation, shell, num_classes)
 
     rng = np.random.default_rng(options.seed)
     moments = [np.zeros_like(weights), np.zeros_like(bias)]
@@ -164,6 +153,28 @@ def train_head(
     if validation is not None and np.isfinite(best[0]):
         weights, bias = best[1], best[2]
     return shell.with_columns(weights, bias)
+
+
+def _initial_columns(initial: Head | None, shell: Head, options: HeadTrainingOptions, dimension: int,
+                     num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(weights, bias) training starts from: the warm start's, converted to ``shell``'s normalisation, or zeros."""
+    if initial is None:
+        return np.zeros((dimension, num_classes), np.float32), np.zeros(num_classes, np.float32)
+    if initial.weights.shape != (dimension, num_classes):
+        raise InputError(f"initial head is {initial.weights.shape}, expected ({dimension}, {num_classes})")
+    start = _warm_start(initial, shell, options)
+    return start.weights.copy(), start.bias.copy()
+
+
+def _normalised_validation(validation: tuple[np.ndarray, np.ndarray] | None, shell: Head,
+                           num_classes: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The checked validation split with ``shell``'s feature normalisation applied; None when empty or absent."""
+    if validation is None or not len(validation[1]):
+        return None
+    validation = _check(validation[0], validation[1], num_classes, "validation")
+    if shell.feature_mean is not None or shell.l2_normalize:
+        validation = (shell.features(validation[0]), validation[1])
+    return validation
 
 
 def _normalisation_shell(embeddings: np.ndarray, options: HeadTrainingOptions) -> Head:

@@ -1,4 +1,4 @@
-"""Headless import: a .tflite embedding extractor becomes a bundle with zero classes (used by :mod:`edgeadapt.importing`).
+"""Headless import: a .tflite embedding extractor becomes a bundle with zero classes (used by :mod:`edgeadapt.import_preparation`).
 
 The model's output is the embedding (see :mod:`edgeadapt.converters.tflite_extractor`); the
 import is verified by comparing the bundle's embeddings with the original model's output on
@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgeadapt.converters.model_info import ExportedModel
 from edgeadapt.device.errors import ConversionError, IncompatibleModelError
-from edgeadapt.importing import FormatCheck, ImportSettings, _Prepared, tflite_backbones
+from edgeadapt.import_preparation import PreparedImport, tflite_backbones
+from edgeadapt.import_report import FormatCheck
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgeadapt.importing import ImportSettings
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +29,7 @@ logger = logging.getLogger(__name__)
 MIN_COSINE = {"float32": 0.9999, "int8": 0.98}
 
 
-def prepare_headless(path: Path, kind: str, settings: ImportSettings) -> _Prepared:
+def prepare_headless(path: Path, kind: str, settings: ImportSettings) -> PreparedImport:
     """A headless extractor: the model's output is the embedding; the head has zero classes.
 
     Args:
@@ -50,10 +55,10 @@ def prepare_headless(path: Path, kind: str, settings: ImportSettings) -> _Prepar
     content = path.read_bytes()
     imported = import_tflite_extractor(content, settings.model)
     backbones = tflite_backbones(imported, settings)
-    return _Prepared(imported, backbones, lambda images: tflite_scores(content, images, imported.input_spec), True)
+    return PreparedImport(imported, backbones, lambda images: tflite_scores(content, images, imported.input_spec), True)
 
 
-def _prepare_keras_extractor(path: Path, settings: ImportSettings) -> _Prepared:
+def _prepare_keras_extractor(path: Path, settings: ImportSettings) -> PreparedImport:
     """A Keras model whose output is the embedding, exported whole (int8 when background photos calibrate it)."""
     import keras
 
@@ -95,7 +100,7 @@ def _prepare_keras_extractor(path: Path, settings: ImportSettings) -> _Prepared:
         details={"headless": True, "quantization": primary.quantization,
                  "calibration": "background photos" if calibration is not None else None},
     )
-    return _Prepared(imported, backbones, lambda images: keras_scores(model, images, spec), False)
+    return PreparedImport(imported, backbones, lambda images: keras_scores(model, images, spec), False)
 
 
 def _cosine(reference: np.ndarray, candidate: np.ndarray) -> float:

@@ -1,6 +1,6 @@
 """What ``edgeadapt import`` measured and wrote: :class:`ImportReport` and its readable table.
 
-Re-exported by :mod:`edgeadapt.importing`, which fills it in.
+Filled in by :mod:`edgeadapt.importing` and :mod:`edgeadapt.import_verification`.
 """
 
 from __future__ import annotations

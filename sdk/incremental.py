@@ -27,11 +27,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from edgeadapt.device.bundle import Bundle, write_bundle
+from edgeadapt.device.bundle import Bundle
 from edgeadapt.device.errors import BundleError, IncompatibleModelError, InputError
 from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.incremental import (
@@ -39,18 +39,17 @@ from edgeadapt.device.incremental import (
     TRAINED_METHODS,
     AddClassOptions,
     resolve_all,
-    with_ridge_basis,
 )
 from edgeadapt.device import incremental as head_math
 from edgeadapt.device.manifest import utc_timestamp
 from edgeadapt.device.naming import check_class_name
 from edgeadapt.device.update_inputs import distinct_examples
 from edgeadapt.device.version_builder import ChangeAction
+from edgeadapt.incremental_inputs import BundleEmbedder, examples_mapping, replay_embeddings
+from edgeadapt.version_writing import calibration_embeddings, new_references, write_version
 
 logger = logging.getLogger(__name__)
 
-#: References kept per new class for the device update gate when the parent bundle has none.
-from edgeadapt.device.update_gate import DEFAULT_REFERENCES_PER_CLASS  # noqa: E402,F401 (one default)
 
 
 @dataclass(frozen=True)
@@ -116,173 +115,6 @@ def _check_output(output: str | Path, overwrite: bool, parents: Sequence[Bundle]
     if output.exists() and not overwrite:
         raise BundleError(f"{output} already exists; choose another output path or pass overwrite=True (--overwrite)")
     return output
-
-
-def folder_examples(folder: str | Path, classes: Sequence[str] | None = None) -> dict[str, list[Path]]:
-    """``{class name: [image paths]}`` of a folder with one sub-folder per class (all images, no split)."""
-    from edgeadapt.data import scan_image_folder
-    from edgeadapt.device.errors import DatasetError
-
-    try:
-        names, entries = scan_image_folder(folder, classes, min_images=1)  # one photo is enough to learn from
-    except DatasetError as error:
-        raise InputError(str(error)) from error
-    examples: dict[str, list[Path]] = {name: [] for name in names}
-    for entry in entries:
-        examples[names[entry.label]].append(entry.path)
-    return examples
-
-
-def _as_mapping(data: Any, classes: Sequence[str] | None, what: str) -> dict[str, Any]:
-    if isinstance(data, (str, Path)):
-        return folder_examples(data, classes)
-    if isinstance(data, Mapping):
-        mapping = dict(data)
-        if classes is not None:
-            missing = [name for name in classes if name not in mapping]
-            if missing:
-                raise InputError(f"{what} has no examples for {missing}")
-            mapping = {name: mapping[name] for name in classes}
-        return mapping
-    raise InputError(f"{what} must be a folder (one sub-folder per class) or a mapping name -> images or embeddings")
-
-
-class _Embedder:
-    """Embeds images with the bundle's backbone (opened on first use only)."""
-
-    def __init__(self, bundle: Bundle, backend: str):
-        self.bundle = bundle
-        self.backend = backend
-        self._runtime = None
-
-    def __call__(self, name: str, examples: Any, size: int) -> np.ndarray:
-        if isinstance(examples, np.ndarray) and examples.ndim == 2 and np.issubdtype(examples.dtype, np.floating):
-            if examples.shape[1] != size:
-                raise InputError(
-                    f"class {name!r}: embeddings have {examples.shape[1]} values but this bundle's backbone gives {size}"
-                )
-            array = examples
-        else:
-            if isinstance(examples, np.ndarray) and examples.ndim == 4 and examples.shape[0] == 0:
-                raise InputError(f"class {name!r} has zero images; give at least one example per class")
-            if isinstance(examples, (list, tuple)) and not examples:
-                raise InputError(f"class {name!r} has zero images; give at least one example per class")
-            if self._runtime is None:
-                from edgeadapt.device.runtime import Runtime
-
-                self._runtime = Runtime(self.bundle, backend=self.backend)
-            try:
-                array = self._runtime.embed(examples)
-            except InputError as error:
-                raise InputError(f"class {name!r}: {error}; nothing was written") from error
-        array = np.asarray(array)
-        if array.ndim != 2 or array.shape[0] == 0:
-            raise InputError(f"class {name!r} has zero examples; give at least one example per class")
-        if not np.all(np.isfinite(array)):
-            raise InputError(f"class {name!r}: embeddings contain NaN or infinite values; nothing was written")
-        return array.astype(np.float32)
-
-
-def _replay_embeddings(
-    replay: Any, class_names: list[str], embedder: _Embedder, size: int
-) -> tuple[np.ndarray, np.ndarray] | None:
-    if replay is None:
-        return None
-    mapping = _as_mapping(replay, None, "replay")
-    unknown = [name for name in mapping if name not in class_names]
-    if unknown:
-        raise InputError(f"replay holds classes {unknown} that are not in the bundle; replay is for its old classes")
-    parts, labels = [], []
-    for name, examples in mapping.items():
-        embeddings = embedder(name, examples, size)
-        parts.append(embeddings)
-        labels.append(np.full(embeddings.shape[0], class_names.index(name), dtype=np.int64))
-    if not parts:
-        return None
-    return np.concatenate(parts), np.concatenate(labels)
-
-
-# ============================================================================= writing
-#: ``write_version(references=KEEP_REFERENCES)`` keeps the parent's update-gate references unchanged.
-KEEP_REFERENCES = object()
-
-
-def _parent_references(parent: Bundle):
-    loader = getattr(parent, "load_reference_embeddings", None)
-    return None if loader is None else loader()
-
-
-def _references_for_classes(references, old_names: list[str], new_names: list[str]):
-    """Keep the references of classes that survive (matched by name), relabelled to the new indices."""
-    if references is None:
-        return None
-    position = {name: index for index, name in enumerate(new_names)}
-    mapping = np.array([position.get(name, -1) for name in old_names], dtype=np.int64)
-    labels = mapping[references.labels]
-    keep = labels >= 0
-    if not keep.any():
-        return None
-    return type(references)(embeddings=references.embeddings[keep], labels=labels[keep])
-
-
-def write_version(
-    parent: Bundle,
-    head: Head,
-    stats: ClassStats | None,
-    classes: list[dict],
-    output: str | Path,
-    change: dict,
-    *,
-    references: Any = KEEP_REFERENCES,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``parent`` + a new head as a new bundle version in a new directory.
-
-    The backbone files (every file outside ``heads/``) are copied unchanged through
-    :func:`write_bundle`, which checksums them into the new manifest. Head-section entries
-    this module does not manage (e.g. another tool's files) are kept with their files.
-    ``references``: the update-gate reference embeddings of the new head (default: the
-    parent's, unchanged; None: none).
-    """
-    manifest = parent.manifest
-    new_names = [entry["name"] for entry in classes]
-    if references is KEEP_REFERENCES:
-        references = _references_for_classes(_parent_references(parent), manifest.class_names, new_names)
-    from edgeadapt.converters.bundle_export import created_by
-    from edgeadapt.device.unknown import load_unknown
-    from edgeadapt.device.version_builder import VersionPlan, build_version  # noqa: I001
-
-    plan = VersionPlan(head=head, stats=with_ridge_basis(head, stats),  # merged statistics have none yet
-                       classes=classes, change=change, references=references,
-                       device_examples=_references_for_classes(parent.load_device_examples(), manifest.class_names,
-                                                               new_names),
-                       unknown=load_unknown(parent), background=parent.load_background())
-    built = build_version(manifest, plan, manifest.version + 1, tool=f"edgeadapt {_version()}",
-                          created_by=created_by())
-    files: dict[str, Any] = {name: parent.path / name for name in built.manifest.files}
-    files.update(built.new_files)
-    return write_bundle(output, built.manifest, files, overwrite=overwrite)
-
-
-def _version() -> str:
-    from edgeadapt import __version__
-
-    return __version__
-
-
-def _new_references(parent: Bundle, arrays: list[np.ndarray], first_index: int):
-    references = _parent_references(parent)
-    if references is None:
-        return None
-    from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
-
-    per_class = max(1, references.per_class_count())
-    embeddings, labels = [references.embeddings], [references.labels]
-    for offset, array in enumerate(arrays):
-        chosen = array[:per_class].astype(references.embeddings.dtype)
-        embeddings.append(chosen)
-        labels.append(np.full(chosen.shape[0], first_index + offset, dtype=np.int64))
-    return ReferenceEmbeddings(np.concatenate(embeddings), np.concatenate(labels))
 
 
 def _old_rows_unchanged(before: Head, after: Head) -> bool:
@@ -358,9 +190,27 @@ def add_classes(
     output = _check_output(output, overwrite, [parent])
     if options is not None and not isinstance(options, AddClassOptions):
         raise InputError(f"options must be an AddClassOptions or None, got {type(options).__name__}")
-    manifest = parent.manifest
-    old_names = manifest.class_names
-    mapping = _as_mapping(new_data, classes, "new data")
+    old_names = parent.manifest.class_names
+    mapping = examples_mapping(new_data, classes, "new data")
+    names = _new_class_names(mapping, old_names, parent.path)
+    head, stats = parent.load_head(), parent.load_class_stats()
+    calibration = calibration_embeddings(parent)
+    _check_method_fits(options, replay is not None, head, stats, calibration)
+    embedder = BundleEmbedder(parent, backend)
+    notes: list[str] = []
+    arrays = _distinct_examples(embedder, names, mapping, head.embedding_size, notes)
+    replay_data = replay_embeddings(replay, old_names, embedder, head.embedding_size)
+    stats = _statistics_from_replay(stats, replay_data, old_names, options, notes)
+    method = head_math.choose_method(stats, calibration is not None, None if options is None else options.method)
+    if options is None:
+        options = AddClassOptions(method=method)
+        notes.append(f"method {method} chosen automatically for what the bundle carries")
+    change = _add_to_head(head, stats, arrays, replay_data, calibration, options, resolve)
+    return _write_added_classes(parent, output, names, arrays, change, options, notes, overwrite)
+
+
+def _new_class_names(mapping: dict[str, Any], old_names: list[str], parent_path: Path) -> list[str]:
+    """The checked names of the classes to add: valid, at least one, distinct, none already in the bundle."""
     names = [check_class_name(name) for name in mapping]
     if not names:
         raise InputError("no new classes given; name at least one class to add")
@@ -369,13 +219,16 @@ def add_classes(
     clashes = [name for name in names if name in old_names]
     if clashes:
         raise InputError(
-            f"class(es) {clashes} already exist in {parent.path}; choose other names (to strengthen an existing "
+            f"class(es) {clashes} already exist in {parent_path}; choose other names (to strengthen an existing "
             "class use the device updater's add_examples); nothing was written"
         )
-    head = parent.load_head()
-    stats = parent.load_class_stats()
-    calibration = calibration_embeddings(parent)
-    if options is not None and (replay is None or options.method not in STATISTICS_METHODS):
+    return names
+
+
+def _check_method_fits(options: AddClassOptions | None, has_replay: bool, head: Head, stats: ClassStats | None,
+                       calibration: np.ndarray | None) -> None:
+    """Refuse a chosen method the bundle cannot support, before any image is embedded."""
+    if options is not None and (not has_replay or options.method not in STATISTICS_METHODS):
         # replay can supply missing statistics; otherwise the method must fit the bundle as it is
         head_math.choose_method(stats, calibration is not None, options.method)
     if options is not None and options.method == "center_l2" and (head.feature_mean is None or not head.l2_normalize):
@@ -384,74 +237,88 @@ def add_classes(
             "l2_normalize true), and this head is not; leave the method out for the automatic choice, or use "
             "imprint_calibrated, weight_align or imprint; nothing was written"
         )
-    size = head.embedding_size
-    embedder = _Embedder(parent, backend)
+
+
+def _distinct_examples(embedder: BundleEmbedder, names: list[str], mapping: dict[str, Any], size: int,
+                       notes: list[str]) -> list[np.ndarray]:
+    """Each new class's embeddings with identical examples counted once (noted in ``notes``)."""
     given = [embedder(name, mapping[name], size) for name in names]
     arrays = [distinct_examples(array) for array in given]  # the same photo twice is one example
-    replay_data = _replay_embeddings(replay, old_names, embedder, size)
-    notes: list[str] = []
     duplicates = {name: int(a.shape[0] - b.shape[0]) for name, a, b in zip(names, given, arrays) if a.shape != b.shape}
     if duplicates:
         notes.append(f"identical examples counted once: {duplicates} duplicate(s) ignored")
+    return arrays
+
+
+def _statistics_from_replay(stats: ClassStats | None, replay_data: tuple[np.ndarray, np.ndarray] | None,
+                            old_names: list[str], options: AddClassOptions | None,
+                            notes: list[str]) -> ClassStats | None:
+    """The bundle's class statistics, or, when it has none, those of a replay covering every old class."""
     if stats is None and replay_data is not None:
         missing = sorted(set(range(len(old_names))) - set(np.unique(replay_data[1]).tolist()))
         if not missing:
-            stats = ClassStats.from_embeddings(replay_data[0], replay_data[1], len(old_names))
             notes.append(f"class statistics computed from {replay_data[0].shape[0]} replay examples")
-        elif options is not None and options.method in STATISTICS_METHODS:
+            return ClassStats.from_embeddings(replay_data[0], replay_data[1], len(old_names))
+        if options is not None and options.method in STATISTICS_METHODS:
             raise IncompatibleModelError(
                 f"the bundle has no class statistics and the replay lacks the old classes "
                 f"{[old_names[index] for index in missing]}; give examples of every old class"
             )
-    method = head_math.choose_method(stats, calibration is not None, None if options is None else options.method)
-    if options is None:
-        options = AddClassOptions(method=method)
-        notes.append(f"method {method} chosen automatically for what the bundle carries")
+    return stats
 
+
+@dataclass
+class _HeadChange:
+    """A new head and its statistics, how it was re-solved (None: append-only) and the head math's time."""
+
+    head: Head
+    stats: ClassStats | None
+    resolved: str | None
+    seconds: float
+    old_rows_unchanged: bool
+
+
+def _add_to_head(head: Head, stats: ClassStats | None, arrays: list[np.ndarray],
+                 replay_data: tuple[np.ndarray, np.ndarray] | None, calibration: np.ndarray | None,
+                 options: AddClassOptions, resolve: bool) -> _HeadChange:
+    """The head math of an addition: append the new columns, then re-fit every column when ``resolve``."""
     start = time.perf_counter()
     trained_replay = replay_data if options.method in TRAINED_METHODS else None
     new_head, new_stats = head_math.add_classes(head, stats, arrays, options, replay=trained_replay,
                                                 calibration=calibration)
     resolved = None
     if resolve:
-        new_head, resolved = _resolve(new_head, new_stats, arrays, replay_data, len(old_names), options)
+        new_head, resolved = _resolve(new_head, new_stats, arrays, replay_data, head.num_classes, options)
     seconds = time.perf_counter() - start
-    unchanged = _old_rows_unchanged(head, new_head)
+    return _HeadChange(new_head, new_stats, resolved, seconds, _old_rows_unchanged(head, new_head))
 
+
+def _write_added_classes(parent: Bundle, output: Path, names: list[str], arrays: list[np.ndarray],
+                         change: _HeadChange, options: AddClassOptions, notes: list[str],
+                         overwrite: bool) -> IncrementalResult:
+    """Write the added classes' version of ``parent`` (class entries with provenance, change record, references)."""
+    manifest = parent.manifest
+    old_count = len(manifest.class_names)
     version = manifest.version + 1
     stamp = utc_timestamp()
     class_entries = [dict(entry) for entry in manifest.data["classes"]]
     added = []
     for offset, (name, array) in enumerate(zip(names, arrays)):
-        index = len(old_names) + offset
+        index = old_count + offset
         class_entries.append({"name": name, "index": index, "origin": "host-added", "added_at": stamp,
                               "examples": int(array.shape[0]), "added_in_version": version})
         added.append({"name": name, "index": index, "examples": int(array.shape[0])})
-    change = {
+    record = {
         "action": ChangeAction.HOST_ADD_CLASSES, "classes": names, "examples": int(sum(array.shape[0] for array in arrays)),
-        "method": options.method, "old_rows_unchanged": unchanged, "resolved": resolved,
+        "method": options.method, "old_rows_unchanged": change.old_rows_unchanged, "resolved": change.resolved,
     }
-    references = _new_references(parent, arrays, len(old_names))
-    write_version(parent, new_head, new_stats, class_entries, output, change, references=references,
+    references = new_references(parent, arrays, old_count)
+    write_version(parent, change.head, change.stats, class_entries, output, record, references=references,
                   overwrite=overwrite)
     return IncrementalResult(output=output, version=version, parent_version=manifest.version,
-                             action="add-classes", method=options.method, added=added, old_rows_unchanged=unchanged,
-                             resolved=resolved, seconds=seconds, notes=notes)
-
-
-def calibration_embeddings(parent: Bundle) -> np.ndarray | None:
-    """The parent's background and reference embeddings, float32 (N, D), for methods that calibrate with them."""
-    parts = []
-    loader = getattr(parent, "load_background", None)
-    background = None if loader is None else loader()
-    if background is not None and len(background):
-        parts.append(np.asarray(background, dtype=np.float32))
-    references = _parent_references(parent)
-    if references is not None and len(references):
-        parts.append(references.as_float32())
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+                             action="add-classes", method=options.method, added=added,
+                             old_rows_unchanged=change.old_rows_unchanged, resolved=change.resolved,
+                             seconds=change.seconds, notes=notes)
 
 
 def _resolve(
@@ -500,8 +367,8 @@ def resolve(
     head = parent.load_head()
     stats = parent.load_class_stats()
     names = parent.manifest.class_names
-    embedder = _Embedder(parent, backend)
-    replay_data = _replay_embeddings(replay, names, embedder, head.embedding_size)
+    embedder = BundleEmbedder(parent, backend)
+    replay_data = replay_embeddings(replay, names, embedder, head.embedding_size)
     start = time.perf_counter()
     new_head, resolved = _resolve(head, stats, [], replay_data, len(names), options)
     seconds = time.perf_counter() - start
@@ -548,6 +415,51 @@ def merge_heads(
     output = _check_output(output, overwrite, [parent])
     if not isinstance(options, AddClassOptions):
         raise InputError(f"options must be an AddClassOptions, got {type(options).__name__}")
+    other = _head_to_merge(b, parent)
+    old_names = parent.manifest.class_names
+    head, stats = parent.load_head(), parent.load_class_stats()
+    start = time.perf_counter()
+    new_head, new_stats = head_math.merge_heads(head, stats, other.head, other.stats, options)
+    seconds = time.perf_counter() - start
+    unchanged = _old_rows_unchanged(head, new_head)
+    version = parent.manifest.version + 1
+    stamp = utc_timestamp()
+    class_entries = [dict(entry) for entry in parent.manifest.data["classes"]]
+    added = []
+    for offset, name in enumerate(other.class_names):
+        index = len(old_names) + offset
+        examples = (int(other.stats.counts[offset]) if other.stats is not None
+                    else other.infos[offset].get("examples"))
+        entry = {"name": name, "index": index, "origin": "host-added", "added_at": stamp,
+                 "added_in_version": version, "source": f"merged from {other.source}"}
+        if examples is not None:
+            entry["examples"] = int(examples)
+        class_entries.append(entry)
+        added.append({"name": name, "index": index, "examples": int(examples) if examples is not None else 0})
+    change = {"action": ChangeAction.HOST_MERGE_HEADS, "classes": list(other.class_names), "source": other.source,
+              "method": options.method, "old_rows_unchanged": unchanged}
+    notes = [] if new_stats is not None else [
+        "the merged head has no class statistics (one side had none): later statistics-based updates will ask for "
+        "replay examples"]
+    write_version(parent, new_head, new_stats, class_entries, output, change, overwrite=overwrite)
+    return IncrementalResult(output=output, version=version, parent_version=parent.manifest.version,
+                             action="merge-heads", method=options.method, added=added, old_rows_unchanged=unchanged,
+                             seconds=seconds, notes=notes)
+
+
+@dataclass
+class _HeadToMerge:
+    """Head b of a merge: its head, statistics, checked class names, per-class manifest entries, source text."""
+
+    head: Head
+    stats: ClassStats | None
+    class_names: list[str]
+    infos: list[dict]
+    source: str
+
+
+def _head_to_merge(b: str | Path | Bundle | NamedHead, parent: Bundle) -> _HeadToMerge:
+    """Read head b and check it can join ``parent``: same backbone, distinct names, none in ``parent``."""
     if isinstance(b, NamedHead):
         other_head, other_stats, other_names = b.head, b.stats, [check_class_name(name) for name in b.class_names]
         other_fingerprint, source = b.backbone_fingerprint, b.source
@@ -571,35 +483,7 @@ def merge_heads(
         )
     if len(set(other_names)) != len(other_names):
         raise InputError(f"head b has duplicate class names {other_names}")
-    old_names = parent.manifest.class_names
-    clashes = [name for name in other_names if name in old_names]
+    clashes = [name for name in other_names if name in parent.manifest.class_names]
     if clashes:
         raise InputError(f"class(es) {clashes} exist in both heads; rename them in one head before merging")
-    head, stats = parent.load_head(), parent.load_class_stats()
-    start = time.perf_counter()
-    new_head, new_stats = head_math.merge_heads(head, stats, other_head, other_stats, options)
-    seconds = time.perf_counter() - start
-    unchanged = _old_rows_unchanged(head, new_head)
-    version = parent.manifest.version + 1
-    stamp = utc_timestamp()
-    class_entries = [dict(entry) for entry in parent.manifest.data["classes"]]
-    added = []
-    for offset, name in enumerate(other_names):
-        index = len(old_names) + offset
-        examples = (int(other_stats.counts[offset]) if other_stats is not None
-                    else other_infos[offset].get("examples"))
-        entry = {"name": name, "index": index, "origin": "host-added", "added_at": stamp,
-                 "added_in_version": version, "source": f"merged from {source}"}
-        if examples is not None:
-            entry["examples"] = int(examples)
-        class_entries.append(entry)
-        added.append({"name": name, "index": index, "examples": int(examples) if examples is not None else 0})
-    change = {"action": ChangeAction.HOST_MERGE_HEADS, "classes": list(other_names), "source": source,
-              "method": options.method, "old_rows_unchanged": unchanged}
-    notes = [] if new_stats is not None else [
-        "the merged head has no class statistics (one side had none): later statistics-based updates will ask for "
-        "replay examples"]
-    write_version(parent, new_head, new_stats, class_entries, output, change, overwrite=overwrite)
-    return IncrementalResult(output=output, version=version, parent_version=parent.manifest.version,
-                             action="merge-heads", method=options.method, added=added, old_rows_unchanged=unchanged,
-                             seconds=seconds, notes=notes)
+    return _HeadToMerge(other_head, other_stats, list(other_names), other_infos, source)

@@ -6,10 +6,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from edgeadapt.device.head import ClassStats
+from edgeadapt.device.head import ClassStats, Head
 
 logger = logging.getLogger(__name__)
 #: Held-out test images per class that the demo writes to OUT/samples/ (for trying the bundle).
@@ -139,10 +140,7 @@ def run_demo(options: DemoOptions) -> DemoReport:
     from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
     from edgeadapt.device.bundle import Bundle
     from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
-    from edgeadapt.device.runtime import Runtime
-    from edgeadapt.embeddings import EmbeddingCache
-    from edgeadapt.head_training import DEFAULT_NORMALIZATION, HeadTrainingOptions, train_head
-    from edgeadapt.model_split import backbone_fingerprint, split_classifier
+    from edgeadapt.model_split import split_classifier
     from edgeadapt.training import ClassifierTrainingOptions, train_classifier
 
     output = Path(options.output)
@@ -155,37 +153,23 @@ def run_demo(options: DemoOptions) -> DemoReport:
     train_seconds = time.perf_counter() - start
 
     split = split_classifier(model)
-    fingerprint = backbone_fingerprint(split.backbone)
-    cache = EmbeddingCache(output / "embedding-cache")
-    spec = dataset.spec
-    train_embeddings = cache.embeddings(split.backbone, fingerprint, dataset.train.images, spec)
-    validation_embeddings = cache.embeddings(split.backbone, fingerprint, dataset.validation.images, spec)
-    test_embeddings = cache.embeddings(split.backbone, fingerprint, dataset.test.images, spec)
-    # Refine the head on cached embeddings: the backbone does not run during head training.
-    head = train_head(
-        train_embeddings, dataset.train.labels, len(dataset.class_names),
-        # Centred on the stored base mean: class additions keep it, so old logits stay bit-identical.
-        HeadTrainingOptions(seed=options.seed, normalization=DEFAULT_NORMALIZATION),
-        validation=(validation_embeddings, dataset.validation.labels),
-        initial=split.head,
-    )
-    keras_accuracy = float(np.mean(head.logits(test_embeddings).argmax(1) == dataset.test.labels))
-    stats = ClassStats.from_embeddings(train_embeddings, dataset.train.labels, len(dataset.class_names))
+    refined = _refine_head(split, dataset, output, options.seed)
+    stats = ClassStats.from_embeddings(refined.train_embeddings, dataset.train.labels, len(dataset.class_names))
 
     bundle_path = output / "model.eab"
     export = export_bundle(
         bundle_path,
         backbone=split.backbone,
-        head=head,
-        input_spec=spec,
+        head=refined.head,
+        input_spec=dataset.spec,
         class_names=dataset.class_names,
         calibration_images=dataset.train.images,
         calibration_labels=dataset.train.labels,
         evaluation_images=dataset.test.images,
         evaluation_labels=dataset.test.labels,
         class_stats=stats,
-        backbone_fingerprint=fingerprint,
-        reference_embeddings=ReferenceEmbeddings.select(train_embeddings, dataset.train.labels, per_class=5),
+        backbone_fingerprint=refined.fingerprint,
+        reference_embeddings=ReferenceEmbeddings.select(refined.train_embeddings, dataset.train.labels, per_class=5),
         options=BundleExportOptions(formats=options.formats, name="demo", overwrite=options.overwrite),
     )
     bundle = Bundle.open(bundle_path, trusted_keys=False)  # just written, not signed yet (edgeadapt sign)
@@ -193,7 +177,7 @@ def run_demo(options: DemoOptions) -> DemoReport:
     report = DemoReport(
         class_names=list(dataset.class_names),
         bundle_path=bundle_path,
-        keras_accuracy=keras_accuracy,
+        keras_accuracy=refined.keras_accuracy,
         train_images=len(dataset.train),
         test_images=len(dataset.test),
         bundle_size=bundle.total_size(),
@@ -201,14 +185,56 @@ def run_demo(options: DemoOptions) -> DemoReport:
         train_seconds=train_seconds,
         samples_path=_write_samples(output / "samples", dataset),
     )
+    report.formats.extend(_format_results(options.formats, bundle_path, export, dataset))
+    return report
+
+
+@dataclass
+class _RefinedHead:
+    """The demo head refined on cached embeddings, the backbone's fingerprint and the training embeddings."""
+
+    head: Head
+    fingerprint: str
+    train_embeddings: np.ndarray
+    keras_accuracy: float
+
+
+def _refine_head(split, dataset, output: Path, seed: int) -> _RefinedHead:
+    """Refine the split classifier's head on cached embeddings: the backbone does not run during head training."""
+    from edgeadapt.embeddings import EmbeddingCache
+    from edgeadapt.head_training import DEFAULT_NORMALIZATION, HeadTrainingOptions, train_head
+    from edgeadapt.model_split import backbone_fingerprint
+
+    fingerprint = backbone_fingerprint(split.backbone)
+    cache = EmbeddingCache(output / "embedding-cache")
+    spec = dataset.spec
+    train_embeddings = cache.embeddings(split.backbone, fingerprint, dataset.train.images, spec)
+    validation_embeddings = cache.embeddings(split.backbone, fingerprint, dataset.validation.images, spec)
+    test_embeddings = cache.embeddings(split.backbone, fingerprint, dataset.test.images, spec)
+    head = train_head(
+        train_embeddings, dataset.train.labels, len(dataset.class_names),
+        # Centred on the stored base mean: class additions keep it, so old logits stay bit-identical.
+        HeadTrainingOptions(seed=seed, normalization=DEFAULT_NORMALIZATION),
+        validation=(validation_embeddings, dataset.validation.labels),
+        initial=split.head,
+    )
+    keras_accuracy = float(np.mean(head.logits(test_embeddings).argmax(1) == dataset.test.labels))
+    return _RefinedHead(head, fingerprint, train_embeddings, keras_accuracy)
+
+
+def _format_results(formats: Sequence[str], bundle_path: Path, export, dataset) -> list[FormatResult]:
+    """Accuracy, sizes and latency of each exported format, run by the device Runtime on the test split."""
+    from edgeadapt.device.runtime import Runtime
+
+    results: list[FormatResult] = []
     backend_for = {"tflite": "auto", "onnx": "onnxruntime"}
-    for model_format in options.formats:
+    for model_format in formats:
         runtime = Runtime.open(bundle_path, backend=backend_for[model_format], trusted_keys=False)
         if model_format == "tflite" and runtime.backend_name == "onnxruntime":
             continue
         predictions = runtime.logits(dataset.test.images).argmax(1)
         parity = export.parity[model_format]
-        report.formats.append(
+        results.append(
             FormatResult(
                 format=model_format,
                 float_accuracy=parity.float_accuracy,
@@ -221,4 +247,4 @@ def run_demo(options: DemoOptions) -> DemoReport:
                 backend=runtime.backend_name,
             )
         )
-    return report
+    return results

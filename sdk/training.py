@@ -74,7 +74,7 @@ def train_classifier(dataset, options: ClassifierTrainingOptions = ClassifierTra
 
     Early stopping on validation loss restores the best weights. Keras prints its progress
     bar when ``options.verbose`` is 1 (one line per epoch with 2). ``callbacks`` are extra
-    Keras callbacks (e.g. :func:`edgeadapt.finetune.time_budget` for a wall-time limit).
+    Keras callbacks (e.g. :func:`edgeadapt.finetune_keras.time_budget` for a wall-time limit).
 
     Args:
         dataset: The split dataset to train on (its validation split drives early stopping).

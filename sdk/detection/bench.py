@@ -137,12 +137,70 @@ def _gt_entries(items: Sequence[ImageBoxes], category_of: Any) -> tuple[list[dic
     return images, annotations
 
 
+@dataclass
+class _BenchData:
+    """The benchmark's inputs: the SSD, its labels, the new classes' train/held-out photos, the COCO photos."""
+
+    content: bytes
+    lines: list[str]
+    train: dict[str, list[ImageBoxes]]
+    held: dict[str, list[ImageBoxes]]
+    coco: list[ImageBoxes]
+    negatives: list[Path]
+    unseen: set[str]
+
+    @property
+    def old_names(self) -> list[str]:
+        return self.lines[1:]
+
+
 def run_detection_bench(options: DetectionBenchOptions) -> DetectionBenchResult:
     """Run the whole benchmark on ``options.data`` (the ``detection`` folder of the shared data).
+
+    Args:
+        options: The data folder, the new classes, timing images and thread counts.
+
+    Returns:
+        Every figure of the benchmark (see the module docstring).
 
     Raises:
         DatasetError: the data folder lacks the model, labelmap, class folders or coco_old.
     """
+    data = _load_bench_data(options)
+    result = DetectionBenchResult(split={
+        "train_images": {n: len(v) for n, v in data.train.items()},
+        "heldout_images": {n: len(v) for n, v in data.held.items()},
+        "coco_negatives": len(data.negatives), "coco_unseen": len(data.unseen), "coco_annotated": len(data.coco),
+        "coco_unseen_annotated": sum(item.image.name in data.unseen for item in data.coco)})
+
+    with tempfile.TemporaryDirectory() as cache:
+        started = time.perf_counter()
+        extended = extend_detector(data.content, data.lines, data.train, data.negatives,
+                                   DetectorOptions(nms="regular", cache_dir=Path(cache), progress=options.progress))
+        result.add_classes_seconds = round(time.perf_counter() - started, 2)
+    result.embed_seconds = round(extended.embed_seconds, 2)
+    result.train_seconds = round(extended.train_seconds, 2)
+
+    models = {
+        "original/fast": _variant(data.content, "fast"), "original/regular": _variant(data.content, "regular"),
+        "added/fast": _variant(extended.content, "fast"), "added/regular": _variant(extended.content, "regular"),
+    }
+    spec = input_spec(models["original/fast"][1])
+    dtype = models["original/fast"][1].input_dtype
+    runners = {name: TensorRunner(model) for name, (model, _) in models.items()}
+    coco_pixels = [load_pixels(item.image, spec) for item in data.coco]
+    _measure_old_classes(result, runners, data, coco_pixels, dtype)
+    held_items = [item for name in options.classes for item in data.held[name]]
+    result.old_scores_identical = _old_scores_identical(data.content, extended.content,
+                                                        coco_pixels + [load_pixels(item.image, spec)
+                                                                       for item in held_items], dtype)
+    _measure_new_classes(result, runners, held_items, len(data.old_names), options.classes, spec, dtype)
+    result.ms_per_image = _latency({name: models[name][0] for name in models}, coco_pixels, options)
+    return result
+
+
+def _load_bench_data(options: DetectionBenchOptions) -> _BenchData:
+    """Read the data folder: check every needed file, split the new classes' photos and the COCO photos."""
     data = Path(options.data)
     if (data / "detection" / MODEL_FILE).is_file():
         data = data / "detection"
@@ -151,47 +209,34 @@ def run_detection_bench(options: DetectionBenchOptions) -> DetectionBenchResult:
             raise DatasetError(f"{data / needed} is missing; pass --data pointing at the detection data folder")
     content = (data / MODEL_FILE).read_bytes()
     lines = read_labelmap(data / "labelmap.txt")
-    old_names = lines[1:]
-    annotations = load_new_classes(data, list(options.classes), old_names)
+    annotations = load_new_classes(data, list(options.classes), lines[1:])
     train, held = {}, {}
     for name, items in annotations.items():
         train[name], held[name] = split_holdout(items)
     coco = sorted(read_coco(data / "coco_old" / "instances.json"), key=lambda item: item.image.name)
     coco_all = sorted(p for p in (data / "coco_old").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    negatives = coco_all[0::2]
-    unseen = {p.name for p in coco_all[1::2]}
-    result = DetectionBenchResult(split={
-        "train_images": {n: len(v) for n, v in train.items()}, "heldout_images": {n: len(v) for n, v in held.items()},
-        "coco_negatives": len(negatives), "coco_unseen": len(unseen), "coco_annotated": len(coco),
-        "coco_unseen_annotated": sum(item.image.name in unseen for item in coco)})
+    return _BenchData(content, lines, train, held, coco, negatives=coco_all[0::2],
+                      unseen={p.name for p in coco_all[1::2]})
 
-    with tempfile.TemporaryDirectory() as cache:
-        started = time.perf_counter()
-        extended = extend_detector(content, lines, train, negatives,
-                                   DetectorOptions(nms="regular", cache_dir=Path(cache), progress=options.progress))
-        result.add_classes_seconds = round(time.perf_counter() - started, 2)
-    result.embed_seconds = round(extended.embed_seconds, 2)
-    result.train_seconds = round(extended.train_seconds, 2)
 
-    def variant(source: bytes, nms: str) -> tuple[bytes, Any]:
-        structure = load_ssd(source)
-        set_postprocess(structure, structure.options.num_classes, nms)
-        return serialize(structure), structure
+def _variant(source: bytes, nms: str) -> tuple[bytes, Any]:
+    """The SSD ``source`` with ``nms`` post-processing: (model bytes, its structure)."""
+    structure = load_ssd(source)
+    set_postprocess(structure, structure.options.num_classes, nms)
+    return serialize(structure), structure
 
-    models = {
-        "original/fast": variant(content, "fast"), "original/regular": variant(content, "regular"),
-        "added/fast": variant(extended.content, "fast"), "added/regular": variant(extended.content, "regular"),
-    }
-    spec = input_spec(models["original/fast"][1])
-    dtype = models["original/fast"][1].input_dtype
-    runners = {name: TensorRunner(model) for name, (model, _) in models.items()}
+
+def _measure_old_classes(result: DetectionBenchResult, runners: dict[str, TensorRunner], data: _BenchData,
+                         coco_pixels: list[np.ndarray], dtype: str) -> None:
+    """Old-class mAP/AP50 on all and on unseen COCO photos, and new-class false positives there."""
+    coco, old_names = data.coco, data.old_names
     old_count = len(old_names)
-    coco_pixels = [load_pixels(item.image, spec) for item in coco]
     coco_images, coco_truth = _gt_entries(coco, lambda label: old_names.index(label) + 1)
     categories = sorted({entry["category_id"] for entry in coco_truth})
     raw_fp = {}
     for name, runner in runners.items():
-        for subset, chosen in (("all", range(len(coco))), ("unseen", [i for i, it in enumerate(coco) if it.image.name in unseen])):
+        for subset, chosen in (("all", range(len(coco))),
+                               ("unseen", [i for i, it in enumerate(coco) if it.image.name in data.unseen])):
             results, fps = [], 0
             for position in chosen:
                 item = coco[position]
@@ -207,26 +252,31 @@ def run_detection_bench(options: DetectionBenchOptions) -> DetectionBenchResult:
             raw_fp.setdefault(name, {})[subset] = fps
     result.false_positives = {name: value for name, value in raw_fp.items() if name.startswith("added")}
 
-    # bit-identity of the old scores (raw score tensor, every anchor) on COCO and held-out photos
+
+def _old_scores_identical(content: bytes, extended: bytes, photos: list[np.ndarray], dtype: str) -> dict[str, Any]:
+    """Bit-identity of the old scores (raw score tensor, every anchor) on ``photos``."""
     before = load_ssd(content)
-    after = load_ssd(extended.content)
+    after = load_ssd(extended)
     score_before = TensorRunner(model_with_outputs(before, [before.score_tensor]))
     score_after = TensorRunner(model_with_outputs(after, [after.score_tensor]))
     width = before.scores_per_anchor
-    held_items = [item for name in options.classes for item in held[name]]
     checked, identical = 0, 0
-    for pixels in coco_pixels + [load_pixels(item.image, spec) for item in held_items]:
+    for pixels in photos:
         batch = pixels_to_input(pixels[None], dtype)
         old = score_before.run(batch, raw=True)[0]
         new = score_after.run(batch, raw=True)[0]
         checked += 1
         identical += int(np.array_equal(old, new[..., :width]))
-    result.old_scores_identical = {"images": checked, "identical": identical, "all": identical == checked}
+    return {"images": checked, "identical": identical, "all": identical == checked}
 
-    # new classes: AP50 on held-out photos of every new class together
-    new_index = {name: old_count + k for k, name in enumerate(options.classes)}
+
+def _measure_new_classes(result: DetectionBenchResult, runners: dict[str, TensorRunner],
+                         held_items: list[ImageBoxes], old_count: int, new_classes: Sequence[str], spec: Any,
+                         dtype: str) -> None:
+    """New classes: AP50 on held-out photos of every new class together."""
+    new_index = {name: old_count + k for k, name in enumerate(new_classes)}
     held_images, held_truth = _gt_entries(held_items, lambda label: new_index[label] + 1)
-    new_categories = [new_index[name] + 1 for name in options.classes]
+    new_categories = [new_index[name] + 1 for name in new_classes]
     for name in ("added/regular", "added/fast"):
         results = []
         for image_id, item in enumerate(held_items, start=1):
@@ -234,15 +284,19 @@ def run_detection_bench(options: DetectionBenchOptions) -> DetectionBenchResult:
             results += _as_results(image_id, item.width, item.height, boxes, classes, scores,
                                    lambda index: index >= old_count)
         _, _, per_category = _coco_eval(held_truth, held_images, new_categories, results)
-        result.new_ap50[name] = {cls: round(per_category[new_index[cls] + 1], 4) for cls in options.classes}
+        result.new_ap50[name] = {cls: round(per_category[new_index[cls] + 1], 4) for cls in new_classes}
 
-    # latency: the device Detector, LiteRT
+
+def _latency(models: dict[str, bytes], coco_pixels: list[np.ndarray],
+             options: DetectionBenchOptions) -> dict[str, dict[str, float]]:
+    """ms per image of the device Detector (LiteRT) for each model and thread count, best of the passes."""
     from edgeadapt.device.detector import Detector
 
+    ms_per_image: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for name in ("original/fast", "original/regular", "added/fast", "added/regular"):
             path = Path(folder) / (name.replace("/", "_") + ".tflite")
-            path.write_bytes(models[name][0])
+            path.write_bytes(models[name])
             for threads in options.threads:
                 detector = Detector(path, num_threads=threads)
                 frames = [np.asarray(pixels) for pixels in coco_pixels[: options.timing_images]]
@@ -254,8 +308,8 @@ def run_detection_bench(options: DetectionBenchOptions) -> DetectionBenchResult:
                         detector.detect(frame)
                     passes.append((time.perf_counter() - started) / max(len(frames), 1))
                 elapsed = min(passes)
-                result.ms_per_image.setdefault(name, {})[f"{threads}_threads"] = round(elapsed * 1000, 2)
-    return result
+                ms_per_image.setdefault(name, {})[f"{threads}_threads"] = round(elapsed * 1000, 2)
+    return ms_per_image
 
 
 def format_table(result: DetectionBenchResult) -> str:

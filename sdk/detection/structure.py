@@ -240,6 +240,48 @@ def _predictor(graph: Any, conv_position: int, reshapes: list[int], class_width:
     }
 
 
+def _score_branches(graph: Any, producers: dict[int, int], score_tensor: int) -> tuple[list[int], list[int]]:
+    """(the tensors concatenated into the scores, one per class predictor; the score path's tensors so far)."""
+    path: list[int] = [score_tensor]
+    tensor = score_tensor
+    while True:  # walk back through activation/quantization to the concatenation
+        _, operator = _producer(graph, producers, tensor)
+        if operator is None:
+            raise IncompatibleModelError("the class scores are a model input, not computed by a class head")
+        name = graph.operator_name(operator)
+        if name in ("LOGISTIC", "QUANTIZE", "DEQUANTIZE"):
+            tensor = int(operator.inputs[0])
+            path.append(tensor)
+            continue
+        break
+    if name == "CONCATENATION":
+        return [int(value) for value in operator.inputs], path
+    path.pop()
+    return [tensor], path
+
+
+def _class_predictors(graph: Any, producers: dict[int, int], branches: list[int], path: list[int],
+                      width: int) -> list[ClassPredictor]:
+    """The class predictor convolution of each score branch, with its first anchor; refuses shared class nets."""
+    found_predictors = []
+    seen_weights: dict[bytes, int] = {}
+    offset = 0
+    for branch in branches:
+        conv_position, reshapes = _trace_predictor(graph, producers, branch, path)
+        details = _predictor(graph, conv_position, reshapes, width)
+        # one tensor for several levels, or the same weights stored once per level: a shared class net
+        weights = graph.buffer_data(details["weights_tensor"]).tobytes()
+        if weights in seen_weights:
+            raise IncompatibleModelError(
+                "the class head is shared across feature maps (EfficientDet/RetinaNet style: the same class-net "
+                "weights on every level); only SSD heads with one class predictor per feature map are supported")
+        seen_weights[weights] = conv_position
+        predictor = ClassPredictor(**details, anchor_offset=offset)
+        found_predictors.append(predictor)
+        offset += predictor.num_anchors
+    return found_predictors
+
+
 def read_ssd(graph: Any) -> SSDStructure:
     """Find the post-process options, anchors and class predictors of an SSD detector.
 
@@ -277,39 +319,9 @@ def read_ssd(graph: Any) -> SSDStructure:
     anchors = graph.constant(anchor_tensor).reshape(-1, 4).astype(np.float32)
 
     producers = graph.producers()
-    path: list[int] = [score_tensor]
-    tensor = score_tensor
-    while True:  # walk back through activation/quantization to the concatenation
-        _, operator = _producer(graph, producers, tensor)
-        if operator is None:
-            raise IncompatibleModelError("the class scores are a model input, not computed by a class head")
-        name = graph.operator_name(operator)
-        if name in ("LOGISTIC", "QUANTIZE", "DEQUANTIZE"):
-            tensor = int(operator.inputs[0])
-            path.append(tensor)
-            continue
-        break
-    if name == "CONCATENATION":
-        branches = [int(value) for value in operator.inputs]
-    else:
-        branches = [tensor]
-        path.pop()
-    found_predictors = []
-    seen_weights: dict[bytes, int] = {}
-    offset = 0
-    for branch in branches:
-        conv_position, reshapes = _trace_predictor(graph, producers, branch, path)
-        details = _predictor(graph, conv_position, reshapes, width)
-        # one tensor for several levels, or the same weights stored once per level: a shared class net
-        weights = graph.buffer_data(details["weights_tensor"]).tobytes()
-        if weights in seen_weights:
-            raise IncompatibleModelError(
-                "the class head is shared across feature maps (EfficientDet/RetinaNet style: the same class-net "
-                "weights on every level); only SSD heads with one class predictor per feature map are supported")
-        seen_weights[weights] = conv_position
-        predictor = ClassPredictor(**details, anchor_offset=offset)
-        found_predictors.append(predictor)
-        offset += predictor.num_anchors
+    branches, path = _score_branches(graph, producers, score_tensor)
+    found_predictors = _class_predictors(graph, producers, branches, path, width)
+    offset = sum(predictor.num_anchors for predictor in found_predictors)
     if offset != anchors.shape[0] or score_shape[1] != offset:
         raise IncompatibleModelError(
             f"the class predictors cover {offset} anchors but the model has {anchors.shape[0]} anchors and "

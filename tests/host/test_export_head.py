@@ -107,7 +107,7 @@ def test_host_writers_of_a_new_version_rewrite_the_carried_file(bundle_copy, tes
     """merge-deltas and incremental training write new bundles whose carried .eah holds the new head."""
     from edgeadapt.deltas import merge_deltas
     from edgeadapt.device import HeadUpdater
-    from edgeadapt.incremental import write_version
+    from edgeadapt.version_writing import write_version
 
     carry_head_file(bundle_copy, int8=True)
     base = Bundle.open(bundle_copy)

@@ -17,13 +17,8 @@ import keras  # noqa: E402
 
 from edgeadapt.backbones import BackboneOptions, block_names  # noqa: E402
 from edgeadapt import IncompatibleModelError, InputError, SplitOptions  # noqa: E402
-from edgeadapt.finetune import (  # noqa: E402
-    FineTuneOptions,
-    _early_stopping,
-    _scaled_adam,
-    backbone_blocks,
-    fine_tune,
-)
+from edgeadapt.finetune import FineTuneOptions, fine_tune  # noqa: E402
+from edgeadapt.finetune_keras import backbone_blocks, early_stopping, scaled_adam  # noqa: E402
 from edgeadapt import ClassifierTrainingOptions, SyntheticOptions, synthetic_dataset, train_classifier  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,7 +133,7 @@ def test_backbone_learns_ten_times_slower_than_the_head():
     slow_layer, fast_layer = keras.layers.Dense(4, name="slow"), keras.layers.Dense(2, name="fast")
     model = keras.Model(inputs, fast_layer(slow_layer(inputs)))
     before = [np.array(w) for w in model.get_weights()]
-    optimizer = _scaled_adam(1e-2, {id(v) for v in slow_layer.trainable_variables}, 0.1)
+    optimizer = scaled_adam(1e-2, {id(v) for v in slow_layer.trainable_variables}, 0.1)
     model.compile(optimizer=optimizer, loss="mse")
     model.fit(np.random.default_rng(0).normal(size=(8, 4)), np.ones((8, 2)), batch_size=8, epochs=1, verbose=0)
     steps = [np.abs(np.array(a) - b).max() for a, b in zip(model.get_weights(), before)]
@@ -156,7 +151,7 @@ def test_early_stopping_restores_the_starting_weights_when_training_only_hurts()
     start = [np.array(w) for w in model.get_weights()]
     initial = model.evaluate(x, y, verbose=0)
     noisy = y + np.random.default_rng(2).normal(0, 5.0, size=y.shape).astype(np.float32)
-    model.fit(x, noisy, validation_data=(x, y), epochs=3, verbose=0, callbacks=[_early_stopping(1, initial)])
+    model.fit(x, noisy, validation_data=(x, y), epochs=3, verbose=0, callbacks=[early_stopping(1, initial)])
     assert all(np.array_equal(a, b) for a, b in zip(start, model.get_weights()))
 
 

@@ -28,7 +28,8 @@ from edgeadapt.converters.tflite_import import (  # noqa: E402
 )
 from edgeadapt import Bundle, ConversionError, IncompatibleModelError, InputError, InputSpec, Runtime  # noqa: E402
 from edgeadapt import ImportSettings, import_classifier  # noqa: E402
-from edgeadapt.importing import top1_agreement, unique_labels  # noqa: E402
+from edgeadapt.import_inputs import unique_labels  # noqa: E402
+from edgeadapt.import_verification import top1_agreement  # noqa: E402
 
 SIZE = 32
 CLASSES = 5

@@ -213,7 +213,7 @@ def test_augmentation_acts_as_in_the_in_memory_pipeline(folder, in_memory):
 
 def test_export_from_a_stream_calibrates_on_the_in_memory_choice(folder, in_memory):
     from edgeadapt.converters.calibration import select_calibration_images
-    from edgeadapt.finetune import export_samples
+    from edgeadapt.finetune_data import export_samples
 
     calibration, evaluation = export_samples(stream_image_folder(folder, SPEC, SPLIT), 40, 10)
     chosen = select_calibration_images(in_memory.train.images, in_memory.train.labels, count=40, seed=0)
