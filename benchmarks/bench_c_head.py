@@ -145,7 +145,7 @@ def synthetic_figures(tools: dict[str, Path], work: Path) -> dict:
 def mobilenet_bundle(data: Path, work: Path, given: Path | None) -> Path:
     if given is not None:
         return given
-    from edgeadapt.importing import ImportSettings, import_classifier
+    from edgeadapt.bundles.importing import ImportSettings, import_classifier
 
     folder = data / "imagenet_mobilenet"
     target = work / "mobilenet.eab"

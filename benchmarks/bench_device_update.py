@@ -10,7 +10,7 @@
 3. Flowers (--data): a 3-class base bundle built with the host pipeline (train the built-in
    classifier, refine the head on cached embeddings, export int8 with class statistics),
    then the 4th class added on the device from k = 1, 5, 20 examples (several random draws),
-   scored with the fair measure (edgeadapt.fewshot_measure) on the device int8 runtime:
+   scored with the fair measure (edgeadapt.benchmarks.fewshot_measure) on the device int8 runtime:
    old-class accuracy (mean per class), new-class recall, their harmonic mean and its ratio to
    the host's joint retrain of the head on all data of the 4 classes (upper bound), and the
    old-class drop against the base bundle; against plain imprinting.
@@ -152,7 +152,7 @@ def build_large_bundle(path: Path, classes: int, dimension: int, image_size: int
         return path
     import keras
 
-    from edgeadapt.backbones import BackboneOptions, build_backbone
+    from edgeadapt.training.backbones import BackboneOptions, build_backbone
     from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
     from edgeadapt.device.bundle import Bundle, write_bundle
     from edgeadapt.device.head_section import head_payload
@@ -187,7 +187,7 @@ def build_large_bundle(path: Path, classes: int, dimension: int, image_size: int
 
 def build_flowers_bundle(work: Path, data: Path, image_size: int, epochs: int, seed: int = 0) -> dict:
     """Train the 3-class base with the host pipeline and export it; cache embeddings of all 4 classes."""
-    from edgeadapt.data import SplitOptions, load_image_folder
+    from edgeadapt.data.image_folders import SplitOptions, load_image_folder
     from edgeadapt.device.manifest import InputSpec
 
     info_path = work / "flowers.json"
@@ -195,10 +195,10 @@ def build_flowers_bundle(work: Path, data: Path, image_size: int, epochs: int, s
         return json.loads(info_path.read_text())
     from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
     from edgeadapt.device.head import ClassStats
-    from edgeadapt.embeddings import compute_embeddings
-    from edgeadapt.head_training import HeadTrainingOptions, train_head
-    from edgeadapt.model_split import backbone_fingerprint, split_classifier
-    from edgeadapt.training import ClassifierTrainingOptions, train_classifier
+    from edgeadapt.data.embeddings import compute_embeddings
+    from edgeadapt.training.head_training import HeadTrainingOptions, train_head
+    from edgeadapt.training.model_split import backbone_fingerprint, split_classifier
+    from edgeadapt.training.classifier import ClassifierTrainingOptions, train_classifier
 
     everything = load_image_folder(data, InputSpec(height=image_size, width=image_size), SplitOptions(seed=seed),
                                    classes=(*BASE_CLASSES, NEW_CLASS))
@@ -287,8 +287,8 @@ def bench_flowers(work: Path, seeds: int) -> dict:
     from edgeadapt.device import incremental
     from edgeadapt.device.runtime import Runtime
     from edgeadapt.device.updater import HeadUpdater
-    from edgeadapt.fewshot_measure import against_joint, fair_scores, per_class_accuracy
-    from edgeadapt.head_training import HeadTrainingOptions, train_head
+    from edgeadapt.benchmarks.fewshot_measure import against_joint, fair_scores, per_class_accuracy
+    from edgeadapt.training.head_training import HeadTrainingOptions, train_head
 
     classes = json.loads((work / "flowers.json").read_text())["classes"]
     new_label = classes.index(NEW_CLASS)

@@ -62,8 +62,8 @@ class Results:
 
 def _classifier_accuracy(model, dataset) -> float:
     """Test accuracy of a Keras classifier through its split backbone + head (as the device would run it)."""
-    from edgeadapt.embeddings import compute_embeddings
-    from edgeadapt.model_split import split_classifier
+    from edgeadapt.data.embeddings import compute_embeddings
+    from edgeadapt.training.model_split import split_classifier
 
     split = split_classifier(model)
     embeddings = compute_embeddings(split.backbone, dataset.test.images, dataset.spec, progress=False)
@@ -80,8 +80,8 @@ class _Bench:
     """The benchmark's settings and rows, and its three steps: load a folder, train from scratch, fine-tune."""
 
     def __init__(self, arguments: argparse.Namespace):
-        from edgeadapt.backbones import BackboneOptions
-        from edgeadapt.data import SplitOptions
+        from edgeadapt.training.backbones import BackboneOptions
+        from edgeadapt.data.image_folders import SplitOptions
 
         self.arguments = arguments
         self.seed = arguments.seed
@@ -90,7 +90,7 @@ class _Bench:
         self.backbone = BackboneOptions()
 
     def load(self, height: int, channels: int = 3):
-        from edgeadapt.data import load_image_folder
+        from edgeadapt.data.image_folders import load_image_folder
         from edgeadapt.device.manifest import InputSpec
 
         arguments = self.arguments
@@ -103,8 +103,8 @@ class _Bench:
         return dataset
 
     def scratch(self, dataset, epochs: int, seconds: float | None = None):
-        from edgeadapt.finetune_keras import time_budget
-        from edgeadapt.training import ClassifierTrainingOptions, train_classifier
+        from edgeadapt.training.finetune_keras import time_budget
+        from edgeadapt.training.classifier import ClassifierTrainingOptions, train_classifier
 
         options = ClassifierTrainingOptions(epochs=epochs, seed=self.seed, verbose=self.arguments.verbose,
                                             backbone=self.backbone)
@@ -112,7 +112,7 @@ class _Bench:
         return _timed(train_classifier, dataset, options, callbacks)
 
     def tune(self, model, dataset, strategy: str, epochs: int):
-        from edgeadapt.finetune import FineTuneOptions, fine_tune
+        from edgeadapt.training.finetune import FineTuneOptions, fine_tune
 
         arguments = self.arguments
         options = FineTuneOptions.from_string(strategy, epochs=epochs, augment=strategy != "head_only",
@@ -155,7 +155,7 @@ def _strategies(bench: _Bench, rgb) -> dict:
 
 def _resolution(bench: _Bench, rgb, source) -> None:
     """Part 2a: adapt the top_layers model to the large size, with and without a short fine-tune."""
-    from edgeadapt.input_adaptation import adapt_input
+    from edgeadapt.training.input_adaptation import adapt_input
 
     arguments, results = bench.arguments, bench.results
     size, large = arguments.image_size, arguments.large_size
@@ -174,7 +174,7 @@ def _resolution(bench: _Bench, rgb, source) -> None:
 
 def _gray_to_rgb(bench: _Bench, rgb) -> None:
     """Part 2b: a grayscale model adapted to RGB, with and without a short fine-tune."""
-    from edgeadapt.input_adaptation import adapt_input
+    from edgeadapt.training.input_adaptation import adapt_input
 
     arguments, results = bench.arguments, bench.results
     section = f"gray->RGB at {arguments.image_size}"

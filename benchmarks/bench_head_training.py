@@ -4,7 +4,7 @@
 
 A base classifier is trained once (built-in backbone). Then the same head (Dense, same
 optimizer, batch size and epochs) is trained two ways on the same images:
-  cached : backbone runs once per image (edgeadapt.embeddings), head trains on the embeddings
+  cached : backbone runs once per image (edgeadapt.data.embeddings), head trains on the embeddings
   graph  : keras Model(backbone frozen -> Dense).fit on the images, the backbone runs every epoch
 Both are timed end to end (the cached path includes computing the embeddings once).
 """
@@ -30,13 +30,13 @@ def main() -> None:
     import keras
     import numpy as np
 
-    from edgeadapt.data import load_image_folder
+    from edgeadapt.data.image_folders import load_image_folder
     from edgeadapt.device.manifest import InputSpec
-    from edgeadapt.embeddings import compute_embeddings
-    from edgeadapt.head_training import HeadTrainingOptions, train_head
-    from edgeadapt.model_split import split_classifier
-    from edgeadapt.synthetic import SyntheticOptions, synthetic_dataset
-    from edgeadapt.training import ClassifierTrainingOptions, make_tf_dataset, train_classifier
+    from edgeadapt.data.embeddings import compute_embeddings
+    from edgeadapt.training.head_training import HeadTrainingOptions, train_head
+    from edgeadapt.training.model_split import split_classifier
+    from edgeadapt.data.synthetic import SyntheticOptions, synthetic_dataset
+    from edgeadapt.training.classifier import ClassifierTrainingOptions, make_tf_dataset, train_classifier
 
     if arguments.data:
         dataset = load_image_folder(arguments.data, InputSpec(arguments.image_size, arguments.image_size))

@@ -55,7 +55,7 @@ def near_duplicate(path: Path) -> np.ndarray:
 
 def build_extractor(data: Path, model: str, work: Path) -> tuple[Path, str]:
     """Import the classifier, then its backbone headless with a background; returns the bundle and the table."""
-    from edgeadapt.importing import ImportSettings, import_classifier
+    from edgeadapt.bundles.importing import ImportSettings, import_classifier
 
     source = data / "imagenet_mobilenet"
     classifier = work / "classifier.eab"

@@ -103,7 +103,7 @@ def run(data: Path, output: Path, new_classes: list[str], device_shots: int, rep
 
 def _import(model_path: Path, labels_path: Path, bundle_path: Path, test_paths: list[Path]) -> dict:
     """1. import the model, verified on the test images and 64 probes."""
-    from edgeadapt.importing import ImportSettings, import_classifier
+    from edgeadapt.bundles.importing import ImportSettings, import_classifier
 
     section("import")
     report = import_classifier(model_path, labels_path, bundle_path,
@@ -116,7 +116,7 @@ def _acceptance(model_path: Path, test_paths: list[Path], spec, names: list[str]
     """2. acceptance: the three test images keep the original file's labels, with both resizes."""
     from edgeadapt.converters.tflite_import import tflite_scores
     from edgeadapt.device.preprocessing import prepare_batch
-    from edgeadapt.import_verification import top1_agreement
+    from edgeadapt.bundles.import_verification import top1_agreement
 
     section("acceptance: the three test images, original file vs imported bundle")
     acceptance = {}
@@ -166,7 +166,7 @@ def _fused(output: Path, bundle_path: Path, reference_images: np.ndarray, names:
 class _NewClassTest:
     """The flower photos (new classes + daisy) embedded by the bundle, and how an updated head is scored on them."""
 
-    flowers: Any  # edgeadapt.data.Dataset: the new classes, then daisy
+    flowers: Any  # edgeadapt.data.image_folders.Dataset: the new classes, then daisy
     new_classes: list[str]
     names: list[str]
     test_embeddings: np.ndarray
@@ -177,7 +177,7 @@ class _NewClassTest:
     @classmethod
     def embed(cls, folder: Path, spec, new_classes: list[str], names: list[str], runtime,
               reference_images: np.ndarray) -> "_NewClassTest":
-        from edgeadapt.data import SplitOptions, load_image_folder
+        from edgeadapt.data.image_folders import SplitOptions, load_image_folder
 
         classes = [*new_classes, "daisy"]
         flowers = load_image_folder(folder, spec, SplitOptions(validation_fraction=0.0, test_fraction=0.3, seed=0),
@@ -234,7 +234,7 @@ def _host_additions(test: _NewClassTest, base_head, model_path: Path, labels_pat
     """Host additions: without statistics (fallback, weight aligning, imprinting), then with daisy statistics."""
     from edgeadapt.device import incremental
     from edgeadapt.device.bundle import Bundle
-    from edgeadapt.importing import ImportSettings, import_classifier
+    from edgeadapt.bundles.importing import ImportSettings, import_classifier
 
     additions = {}
     # host, no class statistics: the statistics-free fallback (and weight aligning / plain imprinting for comparison)

@@ -19,7 +19,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgeadapt.cli_incremental import bench_incremental_command, add_bench_arguments
+    from edgeadapt.cli.incremental import bench_incremental_command, add_bench_arguments
     from edgeadapt.device.errors import EdgeAdaptError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -52,11 +52,11 @@ def child(arguments: argparse.Namespace) -> dict:
     if arguments.child == "pretrain":
         return pretrain(arguments)
     start = time.perf_counter()
-    from edgeadapt.data import SplitOptions, load_image_folder
-    from edgeadapt.finetune import FineTuneOptions, fine_tune
-    from edgeadapt.input_adaptation import input_spec_for_model
-    from edgeadapt.model_split import load_keras_model
-    from edgeadapt.streaming import stream_image_folder
+    from edgeadapt.data.image_folders import SplitOptions, load_image_folder
+    from edgeadapt.training.finetune import FineTuneOptions, fine_tune
+    from edgeadapt.training.input_adaptation import input_spec_for_model
+    from edgeadapt.training.model_split import load_keras_model
+    from edgeadapt.data.streaming import stream_image_folder
 
     model = load_keras_model(arguments.base)
     spec = input_spec_for_model(model)
@@ -97,10 +97,10 @@ def pretrain(arguments: argparse.Namespace) -> dict:
     """The default base model: the built-in classifier briefly trained on half the classes, saved to --base."""
     import keras
 
-    from edgeadapt.backbones import build_classifier
-    from edgeadapt.data import SplitOptions, load_image_folder
+    from edgeadapt.training.backbones import build_classifier
+    from edgeadapt.data.image_folders import SplitOptions, load_image_folder
     from edgeadapt.device.manifest import InputSpec
-    from edgeadapt.training import ClassifierTrainingOptions, train_classifier
+    from edgeadapt.training.classifier import ClassifierTrainingOptions, train_classifier
 
     names = _class_names(arguments.data)
     keras.utils.set_random_seed(arguments.seed)

@@ -1,7 +1,7 @@
 """Import a Keras classifier (``.keras``): the converter half.
 
 The split into backbone + linear head is done by the trainer's
-:func:`edgeadapt.model_split.split_classifier` (called by :mod:`edgeadapt.importing`, so this
+:func:`edgeadapt.training.model_split.split_classifier` (called by :mod:`edgeadapt.bundles.importing`, so this
 module never imports the ``edgeadapt`` host package at import time). Here:
 
 - :func:`keras_input_spec`: the InputSpec of a Keras classifier (its input size; a leading

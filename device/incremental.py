@@ -164,7 +164,7 @@ def train_columns(
     with L2 weight decay on the trained columns. ``features`` are already normalised (N, D).
     Returns float64 copies of the full weights (D, C) and bias (C,). Deterministic.
 
-    This is not :func:`edgeadapt.head_training.train_head` (the host's trainer of a whole
+    This is not :func:`edgeadapt.training.head_training.train_head` (the host's trainer of a whole
     head) and cannot replace it, nor the reverse: here a few columns are trained with every
     other column frozen, full-batch and class-balanced (a handful of new examples against
     many old classes), without randomness or validation data, in float64 so that a device

@@ -6,8 +6,8 @@ change) and gets back the new manifest and the files to write:
 
 * the device updater (:class:`edgeadapt.device.updater.HeadUpdater`), which commits them
   in place through :meth:`edgeadapt.device.versions.VersionStore.commit`;
-* host ``add-classes``/``merge-heads``/``resolve`` (``edgeadapt.version_writing.write_version``)
-  and ``merge-deltas`` (``edgeadapt.deltas``), which write a new bundle directory with
+* host ``add-classes``/``merge-heads``/``resolve`` (``edgeadapt.bundles.version_writing.write_version``)
+  and ``merge-deltas`` (``edgeadapt.bundles.deltas``), which write a new bundle directory with
   :func:`edgeadapt.device.bundle.write_bundle`.
 
 So the head-section keys, the file paths (``heads/v{N}/<name>.npy``), the timestamps

@@ -56,15 +56,15 @@ SEED = 7
 
 
 def _backbone_options():
-    from edgeadapt.backbones import BackboneOptions
+    from edgeadapt.training.backbones import BackboneOptions
 
     return BackboneOptions(stem_filters=16, blocks=(("conv", 16, 1), ("conv", 16, 2), ("conv", 32, 1), ("conv", 32, 2),
                                                     ("separable", 64, 1)))
 
 
 def _dataset():
-    from edgeadapt.data import SplitOptions
-    from edgeadapt.synthetic import SyntheticOptions, synthetic_dataset
+    from edgeadapt.data.image_folders import SplitOptions
+    from edgeadapt.data.synthetic import SyntheticOptions, synthetic_dataset
 
     return synthetic_dataset(SyntheticOptions(num_classes=4, images_per_class=100, image_size=IMAGE_SIZE, seed=SEED),
                              SplitOptions(seed=SEED))
@@ -85,7 +85,7 @@ def _free_ports(count: int) -> list[int]:
 
 def train_base(output: Path) -> Path:
     """The launcher's job: a small 'pretrained' model on two classes."""
-    from edgeadapt.training import ClassifierTrainingOptions, train_classifier
+    from edgeadapt.training.classifier import ClassifierTrainingOptions, train_classifier
 
     dataset = _dataset()
     model = train_classifier(dataset.select_classes(dataset.class_names[:2]),
@@ -97,8 +97,8 @@ def train_base(output: Path) -> Path:
 
 def write_folder(output: Path) -> Path:
     """The launcher's job with --stream: the synthetic images as files, ``DIR/data/<class>/NNNN.png``."""
-    from edgeadapt.data import write_image_folder
-    from edgeadapt.synthetic import SyntheticOptions, generate_images
+    from edgeadapt.data.image_folders import write_image_folder
+    from edgeadapt.data.synthetic import SyntheticOptions, generate_images
 
     class_names, images, labels = generate_images(SyntheticOptions(num_classes=4, images_per_class=100,
                                                                    image_size=IMAGE_SIZE, seed=SEED))
@@ -106,9 +106,9 @@ def write_folder(output: Path) -> Path:
 
 
 def _stream(output: Path):
-    from edgeadapt.data import SplitOptions
+    from edgeadapt.data.image_folders import SplitOptions
     from edgeadapt.device.manifest import InputSpec
-    from edgeadapt.streaming import stream_image_folder
+    from edgeadapt.data.streaming import stream_image_folder
 
     return stream_image_folder(output / "data", InputSpec(height=IMAGE_SIZE, width=IMAGE_SIZE), SplitOptions(seed=SEED))
 
@@ -118,7 +118,7 @@ def run_worker(output: Path, stream: bool = False, epochs: int = 4, head_epochs:
     import tensorflow as tf
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()  # first: collectives are configured at start-up
-    from edgeadapt.finetune import FineTuneOptions, fine_tune
+    from edgeadapt.training.finetune import FineTuneOptions, fine_tune
 
     task = json.loads(os.environ["TF_CONFIG"])["task"]
     options = FineTuneOptions.top_layers(2, head_learning_rate=5e-3, head_epochs=head_epochs, epochs=epochs,

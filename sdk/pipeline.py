@@ -92,9 +92,9 @@ class DemoReport:
 
 def load_demo_dataset(options: DemoOptions):
     """The built-in synthetic dataset, or a folder of class sub-folders resized to ``image_size``."""
-    from edgeadapt.data import SplitOptions, load_image_folder
+    from edgeadapt.data.image_folders import SplitOptions, load_image_folder
     from edgeadapt.device.manifest import InputSpec
-    from edgeadapt.synthetic import SyntheticOptions, synthetic_dataset
+    from edgeadapt.data.synthetic import SyntheticOptions, synthetic_dataset
 
     split = SplitOptions(seed=options.seed)
     if options.data is None:
@@ -117,7 +117,7 @@ def measure_latency(runtime, images: np.ndarray, repeats: int = 50) -> float:
 
 def _write_samples(folder: Path, dataset, per_class: int = SAMPLES_PER_CLASS) -> Path:
     """A few held-out test images per class as PNG files, to try the bundle on (README)."""
-    from edgeadapt.data import write_image_folder
+    from edgeadapt.data.image_folders import write_image_folder
 
     chosen = np.concatenate([np.flatnonzero(dataset.test.labels == label)[:per_class]
                              for label in range(len(dataset.class_names))])
@@ -140,8 +140,8 @@ def run_demo(options: DemoOptions) -> DemoReport:
     from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
     from edgeadapt.device.bundle import Bundle
     from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
-    from edgeadapt.model_split import split_classifier
-    from edgeadapt.training import ClassifierTrainingOptions, train_classifier
+    from edgeadapt.training.model_split import split_classifier
+    from edgeadapt.training.classifier import ClassifierTrainingOptions, train_classifier
 
     output = Path(options.output)
     dataset = load_demo_dataset(options)
@@ -201,9 +201,9 @@ class _RefinedHead:
 
 def _refine_head(split, dataset, output: Path, seed: int) -> _RefinedHead:
     """Refine the split classifier's head on cached embeddings: the backbone does not run during head training."""
-    from edgeadapt.embeddings import EmbeddingCache
-    from edgeadapt.head_training import DEFAULT_NORMALIZATION, HeadTrainingOptions, train_head
-    from edgeadapt.model_split import backbone_fingerprint
+    from edgeadapt.data.embeddings import EmbeddingCache
+    from edgeadapt.training.head_training import DEFAULT_NORMALIZATION, HeadTrainingOptions, train_head
+    from edgeadapt.training.model_split import backbone_fingerprint
 
     fingerprint = backbone_fingerprint(split.backbone)
     cache = EmbeddingCache(output / "embedding-cache")

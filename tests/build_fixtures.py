@@ -52,15 +52,15 @@ def build_fixtures(output: Path, seed: int = 0) -> Path:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
 
-    from edgeadapt.backbones import BackboneOptions
+    from edgeadapt.training.backbones import BackboneOptions
     from edgeadapt.converters.bundle_export import BundleExportOptions, export_bundle
-    from edgeadapt.data import SplitOptions, write_image_folder
+    from edgeadapt.data.image_folders import SplitOptions, write_image_folder
     from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
     from edgeadapt.device.head import ClassStats
-    from edgeadapt.embeddings import compute_embeddings
-    from edgeadapt.model_split import backbone_fingerprint, split_classifier
-    from edgeadapt.synthetic import SyntheticOptions, synthetic_dataset
-    from edgeadapt.training import ClassifierTrainingOptions, train_classifier
+    from edgeadapt.data.embeddings import compute_embeddings
+    from edgeadapt.training.model_split import backbone_fingerprint, split_classifier
+    from edgeadapt.data.synthetic import SyntheticOptions, synthetic_dataset
+    from edgeadapt.training.classifier import ClassifierTrainingOptions, train_classifier
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

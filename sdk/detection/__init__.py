@@ -8,7 +8,7 @@ Modules (nothing heavy is imported here):
 - :mod:`~edgeadapt.detection.training`: anchor matching, numpy training of the new rows.
 - :mod:`~edgeadapt.detection.rewrite`: interleaved rows, quantization, NMS mode, labels metadata.
 - :mod:`~edgeadapt.detection.add_classes`: the whole ``edgeadapt detector add-classes`` run.
-- :mod:`~edgeadapt.detection.bench`: ``edgeadapt bench detection``.
+- :mod:`~edgeadapt.benchmarks.detection`: ``edgeadapt bench detection``.
 
 See docs/DETECTION.md.
 """

@@ -17,7 +17,7 @@ from edgeadapt.device.safefs import durable_write, durable_write_all
 
 @pytest.mark.parametrize("name", ["", " a", "a\tb", "x" * 201, 3])
 def test_device_and_host_share_one_class_name_rule(name):
-    import edgeadapt.incremental as host
+    import edgeadapt.bundles.incremental as host
     import edgeadapt.device.updater as device
 
     assert host.check_class_name is device.check_class_name is check_class_name

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from edgeadapt.bench_fewshot import (BASELINES, JOINT, METRICS, EmbeddedData, FewShotOptions, class_splits, draw_shots,
+from edgeadapt.benchmarks.fewshot import (BASELINES, JOINT, METRICS, EmbeddedData, FewShotOptions, class_splits, draw_shots,
                                      per_class_split, run_fewshot_on_embeddings)
-from edgeadapt.bench_fewshot_stability import run_stability_on_embeddings
+from edgeadapt.benchmarks.fewshot_stability import run_stability_on_embeddings
 from edgeadapt.device import incremental as head_math
 from edgeadapt.device.errors import IncompatibleModelError, InputError
 from edgeadapt.device.head import ClassStats
-from edgeadapt.fewshot_measure import fair_scores, harmonic_mean, shrinkage_discriminant_head, simpleshot_head
-from edgeadapt.fewshot_report import report_table, write_report
+from edgeadapt.benchmarks.fewshot_measure import fair_scores, harmonic_mean, shrinkage_discriminant_head, simpleshot_head
+from edgeadapt.benchmarks.fewshot_report import report_table, write_report
 
 CLASSES = [f"class{index}" for index in range(7)]
 
@@ -203,7 +203,7 @@ def test_stability_scenario_on_embeddings():
     data = clusters()
     embeddings, labels = data.train
     base = labels < 4
-    from edgeadapt.head_training import HeadTrainingOptions, train_head
+    from edgeadapt.training.head_training import HeadTrainingOptions, train_head
 
     head = train_head(embeddings[base], labels[base], 4, HeadTrainingOptions(epochs=40))
     new_train = (embeddings[~base], labels[~base] - 4)
@@ -297,7 +297,7 @@ def test_imported_head_mode_through_a_real_bundle(fixture_dir, tmp_path, capsys)
 
 
 def test_calibration_embeddings_are_references_and_background():
-    from edgeadapt.bench_fewshot import base_setup
+    from edgeadapt.benchmarks.fewshot import base_setup
 
     data = clusters()
     embeddings, labels = data.train
@@ -320,7 +320,7 @@ def test_embedding_cache_follows_the_files(fixture_dir, tmp_path):
     import shutil
 
     from edgeadapt.device.runtime import Runtime
-    from edgeadapt.embedding_cache import EmbeddingCache
+    from edgeadapt.data.embedding_cache import EmbeddingCache
 
     folder = tmp_path / "photos"
     source = next(path for path in (fixture_dir / "images").iterdir() if path.is_dir())
@@ -345,8 +345,8 @@ def test_embedding_cache_follows_the_files(fixture_dir, tmp_path):
 
 
 def test_background_imprint_claims_its_share_in_any_order():
-    from edgeadapt.fewshot_measure import background_imprint_head
-    from edgeadapt.head_training import HeadTrainingOptions, train_head
+    from edgeadapt.benchmarks.fewshot_measure import background_imprint_head
+    from edgeadapt.training.head_training import HeadTrainingOptions, train_head
 
     data = clusters()
     embeddings, labels = data.train

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgeadapt.data import (
+from edgeadapt.data.image_folders import (
     ImageSet,
     SplitOptions,
     load_image_folder,
@@ -20,7 +20,7 @@ from edgeadapt.data import (
     write_image_folder,
 )
 from edgeadapt import DatasetError, InputError, InputSpec, SyntheticOptions, synthetic_dataset
-from edgeadapt.synthetic import SHAPE_NAMES, generate_images
+from edgeadapt.data.synthetic import SHAPE_NAMES, generate_images
 
 SPEC = InputSpec(height=16, width=16, channels=3)
 
@@ -189,7 +189,7 @@ def test_bad_split_options(kwargs) -> None:
 # -- duplicates ------------------------------------------------------------------------
 def test_exact_duplicates_are_dropped(folder: Path, caplog) -> None:
     shutil.copy(folder / "circle" / "0003.png", folder / "circle" / "copy_of_3.png")
-    with caplog.at_level(logging.INFO, logger="edgeadapt.data"):
+    with caplog.at_level(logging.INFO, logger="edgeadapt.data.image_folders"):
         _, entries = scan_image_folder(folder)
     assert len(entries) == 30
     assert all(entry.path.name != "copy_of_3.png" for entry in entries)
@@ -199,7 +199,7 @@ def test_exact_duplicates_are_dropped(folder: Path, caplog) -> None:
 
 def test_duplicate_across_classes_keeps_the_first_and_warns(folder: Path, caplog) -> None:
     shutil.copy(folder / "circle" / "0000.png", folder / "triangle" / "stolen.png")
-    with caplog.at_level(logging.WARNING, logger="edgeadapt.data"):
+    with caplog.at_level(logging.WARNING, logger="edgeadapt.data.image_folders"):
         _, entries = scan_image_folder(folder)
     kept = [entry for entry in entries if entry.path.name in ("0000.png", "stolen.png")]
     assert all(entry.path.name == "0000.png" for entry in kept)
@@ -370,6 +370,6 @@ def test_synthetic_classes_are_learnable_by_shape_not_trivially(channels: int) -
 
 
 def test_data_modules_do_not_import_tensorflow() -> None:
-    code = "import sys, edgeadapt.data, edgeadapt.synthetic; print('tensorflow' in sys.modules)"
+    code = "import sys, edgeadapt.data.image_folders, edgeadapt.data.synthetic; print('tensorflow' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

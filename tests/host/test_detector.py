@@ -316,7 +316,7 @@ DETECTION = DATA / "detection"
 @pytest.mark.real_data
 @pytest.mark.skipif(not (DETECTION / "ssd_mobilenet_v1_coco_quant.tflite").is_file(), reason="needs ../shared/data")
 def test_real_coco_ssd_gets_raccoon_and_kangaroo(tmp_path):
-    from edgeadapt.detection.bench import split_holdout
+    from edgeadapt.benchmarks.detection import split_holdout
 
     out = tmp_path / "ssd92.tflite"
     lines = (DETECTION / "labelmap.txt").read_text().splitlines()

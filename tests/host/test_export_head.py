@@ -74,7 +74,7 @@ def test_export_head_into_the_bundle(bundle_copy, tmp_path, capsys):
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc: the C head library cannot be built")
 def test_c_library_on_the_imported_mobilenet_and_flowers(tmp_path):
     """The real 1001-class head: C float32 logits match, int8 keeps >= 99% of top-1 on the flowers test split."""
-    from edgeadapt.importing import ImportSettings, import_classifier
+    from edgeadapt.bundles.importing import ImportSettings, import_classifier
     from PIL import Image
 
     bundle_path = tmp_path / "mobilenet.eab"
@@ -105,9 +105,9 @@ def test_c_library_on_the_imported_mobilenet_and_flowers(tmp_path):
 
 def test_host_writers_of_a_new_version_rewrite_the_carried_file(bundle_copy, test_images, tmp_path):
     """merge-deltas and incremental training write new bundles whose carried .eah holds the new head."""
-    from edgeadapt.deltas import merge_deltas
+    from edgeadapt.bundles.deltas import merge_deltas
     from edgeadapt.device import HeadUpdater
-    from edgeadapt.version_writing import write_version
+    from edgeadapt.bundles.version_writing import write_version
 
     carry_head_file(bundle_copy, int8=True)
     base = Bundle.open(bundle_copy)

@@ -15,10 +15,10 @@ pytest.importorskip("tensorflow")
 
 import keras  # noqa: E402
 
-from edgeadapt.backbones import BackboneOptions, block_names  # noqa: E402
+from edgeadapt.training.backbones import BackboneOptions, block_names  # noqa: E402
 from edgeadapt import IncompatibleModelError, InputError, SplitOptions  # noqa: E402
-from edgeadapt.finetune import FineTuneOptions, fine_tune  # noqa: E402
-from edgeadapt.finetune_keras import backbone_blocks, early_stopping, scaled_adam  # noqa: E402
+from edgeadapt.training.finetune import FineTuneOptions, fine_tune  # noqa: E402
+from edgeadapt.training.finetune_keras import backbone_blocks, early_stopping, scaled_adam  # noqa: E402
 from edgeadapt import ClassifierTrainingOptions, SyntheticOptions, synthetic_dataset, train_classifier  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,7 +111,7 @@ def test_top_layers_trains_only_the_top_blocks_with_batchnorm_frozen(base, datas
 def _without_validation(dataset):
     import dataclasses
 
-    from edgeadapt.data import ImageSet
+    from edgeadapt.data.image_folders import ImageSet
 
     return dataclasses.replace(dataset, validation=ImageSet(dataset.train.images[:0], dataset.train.labels[:0]))
 
@@ -157,7 +157,7 @@ def test_early_stopping_restores_the_starting_weights_when_training_only_hurts()
 
 @pytest.mark.slow  # fine-tunes a model
 def test_validation_is_carved_out_when_the_dataset_has_none(dataset, base, caplog):
-    with caplog.at_level("INFO", logger="edgeadapt.finetune"):
+    with caplog.at_level("INFO", logger="edgeadapt.training.finetune"):
         result = fine_tune(base, _without_validation(dataset), FineTuneOptions.head_only(**QUICK))
     assert "holding out" in caplog.text
     assert result.class_stats.counts.sum() < len(dataset.train)
@@ -194,7 +194,7 @@ def test_bad_input(base, dataset, tmp_path):
 def test_cli_train_writes_a_bundle_with_the_new_fingerprint(base, dataset, tmp_path, capsys):
     pytest.importorskip("ai_edge_litert")
     from edgeadapt.cli import main
-    from edgeadapt.data import write_image_folder
+    from edgeadapt.data.image_folders import write_image_folder
     from edgeadapt import Bundle
 
     model_path = tmp_path / "base.keras"

@@ -31,8 +31,8 @@ from edgeadapt.device.inspection import describe_bundle  # noqa: E402
 from edgeadapt.device.manifest import InputSpec  # noqa: E402
 from edgeadapt.device.runtime import Runtime  # noqa: E402
 from edgeadapt.device.updater import HeadUpdater  # noqa: E402
-from edgeadapt.importing import ImportSettings, import_classifier  # noqa: E402
-from edgeadapt.incremental import add_classes  # noqa: E402
+from edgeadapt.bundles.importing import ImportSettings, import_classifier  # noqa: E402
+from edgeadapt.bundles.incremental import add_classes  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test converts or imports a real model
 SIZE = 32
@@ -195,7 +195,7 @@ def test_headless_keras_extractor_float32_or_int8_calibrated_on_background_photo
 
 
 def test_device_deltas_merge_into_a_zero_class_bundle_on_the_host(models, tmp_path):
-    from edgeadapt.deltas import merge_deltas
+    from edgeadapt.bundles.deltas import merge_deltas
 
     base = tmp_path / "base.eab"
     import_classifier(models["uint8"], None, base, ImportSettings(probes=4, onnx=False))

@@ -28,8 +28,8 @@ from edgeadapt.converters.tflite_import import (  # noqa: E402
 )
 from edgeadapt import Bundle, ConversionError, IncompatibleModelError, InputError, InputSpec, Runtime  # noqa: E402
 from edgeadapt import ImportSettings, import_classifier  # noqa: E402
-from edgeadapt.import_inputs import unique_labels  # noqa: E402
-from edgeadapt.import_verification import top1_agreement  # noqa: E402
+from edgeadapt.bundles.import_inputs import unique_labels  # noqa: E402
+from edgeadapt.bundles.import_verification import top1_agreement  # noqa: E402
 
 SIZE = 32
 CLASSES = 5
@@ -257,7 +257,7 @@ def test_onnx_qdq_int8_and_channel_normalisation(probes):
 
 
 def test_onnx_bundle_with_class_statistics(tmp_path, labels_file):
-    from edgeadapt.data import write_image_folder
+    from edgeadapt.data.image_folders import write_image_folder
 
     model_path = tmp_path / "tiny.onnx"
     model_path.write_bytes(_onnx_classifier("gemm"))

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from edgeadapt import cli
-from edgeadapt.data import write_image_folder
+from edgeadapt.data.image_folders import write_image_folder
 from edgeadapt.device import Bundle, Runtime
 from edgeadapt import BundleError, IncompatibleModelError, InputError
 from edgeadapt.device.incremental import STATISTICS_FREE_METHOD, AddClassOptions, remove_class
 from edgeadapt import add_classes, merge_heads
-from edgeadapt.incremental import NamedHead
-from edgeadapt.version_writing import write_version
+from edgeadapt.bundles.incremental import NamedHead
+from edgeadapt.bundles.version_writing import write_version
 
 NEW = ["cross", "ring"]
 
@@ -195,8 +195,8 @@ def test_existing_output_is_refused(base_bundle, new_class_folder, tmp_path):
 # ----------------------------------------------------------------------------- merge heads
 def test_merge_heads(base_bundle, new_class_folder, test_images, fixture_dir, tmp_path):
     from edgeadapt import ClassStats
-    from edgeadapt.head_training import HeadTrainingOptions, train_head
-    from edgeadapt.incremental_inputs import folder_examples
+    from edgeadapt.training.head_training import HeadTrainingOptions, train_head
+    from edgeadapt.bundles.incremental_inputs import folder_examples
 
     parent = Bundle.open(base_bundle)
     runtime = Runtime.open(base_bundle)
@@ -233,9 +233,9 @@ def test_merge_heads(base_bundle, new_class_folder, test_images, fixture_dir, tm
 def test_class_incremental_benchmark_on_builtin_data(tmp_path):
     """Built-in shapes, base 4 + 2 new, one order: accuracy floors and the append-only guarantee."""
     pytest.importorskip("tensorflow")
-    from edgeadapt.backbones import BackboneOptions
-    from edgeadapt.bench_incremental import IncrementalBenchmarkOptions, run_incremental_benchmark
-    from edgeadapt.bench_incremental_measure import ALL_SHOTS, JOINT
+    from edgeadapt.training.backbones import BackboneOptions
+    from edgeadapt.benchmarks.incremental import IncrementalBenchmarkOptions, run_incremental_benchmark
+    from edgeadapt.benchmarks.incremental_measure import ALL_SHOTS, JOINT
 
     backbone = BackboneOptions(stem_filters=16, blocks=(("conv", 16, 1), ("conv", 16, 2), ("conv", 32, 1),
                                                         ("conv", 32, 2), ("separable", 64, 1)))
@@ -277,9 +277,9 @@ def test_class_incremental_benchmark_with_a_bundle_backbone(bundle_copy, tmp_pat
     """backbone_bundle: the bundle's backbone embeds through the device Runtime, cached per backbone."""
     import dataclasses
 
-    from edgeadapt.bench_incremental import IncrementalBenchmarkOptions, run_incremental_benchmark
-    from edgeadapt.bench_incremental_data import BundleBackbone, load_dataset, order_embeddings
-    from edgeadapt.bench_incremental_measure import ALL_SHOTS
+    from edgeadapt.benchmarks.incremental import IncrementalBenchmarkOptions, run_incremental_benchmark
+    from edgeadapt.benchmarks.incremental_data import BundleBackbone, load_dataset, order_embeddings
+    from edgeadapt.benchmarks.incremental_measure import ALL_SHOTS
 
     cache = tmp_path / "cache"
     options = IncrementalBenchmarkOptions(base=3, step=2, orders=1, shots=(5, ALL_SHOTS), methods=("claim", "ridge", "none"),

@@ -9,9 +9,9 @@ pytest.importorskip("tensorflow")
 
 import keras  # noqa: E402
 
-from edgeadapt.backbones import BackboneOptions, build_classifier  # noqa: E402
+from edgeadapt.training.backbones import BackboneOptions, build_classifier  # noqa: E402
 from edgeadapt import EdgeAdaptError, IncompatibleModelError, InputError, InputSpec  # noqa: E402
-from edgeadapt.input_adaptation import (  # noqa: E402
+from edgeadapt.training.input_adaptation import (  # noqa: E402
     LUMA_WEIGHTS,
     adapt_input,
     adapt_input_with_report,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgeadapt import MergeDeltasOptions, merge_deltas
-from edgeadapt.deltas import parse_renames
+from edgeadapt.bundles.deltas import parse_renames
 from edgeadapt import Bundle, BundleError, HeadUpdater, IncompatibleModelError, InputError, Runtime
 
 

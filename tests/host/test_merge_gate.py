@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeadapt.deltas import MergeDeltasOptions, merge_deltas
+from edgeadapt.bundles.deltas import MergeDeltasOptions, merge_deltas
 from edgeadapt.device.bundle import Bundle
 from edgeadapt.device.runtime import Runtime
 from edgeadapt.device.updater import HeadUpdater, UpdateGateError

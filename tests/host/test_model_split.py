@@ -8,10 +8,10 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from edgeadapt import IncompatibleModelError, InputError, InputSpec, compute_embeddings  # noqa: E402
-from edgeadapt.embeddings import EmbeddingCache  # noqa: E402
-from edgeadapt.head_training import HeadTrainingOptions, train_head  # noqa: E402
+from edgeadapt.data.embeddings import EmbeddingCache  # noqa: E402
+from edgeadapt.training.head_training import HeadTrainingOptions, train_head  # noqa: E402
 from edgeadapt import split_classifier  # noqa: E402
-from edgeadapt.model_split import backbone_fingerprint  # noqa: E402
+from edgeadapt.training.model_split import backbone_fingerprint  # noqa: E402
 
 
 def small_classifier(activation="softmax", flatten=False):

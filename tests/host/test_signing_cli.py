@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("cryptography")
 
 from edgeadapt.cli import main  # noqa: E402
-from edgeadapt.deltas import MergeDeltasOptions, merge_deltas  # noqa: E402
+from edgeadapt.bundles.deltas import MergeDeltasOptions, merge_deltas  # noqa: E402
 from edgeadapt.device.errors import UnknownSignerError, UnsignedError  # noqa: E402
 from edgeadapt.device.keys import load_public_key  # noqa: E402
 from edgeadapt.device.runtime import Runtime  # noqa: E402

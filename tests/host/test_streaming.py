@@ -18,8 +18,8 @@ pytest.importorskip("tensorflow")
 
 import tensorflow as tf  # noqa: E402
 
-from edgeadapt.backbones import BackboneOptions  # noqa: E402
-from edgeadapt.data import (  # noqa: E402
+from edgeadapt.training.backbones import BackboneOptions  # noqa: E402
+from edgeadapt.data.image_folders import (  # noqa: E402
     Dataset,
     ImageSet,
     SplitOptions,
@@ -28,14 +28,14 @@ from edgeadapt.data import (  # noqa: E402
     write_image_folder,
 )
 from edgeadapt import DatasetError, EdgeAdaptError, FineTuneOptions, InputError, InputSpec, fine_tune  # noqa: E402
-from edgeadapt.streaming import (  # noqa: E402
+from edgeadapt.data.streaming import (  # noqa: E402
     FileSet,
     StreamOptions,
     stream_embeddings,
     stream_image_folder,
 )
 from edgeadapt import SyntheticOptions  # noqa: E402
-from edgeadapt.synthetic import generate_images  # noqa: E402
+from edgeadapt.data.synthetic import generate_images  # noqa: E402
 from edgeadapt import ClassifierTrainingOptions, train_classifier  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -199,7 +199,7 @@ def test_top_layers_from_files(folder, in_memory, base):
 
 
 def test_augmentation_acts_as_in_the_in_memory_pipeline(folder, in_memory):
-    from edgeadapt.training import augmentation_layers, make_tf_dataset
+    from edgeadapt.training.classifier import augmentation_layers, make_tf_dataset
 
     stream = stream_image_folder(folder, SPEC, SPLIT, options=PILLOW)
     count = len(stream.train)  # one batch: the random draws cannot reach batches in another order
@@ -213,7 +213,7 @@ def test_augmentation_acts_as_in_the_in_memory_pipeline(folder, in_memory):
 
 def test_export_from_a_stream_calibrates_on_the_in_memory_choice(folder, in_memory):
     from edgeadapt.converters.calibration import select_calibration_images
-    from edgeadapt.finetune_data import export_samples
+    from edgeadapt.training.finetune_data import export_samples
 
     calibration, evaluation = export_samples(stream_image_folder(folder, SPEC, SPLIT), 40, 10)
     chosen = select_calibration_images(in_memory.train.images, in_memory.train.labels, count=40, seed=0)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 import shutil
 
-from edgeadapt.deltas import merge_deltas
+from edgeadapt.bundles.deltas import merge_deltas
 from edgeadapt.device import Bundle, HeadUpdater, Runtime
 from edgeadapt.device.version_builder import MANAGED_KEYS, ChangeAction
-from edgeadapt.incremental import add_classes
+from edgeadapt.bundles.incremental import add_classes
 
 #: What only a device version holds: the examples it learned (host versions learned none), and its
 #: class and file tables as a shared segment (host versions keep them in the manifest).
