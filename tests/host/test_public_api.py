@@ -24,9 +24,10 @@ def test_every_exported_name_resolves(package):
         assert getattr(value, "__name__", name) == name, (package, name)
     with pytest.raises(AttributeError):
         module.no_such_name  # noqa: B018
-    # a name equal to a sub-module's would turn into the module once that sub-module is imported
+    # a name equal to a sub-module's or sub-package's would turn into the module once that sub-module is imported
     folder = importlib.util.find_spec(package).submodule_search_locations[0]
-    clashes = sorted(set(module.__all__) & {path.stem for path in Path(folder).glob("*.py")})
+    submodules = {path.stem for path in Path(folder).glob("*.py")} | {path.name for path in Path(folder).iterdir() if (path / "__init__.py").is_file()}
+    clashes = sorted(set(module.__all__) & submodules)
     assert clashes == []
 
 
