@@ -6,8 +6,7 @@ importing the package does not import TensorFlow, tf2onnx or onnxruntime.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from edgeadapt.device.lazy_exports import lazy_attributes
 
 #: public name -> module that defines it (imported on first access)
 _EXPORTS: dict[str, str] = {
@@ -35,14 +34,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'edgeadapt.converters' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

@@ -7,8 +7,7 @@ Public names are imported lazily so that ``import edgeadapt.device`` stays cheap
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from edgeadapt.device.lazy_exports import lazy_attributes
 
 _EXPORTS = {
     "EdgeAdaptError": "edgeadapt.device.errors",
@@ -50,8 +49,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'edgeadapt.device' has no attribute {name!r}")
-    return getattr(importlib.import_module(module_name), name)
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

@@ -17,8 +17,7 @@ host function that needs it runs, so ``import edgeadapt.device`` works without T
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from edgeadapt.device.lazy_exports import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -66,14 +65,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'edgeadapt' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
