@@ -18,6 +18,7 @@ training, the odd ones are never seen; mAP is reported on all photos and on the 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import tempfile
@@ -34,7 +35,7 @@ from edgeadapt.detection.features import input_spec, load_pixels
 from edgeadapt.detection.rewrite import serialize, set_postprocess
 from edgeadapt.detection.runner import TensorRunner, model_with_outputs, pixels_to_input
 from edgeadapt.detection.structure import load_ssd
-from edgeadapt.device.errors import DatasetError
+from edgeadapt.device.errors import BackendUnavailableError, DatasetError
 
 MODEL_FILE = "ssd_mobilenet_v1_coco_quant.tflite"
 HOLDOUT_EVERY = 4
@@ -165,7 +166,11 @@ def run_detection_bench(options: DetectionBenchOptions) -> DetectionBenchResult:
 
     Raises:
         DatasetError: the data folder lacks the model, labelmap, class folders or coco_old.
+        BackendUnavailableError: ``pycocotools`` (the mAP scorer) is not installed.
     """
+    if importlib.util.find_spec("pycocotools") is None:
+        raise BackendUnavailableError("the detection benchmark scores mAP with pycocotools, which is not installed: "
+                                      "pip install 'edgeadapt[detection]'")
     data = _load_bench_data(options)
     result = DetectionBenchResult(split={
         "train_images": {n: len(v) for n, v in data.train.items()},

@@ -32,7 +32,10 @@ class ConversionError(EdgeAdaptError):
 
 
 class BackendUnavailableError(EdgeAdaptError):
-    """No interpreter backend that can run the bundle is installed."""
+    """No interpreter backend that can run the bundle, or another optional package an operation needs, is installed.
+
+    The message names the ``pip install 'edgeadapt[extra]'`` that brings it.
+    """
 
 
 class UpdateError(EdgeAdaptError):
