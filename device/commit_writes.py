@@ -22,23 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.device.errors import UpdateError
-from edgeadapt.device.safefs import temporary_name
+from edgeadapt.device.safefs import storage_error, temporary_name
 
 TEMPORARY_MARKER = ".tmp-"
 
 def describe_os_error(error: OSError, path: Path, what: str) -> UpdateError:
-    """Turn an OSError raised while writing into an :class:`UpdateError` that says what to do."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return UpdateError(
-            f"cannot {what}: no space left on the device holding {path} ({error.strerror}); "
-            "nothing was changed: free some space and retry"
-        )
-    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return UpdateError(
-            f"cannot {what}: {path} is read-only or not writable by this user ({error.strerror}); "
-            "nothing was changed: make the bundle directory writable (or copy it somewhere writable) and retry"
-        )
-    return UpdateError(f"cannot {what} in {path}: {error}; nothing was changed")
+    """An :class:`UpdateError` for an ``OSError`` raised during a commit (:func:`safefs.storage_error`'s wording)."""
+    return storage_error(error, path, what, error_type=UpdateError, outcome="nothing was changed",
+                         writable_advice="make the bundle directory writable (or copy it somewhere writable) and retry")
 
 
 def open_file(path: Path, flags: int) -> int:

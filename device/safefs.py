@@ -29,7 +29,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO, Callable, Mapping, Union
 
-from edgeadapt.device.errors import BundleError, StorageError
+from edgeadapt.device.errors import BundleError, EdgeAdaptError, StorageError
 
 #: Folders of a bundle deeper than this are refused (a legitimate bundle is 2-3 levels deep).
 MAX_TREE_DEPTH = 8
@@ -284,16 +284,28 @@ def durable_write_all(files: Mapping[Path, Content]) -> None:
         fsync_directory(folder)
 
 
-def storage_error(error: OSError, path: Path, what: str) -> StorageError:
-    """A :class:`StorageError` for an ``OSError`` raised while writing ``path``."""
+def storage_error(error: OSError, path: Path, what: str, *, error_type: type[EdgeAdaptError] = StorageError,
+                  outcome: str = "nothing was written",
+                  writable_advice: str = "choose a writable folder") -> EdgeAdaptError:
+    """The error to raise for an ``OSError`` raised while writing ``path``: what happened and what to do.
+
+    The one owner of how a full disk and a read-only or unwritable folder are told apart and worded.
+
+    Args:
+        error: The ``OSError`` the file system raised.
+        path: The file or folder being written.
+        what: What was being done, completing "cannot ..." (e.g. "commit version 3").
+        error_type: The error class to return (a device commit returns an ``UpdateError``).
+        outcome: What the caller guarantees happened, e.g. "nothing was changed".
+        writable_advice: What to do about a read-only or unwritable folder.
+
+    Returns:
+        An ``error_type`` instance with the message (the caller raises it ``from error``).
+    """
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return StorageError(
-            f"cannot {what}: no space left for {path} ({error.strerror}); nothing was written: free some space "
-            "and retry"
-        )
+        return error_type(f"cannot {what}: no space left for {path} ({error.strerror}); {outcome}: "
+                          "free some space and retry")
     if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return StorageError(
-            f"cannot {what}: {path} is on a read-only file system or not writable by this user ({error.strerror}); "
-            "nothing was written: choose a writable folder"
-        )
-    return StorageError(f"cannot {what} ({path}): {error.strerror or error}; nothing was written")
+        return error_type(f"cannot {what}: {path} is read-only or not writable by this user ({error.strerror}); "
+                          f"{outcome}: {writable_advice}")
+    return error_type(f"cannot {what} ({path}): {error.strerror or error}; {outcome}")
