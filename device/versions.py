@@ -53,7 +53,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgeadapt.device.bundle import MANIFEST_NAME, Bundle, fsync_directory
+from edgeadapt.device.bundle import MANIFEST_NAME, Bundle
 from edgeadapt.device.bundle_lock import BundleLock
 from edgeadapt.device.commit_writes import (
     TEMPORARY_MARKER,
