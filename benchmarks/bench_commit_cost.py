@@ -35,6 +35,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from edgeadapt.device.add_options import METHODS  # noqa: E402
+
 
 def written_bytes() -> int:
     """Bytes this process has passed to ``write`` so far (Linux ``/proc/self/io`` ``wchar``)."""
@@ -125,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgeadapt-bench-device-update",
                         help="folder of the built bundle (shared with bench_device_update.py)")
-    parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--dimension", type=int, default=1280)
+    parser.add_argument("--classes", type=int, default=1000, help="classes of the large bundle")
+    parser.add_argument("--dimension", type=int, default=1280, help="embedding size of the large bundle")
     parser.add_argument("--image-size", type=int, default=128, help="input size of the large bundle")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--method", default="ridge",
-                        help="head math of the update ('auto': the automatic choice)")
+    parser.add_argument("--repeats", type=int, default=10, help="added classes measured (the median is printed)")
+    parser.add_argument("--method", default="auto", choices=("auto", *METHODS),
+                        help="head math of the update ('auto': the automatic choice, claim)")
     parser.add_argument("--json-out", type=Path, metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--baseline", type=Path, metavar="FILE", help="an earlier --json-out to compare with")
     arguments = parser.parse_args(argv)
