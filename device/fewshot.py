@@ -156,7 +156,7 @@ def _extended_best(head: Head, features: np.ndarray, best: np.ndarray, classes: 
     """``best`` (over the first ``classes`` columns) extended to every column of ``head``."""
     if head.num_classes == classes or features.shape[0] == 0:
         return best
-    extra = features.astype(np.float32) @ head.weights[:, classes:]
+    extra = np.asarray(features, dtype=np.float32) @ head.weights[:, classes:]  # no copy of float32 rows
     extra += head.bias[classes:]
     return np.maximum(best, extra.max(axis=1).astype(np.float64))
 
