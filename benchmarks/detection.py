@@ -155,6 +155,17 @@ class _BenchData:
         return self.lines[1:]
 
 
+def require_pycocotools() -> None:
+    """Check that the mAP scorer is installed, before any of the benchmark's minutes of work.
+
+    Raises:
+        BackendUnavailableError: ``pycocotools`` is missing; the message names the extra.
+    """
+    if importlib.util.find_spec("pycocotools") is None:
+        raise BackendUnavailableError("the detection benchmark scores mAP with pycocotools, which is not installed: "
+                                      "pip install 'edgeadapt[detection]'")
+
+
 def run_detection_bench(options: DetectionBenchOptions) -> DetectionBenchResult:
     """Run the whole benchmark on ``options.data`` (the ``detection`` folder of the shared data).
 
@@ -168,10 +179,8 @@ def run_detection_bench(options: DetectionBenchOptions) -> DetectionBenchResult:
         DatasetError: the data folder lacks the model, labelmap, class folders or coco_old.
         BackendUnavailableError: ``pycocotools`` (the mAP scorer) is not installed.
     """
-    if importlib.util.find_spec("pycocotools") is None:
-        raise BackendUnavailableError("the detection benchmark scores mAP with pycocotools, which is not installed: "
-                                      "pip install 'edgeadapt[detection]'")
     data = _load_bench_data(options)
+    require_pycocotools()
     result = DetectionBenchResult(split={
         "train_images": {n: len(v) for n, v in data.train.items()},
         "heldout_images": {n: len(v) for n, v in data.held.items()},

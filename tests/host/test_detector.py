@@ -354,15 +354,15 @@ def test_cli_errors_exit_1_with_a_message(tiny, tmp_path, capsys):
               "--classes", "red", "--out", "x.tflite", "--nms", "slow"])
 
 
-def test_the_detection_benchmark_without_pycocotools_names_the_extra(tmp_path, monkeypatch):
-    """Before any work, a missing mAP scorer is a one-line error naming `pip install 'edgeadapt[detection]'`."""
+def test_the_detection_benchmark_without_pycocotools_names_the_extra(monkeypatch):
+    """A missing mAP scorer is a one-line error naming `pip install 'edgeadapt[detection]'` (checked before the work)."""
     import importlib.util
 
-    from edgeadapt.benchmarks.detection import DetectionBenchOptions, run_detection_bench
+    from edgeadapt.benchmarks.detection import require_pycocotools
     from edgeadapt.device.errors import BackendUnavailableError
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "pycocotools" else real_find_spec(name, *args))
     with pytest.raises(BackendUnavailableError, match=r"edgeadapt\[detection\]"):
-        run_detection_bench(DetectionBenchOptions(data=tmp_path / "no-data-needed"))
+        require_pycocotools()
