@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 
-from edgeadapt.device.cli_common import add_backend_option, apply_conventions, run_main
+from edgeadapt.device.cli_common import add_backend_option, add_json_options, apply_conventions, emit_report, run_main
 from edgeadapt.device.trust import add_trust_arguments, trusted_keys_from_arguments
 
 #: Modules that add sub-commands; each defines ``register(subparsers)``.
@@ -33,13 +32,12 @@ def _predict(arguments: argparse.Namespace) -> int:
         predictions = runtime.predict(image, top_k=arguments.top_k)
         results.append({"image": str(image), "predictions": [
             {"label": p.label, "score": round(p.score, 6), "index": p.index} for p in predictions]})
-    if arguments.json:
-        print(json.dumps({"backend": runtime.backend_name, "results": results}, indent=2))
-    else:
-        for result in results:
-            print(result["image"])
-            for rank, entry in enumerate(result["predictions"], start=1):
-                print(f"  {rank}. {entry['label']:<30} {entry['score']:.4f}")
+    lines = []
+    for result in results:
+        lines.append(result["image"])
+        lines += [f"  {rank}. {entry['label']:<30} {entry['score']:.4f}"
+                  for rank, entry in enumerate(result["predictions"], start=1)]
+    emit_report(arguments, "\n".join(lines), {"backend": runtime.backend_name, "results": results})
     return 0
 
 
@@ -86,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("bundle", type=Path, help="bundle directory (NAME.eab) or packed bundle (.zip)")
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG/PNG/BMP files")
     predict.add_argument("--top-k", type=int, default=5, help="how many classes to show per image")
-    predict.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
+    add_json_options(predict, "the predictions")
     add_backend_option(predict)
     predict.add_argument("--threads", type=int, help="interpreter threads (default: the backend's choice)")
     add_trust_arguments(predict)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from edgeadapt.device.cli_common import add_json_options, emit_report
 from edgeadapt.device.trust import add_trust_arguments, trusted_keys_from_arguments
 
 
@@ -23,15 +23,14 @@ def _detect(arguments: argparse.Namespace) -> int:
     for image in arguments.images:
         result = detector.detect(image, score_threshold=arguments.threshold)
         results.append({"image": str(image), **result.to_dict()})
-    if arguments.json:
-        print(json.dumps({"backend": detector.backend_name, "results": results}, indent=2))
-        return 0
+    lines = []
     for entry in results:
-        print(f"{entry['image']} ({entry['width']}x{entry['height']}): {len(entry['detections'])} detections")
+        lines.append(f"{entry['image']} ({entry['width']}x{entry['height']}): {len(entry['detections'])} detections")
         for detection in entry["detections"]:
             xmin, ymin, xmax, ymax = detection["box"]
-            print(f"  {detection['label']:<20} {detection['score']:.3f}  "
-                  f"x {xmin:.0f}..{xmax:.0f}  y {ymin:.0f}..{ymax:.0f}")
+            lines.append(f"  {detection['label']:<20} {detection['score']:.3f}  "
+                         f"x {xmin:.0f}..{xmax:.0f}  y {ymin:.0f}..{ymax:.0f}")
+    emit_report(arguments, "\n".join(lines), {"backend": detector.backend_name, "results": results})
     return 0
 
 
@@ -49,7 +48,7 @@ def register(subparsers) -> None:
     detect.add_argument("--backend", choices=("auto", "litert", "tflite-runtime"), default="auto",
                         help="TFLite interpreter (default auto: LiteRT first)")
     detect.add_argument("--threads", type=int, help="interpreter threads (default: the backend's choice)")
-    detect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_options(detect, "the detections")
     add_trust_arguments(detect, what="models", note="; the signature is MODEL.dsse.json beside the model "
                         "(`edgeadapt sign-file`)", device_versions=False)
     detect.set_defaults(handler=_detect)

@@ -7,11 +7,10 @@ Registered through ``COMMAND_MODULES`` in :mod:`edgeadapt.device.cli`. No Tensor
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from edgeadapt.device.cli_common import add_backend_option
+from edgeadapt.device.cli_common import add_backend_option, add_json_options, emit_report
 from edgeadapt.device.errors import InputError
 from edgeadapt.device.preprocessing import IMAGE_SUFFIXES, list_image_files
 from edgeadapt.device.trust import add_trust_arguments, trusted_keys_from_arguments
@@ -55,23 +54,22 @@ def _open_updater(arguments: argparse.Namespace):
 
 
 def _print_result(result, arguments: argparse.Namespace) -> None:
-    if arguments.json:
-        print(json.dumps({
-            "version": result.version,
-            "action": result.action,
-            "classes": list(result.classes),
-            "change": result.change,
-            "timings_ms": {key: round(value * 1000.0, 3) for key, value in result.timings.items()},
-        }, indent=2))
-        return
     from edgeadapt.device.versions import summarize_change
 
-    print(f"version {result.version}: {summarize_change(result.change)}")
+    data = {
+        "version": result.version,
+        "action": result.action,
+        "classes": list(result.classes),
+        "change": result.change,
+        "timings_ms": {key: round(value * 1000.0, 3) for key, value in result.timings.items()},
+    }
+    lines = [f"version {result.version}: {summarize_change(result.change)}"]
     if result.gate is not None:
         gate = result.gate
         status = "passed" if gate.passed else "FORCED past the budget"
-        print(f"  update gate {status}: {gate.disturbed}/{gate.checked} old-class references disturbed "
-              f"(budget {gate.budget:.0%}, {gate.source})")
+        lines.append(f"  update gate {status}: {gate.disturbed}/{gate.checked} old-class references disturbed "
+                     f"(budget {gate.budget:.0%}, {gate.source})")
+    emit_report(arguments, "\n".join(lines), data)
 
 
 def _add_class(arguments: argparse.Namespace) -> int:
@@ -120,14 +118,13 @@ def _history(arguments: argparse.Namespace) -> int:
     if trusted_keys is not None:
         Bundle.open(arguments.bundle, trusted_keys=trusted_keys)
     history = VersionStore(arguments.bundle).history()
-    if arguments.json:
-        print(json.dumps([info.to_dict() for info in history], indent=2))
-        return 0
-    print(f"{'':2}{'version':>7}  {'parent':>6}  {'committed (UTC)':<25} {'classes':>7}  change")
+    lines = [f"{'':2}{'version':>7}  {'parent':>6}  {'committed (UTC)':<25} {'classes':>7}  change"]
     for info in history:
         marker = "* " if info.current else "  "
         parent = "-" if info.parent_version is None else str(info.parent_version)
-        print(f"{marker}{info.version:>7}  {parent:>6}  {str(info.committed_at):<25} {info.num_classes:>7}  {info.summary}")
+        lines.append(f"{marker}{info.version:>7}  {parent:>6}  {str(info.committed_at):<25} {info.num_classes:>7}  "
+                     f"{info.summary}")
+    emit_report(arguments, "\n".join(lines), [info.to_dict() for info in history])
     return 0
 
 
@@ -146,11 +143,8 @@ def _export_delta(arguments: argparse.Namespace) -> int:
         "classes": [entry.to_dict() for entry in delta.classes],
         "examples": int(delta.example_embeddings.shape[0]),
     }
-    if arguments.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        described = ", ".join(f"{entry.name!r} ({entry.kind}, {entry.examples} examples)" for entry in delta.classes)
-        print(f"wrote {path} ({summary['bytes']} bytes): {described}")
+    described = ", ".join(f"{entry.name!r} ({entry.kind}, {entry.examples} examples)" for entry in delta.classes)
+    emit_report(arguments, f"wrote {path} ({summary['bytes']} bytes): {described}", summary)
     return 0
 
 
@@ -182,12 +176,11 @@ def _classify_unknown(arguments: argparse.Namespace) -> int:
     classifier = UnknownAwareClassifier(Runtime.open(arguments.bundle, backend=arguments.backend,
                                                      trusted_keys=trusted_keys_from_arguments(arguments)))
     results = classifier.classify(images)
-    if arguments.json:
-        print(json.dumps([{"image": str(image), "label": label, "score": round(score, 6), "cosine": round(cosine, 6)}
-                          for image, (label, score, cosine) in zip(images, results)], indent=2))
-    else:
-        for image, (label, score, cosine) in zip(images, results):
-            print(f"{str(image)}: {label} (score {score:.3f}, prototype cosine {cosine:.3f})")
+    data = [{"image": str(image), "label": label, "score": round(score, 6), "cosine": round(cosine, 6)}
+            for image, (label, score, cosine) in zip(images, results)]
+    text = "\n".join(f"{str(image)}: {label} (score {score:.3f}, prototype cosine {cosine:.3f})"
+                     for image, (label, score, cosine) in zip(images, results))
+    emit_report(arguments, text, data)
     return 0
 
 
@@ -197,7 +190,7 @@ def _writer_options(parser: argparse.ArgumentParser, gate: bool = True) -> None:
     parser.add_argument("--wait", action="store_true", help="wait for another writer instead of failing")
     parser.add_argument("--lock-timeout", type=float, default=None, help="with --wait: give up after this many seconds")
     add_backend_option(parser)
-    parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
+    add_json_options(parser, "the new version")
     if gate:  # only the commands that run the update gate take its budget
         parser.add_argument("--gate-budget", type=float, default=0.10,
                             help="largest fraction of old-class reference embeddings an update may disturb")
@@ -268,7 +261,7 @@ def _register_version_commands(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser("history", help="list the kept head versions and what changed")
     parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
-    parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
+    add_json_options(parser, "the version list")
     add_trust_arguments(parser)
     parser.set_defaults(handler=_history)
 
@@ -285,7 +278,7 @@ def _register_version_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     parser.add_argument("output", type=Path, help="delta file to write (e.g. device42.eadelta)")
     parser.add_argument("--source", help="name of this device in the host's provenance (default: host name)")
-    parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
+    add_json_options(parser, "the delta's summary")
     add_trust_arguments(parser)
     _device_key_argument(parser, "the delta, so the host can check it came from an enrolled device")
     parser.set_defaults(handler=_export_delta)
@@ -318,7 +311,7 @@ def _register_unknown_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="images or folders of images")
     add_backend_option(parser)
-    parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
+    add_json_options(parser, "the results")
     add_trust_arguments(parser)
     parser.set_defaults(handler=_classify_unknown)
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgeadapt.device.cli_common import add_json_options, emit_report
+
 
 def _merge_deltas(arguments: argparse.Namespace) -> int:
     from edgeadapt.bundles.deltas import MergeDeltasOptions, merge_deltas, parse_renames
@@ -34,7 +36,7 @@ def _merge_deltas(arguments: argparse.Namespace) -> int:
     except UpdateGateError as error:  # the full gate report, then the one-line error of the CLI
         print(json.dumps({"gate": error.report.to_dict()}, indent=2), file=sys.stderr)
         raise
-    print(json.dumps(report.to_dict(), indent=2) if arguments.json else report.table())
+    emit_report(arguments, report.table(), report.to_dict())
     return 0
 
 
@@ -93,5 +95,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="folder of enrolled device public keys (*.pub): merge only deltas signed by one of "
                         "them and report each delta's signer (default: deltas are not authenticated). Sign the "
                         "result again with `edgeadapt sign OUT --key KEY`")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of a table")
+    add_json_options(parser, "the report")
     parser.set_defaults(handler=_merge_deltas)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from edgeadapt.cli.incremental import _bench_subparsers
+from edgeadapt.device.cli_common import add_json_options, emit_report
 
 
 def _split_classes(text: str) -> list[str]:
@@ -31,7 +31,7 @@ def _add_classes(arguments: argparse.Namespace) -> int:
     result = add_detector_classes(arguments.model, arguments.labels, arguments.data, _split_classes(arguments.classes),
                                   arguments.out, negatives=arguments.negatives, options=options,
                                   overwrite=arguments.overwrite)
-    print(json.dumps(result.to_dict(), indent=2) if arguments.json else result.summary())
+    emit_report(arguments, result.summary(), result.to_dict())
     return 0
 
 
@@ -41,7 +41,7 @@ def _bench_detection(arguments: argparse.Namespace) -> int:
     result = run_detection_bench(DetectionBenchOptions(
         data=arguments.data, classes=tuple(_split_classes(arguments.classes)), timing_images=arguments.timing_images,
         progress=not arguments.json))
-    print(json.dumps(result.to_dict(), indent=2) if arguments.json else format_table(result))
+    emit_report(arguments, format_table(result), result.to_dict())
     return 0
 
 
@@ -78,7 +78,7 @@ def register(subparsers) -> None:
                      help="optimiser steps per training round (default 100; raise it for a few dozen boxes)")
     add.add_argument("--threads", type=int, help="LiteRT threads (default: LiteRT's choice)")
     add.add_argument("--overwrite", action="store_true", help="replace --out and its labels file if they exist")
-    add.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json_options(add, "the result")
     add.set_defaults(handler=_add_classes)
 
     benchmarks = _bench_subparsers(subparsers)
@@ -92,5 +92,5 @@ def register(subparsers) -> None:
                        help="the detection data folder (model, labelmap.txt, class folders, coco_old/)")
     bench.add_argument("--classes", default="raccoon,kangaroo", help="new classes (default raccoon,kangaroo)")
     bench.add_argument("--timing-images", type=int, default=20, help="photos timed per model (default 20)")
-    bench.add_argument("--json", action="store_true", help="print every figure as JSON instead of a table")
+    add_json_options(bench, "every figure")
     bench.set_defaults(handler=_bench_detection)

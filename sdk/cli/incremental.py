@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from edgeadapt.device.cli_common import add_backend_option, add_json_options
+from edgeadapt.device.cli_common import add_backend_option, add_json_options, emit_report
 
 
 def _methods() -> tuple[str, ...]:
@@ -59,7 +58,7 @@ def _add_classes(arguments: argparse.Namespace) -> int:
         backend=arguments.backend,
         overwrite=arguments.overwrite,
     )
-    print(json.dumps(result.to_dict(), indent=2) if arguments.json else result.summary())
+    emit_report(arguments, result.summary(), result.to_dict())
     return 0
 
 
@@ -68,7 +67,7 @@ def _merge_heads(arguments: argparse.Namespace) -> int:
 
     result = merge_heads(arguments.a, arguments.b, arguments.out, options=_add_options(arguments),
                          overwrite=arguments.overwrite)
-    print(json.dumps(result.to_dict(), indent=2) if arguments.json else result.summary())
+    emit_report(arguments, result.summary(), result.to_dict())
     return 0
 
 
@@ -213,7 +212,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="re-fit ALL rows jointly (better, but CHANGES old-class outputs)")
     add_backend_option(add, "interpreter that embeds the images")
     add.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    add.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json_options(add, "the result")
     add.set_defaults(handler=_add_classes)
 
     merge = subparsers.add_parser(
@@ -228,7 +227,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--method", choices=_methods(), help=_method_help())
     merge.add_argument("--out", type=Path, required=True, help="directory of the new bundle version")
     merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    merge.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json_options(merge, "the result")
     merge.set_defaults(handler=_merge_heads)
 
     benchmarks = _bench_subparsers(subparsers)

@@ -81,6 +81,7 @@ def test_common_options_are_consistent(program, path, parser):
             assert "--image-size" in options
     if "--json" in options:
         assert options["--json"].nargs == 0, f"{program} {' '.join(path)}: --json must be a flag"
+        assert "--json-out" in options, f"{program} {' '.join(path)}: --json without --json-out FILE"
     for flag in ("--backend", "--backbone-backend"):
         if flag in options:
             assert options[flag].choices[0] == "auto" and set(options[flag].choices) <= {"auto", *AUTO_ORDER}
@@ -151,6 +152,10 @@ def test_json_is_a_flag_and_json_out_a_file(fixture_dir, tmp_path, capsys):
     assert main(["predict", str(fixture_dir / "tiny.eab"), str(image), "--top-k", "1", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["results"][0]["image"] == str(image)
+    report = tmp_path / "predictions.json"
+    assert main(["predict", str(fixture_dir / "tiny.eab"), str(image), "--top-k", "1", "--json-out", str(report)]) == 0
+    assert str(image) in capsys.readouterr().out  # the table on stdout, the JSON in the file
+    assert json.loads(report.read_text()) == printed
 
 
 def test_the_device_command_prints_no_native_noise(fixture_dir):
