@@ -44,7 +44,8 @@ def _create_temporary(path: Path) -> tuple[Path, int]:
     return temporary, open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
 
 
-def _write_all(descriptor: int, data: bytes) -> None:
+def write_all(descriptor: int, data: bytes) -> None:
+    """Write all of ``data`` to ``descriptor`` (the one low-level write of a commit; tests inject faults here)."""
     view = memoryview(data)
     while view:
         written = os.write(descriptor, view)
@@ -61,7 +62,7 @@ class _HashingWriter:
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        _write_all(self.descriptor, view)
+        write_all(self.descriptor, view)
         self.digest.update(view)
         self.size += len(view)
         return len(view)

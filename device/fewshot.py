@@ -51,7 +51,6 @@ from edgeadapt.device.prototype_column import (
     prototype_direction,
     raise_to_floor,
 )
-from edgeadapt.device.ridge_model import within_covariance
 
 #: The largest number of synthetic old-class samples drawn from the statistics.
 MAX_SYNTHETIC = 4096
@@ -196,7 +195,7 @@ def _build_solver(head: Head, stats: ClassStats | None, options) -> _Solver:
     empty = _Solver(key, head.num_classes, feature_mean, None, 0.0, None, np.zeros((0, size), np.float32), np.zeros(0), norms)
     if not usable:
         return empty
-    within = within_covariance(stats)
+    within = stats.within_covariance()
     trace = float(np.trace(within))
     if not trace > 0:
         return empty

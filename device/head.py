@@ -17,7 +17,7 @@ second-moment (Gram) matrix, so that later updates need no old images.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -234,6 +234,167 @@ class ClassStats:
     def overall_mean(self) -> np.ndarray:
         """Mean embedding over every example of every class."""
         return self.sums.sum(axis=0) / max(int(self.counts.sum()), 1)
+
+    def pooled_scatter(self) -> tuple[np.ndarray, float]:
+        """Pooled within-class scatter (symmetrised) of the raw embeddings and its degrees of freedom.
+
+        From the Gram matrix and the sums: ``G - sum_c n_c mu_c mu_c^T`` over the classes with
+        examples (one symmetric rank-k product), and ``N - (number of classes with examples)``.
+
+        Raises:
+            IncompatibleModelError: When the statistics have no Gram matrix.
+        """
+        gram = self._require_gram("the pooled scatter")
+        counts = self.counts.astype(np.float64)
+        present = counts > 0
+        weighted = self.sums[present] / np.sqrt(counts[present])[:, None]  # sqrt(n_c) mu_c
+        scatter = gram - weighted.T @ weighted
+        return (scatter + scatter.T) / 2.0, float(counts.sum()) - float(present.sum())
+
+    def within_covariance(self) -> np.ndarray:
+        """Pooled within-class covariance (D, D) of the raw embeddings, from the Gram matrix and the sums.
+
+        Raises:
+            IncompatibleModelError: When the statistics have no Gram matrix.
+        """
+        scatter, degrees = self.pooled_scatter()
+        return scatter / max(degrees, 1.0)
+
+    # ------------------------------------------------------------------ updates (each returns new statistics)
+    def appended(self, arrays: Sequence[np.ndarray]) -> "ClassStats":
+        """These statistics with one new class per array of raw embeddings (n_k, D), in order.
+
+        The new rows hold each array's sum and count; the Gram matrix (when kept) gains every new
+        example. The solver state in ``ridge_basis`` is not carried over (its owner decides).
+        ``extra`` is copied.
+
+        Args:
+            arrays: One float array (n_k, D) of raw embeddings per new class.
+
+        Returns:
+            New statistics with ``num_classes + len(arrays)`` rows; ``self`` is unchanged.
+
+        Raises:
+            InputError: When an array is not (n, D) with this embedding size, or is not finite.
+        """
+        arrays = [self._checked_examples(array, f"new class {number}") for number, array in enumerate(arrays)]
+        if not arrays:
+            return replace(self, extra=dict(self.extra), ridge_basis=None)
+        sums = np.concatenate([self.sums, np.stack([array.sum(axis=0) for array in arrays])])
+        counts = np.concatenate([self.counts, np.array([array.shape[0] for array in arrays], dtype=np.int64)])
+        gram = None
+        if self.gram is not None:
+            stacked = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            gram = stacked.T @ stacked  # one new D x D array, then one pass adding the old Gram into it
+            gram += self.gram
+        return ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(self.extra))
+
+    def strengthened(self, index: int, array: np.ndarray) -> "ClassStats":
+        """These statistics with more raw embeddings ``array`` (n, D) added to class ``index``.
+
+        Args:
+            index: The class that gains the examples (0-based).
+            array: Raw embeddings (n, D).
+
+        Returns:
+            New statistics (class ``index``'s row and the Gram matrix updated); ``self`` is unchanged.
+            The solver state in ``ridge_basis`` is not carried over.
+
+        Raises:
+            InputError: When ``index`` is out of range or ``array`` is not (n, D) and finite.
+        """
+        index = self._checked_index(index)
+        array = self._checked_examples(array, f"class {index}")
+        sums = self.sums.copy()
+        counts = self.counts.copy()
+        sums[index] += array.sum(axis=0)
+        counts[index] += array.shape[0]
+        gram = None if self.gram is None else self.gram + array.T @ array
+        return ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(self.extra))
+
+    def removed(self, index: int) -> "ClassStats":
+        """These statistics without class ``index`` (later classes move down one row).
+
+        The Gram matrix cannot be split by class, so the removed class's share is estimated as
+        ``(n_c - 1) Sw + n_c mu_c mu_c^T`` with the current shared covariance ``Sw`` and subtracted;
+        the shared covariance estimate (scatter over its degrees of freedom) is unchanged by this.
+
+        Args:
+            index: The class to drop (0-based).
+
+        Returns:
+            New statistics with one row fewer; ``self`` is unchanged.
+
+        Raises:
+            InputError: When ``index`` is out of range.
+        """
+        index = self._checked_index(index)
+        keep = np.array([row for row in range(self.num_classes) if row != index], dtype=np.int64)
+        gram = None
+        if self.gram is not None:
+            count = int(self.counts[index])
+            gram = self.gram.copy()
+            if count > 0:
+                mean = self.sums[index] / count
+                # the class's own scatter has n_c - 1 degrees of freedom: (n_c - 1) Sw is its expected value
+                gram -= (count - 1) * self.within_covariance() + count * np.outer(mean, mean)
+                gram = (gram + gram.T) / 2.0
+        return ClassStats(sums=self.sums[keep], counts=self.counts[keep], gram=gram, extra=dict(self.extra))
+
+    def merged(self, other: "ClassStats") -> "ClassStats":
+        """These rows then ``other``'s rows, the Gram matrices added.
+
+        When ``other`` has no Gram matrix but these statistics do, its Gram matrix is estimated
+        from this shared covariance and its class means (``N_b Sw + sum_c n_c mu_c mu_c^T``);
+        when these have none, the result has none.
+
+        Args:
+            other: Statistics of the classes to append, over the same embedding size.
+
+        Returns:
+            New statistics with ``num_classes + other.num_classes`` rows; ``extra`` is this one's.
+
+        Raises:
+            IncompatibleModelError: When the embedding sizes differ.
+        """
+        if other.embedding_size != self.embedding_size:
+            raise IncompatibleModelError(
+                f"cannot merge statistics of {other.embedding_size}-d embeddings into {self.embedding_size}-d ones; "
+                "both must come from the same backbone"
+            )
+        other_gram = other.gram
+        if self.gram is not None and other_gram is None:
+            means = other.means()
+            other_gram = other.counts.sum() * self.within_covariance() + (means.T * other.counts) @ means
+        gram = None if self.gram is None or other_gram is None else self.gram + other_gram
+        return ClassStats(
+            sums=np.concatenate([self.sums, other.sums]),
+            counts=np.concatenate([self.counts, other.counts]),
+            gram=gram,
+            extra=dict(self.extra),
+        )
+
+    def _require_gram(self, what: str) -> np.ndarray:
+        if self.gram is None:
+            raise IncompatibleModelError(
+                f"{what} needs the statistics' Gram matrix, which these statistics do not keep; "
+                "rebuild them from embeddings with with_gram=True"
+            )
+        return self.gram
+
+    def _checked_index(self, index: int) -> int:
+        if not isinstance(index, (int, np.integer)) or not 0 <= int(index) < self.num_classes:
+            raise InputError(f"class index {index!r} is out of range: the statistics hold {self.num_classes} classes")
+        return int(index)
+
+    def _checked_examples(self, array: np.ndarray, what: str) -> np.ndarray:
+        array = np.asarray(array, dtype=np.float64)
+        if array.ndim != 2 or array.shape[1] != self.embedding_size:
+            raise InputError(
+                f"{what}: embeddings must be (n, {self.embedding_size}), got shape {array.shape}"
+            )
+        _finite_check(f"{what} embeddings", array)
+        return array
 
     def nbytes_per_class(self) -> int:
         return int(self.sums.shape[1] * self.sums.itemsize + self.counts.itemsize)

@@ -87,8 +87,19 @@ class HeadFile:
         return self.int8_weights is not None
 
 
-def _layout(dim: int, classes: int, flags: int, names_bytes: int) -> dict[str, int]:
-    """Byte offsets of every section (Python ints: no overflow)."""
+def section_offsets(dim: int, classes: int, flags: int, names_bytes: int) -> dict[str, int]:
+    """Byte offsets of every section of a head file, and its total size (Python ints: no overflow).
+
+    Args:
+        dim: Embedding size D.
+        classes: Number of classes C.
+        flags: The header flags (FLAG_FEATURE_MEAN, FLAG_L2_NORMALIZE, FLAG_INT8).
+        names_bytes: Length of the UTF-8 class-name blob.
+
+    Returns:
+        Offsets keyed by section name ("mean", "weights", "scales", "bias", "name_offsets",
+        "names"), the "checksum" offset and the "total" file size.
+    """
     offsets = {"mean": HEADER_SIZE}
     at = HEADER_SIZE + (4 * dim if flags & FLAG_FEATURE_MEAN else 0)
     offsets["weights"] = at
@@ -166,7 +177,7 @@ def head_to_bytes(head: Head, class_names: list[str], int8: bool = False) -> byt
     flags = (FLAG_FEATURE_MEAN if head.feature_mean is not None else 0) | (FLAG_L2_NORMALIZE if head.l2_normalize else 0)
     flags |= FLAG_INT8 if int8 else 0
     names = b"".join(encoded)
-    layout = _layout(dim, classes, flags, len(names))
+    layout = section_offsets(dim, classes, flags, len(names))
     parts = [_HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, flags, dim, classes, float(temperature), len(names),
                           layout["total"], bytes(24))]
     if head.feature_mean is not None:
@@ -221,7 +232,7 @@ def head_from_bytes(data: bytes, source: str = "head file") -> HeadFile:
     if not 1 <= dim <= MAX_DIM or classes > MAX_CLASSES or names_bytes > classes * MAX_NAME_BYTES:
         raise BundleError(f"{source} declares {dim} dimensions, {classes} classes and {names_bytes} name bytes, "
                           f"beyond the limits (1..{MAX_DIM}, 0..{MAX_CLASSES}, {MAX_NAME_BYTES} bytes a name)")
-    layout = _layout(dim, classes, flags, names_bytes)
+    layout = section_offsets(dim, classes, flags, names_bytes)
     if total != layout["total"]:
         raise BundleError(f"{source} declares {total} bytes but its sections add up to {layout['total']}")
     if len(data) != total:

@@ -117,7 +117,7 @@ from edgeadapt.device.head_checks import (
 from edgeadapt.device.merging import merge_heads, resolve_all, with_ridge_basis  # noqa: F401 (re-exported)
 from edgeadapt.device.ridge_basis import as_basis, current_basis
 from edgeadapt.device.ridge_basis_columns import basis_class_column, basis_new_columns
-from edgeadapt.device.ridge_model import class_feature_mean, new_class_examples, within_covariance
+from edgeadapt.device.ridge_model import class_feature_mean, new_class_examples
 
 logger = logging.getLogger(__name__)
 
@@ -133,19 +133,19 @@ def _features(head: Head, embeddings: np.ndarray) -> np.ndarray:
     return features
 
 
+def _carried_basis(stats: ClassStats, updates: int):
+    """The ridge method's stored solver state of ``stats``, having served ``updates`` more updates (or None)."""
+    stored = as_basis(stats.ridge_basis)
+    return stored.after(updates) if stored is not None else None
+
+
 def _append_stats(stats: ClassStats | None, arrays: list[np.ndarray]) -> ClassStats | None:
+    """``stats`` with one new class per array (None without statistics); the solver state is carried."""
     if stats is None:
         return None
-    sums = np.concatenate([stats.sums, np.stack([array.sum(axis=0) for array in arrays])])
-    counts = np.concatenate([stats.counts, np.array([array.shape[0] for array in arrays], dtype=np.int64)])
-    gram = None
-    if stats.gram is not None:
-        stacked = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-        gram = stacked.T @ stacked  # one new D x D array, then one pass adding the old Gram into it
-        gram += stats.gram
-    stored = as_basis(stats.ridge_basis)
-    basis = stored.after(len(arrays)) if stored is not None else None
-    return ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(stats.extra), ridge_basis=basis)
+    updated = stats.appended(arrays)
+    updated.ridge_basis = _carried_basis(stats, len(arrays))
+    return updated
 
 
 # ============================================================================= trained columns
@@ -334,19 +334,6 @@ def add_classes(
     return result, updated
 
 
-def _strengthened_statistics(stats: ClassStats, index: int, array: np.ndarray) -> ClassStats:
-    """``stats`` with the examples ``array`` (n, D) added to class ``index``'s row and the Gram matrix
-    (a stored ridge basis is kept, having served one more update)."""
-    sums = stats.sums.copy()
-    counts = stats.counts.copy()
-    sums[index] += array.sum(axis=0)
-    counts[index] += array.shape[0]
-    gram = None if stats.gram is None else stats.gram + array.T @ array
-    stored = as_basis(stats.ridge_basis)
-    basis = stored.after(1) if stored is not None else None
-    return ClassStats(sums=sums, counts=counts, gram=gram, extra=dict(stats.extra), ridge_basis=basis)
-
-
 def _column_from_class_mean(head: Head, updated: ClassStats, index: int, array: np.ndarray, others: np.ndarray,
                             options: AddClassOptions) -> tuple[np.ndarray, float]:
     """Class ``index``'s column and bias from its updated statistics mean (methods imprint, center_l2 and
@@ -399,7 +386,10 @@ def add_examples(
         stats = require_statistics(stats, method, "strengthen a class (its column is recomputed from its statistics)")
     if method == "center_l2":
         _require_cosine_head(head, method)
-    updated = None if stats is None else _strengthened_statistics(stats, index, array)
+    updated = None
+    if stats is not None:
+        updated = stats.strengthened(index, array)
+        updated.ridge_basis = _carried_basis(stats, 1)
     others = np.array([column for column in range(head.num_classes) if column != index], dtype=np.int64)
 
     if method == "claim":
@@ -437,10 +427,8 @@ def add_examples(
 def remove_class(head: Head, stats: ClassStats | None, class_index: int) -> tuple[Head, ClassStats | None]:
     """Drop class ``class_index``: its column, bias and statistics row.
 
-    The remaining columns keep their values (classes after it move down one index). The
-    Gram matrix cannot be split by class, so the removed class's share is estimated as
-    ``n_c (Sw + mu_c mu_c^T)`` with the current shared covariance ``Sw`` and subtracted;
-    the shared covariance estimate is unchanged by this.
+    The remaining columns keep their values (classes after it move down one index); the
+    statistics lose the class's row (see :meth:`ClassStats.removed`).
     """
     _check_stats(head, stats)
     index = _check_index(head, class_index)
@@ -450,16 +438,7 @@ def remove_class(head: Head, stats: ClassStats | None, class_index: int) -> tupl
     result = head.with_columns(np.ascontiguousarray(head.weights[:, keep]), np.ascontiguousarray(head.bias[keep]))
     if stats is None:
         return result, None
-    gram = None
-    if stats.gram is not None:
-        count = int(stats.counts[index])
-        gram = stats.gram.copy()
-        if count > 0:
-            mean = stats.sums[index] / count
-            gram -= count * (within_covariance(stats) + np.outer(mean, mean))
-            gram = (gram + gram.T) / 2.0
-    updated = ClassStats(sums=stats.sums[keep], counts=stats.counts[keep], gram=gram, extra=dict(stats.extra))
-    return result, updated
+    return result, stats.removed(index)
 
 
 def old_logits_unchanged(before: Head, after: Head, embeddings: np.ndarray) -> bool:

@@ -19,7 +19,6 @@ from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_checks import check_options, check_stats, require_cosine_head, require_statistics
 from edgeadapt.device.ridge import resolve_columns, ridge_merge_columns
 from edgeadapt.device.ridge_basis import build_ridge_basis
-from edgeadapt.device.ridge_model import within_covariance
 
 logger = logging.getLogger(__name__)
 
@@ -61,27 +60,9 @@ def merge_heads(
         )
     check_stats(a, a_stats, "statistics of head a")
     check_stats(b, b_stats, "statistics of head b")
-    merged_stats = _merged_statistics(a_stats, b_stats)
+    merged_stats = None if a_stats is None or b_stats is None else a_stats.merged(b_stats)
     new_weights, new_bias = _merged_columns(a, a_stats, b, b_stats, merged_stats, options)
     return appended(a, new_weights, new_bias), merged_stats
-
-
-def _merged_statistics(a_stats: ClassStats | None, b_stats: ClassStats | None) -> ClassStats | None:
-    """a's rows then b's rows, Gram matrices added (b's estimated from a's covariance when it has none)."""
-    if a_stats is None or b_stats is None:
-        return None
-    b_gram = b_stats.gram
-    if a_stats.gram is not None and b_gram is None:
-        covariance = within_covariance(a_stats)
-        means = b_stats.means()
-        b_gram = b_stats.counts.sum() * covariance + (means.T * b_stats.counts) @ means
-    gram = None if a_stats.gram is None or b_gram is None else a_stats.gram + b_gram
-    return ClassStats(
-        sums=np.concatenate([a_stats.sums, b_stats.sums]),
-        counts=np.concatenate([a_stats.counts, b_stats.counts]),
-        gram=gram,
-        extra=dict(a_stats.extra),
-    )
 
 
 def _merged_columns(a: Head, a_stats: ClassStats | None, b: Head, b_stats: ClassStats | None,

@@ -29,7 +29,6 @@ from edgeadapt.device.ridge_model import (
     FeatureModel,
     covariance_from_scatter,
     feature_model,
-    pooled_scatter,
     scatter_with_added,
 )
 
@@ -142,7 +141,7 @@ def ridge_merge_columns(a: Head, a_stats: ClassStats, b_stats: ClassStats, merge
     if a_stats.gram is None or merged_stats.gram is None:
         raise IncompatibleModelError("method 'ridge' needs the shared Gram matrix in the class statistics")
     new_indices = np.arange(a.num_classes, a.num_classes + b_stats.num_classes)
-    scatter, scatter_degrees = pooled_scatter(a_stats)
+    scatter, scatter_degrees = a_stats.pooled_scatter()
     known = feature_model(a, a_stats, covariance_from_scatter(scatter, scatter_degrees)).covariance
     scatter, scatter_degrees = scatter_with_added(
         scatter, scatter_degrees, merged_stats.gram - a_stats.gram, b_stats.sums, b_stats.counts

@@ -69,14 +69,23 @@ def _discriminant_columns(basis: RidgeBasis, means: np.ndarray, counts: np.ndarr
     return weights, bias
 
 
-def _refitted_least_squares(
+def refitted_least_squares(
     basis: RidgeBasis, head: Head, means: np.ndarray, factors: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated least-squares columns of new classes whose second moments are folded into ``A``.
 
-    ``factors`` (r, D+1): rows whose outer products add up to the new classes' second
-    moments of ``[features, 1]``. The old classes' columns move with ``A``; the logit
-    scale is refitted on them as a from-scratch solve would, in O(D^2 r + D U r).
+    The old classes' columns move with ``A``; the logit scale is refitted on them as a
+    from-scratch solve would, in O(D^2 r + D U r) (Woodbury for small r).
+
+    Args:
+        basis: The cached ridge solver state of the head.
+        head: The head the basis was built for.
+        means: The new classes' feature means (k, D).
+        factors: Rows (r, D+1) whose outer products add up to the new classes' second moments
+            of ``[features, 1]``.
+
+    Returns:
+        The new classes' weights (D, k) and biases (k,), float64, on the head's logit scale.
     """
     size = means.shape[1]
     augmented = np.concatenate([means, np.ones((means.shape[0], 1))], axis=1).T  # (D+1, k)
@@ -132,7 +141,7 @@ def basis_new_columns(
         if deviation.shape[0] > 1:
             scaled = deviation / math.sqrt(count)
             rows.append(np.concatenate([scaled, np.zeros((scaled.shape[0], 1))], axis=1))
-    least_squares = _refitted_least_squares(basis, head, means, np.concatenate(rows))
+    least_squares = refitted_least_squares(basis, head, means, np.concatenate(rows))
     discriminant = _mapped(basis, 1, *_discriminant_columns(basis, means, counts, options))
     return blend_by_count([least_squares, discriminant], counts, options)
 
@@ -152,7 +161,7 @@ def basis_class_column(
         right = (basis.least_squares_inverse @ np.append(means[0], 1.0).astype(np.float32)).astype(np.float64)
         least_squares = _mapped(basis, 0, right[:-1, None], right[-1:])
     else:
-        least_squares = _refitted_least_squares(basis, head, means, np.append(means[0], 1.0)[None, :])
+        least_squares = refitted_least_squares(basis, head, means, np.append(means[0], 1.0)[None, :])
     discriminant = _mapped(basis, 1, *_discriminant_columns(basis, means, counts, options))
     weights, bias = blend_by_count([least_squares, discriminant], counts, options)
     return weights[:, 0], float(bias[0])

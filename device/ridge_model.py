@@ -16,23 +16,10 @@ import numpy as np
 from edgeadapt.device.head import ClassStats, Head
 
 
-def pooled_scatter(stats: ClassStats) -> tuple[np.ndarray, float]:
-    """Pooled within-class scatter (symmetrised) of the raw embeddings and its degrees of freedom.
-
-    From the Gram matrix and the sums: ``G - sum_c n_c mu_c mu_c^T`` over the classes with
-    examples (one symmetric rank-k product), and ``N - (number of classes with examples)``.
-    """
-    counts = stats.counts.astype(np.float64)
-    present = counts > 0
-    weighted = stats.sums[present] / np.sqrt(counts[present])[:, None]  # sqrt(n_c) mu_c
-    scatter = stats.gram - weighted.T @ weighted
-    return (scatter + scatter.T) / 2.0, float(counts.sum()) - float(present.sum())
-
-
 def scatter_with_added(
     scatter: np.ndarray, degrees: float, gram: np.ndarray, sums: np.ndarray, counts: np.ndarray
 ) -> tuple[np.ndarray, float]:
-    """:func:`pooled_scatter` after classes with Gram ``gram``, sums ``sums`` (k, D) and counts (k,) are appended."""
+    """:meth:`ClassStats.pooled_scatter` after classes with Gram ``gram``, sums ``sums`` (k, D) and counts (k,) are appended."""
     counts = np.asarray(counts, dtype=np.float64)
     present = counts > 0
     weighted = sums[present] / np.sqrt(counts[present])[:, None]
@@ -42,11 +29,6 @@ def scatter_with_added(
 
 def covariance_from_scatter(scatter: np.ndarray, degrees: float) -> np.ndarray:
     return scatter / max(degrees, 1.0)
-
-
-def within_covariance(stats: ClassStats) -> np.ndarray:
-    """Pooled within-class covariance of the raw embeddings, from the Gram matrix and the sums."""
-    return covariance_from_scatter(*pooled_scatter(stats))
 
 
 @dataclass
@@ -67,7 +49,7 @@ def feature_model(head: Head, stats: ClassStats, within: np.ndarray | None = Non
     ``r^2`` the mean squared radius of all examples (exact from the Gram matrix).
     ``within``: the raw within-class covariance of ``stats`` when already known.
     """
-    covariance = within_covariance(stats) if within is None else within
+    covariance = stats.within_covariance() if within is None else within
     counts = stats.counts.astype(np.float64)
     means = stats.sums / np.maximum(counts, 1.0)[:, None]
     center = np.zeros(stats.embedding_size) if head.feature_mean is None else head.feature_mean.astype(np.float64)

@@ -18,7 +18,7 @@ from edgeadapt.device.head_file import (
     HEADER_SIZE,
     MAX_CLASSES,
     MAX_DIM,
-    _layout,
+    section_offsets,
     head_from_bytes,
     head_to_bytes,
     quantize_columns,
@@ -110,7 +110,7 @@ def test_writer_refuses_bad_names(labels, match, tmp_path):
 
 # ----------------------------------------------------------------------------- hostile files
 #: section offsets of the `valid` file: D = 12, C = 5, mean + L2, float32, names "class 0".."class 4"
-LAYOUT = _layout(12, 5, FLAG_FEATURE_MEAN | FLAG_L2_NORMALIZE, 35)
+LAYOUT = section_offsets(12, 5, FLAG_FEATURE_MEAN | FLAG_L2_NORMALIZE, 35)
 
 @pytest.fixture(scope="module")
 def valid() -> bytes:
@@ -206,7 +206,7 @@ def test_weights_beyond_two_to_the_64_are_refused(valid):
 def test_bad_int8_scales_and_padding_are_refused():
     data = head_to_bytes(random_head(dim=5, classes=3), names(3), int8=True)
     scales_at = HEADER_SIZE + 4 * 5 + 16  # after the mean, 15 int8 weights padded to 16
-    assert scales_at == _layout(5, 3, 7, 21)["scales"]
+    assert scales_at == section_offsets(5, 3, 7, 21)["scales"]
     for scale in (0.0, -1.0, 3.0e38):
         with pytest.raises(BundleError, match="int8 scale"):
             head_from_bytes(patch(data, scales_at, "<f", scale))

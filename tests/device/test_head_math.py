@@ -39,12 +39,12 @@ def gaussian_classes(count: int, per_class: int, seed: int, size: int = SIZE, sp
 
 def trained_head(embeddings, labels, count, normalisation: str = "center") -> Head:
     """A softmax-trained head (numpy, via the same trainer the trained methods use)."""
-    from edgeadapt.device.incremental import _features, train_columns
+    from edgeadapt.device.incremental import train_columns
 
     mean = embeddings.astype(np.float64).mean(axis=0).astype(np.float32) if normalisation != "none" else None
     shell = Head(np.zeros((embeddings.shape[1], count), np.float32), np.zeros(count, np.float32), feature_mean=mean,
                  l2_normalize=normalisation == "center_l2", temperature=0.1 if normalisation == "center_l2" else 1.0)
-    weights, bias = train_columns(_features(shell, embeddings), labels, shell.weights, shell.bias, np.arange(count),
+    weights, bias = train_columns(shell.features(embeddings).astype(np.float64), labels, shell.weights, shell.bias, np.arange(count),
                                   shell.temperature, AddClassOptions(training_steps=300, learning_rate=0.05))
     return shell.with_columns(weights.astype(np.float32), bias.astype(np.float32))
 

@@ -172,7 +172,7 @@ def test_cached_update_equals_an_explicit_joint_solve():
     means, deviations = new_class_examples(head, [embeddings[labels == 5][:3]])
     factors = np.concatenate([np.append(means[0], 1.0)[None, :],
                               np.concatenate([deviations[0] / np.sqrt(3), np.zeros((3, 1))], axis=1)])
-    cached_weights, cached_bias = ridge_basis_columns._refitted_least_squares(basis, head, means, factors)
+    cached_weights, cached_bias = ridge_basis_columns.refitted_least_squares(basis, head, means, factors)
 
     grown = np.linalg.inv(basis.least_squares_inverse.astype(np.float64)) + factors.T @ factors
     model = feature_model(head, stats)

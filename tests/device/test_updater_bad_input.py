@@ -202,14 +202,14 @@ def count_writes(bundle: Path, tmp_path: Path, examples, monkeypatch) -> int:
 
     copy = tmp_path / "count.eab"
     shutil.copytree(bundle, copy)
-    real_write = commit_writes._write_all
+    real_write = commit_writes.write_all
     calls = {"count": 0}
 
     def counting_write(descriptor, data):
         calls["count"] += 1
         return real_write(descriptor, data)
 
-    monkeypatch.setattr(commit_writes, "_write_all", counting_write)
+    monkeypatch.setattr(commit_writes, "write_all", counting_write)
     HeadUpdater(Runtime.open(copy)).add_class("ring2", examples, force=True)
     monkeypatch.undo()
     return calls["count"]
@@ -221,7 +221,7 @@ def test_full_disk_simulated_at_different_points_of_the_commit(setup, bundle_cop
     runtime, updater, examples, before = setup
     total = count_writes(bundle_copy, tmp_path, examples, monkeypatch)
     failing_write = {"first": 1, "third": 3, "middle": total // 2, "record": total - 1, "manifest": total}[position]
-    real_write = commit_writes._write_all
+    real_write = commit_writes.write_all
     calls = {"count": 0}
 
     def full_disk_write(descriptor, data):
@@ -231,7 +231,7 @@ def test_full_disk_simulated_at_different_points_of_the_commit(setup, bundle_cop
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(descriptor, data)
 
-    monkeypatch.setattr(commit_writes, "_write_all", full_disk_write)
+    monkeypatch.setattr(commit_writes, "write_all", full_disk_write)
     with pytest.raises(UpdateError, match="no space left.*nothing was changed"):
         updater.add_class("ring2", examples, force=True)
     assert calls["count"] == failing_write
