@@ -83,7 +83,8 @@ def new_class_examples(centers: np.ndarray, count: int, seed: int) -> np.ndarray
 
 def bench_head_math(classes: int, dimension: int, repeats: int) -> dict:
     from edgeadapt.device import incremental
-    from edgeadapt.device.updater import HeadState, evaluate_gate, gate_references
+    from edgeadapt.device.head_state import HeadState
+    from edgeadapt.device.update_gate import evaluate_gate, gate_references
 
     from edgeadapt.device.fewshot import clear_cache
 

@@ -70,7 +70,7 @@ def run(arguments: argparse.Namespace) -> dict:
     from edgeadapt.device.incremental import AddClassOptions
     from edgeadapt.device.preprocessing import IMAGE_SUFFIXES
     from edgeadapt.device.runtime import Runtime
-    from edgeadapt.device.updater import HeadUpdater, UpdateGateError
+    from edgeadapt.device import HeadUpdater, UpdateGateError
 
     data = Path(arguments.data)
     classes = [name.strip() for name in arguments.classes.split(",")]

@@ -114,15 +114,10 @@ def clear_cache() -> None:
     _CALIBRATED.clear()
 
 
-def _sums(array: np.ndarray, axis: int) -> bytes:
-    """Sums along ``axis`` (float64) and a strided sample of the rows: a cache key part, not a checksum."""
-    values = np.asarray(array)
-    parts = [repr((values.shape, values.dtype.str)).encode()]
-    if values.size:
-        parts.append(np.add.reduce(values, axis=axis, dtype=np.float64).tobytes())
-        if values.ndim == 2:
-            parts.append(np.ascontiguousarray(values[:: max(1, values.shape[0] // 64)]).tobytes())
-    return b"|".join(parts)
+def _row_sums(rows: np.ndarray) -> np.ndarray:
+    """Each row's sum (float64): computed once per calibration set, its prefixes serve every prefix key."""
+    values = np.asarray(rows)
+    return np.add.reduce(values, axis=1, dtype=np.float64) if values.size else np.zeros(values.shape[:1])
 
 
 def _prefix_key(head: Head, stats: ClassStats | None, classes: int, options) -> bytes:
@@ -142,8 +137,17 @@ def _prefix_key(head: Head, stats: ClassStats | None, classes: int, options) -> 
     return digest.digest()
 
 
-def _rows_key(rows: np.ndarray) -> bytes:
-    return hashlib.blake2b(_sums(rows, axis=1), digest_size=16).digest()
+def _rows_key(rows: np.ndarray, row_sums: np.ndarray) -> bytes:
+    """Key of calibration rows: their shape, their row sums (``row_sums``) and a strided sample of them.
+
+    A cache key, not a checksum.
+    """
+    values = np.asarray(rows)
+    digest = hashlib.blake2b(repr((values.shape, values.dtype.str)).encode(), digest_size=16)
+    if values.size:
+        digest.update(np.ascontiguousarray(row_sums, dtype=np.float64).tobytes())
+        digest.update(np.ascontiguousarray(values[:: max(1, values.shape[0] // 64)]).tobytes())
+    return digest.digest()
 
 
 def _refresh_limit(classes: int, options) -> int:
@@ -332,11 +336,12 @@ def _real_calibration(head: Head, calibration: np.ndarray | None) -> list[tuple[
     if calibration is None or not len(calibration):
         return []
     calibration = np.asarray(calibration)
-    full_key = _rows_key(calibration)
+    row_sums = _row_sums(calibration)
+    full_key = _rows_key(calibration, row_sums)
     for entry in reversed(_CALIBRATED):
         rows = entry.rows
         if (entry.classes <= head.num_classes and rows <= calibration.shape[0]
-                and (full_key if rows == calibration.shape[0] else _rows_key(calibration[:rows])) == entry.rows_key
+                and (full_key if rows == calibration.shape[0] else _rows_key(calibration[:rows], row_sums[:rows])) == entry.rows_key
                 and _prefix_key(head, None, entry.classes, _KEY_OPTIONS) == entry.key):
             break
     else:

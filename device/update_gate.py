@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeadapt.device.errors import UpdateError
+from edgeadapt.device.errors import InputError, UpdateError
 from edgeadapt.device.head import Head
 from edgeadapt.device.head_state import HeadState
 
@@ -117,14 +117,24 @@ def _own_logits(features: np.ndarray, head: Head, labels: np.ndarray) -> np.ndar
     return np.einsum("kd,kd->k", features, rows) + head.bias[labels]
 
 
-def gate_references(state: HeadState, per_class: int = DEFAULT_REFERENCES_PER_CLASS
-                    ) -> tuple[np.ndarray, np.ndarray, str]:
-    """The gate's reference embeddings (K, D) and labels (class indices).
+def gate_reference_parts(state: HeadState, per_class: int = DEFAULT_REFERENCES_PER_CLASS
+                         ) -> tuple[list[np.ndarray], np.ndarray, str]:
+    """The gate's reference embeddings as parts (float32 arrays, not copied), their labels and source.
 
     Stored references (``head.references``, written at export or by
     :meth:`HeadUpdater.set_reference_embeddings`); for classes without them, up to
     ``per_class`` of the examples the class was learned from on this device; for classes
-    with neither, the class mean from the class statistics.
+    with neither, the class mean from the class statistics. :func:`evaluate_gate` takes the
+    parts as they are, so the stored references (often K = 5 per class x 1000 classes) are
+    not copied into one array on every update.
+
+    Args:
+        state: The current head version.
+        per_class: How many device examples of a class without stored references are used.
+
+    Returns:
+        (parts, labels, source): the parts' rows in order match ``labels`` (class indices);
+        ``source`` names where they came from ("none" when there are none).
     """
     parts, labels, sources = [], [], []
     covered = np.zeros(state.head.num_classes, dtype=bool)
@@ -149,20 +159,36 @@ def gate_references(state: HeadState, per_class: int = DEFAULT_REFERENCES_PER_CL
     if state.stats is not None:
         missing = np.flatnonzero(~covered & (state.stats.counts > 0))
         if missing.size:
-            parts.append(state.stats.means()[missing].astype(np.float32))
+            means = state.stats.sums[missing] / np.maximum(state.stats.counts[missing], 1)[:, None]
+            parts.append(means.astype(np.float32))
             labels.append(missing.astype(np.int64))
             sources.append("class means")
     if not parts:
-        return np.zeros((0, state.head.embedding_size), np.float32), np.zeros(0, np.int64), "none"
-    if len(parts) == 1:
-        return parts[0], labels[0], sources[0]
-    return np.concatenate(parts), np.concatenate(labels), " + ".join(sources)
+        return [], np.zeros(0, np.int64), "none"
+    return parts, labels[0] if len(labels) == 1 else np.concatenate(labels), " + ".join(sources)
+
+
+def gate_references(state: HeadState, per_class: int = DEFAULT_REFERENCES_PER_CLASS
+                    ) -> tuple[np.ndarray, np.ndarray, str]:
+    """The gate's reference embeddings as one (K, D) float32 array, their labels and source.
+
+    Args:
+        state: The current head version.
+        per_class: How many device examples of a class without stored references are used.
+
+    Returns:
+        (embeddings, labels, source), as :func:`gate_reference_parts` but joined into one array.
+    """
+    parts, labels, source = gate_reference_parts(state, per_class)
+    if not parts:
+        return np.zeros((0, state.head.embedding_size), np.float32), labels, source
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)), labels, source
 
 
 def evaluate_gate(
     old_head: Head,
     new_head: Head,
-    references: np.ndarray,
+    references: np.ndarray | Sequence[np.ndarray],
     labels: np.ndarray,
     index_map: np.ndarray,
     old_names: Sequence[str],
@@ -170,31 +196,64 @@ def evaluate_gate(
     budget: float,
     source: str = "references",
     force: bool = False,
+    *,
+    changed_columns: np.ndarray | None = None,
 ) -> GateReport:
     """Compare ``old_head`` and ``new_head`` on the reference embeddings of the surviving old classes.
 
-    ``index_map[i]`` is the new index of old class i (-1 when removed). Cheap when the update
-    keeps most columns bit-identical (it only scores the new and changed columns); exact on
-    all references otherwise (subsampled beyond a fixed amount of work).
+    Cheap when the update keeps most columns bit-identical (it only scores the new and changed
+    columns); exact on all references otherwise (subsampled beyond a fixed amount of work).
+
+    Args:
+        old_head: The current head.
+        new_head: The head the update would commit.
+        references: The reference embeddings (K, D), or a list of arrays whose rows, in order,
+            are the K references (as :func:`gate_reference_parts` returns them; not copied).
+        labels: The references' class indices in ``old_head`` (K,).
+        index_map: ``index_map[i]`` is the new index of old class i (-1 when removed).
+        old_names: The old head's class names.
+        new_names: The new head's class names.
+        budget: The largest fraction of references the update may disturb.
+        source: Where the references came from (reported).
+        force: Whether the update is forced (reported; the gate still measures).
+        changed_columns: The new head's columns that may differ from the old head's, when the
+            caller already knows every other kept column is bit-identical (an add-class plan
+            does); saves comparing the columns again. None: compare them here.
+
+    Returns:
+        The gate's report; ``passed`` says whether the update is within the budget.
     """
     labels = np.asarray(labels, dtype=np.int64)
+    parts = [references] if isinstance(references, np.ndarray) else list(references)
+    parts = [np.asarray(part, dtype=np.float32) for part in parts]
+    if sum(part.shape[0] for part in parts) != labels.size:
+        raise InputError(f"the gate got {sum(part.shape[0] for part in parts)} references but {labels.size} labels")
     surviving = index_map[labels] >= 0
-    embeddings = np.asarray(references, dtype=np.float32)
-    old_labels = labels
-    if not surviving.all():
-        embeddings, old_labels = embeddings[surviving], labels[surviving]
-    new_labels = index_map[old_labels]
-    checked = int(old_labels.size)
+    checked = int(surviving.sum())
     if checked == 0:
         return GateReport(source=source if source != "none" else "none (no references or class statistics)",
                           checked=0, disturbed=0, budget=budget, passed=True, forced=force)
-    changed = _changed_columns(old_head, new_head, index_map)
+    changed = _changed_columns(old_head, new_head, index_map, changed_columns)
     if changed is not None:
-        disturbed, taker = _disturbed_by_changed_columns(old_head, new_head, embeddings, old_labels, new_labels,
-                                                         index_map, changed)
+        pieces = []
+        start = 0
+        for part in parts:
+            part_labels, keep = labels[start:start + part.shape[0]], surviving[start:start + part.shape[0]]
+            start += part.shape[0]
+            if not keep.all():
+                part, part_labels = part[keep], part_labels[keep]
+            if part_labels.size:
+                pieces.append(_disturbed_by_changed_columns(old_head, new_head, part, part_labels,
+                                                            index_map[part_labels], index_map, changed))
+        disturbed = np.concatenate([piece[0] for piece in pieces])
+        taker = np.concatenate([piece[1] for piece in pieces])
+        old_labels = labels[surviving]
         exact = False
     else:
-        rows, disturbed, taker, exact = _disturbed_exactly(old_head, new_head, embeddings, old_labels, new_labels)
+        embeddings = (parts[0] if len(parts) == 1 else np.concatenate(parts))[surviving]
+        old_labels = labels[surviving]
+        rows, disturbed, taker, exact = _disturbed_exactly(old_head, new_head, embeddings, old_labels,
+                                                           index_map[old_labels])
         checked = int(rows.size)
         old_labels = old_labels[rows]
     count = int(disturbed.sum())
@@ -204,13 +263,18 @@ def evaluate_gate(
                       passed=fraction <= budget, forced=force, exact=exact, details=tuple(details))
 
 
-def _changed_columns(old_head: Head, new_head: Head, index_map: np.ndarray) -> np.ndarray | None:
+def _changed_columns(old_head: Head, new_head: Head, index_map: np.ndarray,
+                     known: np.ndarray | None = None) -> np.ndarray | None:
     """The new head's new or changed columns, or None when the fast path does not apply.
 
-    The fast path needs the same feature normalisation and few changed columns.
+    The fast path needs the same feature normalisation and few changed columns. ``known``:
+    the changed columns as the caller already determined them (not compared again).
     """
     if not old_head.same_normalisation(new_head):
         return None
+    if known is not None:
+        known = np.unique(np.asarray(known, dtype=np.int64))
+        return None if known.size > max(64, new_head.num_classes // 4) else known
     kept_old = np.flatnonzero(index_map >= 0)
     kept_new = index_map[kept_old]
     equal = _equal_columns(old_head, new_head, kept_old, kept_new)

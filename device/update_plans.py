@@ -43,6 +43,9 @@ class UpdatePlan:
     #: (embeddings, class indices) appended to the device examples whose outer products entered the Gram matrix
     added_examples: tuple[np.ndarray, np.ndarray] | None = None
     compact: bool = False
+    #: the new head's columns that may differ from the old head's, when the plan has checked that every other
+    #: kept column is bit-identical (the gate then does not compare them again); None: the gate compares
+    changed_columns: np.ndarray | None = None
 
 
 def relabel_examples(store: ReferenceEmbeddings | None, index_map: np.ndarray) -> ReferenceEmbeddings | None:
@@ -163,7 +166,8 @@ def add_classes_plan(state: HeadState, names: list[str], embeddings: list[np.nda
                              for offset, part in enumerate(embeddings)]))
     return UpdatePlan(ChangeAction.ADD_CLASS, classes, head, stats, state.references, examples, state.unknown,
                       np.arange(old_count, dtype=np.int64), change, timings={"math": seconds},
-                      added_examples=added)
+                      added_examples=added,
+                      changed_columns=np.arange(old_count, head.num_classes, dtype=np.int64) if unchanged else None)
 
 
 def add_examples_plan(state: HeadState, name: str, index: int, embeddings: np.ndarray, options: Any,

@@ -28,12 +28,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from edgeadapt.device.calibration_rows import CalibrationRows
 from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
 from edgeadapt.device.errors import InputError, UpdateError
 from edgeadapt.device.head import ClassStats
 from edgeadapt.device.manifest import Manifest
-from edgeadapt.device.naming import MAX_CLASS_NAME_LENGTH, check_class_name  # noqa: F401 (re-exported)
-from edgeadapt.device.head_state import (  # noqa: F401 (re-exported)
+from edgeadapt.device.naming import check_class_name
+from edgeadapt.device.head_state import (
     HeadState,
     apply_to_runtime as _apply_to_runtime,
     head_file_paths,
@@ -41,13 +42,13 @@ from edgeadapt.device.head_state import (  # noqa: F401 (re-exported)
     refresh_runtime,
     refuse_temporary_unpack as _refuse_temporary_unpack,
 )
-from edgeadapt.device.update_gate import (  # noqa: F401 (re-exported: the gate's public names)
+from edgeadapt.device.update_gate import (
     DEFAULT_GATE_BUDGET,
     DEFAULT_REFERENCES_PER_CLASS,
     GateReport,
     UpdateGateError,
     evaluate_gate,
-    gate_references,
+    gate_reference_parts,
 )
 from edgeadapt.device.version_builder import DEFAULT_COMPACT_FRACTION, ChangeAction, VersionPlan, build_version
 from edgeadapt.device.update_inputs import (
@@ -150,6 +151,7 @@ class HeadUpdater:
             raise InputError(f"compact_fraction must be a non-negative fraction, got {compact_fraction}")
         self.compact_fraction = float(compact_fraction)
         self._state_cache: tuple[HeadState, dict] | None = None
+        self._calibration_rows = CalibrationRows()  # the calibration embeddings, kept between updates
         from edgeadapt.device.signing import UpdaterSigning  # trusted keys, chain record, device key
 
         self._signing = UpdaterSigning.create(runtime, trusted_keys, device_key)
@@ -377,7 +379,7 @@ class HeadUpdater:
         def build(state: HeadState) -> UpdatePlan:
             for name in names:
                 check_name_free(name, state.manifest)
-            calibration = calibration_embeddings(state)
+            calibration = self._calibration_rows.rows(state)
             options = self._options(state, calibration is not None)
             return add_classes_plan(state, names, embeddings, options, calibration, duplicates)
 
@@ -411,10 +413,11 @@ class HeadUpdater:
             report = None
             if plan.gate:
                 mark = time.perf_counter()
-                references, labels, source = gate_references(state, self._references_per_class(state))
+                references, labels, source = gate_reference_parts(state, self._references_per_class(state))
                 report = evaluate_gate(state.head, plan.head, references, labels, plan.index_map,
                                        state.class_names, [entry["name"] for entry in plan.classes],
-                                       self.gate_budget, source=source, force=force)
+                                       self.gate_budget, source=source, force=force,
+                                       changed_columns=plan.changed_columns)
                 timings["gate"] = time.perf_counter() - mark
                 if not report.passed and not force:
                     raise UpdateGateError(

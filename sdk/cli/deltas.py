@@ -13,7 +13,7 @@ from edgeadapt.device.cli_common import add_json_options, emit_report
 
 def _merge_deltas(arguments: argparse.Namespace) -> int:
     from edgeadapt.bundles.deltas import MergeDeltasOptions, merge_deltas, parse_renames
-    from edgeadapt.device.updater import UpdateGateError
+    from edgeadapt.device import UpdateGateError
 
     add_options = None
     if arguments.method:

@@ -72,7 +72,7 @@ def run_worker(bundle: str, images_path: str, stop_after: int | None = None) -> 
 def check_consistent(bundle_path: Path, base_weights: np.ndarray, base_names: list[str]) -> int:
     """Open and verify the bundle; check it is one whole, valid version. Returns its version."""
     from edgeadapt.device import Bundle
-    from edgeadapt.device.updater import load_state
+    from edgeadapt.device.head_state import load_state
 
     bundle = Bundle.open(bundle_path, verify=True)  # every listed file present with its sha256
     manifest = bundle.manifest

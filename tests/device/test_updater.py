@@ -16,8 +16,8 @@ from edgeadapt.device import Bundle
 from edgeadapt.device.delta import read_delta
 from edgeadapt.device import Head, Runtime, UnknownAwareClassifier
 from edgeadapt.device.unknown import load_unknown
-from edgeadapt.device import HeadUpdater, UpdateGateError
-from edgeadapt.device.updater import GateReport, evaluate_gate
+from edgeadapt.device import HeadUpdater, InputError, UpdateGateError
+from edgeadapt.device.update_gate import GateReport, evaluate_gate
 
 
 
@@ -202,6 +202,28 @@ def test_evaluate_gate_exact_and_fast_paths_agree():
     assert fast.details[0]["class"] == "a" and list(fast.details[0]["taken_by"]) == ["e"]
 
 
+def test_evaluate_gate_on_parts_and_known_changed_columns_gives_the_same_report():
+    """The updater hands the gate its references in parts (no copy) and the columns the plan changed."""
+    rng = np.random.default_rng(1)
+    weights = rng.normal(size=(8, 4)).astype(np.float32)
+    old = Head(weights=weights, bias=np.zeros(4, np.float32))
+    references = rng.normal(size=(300, 8)).astype(np.float32)
+    labels = old.logits(references).argmax(axis=1)
+    new = Head(weights=np.concatenate([weights, weights[:, 1:2] * 1.4], axis=1), bias=np.zeros(5, np.float32))
+    index_map = np.array([0, 1, -1, 2])  # class "c" removed: its references are not checked
+    new = new.with_columns(np.delete(new.weights, 2, axis=1), np.delete(new.bias, 2))
+    names_after = ["a", "b", "d", "e"]
+    joined = evaluate_gate(old, new, references, labels, index_map, list("abcd"), names_after, 0.1)
+    parts = evaluate_gate(old, new, [references[:120], references[120:250], references[250:]], labels, index_map,
+                          list("abcd"), names_after, 0.1)
+    known = evaluate_gate(old, new, [references[:7], references[7:]], labels, index_map, list("abcd"), names_after,
+                          0.1, changed_columns=np.array([3]))
+    assert joined.checked == int((labels != 2).sum()) and joined.disturbed > 0
+    assert parts.to_dict() == joined.to_dict() == known.to_dict()
+    with pytest.raises(InputError, match="references but"):
+        evaluate_gate(old, new, [references[:10]], labels, index_map, list("abcd"), names_after, 0.1)
+
+
 # ----------------------------------------------------------------------------- unknown rejection
 def test_unknown_rejection_stays_valid_as_classes_are_added(bundle_copy, train_images, test_images, fixture_info):
     images, labels = train_images
@@ -288,3 +310,34 @@ def test_device_cli_update_commands(bundle_copy, fixture_dir, tmp_path, capsys):
     assert "version 99 does not exist" in capsys.readouterr().err
     assert main(["add-class", str(bundle_copy), "circle", *images]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_calibration_rows_are_reused_between_updates_and_equal_a_fresh_join(bundle_copy, train_images):
+    """The updater keeps the calibration embeddings in one growing buffer; it must always hold what joining
+    the background, references and device examples afresh gives, and rebuild when those change."""
+    from edgeadapt.device.calibration_rows import CalibrationRows
+    from edgeadapt.device.head_state import load_state
+    from edgeadapt.device.update_plans import calibration_embeddings
+    from edgeadapt.device.versions import VersionStore
+
+    images, labels = train_images
+    updater = HeadUpdater(Runtime.open(bundle_copy))
+    rows = CalibrationRows()
+    state = load_state(bundle_copy, VersionStore(bundle_copy).read_manifest())
+    first = rows.rows(state)
+    np.testing.assert_array_equal(first, calibration_embeddings(state))
+    with pytest.raises(ValueError):
+        first[0, 0] = 1.0  # read-only: the few-shot cache keys on these rows
+    for step, name in enumerate(["p", "q", "r"]):
+        updater.add_class(name, list(images[labels == step][:3]), force=True)
+        state = updater._load_state(VersionStore(bundle_copy).read_manifest())
+        joined = rows.rows(state)
+        np.testing.assert_array_equal(joined, calibration_embeddings(state))
+        assert np.shares_memory(joined, rows.rows(state))  # the same buffer, not a new join
+    assert first.shape[0] < joined.shape[0]
+    np.testing.assert_array_equal(first, joined[: first.shape[0]])  # the earlier view still shows its rows
+    updater.remove_class("q", force=True)  # device examples lose rows: joined again
+    state = updater._load_state(VersionStore(bundle_copy).read_manifest())
+    np.testing.assert_array_equal(rows.rows(state), calibration_embeddings(state))
+    reloaded = load_state(bundle_copy, VersionStore(bundle_copy).read_manifest())  # new objects: joined again
+    np.testing.assert_array_equal(rows.rows(reloaded), calibration_embeddings(reloaded))

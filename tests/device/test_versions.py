@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edgeadapt.device import Bundle, ConcurrentUpdateError, HeadUpdater, InputError, Runtime, UpdateError
-from edgeadapt.device.updater import head_file_paths, refresh_runtime
+from edgeadapt.device.head_state import head_file_paths, refresh_runtime
 from edgeadapt.device.bundle_lock import LOCK_NAME, BundleLock
 from edgeadapt.device.versions import VersionStore
 
@@ -276,7 +276,7 @@ import sys
 from pathlib import Path
 import numpy as np
 from edgeadapt.device import Runtime
-from edgeadapt.device.updater import refresh_runtime
+from edgeadapt.device.head_state import refresh_runtime
 runtime = Runtime.open(sys.argv[1])
 images = np.zeros((4,) + runtime.input_spec.shape, np.uint8)
 stop = Path(sys.argv[2])

@@ -17,7 +17,7 @@ import pytest
 from edgeadapt.bundles.deltas import MergeDeltasOptions, merge_deltas
 from edgeadapt.device.bundle import Bundle
 from edgeadapt.device.runtime import Runtime
-from edgeadapt.device.updater import HeadUpdater, UpdateGateError
+from edgeadapt.device import HeadUpdater, UpdateGateError
 
 
 @pytest.fixture
