@@ -50,7 +50,9 @@ def _require_positive(name: str, value) -> None:
 def _column_tuple(columns: Sequence[int] | np.ndarray) -> tuple[int, ...]:
     array = np.asarray(columns)
     if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
-        raise InputError(f"columns must be a non-empty 1-d sequence of column indices (or None for all), got {columns!r}")
+        raise InputError(
+            f"columns must be a non-empty 1-d sequence of column indices (or None for all), got {columns!r}"
+        )
     if array.min() < 0:
         raise InputError(f"columns must be non-negative column indices, got {array.min()}")
     if np.unique(array).size != array.size:
@@ -169,8 +171,10 @@ def fit_softmax_head(
     if validation is not None:
         validation = _checked_examples(validation[0], validation[1], dtype, "validation")
         if validation[0].shape[1] != features.shape[1]:
-            raise InputError(f"validation features have {validation[0].shape[1]} dimensions, the training features "
-                             f"{features.shape[1]}; give both in the same feature space")
+            raise InputError(
+                f"validation features have {validation[0].shape[1]} dimensions, the training features "
+                f"{features.shape[1]}; give both in the same feature space"
+            )
         _check_labels(validation[1], count, "validation")
 
     trained_w = weights if columns is None else weights[:, columns]
@@ -187,8 +191,9 @@ def fit_softmax_head(
             batch_features = features if batch is None else features[batch]
             batch_labels = labels if batch is None else labels[batch]
             batch_balance = balance if balance is None or batch is None else balance[batch]
-            gradients = _gradients(batch_features, batch_labels, batch_balance, weights, bias, columns, temperature,
-                                   settings.decay)
+            gradients = _gradients(
+                batch_features, batch_labels, batch_balance, weights, bias, columns, temperature, settings.decay
+            )
             steps = state.steps(gradients)
             if columns is None:
                 weights -= steps[0]
@@ -216,8 +221,13 @@ def fit_softmax_head(
     return weights, bias
 
 
-def cross_entropy(head_weights: np.ndarray, head_bias: np.ndarray, embeddings: np.ndarray, labels: np.ndarray,
-                  temperature: float = 1.0) -> float:
+def cross_entropy(
+    head_weights: np.ndarray,
+    head_bias: np.ndarray,
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    temperature: float = 1.0,
+) -> float:
     """Mean softmax cross-entropy of a linear head.
 
     Args:
@@ -264,8 +274,16 @@ class _Adam:
         return steps
 
 
-def _gradients(features: np.ndarray, labels: np.ndarray, balance: np.ndarray | None, weights: np.ndarray,
-               bias: np.ndarray, columns: np.ndarray | None, temperature, decay: float) -> tuple[np.ndarray, np.ndarray]:
+def _gradients(
+    features: np.ndarray,
+    labels: np.ndarray,
+    balance: np.ndarray | None,
+    weights: np.ndarray,
+    bias: np.ndarray,
+    columns: np.ndarray | None,
+    temperature,
+    decay: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """Gradients of the (weighted) mean cross-entropy plus decay for the trained columns of one batch."""
     logits = features @ weights + bias
     error = softmax(logits if temperature == 1 else logits / temperature)
@@ -297,8 +315,10 @@ def _checked_examples(features, labels, dtype: np.dtype, what: str) -> tuple[np.
     features = np.asarray(features, dtype=dtype)
     labels = np.asarray(labels)
     if features.ndim != 2 or labels.shape != (features.shape[0],):
-        raise InputError(f"{what} features {features.shape} and labels {labels.shape} do not match; "
-                         "give features (N, D) and one label per row")
+        raise InputError(
+            f"{what} features {features.shape} and labels {labels.shape} do not match; "
+            "give features (N, D) and one label per row"
+        )
     if features.shape[0] == 0:
         raise InputError(f"no {what} features; give at least one example")
     if not np.issubdtype(labels.dtype, np.integer):
@@ -310,14 +330,18 @@ def _checked_examples(features, labels, dtype: np.dtype, what: str) -> tuple[np.
 
 def _check_labels(labels: np.ndarray, count: int, what: str) -> None:
     if labels.min() < 0 or labels.max() >= count:
-        raise InputError(f"{what} labels must lie in 0..{count - 1} (the head has {count} columns), "
-                         f"got {labels.min()}..{labels.max()}")
+        raise InputError(
+            f"{what} labels must lie in 0..{count - 1} (the head has {count} columns), "
+            f"got {labels.min()}..{labels.max()}"
+        )
 
 
 def _check_head(weights: np.ndarray, bias: np.ndarray, dimension: int) -> int:
     if weights.ndim != 2 or weights.shape[0] != dimension or bias.shape != (weights.shape[1],):
-        raise InputError(f"weights {weights.shape} and bias {bias.shape} do not fit {dimension}-d features; "
-                         f"give weights ({dimension}, C) and bias (C,)")
+        raise InputError(
+            f"weights {weights.shape} and bias {bias.shape} do not fit {dimension}-d features; "
+            f"give weights ({dimension}, C) and bias (C,)"
+        )
     if weights.shape[1] == 0:
         raise InputError("the head has no columns; give weights with at least one column")
     if not (np.all(np.isfinite(weights)) and np.all(np.isfinite(bias))):
