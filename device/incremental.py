@@ -103,7 +103,7 @@ from edgeadapt.device.columns import (
     replaced_column as _replaced_column,
     unit_columns as _unit,
 )
-from edgeadapt.device.head import ClassStats, Head, softmax
+from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_checks import (
     check_calibration as _check_calibration,
     check_class_list as _check_class_list,
@@ -114,6 +114,7 @@ from edgeadapt.device.head_checks import (
     require_cosine_head as _require_cosine_head,
     require_statistics,
 )
+from edgeadapt.device.head_trainer import HeadFitSettings, fit_softmax_head
 from edgeadapt.device.merging import merge_heads, resolve_all, with_ridge_basis  # noqa: F401 (re-exported)
 from edgeadapt.device.ridge_basis import as_basis, current_basis
 from edgeadapt.device.ridge_basis_columns import basis_class_column, basis_new_columns
@@ -161,44 +162,41 @@ def train_columns(
     """Train ``columns`` of a linear softmax classifier, the other columns frozen.
 
     Full-batch Adam on class-balanced cross-entropy of ``(features @ W + b) / temperature``
-    with L2 weight decay on the trained columns. ``features`` are already normalised (N, D).
-    Returns float64 copies of the full weights (D, C) and bias (C,). Deterministic.
+    with L2 weight decay ``options.weight_decay * W`` on the trained columns, for
+    ``options.training_steps`` steps at ``options.learning_rate``, in float64 (Adam epsilon
+    1e-8 on the bias-corrected second moment), without randomness, so that a device update is reproducible.
 
-    This is not :func:`edgeadapt.training.head_training.train_head` (the host's trainer of a whole
-    head) and cannot replace it, nor the reverse: here a few columns are trained with every
-    other column frozen, full-batch and class-balanced (a handful of new examples against
-    many old classes), without randomness or validation data, in float64 so that a device
-    update is reproducible; the host trains every column of a new head on a whole dataset
-    with shuffled mini-batches, early stopping on validation loss and warm starts.
+    It is :func:`edgeadapt.device.head_trainer.fit_softmax_head` with these settings; the
+    host's :func:`edgeadapt.training.head_training.train_head` calls the same trainer with
+    its own (every column, shuffled mini-batches, float32, early stopping).
+
+    Args:
+        features: Already normalised features (N, D).
+        labels: Their class indices (N,).
+        weights: Starting weights (D, C); not modified.
+        bias: Starting bias (C,); not modified.
+        columns: Indices of the columns to train; the others come back bit-identical.
+        temperature: The logits are divided by it.
+        options: ``training_steps``, ``learning_rate`` and ``weight_decay`` are used.
+
+    Returns:
+        Float64 copies of the full weights (D, C) and bias (C,).
+
+    Raises:
+        InputError: The arrays do not fit together or ``columns`` is empty, repeated or out of range.
     """
-    weights = np.array(weights, dtype=np.float64)
-    bias = np.array(bias, dtype=np.float64)
-    columns = np.asarray(columns, dtype=np.int64)
-    labels = np.asarray(labels, dtype=np.int64)
-    count = weights.shape[1]
-    targets = np.zeros((labels.size, count))
-    targets[np.arange(labels.size), labels] = 1.0
-    frequency = np.bincount(labels, minlength=count).astype(np.float64)
-    sample_weight = 1.0 / frequency[labels]
-    sample_weight /= sample_weight.sum()
-    moment_w = np.zeros((weights.shape[0], columns.size))
-    square_w = np.zeros_like(moment_w)
-    moment_b = np.zeros(columns.size)
-    square_b = np.zeros(columns.size)
-    beta1, beta2, epsilon = 0.9, 0.999, 1e-8
-    for step in range(1, options.training_steps + 1):
-        probabilities = softmax((features @ weights + bias) / temperature)
-        error = (probabilities - targets)[:, columns] * (sample_weight[:, None] / temperature)
-        gradient_w = features.T @ error + options.weight_decay * weights[:, columns]
-        gradient_b = error.sum(axis=0)
-        moment_w = beta1 * moment_w + (1 - beta1) * gradient_w
-        square_w = beta2 * square_w + (1 - beta2) * gradient_w**2
-        moment_b = beta1 * moment_b + (1 - beta1) * gradient_b
-        square_b = beta2 * square_b + (1 - beta2) * gradient_b**2
-        correction1, correction2 = 1 - beta1**step, 1 - beta2**step
-        weights[:, columns] -= options.learning_rate * (moment_w / correction1) / (np.sqrt(square_w / correction2) + epsilon)
-        bias[columns] -= options.learning_rate * (moment_b / correction1) / (np.sqrt(square_b / correction2) + epsilon)
-    return weights, bias
+    settings = HeadFitSettings(
+        epochs=options.training_steps,
+        learning_rate=options.learning_rate,
+        decay=options.weight_decay,
+        temperature=temperature,
+        class_balanced=True,
+        columns=columns,
+        epsilon=1e-8,
+        epsilon_corrected=True,
+        dtype="float64",
+    )
+    return fit_softmax_head(features, labels, weights, bias, settings)
 
 
 def _own_example_bias(head: Head, column: np.ndarray, features: np.ndarray, others: np.ndarray,

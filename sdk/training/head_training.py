@@ -4,11 +4,11 @@ Softmax regression with mini-batch Adam, L2 weight decay and early stopping, in 
 cached embeddings an epoch is a few matrix products, so there is nothing for a graph
 framework to speed up and its start-up cost would dominate.
 
-The device's :func:`edgeadapt.device.incremental.train_columns` is a different trainer on
-purpose: it trains only the new columns of an existing head (the old ones frozen), full-batch
-and class-balanced on a few examples, deterministic and in float64. This module trains every
-column of a new head on a whole dataset (shuffled mini-batches, early stopping, warm start),
-so neither can stand in for the other without changing what it computes.
+The optimisation itself is :func:`edgeadapt.device.head_trainer.fit_softmax_head`, the one
+head trainer, which the device's :func:`edgeadapt.device.incremental.train_columns` calls too
+with its own settings. This module adds what a whole new head needs around it: the feature
+normalisation stored in the head, warm starts, and the host's settings (every column, float32,
+shuffled mini-batches, early stopping on the validation loss with the best weights restored).
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeadapt.device.errors import InputError
-from edgeadapt.device.head import Head, softmax
+from edgeadapt.device.head import Head
+from edgeadapt.device.head_trainer import (  # noqa: F401 (cross_entropy re-exported: it lived here)
+    HeadFitSettings,
+    cross_entropy,
+    fit_softmax_head,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +79,6 @@ def _check(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, what: s
     return embeddings, labels
 
 
-def cross_entropy(head_weights: np.ndarray, head_bias: np.ndarray, embeddings: np.ndarray, labels: np.ndarray,
-                  temperature: float = 1.0) -> float:
-    """Mean softmax cross-entropy of a linear head (logits divided by ``temperature``)."""
-    probabilities = softmax((embeddings @ head_weights + head_bias) / np.float32(temperature))
-    return float(-np.mean(np.log(probabilities[np.arange(len(labels)), labels] + 1e-12)))
-
-
 def train_head(
     embeddings: np.ndarray,
     labels: np.ndarray,
@@ -99,60 +97,54 @@ def train_head(
     normalisation (the feature mean is the mean of ``embeddings``); the returned head
     carries it. A warm start on raw embeddings is converted exactly to "center"; an
     L2-normalised initial head must already match the requested normalisation.
+
+    Args:
+        embeddings: Training embeddings (N, D).
+        labels: Their class indices (N,), in 0..num_classes-1.
+        num_classes: Columns of the head.
+        options: Epochs, batch size, learning rate, weight decay, patience, seed, normalisation.
+        validation: Optional (embeddings, labels) for early stopping; ignored when empty.
+        initial: Optional head to start from, of shape (D, num_classes).
+
+    Returns:
+        The trained head (float32) carrying the requested normalisation and temperature.
+
+    Raises:
+        InputError: The embeddings, labels or initial head do not fit, or an option is out of range.
     """
     embeddings, labels = _check(embeddings, labels, num_classes, "training")
     dimension = embeddings.shape[1]
     shell = _normalisation_shell(embeddings, options)
-    temperature = np.float32(options.temperature)
     weights, bias = _initial_columns(initial, shell, options, dimension, num_classes)
     if shell.feature_mean is not None or shell.l2_normalize:
         embeddings = shell.features(embeddings)
     validation = _normalised_validation(validation, shell, num_classes)
 
-    rng = np.random.default_rng(options.seed)
-    moments = [np.zeros_like(weights), np.zeros_like(bias)]
-    squares = [np.zeros_like(weights), np.zeros_like(bias)]
-    beta1, beta2, epsilon = 0.9, 0.999, 1e-7
-    step = 0
-    best = (np.inf, weights.copy(), bias.copy())
-    epochs_without_improvement = 0
-    count = embeddings.shape[0]
-    for epoch in range(options.epochs):
-        order = rng.permutation(count)
-        for start in range(0, count, options.batch_size):
-            batch = order[start : start + options.batch_size]
-            features = embeddings[batch]
-            if options.temperature == 1.0:
-                gradient = softmax(features @ weights + bias)
-            else:
-                gradient = softmax((features @ weights + bias) / temperature)
-            gradient[np.arange(len(batch)), labels[batch]] -= 1.0
-            gradient /= len(batch) * temperature
-            gradients = (features.T @ gradient + 2.0 * options.weight_decay * weights, gradient.sum(axis=0))
-            step += 1
-            correction = np.sqrt(1 - beta2**step) / (1 - beta1**step)
-            for parameter, grad, moment, square in zip((weights, bias), gradients, moments, squares):
-                moment *= beta1
-                moment += (1 - beta1) * grad
-                square *= beta2
-                square += (1 - beta2) * grad * grad
-                parameter -= options.learning_rate * correction * moment / (np.sqrt(square) + epsilon)
-        if validation is None:
-            continue
-        loss = cross_entropy(weights, bias, *validation, temperature=options.temperature)
-        if options.verbose:
-            logger.info("head epoch %d/%d: validation loss %.4f", epoch + 1, options.epochs, loss)
-        if loss < best[0] - 1e-6:
-            best = (loss, weights.copy(), bias.copy())
-            epochs_without_improvement = 0
-        else:
-            epochs_without_improvement += 1
-            if epochs_without_improvement >= options.patience:
-                logger.info("head training stopped early at epoch %d (best validation loss %.4f)", epoch + 1, best[0])
-                break
-    if validation is not None and np.isfinite(best[0]):
-        weights, bias = best[1], best[2]
+    settings = HeadFitSettings(
+        epochs=options.epochs,
+        batch_size=options.batch_size,
+        learning_rate=options.learning_rate,
+        decay=2.0 * options.weight_decay,  # the gradient of the penalty weight_decay * |W|^2
+        temperature=options.temperature,
+        epsilon=1e-7,
+        dtype="float32",
+        seed=options.seed,
+        patience=options.patience,
+    )
+    weights, bias = fit_softmax_head(embeddings, labels, weights, bias, settings, validation, _epoch_logger(options))
     return shell.with_columns(weights, bias)
+
+
+def _epoch_logger(options: HeadTrainingOptions):
+    """With ``options.verbose``, an ``on_epoch`` callback that logs each epoch's validation loss."""
+    if not options.verbose:
+        return None
+
+    def on_epoch(epoch: int, loss: float | None) -> None:
+        if loss is not None:
+            logger.info("head epoch %d/%d: validation loss %.4f", epoch, options.epochs, loss)
+
+    return on_epoch
 
 
 def _initial_columns(initial: Head | None, shell: Head, options: HeadTrainingOptions, dimension: int,
