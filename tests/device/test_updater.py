@@ -315,29 +315,36 @@ def test_device_cli_update_commands(bundle_copy, fixture_dir, tmp_path, capsys):
 def test_calibration_rows_are_reused_between_updates_and_equal_a_fresh_join(bundle_copy, train_images):
     """The updater keeps the calibration embeddings in one growing buffer; it must always hold what joining
     the background, references and device examples afresh gives, and rebuild when those change."""
+    from dataclasses import replace
+
     from edgeadapt.device.calibration_rows import CalibrationRows
     from edgeadapt.device.head_state import load_state
-    from edgeadapt.device.update_plans import calibration_embeddings
+    from edgeadapt.device.update_plans import append_examples, calibration_embeddings, relabel_examples
     from edgeadapt.device.versions import VersionStore
 
     images, labels = train_images
-    updater = HeadUpdater(Runtime.open(bundle_copy))
+    embeddings = Runtime.open(bundle_copy).embed(images[:40])
     rows = CalibrationRows()
     state = load_state(bundle_copy, VersionStore(bundle_copy).read_manifest())
     first = rows.rows(state)
     np.testing.assert_array_equal(first, calibration_embeddings(state))
     with pytest.raises(ValueError):
         first[0, 0] = 1.0  # read-only: the few-shot cache keys on these rows
-    for step, name in enumerate(["p", "q", "r"]):
-        updater.add_class(name, list(images[labels == step][:3]), force=True)
-        state = updater._load_state(VersionStore(bundle_copy).read_manifest())
+    for step in range(3):  # as the updater's add_class does: the device examples grow at the end
+        examples = append_examples(state.device_examples, embeddings[10 * step: 10 * step + 4], step, np.float32)
+        state = replace(state, device_examples=examples)
         joined = rows.rows(state)
         np.testing.assert_array_equal(joined, calibration_embeddings(state))
-        assert np.shares_memory(joined, rows.rows(state))  # the same buffer, not a new join
-    assert first.shape[0] < joined.shape[0]
+        assert np.shares_memory(joined, first)  # the same buffer, not a new join
     np.testing.assert_array_equal(first, joined[: first.shape[0]])  # the earlier view still shows its rows
-    updater.remove_class("q", force=True)  # device examples lose rows: joined again
-    state = updater._load_state(VersionStore(bundle_copy).read_manifest())
-    np.testing.assert_array_equal(rows.rows(state), calibration_embeddings(state))
-    reloaded = load_state(bundle_copy, VersionStore(bundle_copy).read_manifest())  # new objects: joined again
+    # a removed class drops device-example rows: joined again (and right)
+    removed = replace(state, device_examples=relabel_examples(state.device_examples, np.array([0, -1, 1])))
+    np.testing.assert_array_equal(rows.rows(removed), calibration_embeddings(removed))
+    assert not np.shares_memory(rows.rows(removed), first)
+    # a state read from disk again has new reference objects: joined again
+    reloaded = load_state(bundle_copy, VersionStore(bundle_copy).read_manifest())
     np.testing.assert_array_equal(rows.rows(reloaded), calibration_embeddings(reloaded))
+    # the updater uses it: several adds in one process commit and learn as before
+    updater = HeadUpdater(Runtime.open(bundle_copy))
+    for name, label in (("p", 0), ("q", 1)):
+        assert updater.add_class(name, list(images[labels == label][:3]), force=True).action == "add-class"
