@@ -7,11 +7,11 @@ Conventions (help with defaults, ``-v/-q``, exit codes 0/1/2, ``--json``) come f
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
-from edgeadapt.device.cli_common import add_backend_option, add_json_options, apply_conventions, emit_report, run_main
+from edgeadapt.device.cli_common import add_backend_option, add_json_options, command_parser, emit_report, run_main
 from edgeadapt.device.trust import add_trust_arguments, trusted_keys_from_arguments
 
 #: Modules that add sub-commands; each defines ``register(subparsers)``.
@@ -67,18 +67,7 @@ def register_inspect(subparsers: argparse._SubParsersAction) -> None:
     inspect.set_defaults(handler=_inspect)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``edgeadapt-device`` parser with every sub-command of :data:`COMMAND_MODULES` and the shared conventions.
-
-    Returns:
-        The parser; each sub-command sets ``handler``.
-    """
-    parser = argparse.ArgumentParser(
-        prog="edgeadapt-device",
-        description="Run an edgeadapt bundle on the device with LiteRT, tflite-runtime or ONNX Runtime "
-        "(no TensorFlow): classify images and update the head from a few examples.",
-    )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _register_predict(subparsers: Any) -> None:
     predict = subparsers.add_parser("predict", help="classify images with a bundle",
                                     description="Print the top-k classes of each image.")
     predict.add_argument("bundle", type=Path, help="bundle directory (NAME.eab) or packed bundle (.zip)")
@@ -89,10 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threads", type=int, help="interpreter threads (default: the backend's choice)")
     add_trust_arguments(predict)
     predict.set_defaults(handler=_predict)
-    register_inspect(subparsers)
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
-    return apply_conventions(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``edgeadapt-device`` parser with every sub-command of :data:`COMMAND_MODULES` and the shared conventions.
+
+    Returns:
+        The parser; each sub-command sets ``handler``.
+    """
+    return command_parser(
+        "edgeadapt-device",
+        "Run an edgeadapt bundle on the device with LiteRT, tflite-runtime or ONNX Runtime "
+        "(no TensorFlow): classify images and update the head from a few examples.",
+        COMMAND_MODULES, register=(_register_predict, register_inspect))
 
 
 def main(argv: list[str] | None = None) -> int:

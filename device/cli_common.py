@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import importlib.abc
 import importlib.util
 import json
@@ -130,6 +131,33 @@ def apply_conventions(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         add_verbosity_options(child, top_level=False)
         pending.extend(_sub_parsers(child))
     return parser
+
+
+def command_parser(prog: str, description: str, command_modules: Sequence[str],
+                   register: Sequence[Callable[[Any], None]] = (), version: str | None = None
+                   ) -> argparse.ArgumentParser:
+    """A top-level parser: its sub-commands registered, then the shared conventions applied.
+
+    Args:
+        prog: The program name shown in usage lines.
+        description: What the program does (shown by ``--help``).
+        command_modules: Modules whose ``register(subparsers)`` add sub-commands (imported here, in order).
+        register: Functions ``register(subparsers)`` called before the modules (sub-commands defined
+            beside the entry point).
+        version: Shown by ``--version`` when given.
+
+    Returns:
+        The parser; each sub-command sets ``handler`` (run by :func:`run_main`).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    if version is not None:
+        parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for function in register:
+        function(subparsers)
+    for module_name in command_modules:
+        importlib.import_module(module_name).register(subparsers)
+    return apply_conventions(parser)
 
 
 def add_backend_option(parser: argparse.ArgumentParser, help_text: str = "interpreter that runs the backbone; "

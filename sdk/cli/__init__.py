@@ -7,12 +7,11 @@ from :mod:`edgeadapt.device.cli_common` and reach every sub-command registered h
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from edgeadapt import __version__
 from edgeadapt.device.cli import register_inspect
-from edgeadapt.device.cli_common import apply_conventions, run_main
+from edgeadapt.device.cli_common import command_parser, run_main
 
 #: Modules that add sub-commands; each defines ``register(subparsers)``.
 COMMAND_MODULES = (
@@ -34,17 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser; each sub-command sets ``handler``.
     """
-    parser = argparse.ArgumentParser(
-        prog="edgeadapt",
-        description="Adapt image classifiers for edge devices: train a head, add classes without forgetting, "
+    return command_parser(
+        "edgeadapt",
+        "Adapt image classifiers for edge devices: train a head, add classes without forgetting, "
         "export int8 TFLite/ONNX bundles that the TensorFlow-free device runtime (edgeadapt-device) runs.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    register_inspect(subparsers)
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
-    return apply_conventions(parser)
+        COMMAND_MODULES, register=(register_inspect,), version=__version__)
 
 
 def main(argv: list[str] | None = None) -> int:
