@@ -44,26 +44,16 @@ def empty_head(embedding_size: int) -> Head:
 
 def _producing_operator(graph: TFLiteGraph, output: int) -> tuple[str, list[str]]:
     """The operator that computes the embedding behind any pass-through tail, and that tail."""
-    producers = graph.producers()
-    tail: list[str] = []
-    current = output
-    for _ in range(32):
-        position = producers.get(current)
-        if position is None:
-            return "graph input", tail
-        operator = graph.subgraph.operators[position]
-        name = graph.operator_name(operator)
-        if name in _SCORE_OPERATORS:
-            raise IncompatibleModelError(
-                f"the model's output {graph.tensor_name(output)!r} comes from {name}: these are class scores, not an "
-                "embedding. Import it as a classifier with --labels LABELS.txt (one class name per line), or give "
-                "the feature extractor without its classifier"
-            )
-        if name not in _PASS_THROUGH:
-            return name, list(reversed(tail))
-        tail.append(name)
-        current = int(operator.inputs[0])
-    return "a long chain of reshapes", tail
+    position, name, tail = graph.producer_behind(output, _PASS_THROUGH)
+    if position is None:
+        return ("graph input" if name is None else "a long chain of reshapes"), tail
+    if name in _SCORE_OPERATORS:
+        raise IncompatibleModelError(
+            f"the model's output {graph.tensor_name(output)!r} comes from {name}: these are class scores, not an "
+            "embedding. Import it as a classifier with --labels LABELS.txt (one class name per line), or give "
+            "the feature extractor without its classifier"
+        )
+    return name, tail
 
 
 def import_tflite_extractor(content: bytes, options: ImportOptions = ImportOptions()) -> ImportedClassifier:

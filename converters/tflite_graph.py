@@ -8,7 +8,7 @@ is not imported by this module. Host side only.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 
@@ -194,6 +194,35 @@ class TFLiteGraph:
             for index in operator.outputs if operator.outputs is not None else []:
                 result[int(index)] = position
         return result
+
+    def producer_behind(self, tensor: int, skipped: Collection[str], limit: int = 32
+                        ) -> tuple[int | None, str | None, list[str]]:
+        """The operator that computes ``tensor`` behind a tail of ``skipped`` operators.
+
+        Args:
+            tensor: The tensor to start from (usually the graph output).
+            skipped: Operator names walked through (e.g. RESHAPE, SOFTMAX), input 0 each.
+            limit: The most operators walked.
+
+        Returns:
+            (position, name, tail): the operator's position and name, and the skipped operators'
+            names in graph order (from that operator to ``tensor``). ``position`` is None when a
+            graph input is reached (``name`` None) or the tail is longer than ``limit`` (``name`` "").
+        """
+        producers = self.producers()
+        tail: list[str] = []
+        current = tensor
+        for _ in range(limit):
+            position = producers.get(current)
+            if position is None:
+                return None, None, list(reversed(tail))
+            operator = self.subgraph.operators[position]
+            name = self.operator_name(operator)
+            if name not in skipped:
+                return position, name, list(reversed(tail))
+            tail.append(name)
+            current = int(operator.inputs[0])
+        return None, "", list(reversed(tail))
 
     def consumers(self) -> dict[int, list[int]]:
         result: dict[int, list[int]] = {}

@@ -220,37 +220,28 @@ def locate_head(graph: TFLiteGraph) -> HeadLocation:
             f"the model's output {graph.tensor_name(output)!r} has shape {shape}: a per-pixel map "
             "(segmentation or dense prediction), not class scores; edgeadapt imports image classifiers only"
         )
-    producers = graph.producers()
-    tail: list[str] = []
-    current = output
-    for _ in range(32):
-        position = producers.get(current)
-        if position is None:
-            raise IncompatibleModelError(
-                f"no classifier head found: the output {graph.tensor_name(output)!r} is not computed by a "
-                "FULLY_CONNECTED or 1x1 CONV_2D layer"
-            )
-        operator = graph.subgraph.operators[position]
-        name = graph.operator_name(operator)
-        if name in _TAIL_OPERATORS:
-            tail.append(name)
-            current = int(operator.inputs[0])
-            continue
-        if name == "LOGISTIC":
-            raise IncompatibleModelError(
-                "the classifier ends in LOGISTIC (sigmoid, multi-label scores); edgeadapt imports single-label "
-                "classifiers whose linear layer feeds an optional SOFTMAX"
-            )
-        if name in ("FULLY_CONNECTED", "CONV_2D"):
-            return _check_linear(graph, position, name, list(reversed(tail)))
-        chain = " <- ".join([*tail, name]) if tail else name
+    position, name, tail = graph.producer_behind(output, _TAIL_OPERATORS)
+    if position is None and name is None:
         raise IncompatibleModelError(
-            f"no classifier head found: the output {graph.tensor_name(output)!r} {shape} is produced by {chain}; "
-            "edgeadapt looks for the last FULLY_CONNECTED, or a 1x1 CONV_2D on a pooled 1x1 map, followed only by "
-            f"{'/'.join(_TAIL_OPERATORS)}. If the model is a feature extractor (its output is the embedding), import "
-            "it without labels: `edgeadapt import MODEL.tflite --out B.eab` makes a bundle with zero classes"
+            f"no classifier head found: the output {graph.tensor_name(output)!r} is not computed by a "
+            "FULLY_CONNECTED or 1x1 CONV_2D layer"
         )
-    raise IncompatibleModelError("no classifier head found: the output tail is longer than 32 operators")
+    if position is None:
+        raise IncompatibleModelError("no classifier head found: the output tail is longer than 32 operators")
+    if name == "LOGISTIC":
+        raise IncompatibleModelError(
+            "the classifier ends in LOGISTIC (sigmoid, multi-label scores); edgeadapt imports single-label "
+            "classifiers whose linear layer feeds an optional SOFTMAX"
+        )
+    if name in ("FULLY_CONNECTED", "CONV_2D"):
+        return _check_linear(graph, position, name, tail)
+    chain = " <- ".join([*reversed(tail), name]) if tail else name
+    raise IncompatibleModelError(
+        f"no classifier head found: the output {graph.tensor_name(output)!r} {shape} is produced by {chain}; "
+        "edgeadapt looks for the last FULLY_CONNECTED, or a 1x1 CONV_2D on a pooled 1x1 map, followed only by "
+        f"{'/'.join(_TAIL_OPERATORS)}. If the model is a feature extractor (its output is the embedding), import "
+        "it without labels: `edgeadapt import MODEL.tflite --out B.eab` makes a bundle with zero classes"
+    )
 
 
 def _check_linear(graph: TFLiteGraph, position: int, name: str, tail: list[str]) -> HeadLocation:

@@ -121,6 +121,23 @@ class Dataset:
     test: ImageSet
     spec: InputSpec
 
+    @classmethod
+    def split(cls, class_names: list[str], everything: ImageSet, options: SplitOptions, spec: InputSpec) -> Dataset:
+        """``everything`` split three ways, stratified by class (see :func:`split_entries`).
+
+        Args:
+            class_names: The class names, in label order.
+            everything: All images and labels.
+            options: The split fractions and seed.
+            spec: How the images were prepared.
+
+        Returns:
+            The dataset.
+        """
+        train, validation, test = split_entries(everything.labels, options)
+        return cls(class_names=class_names, train=everything.subset(train), validation=everything.subset(validation),
+                   test=everything.subset(test), spec=spec)
+
     def select_classes(self, names: Sequence[str]) -> Dataset:
         """Keep only the classes ``names`` in all splits; labels follow the order of ``names``."""
         names = list(names)
@@ -293,23 +310,17 @@ def load_image_folder(
             raise DatasetError(f"cannot decode {str(entry.path)!r}: {error}; fix or delete that file") from error
     labels = np.array([entry.label for entry in entries], dtype=np.int64)
     everything = ImageSet(images, labels, [str(entry.path) for entry in entries])
-    train, validation, test = split_entries(labels, options)
+    dataset = Dataset.split(class_names, everything, options, spec)
     logger.info(
         "loaded %d images of %d classes from %s: %d train, %d validation, %d test",
         len(entries),
         len(class_names),
         root,
-        len(train),
-        len(validation),
-        len(test),
+        len(dataset.train),
+        len(dataset.validation),
+        len(dataset.test),
     )
-    return Dataset(
-        class_names=class_names,
-        train=everything.subset(train),
-        validation=everything.subset(validation),
-        test=everything.subset(test),
-        spec=spec,
-    )
+    return dataset
 
 
 def write_image_folder(

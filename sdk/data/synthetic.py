@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from edgeadapt.data.image_folders import Dataset, ImageSet, SplitOptions, split_entries
+from edgeadapt.data.image_folders import Dataset, ImageSet, SplitOptions
 from edgeadapt.device.errors import InputError
 from edgeadapt.device.manifest import InputSpec
 
@@ -150,11 +150,4 @@ def synthetic_dataset(
         color_order="RGB" if options.channels == 3 else "GRAY",
     )
     everything = ImageSet(images, labels)
-    train, validation, test = split_entries(labels, split)
-    return Dataset(
-        class_names=class_names,
-        train=everything.subset(train),
-        validation=everything.subset(validation),
-        test=everything.subset(test),
-        spec=spec,
-    )
+    return Dataset.split(class_names, everything, split, spec)
