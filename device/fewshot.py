@@ -326,12 +326,29 @@ class _KeyOptions:
 _KEY_OPTIONS = _KeyOptions()
 
 
+#: More blocks than this in a calibration entry: the blocks after the first are joined into one.
+MAX_CALIBRATION_BLOCKS = 8
+
+
+def _joined_tail(blocks: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``blocks`` with every block after the first joined into one when there are more than :data:`MAX_CALIBRATION_BLOCKS`.
+
+    The first block holds the calibration set as first seen (background and references: large);
+    the later ones hold a few device examples each. Joining them keeps the work per update from
+    growing with the number of updates made in this process.
+    """
+    if len(blocks) <= MAX_CALIBRATION_BLOCKS:
+        return blocks
+    tail = blocks[1:]
+    return [blocks[0], (np.concatenate([features for features, _ in tail]), np.concatenate([best for _, best in tail]))]
+
+
 def _real_calibration(head: Head, calibration: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Head features of the caller's calibration embeddings and their best existing logits, in blocks of rows.
 
     Cached and extended: a set that starts with the rows of an earlier one (the updater appends
     the examples it learns) and a head that extends its columns reuse the earlier work; the
-    blocks are never concatenated.
+    first (large) block is never copied, the small blocks appended after it are joined now and then.
     """
     if calibration is None or not len(calibration):
         return []
@@ -354,6 +371,7 @@ def _real_calibration(head: Head, calibration: np.ndarray | None) -> list[tuple[
         if entry.rows < calibration.shape[0]:
             added = _features32(head, calibration[entry.rows:])
             blocks.append((added, _best_logits(head, added)))
+        blocks = _joined_tail(blocks)
     if entry is None or entry.classes != head.num_classes or entry.rows != calibration.shape[0]:
         _CALIBRATED.append(_Calibrated(_prefix_key(head, None, head.num_classes, _KEY_OPTIONS), head.num_classes,
                                        full_key, blocks))

@@ -173,3 +173,27 @@ def test_non_finite_calibration_is_refused(world):
     calibration[3, 2] = np.nan
     with pytest.raises(InputError, match="NaN"):
         add_classes(head, stats, shots_of(embeddings, labels, [5], 3), calibration=calibration)
+
+
+def test_joining_the_calibration_blocks_of_many_updates_changes_no_column(world, monkeypatch):
+    """The calibration cache extends its blocks update after update and joins the small ones past
+    MAX_CALIBRATION_BLOCKS; the heads must be what never joining them gives."""
+    from edgeadapt.device import fewshot
+
+    def twelve_updates() -> Head:
+        fewshot.clear_cache()
+        embeddings, labels, head, stats = world
+        rng = np.random.default_rng(3)
+        calibration = embeddings[labels < 5][::4]
+        for step in range(12):  # as the updater does: each new class's examples join the calibration set
+            shots = [embeddings[labels == 5 + step % 3][rng.choice(200, 4, replace=False)] + np.float32(0.01 * step)]
+            head, stats = add_classes(head, stats, shots, calibration=calibration)
+            calibration = np.concatenate([calibration, shots[0]])
+        return head
+
+    assert fewshot.MAX_CALIBRATION_BLOCKS < 12
+    joined = twelve_updates()
+    monkeypatch.setattr(fewshot, "MAX_CALIBRATION_BLOCKS", 1000)
+    separate = twelve_updates()
+    np.testing.assert_allclose(joined.weights, separate.weights, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(joined.bias, separate.bias, rtol=1e-6, atol=1e-6)
