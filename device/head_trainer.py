@@ -160,23 +160,9 @@ def fit_softmax_head(
             or ``settings.columns`` names a column the head does not have.
     """
     dtype = np.dtype(settings.dtype)
-    features, labels = _checked_examples(features, labels, dtype, "training")
-    weights = np.array(weights, dtype=dtype)
-    bias = np.array(bias, dtype=dtype)
-    count = _check_head(weights, bias, features.shape[1])
-    _check_labels(labels, count, "training")
-    columns = None if settings.columns is None else np.array(settings.columns, dtype=np.int64)
-    if columns is not None and columns.max() >= count:
-        raise InputError(f"columns must lie in 0..{count - 1} (the head has {count} columns), got {columns.max()}")
-    if validation is not None:
-        validation = _checked_examples(validation[0], validation[1], dtype, "validation")
-        if validation[0].shape[1] != features.shape[1]:
-            raise InputError(
-                f"validation features have {validation[0].shape[1]} dimensions, the training features "
-                f"{features.shape[1]}; give both in the same feature space"
-            )
-        _check_labels(validation[1], count, "validation")
-
+    features, labels, weights, bias, columns, validation = _checked_inputs(
+        features, labels, weights, bias, settings, validation, dtype)
+    count = weights.shape[1]
     trained_w = weights if columns is None else weights[:, columns]
     state = _Adam(settings, (trained_w.shape, (trained_w.shape[1],)))
     balance = None
@@ -188,19 +174,7 @@ def fit_softmax_head(
     stale = 0
     for epoch in range(1, settings.epochs + 1):
         for batch in _batches(labels.size, settings.batch_size, rng):
-            batch_features = features if batch is None else features[batch]
-            batch_labels = labels if batch is None else labels[batch]
-            batch_balance = balance if balance is None or batch is None else balance[batch]
-            gradients = _gradients(
-                batch_features, batch_labels, batch_balance, weights, bias, columns, temperature, settings.decay
-            )
-            steps = state.steps(gradients)
-            if columns is None:
-                weights -= steps[0]
-                bias -= steps[1]
-            else:
-                weights[:, columns] -= steps[0]
-                bias[columns] -= steps[1]
+            _adam_step(state, features, labels, balance, batch, weights, bias, columns, temperature, settings.decay)
         loss = None
         if validation is not None:
             loss = cross_entropy(weights, bias, *validation, temperature=settings.temperature)
@@ -219,6 +193,42 @@ def fit_softmax_head(
     if validation is not None and settings.restore_best and np.isfinite(best[0]):
         weights, bias = best[1], best[2]
     return weights, bias
+
+
+def _checked_inputs(features, labels, weights, bias, settings: HeadFitSettings, validation, dtype: np.dtype):
+    """The arrays of :func:`fit_softmax_head` checked and converted to ``dtype`` (weights and bias copied)."""
+    features, labels = _checked_examples(features, labels, dtype, "training")
+    weights = np.array(weights, dtype=dtype)
+    bias = np.array(bias, dtype=dtype)
+    count = _check_head(weights, bias, features.shape[1])
+    _check_labels(labels, count, "training")
+    columns = None if settings.columns is None else np.array(settings.columns, dtype=np.int64)
+    if columns is not None and columns.max() >= count:
+        raise InputError(f"columns must lie in 0..{count - 1} (the head has {count} columns), got {columns.max()}")
+    if validation is not None:
+        validation = _checked_examples(validation[0], validation[1], dtype, "validation")
+        if validation[0].shape[1] != features.shape[1]:
+            raise InputError(
+                f"validation features have {validation[0].shape[1]} dimensions, the training features "
+                f"{features.shape[1]}; give both in the same feature space"
+            )
+        _check_labels(validation[1], count, "validation")
+    return features, labels, weights, bias, columns, validation
+
+
+def _adam_step(state: "_Adam", features, labels, balance, batch, weights, bias, columns, temperature, decay) -> None:
+    """One Adam step on the rows ``batch`` (None: all), updating ``weights`` and ``bias`` in place."""
+    batch_features = features if batch is None else features[batch]
+    batch_labels = labels if batch is None else labels[batch]
+    batch_balance = balance if balance is None or batch is None else balance[batch]
+    gradients = _gradients(batch_features, batch_labels, batch_balance, weights, bias, columns, temperature, decay)
+    steps = state.steps(gradients)
+    if columns is None:
+        weights -= steps[0]
+        bias -= steps[1]
+    else:
+        weights[:, columns] -= steps[0]
+        bias[columns] -= steps[1]
 
 
 def cross_entropy(
