@@ -179,7 +179,8 @@ class ClassStats:
     ``gram`` (optional, D x D float64) is the sum of ``e e^T`` over all examples of all
     classes; with the sums it gives the shared covariance needed by closed-form solvers.
     ``ridge_basis`` (optional): the ridge method's cached solver state derived from these
-    statistics (:class:`edgeadapt.device.ridge_basis.RidgeBasis`), kept with them in the bundle.
+    statistics (:class:`edgeadapt.device.ridge_basis.RidgeBasis`), kept with them in the bundle
+    when the bundle stores it (optional on the host, see ``BundleExportOptions.ridge_solver_state``).
     """
 
     sums: np.ndarray

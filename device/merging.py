@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,10 @@ from edgeadapt.device.head import ClassStats, Head
 from edgeadapt.device.head_checks import check_options, check_stats, require_cosine_head, require_statistics
 from edgeadapt.device.ridge import resolve_columns, ridge_merge_columns
 from edgeadapt.device.ridge_basis import build_ridge_basis
+from edgeadapt.device.stats_extras import EXTRA_KEY
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgeadapt.device.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -169,3 +174,60 @@ def with_ridge_basis(head: Head, stats: ClassStats | None, options: AddClassOpti
         logger.warning("no ridge solver state written with the statistics: %s", error)
         return stats
     return dataclasses.replace(stats, ridge_basis=basis)
+
+
+def with_ridge_basis_if(keep: bool, head: Head, stats: ClassStats | None,
+                        options: AddClassOptions = AddClassOptions()) -> ClassStats | None:
+    """``stats`` as a host writer stores them: with the ridge solver state when ``keep``, else without it.
+
+    The state (about 3 D^2 + 2 D x C float32 values) serves only ``method="ridge"``; a bundle without it
+    builds it on the device at the first ridge update, whose commit then stores it. Host
+    exports and imports keep it when asked; host updates keep it when the parent carried it
+    (:func:`with_ridge_basis_like`).
+
+    Args:
+        keep: store the solver state (built when ``stats`` have none).
+        head: the head the statistics belong to.
+        stats: the class statistics, or None.
+        options: the ridge settings the state is built for.
+
+    Returns:
+        The statistics to write (None when ``stats`` is None).
+    """
+    if keep:
+        if stats is None or stats.gram is None:
+            logger.warning("no ridge solver state written: it needs class statistics with a Gram matrix")
+        return with_ridge_basis(head, stats, options)
+    if stats is None or stats.ridge_basis is None:
+        return stats
+    return dataclasses.replace(stats, ridge_basis=None)
+
+
+def carries_ridge_basis(manifest: "Manifest") -> bool:
+    """Whether the current version of a bundle stores the ridge solver state with its statistics.
+
+    Args:
+        manifest: the bundle's manifest.
+
+    Returns:
+        True when its head statistics list a ``ridge_basis`` entry.
+    """
+    statistics = manifest.data.get("head", {}).get("statistics")
+    return isinstance(statistics, dict) and statistics.get(EXTRA_KEY) is not None
+
+
+def with_ridge_basis_like(parent: "Manifest", head: Head, stats: ClassStats | None) -> ClassStats | None:
+    """``stats`` for a host-made new version of ``parent``: with the ridge solver state only when the parent carried it.
+
+    So a bundle exported with the state keeps it through host updates, and one exported
+    without it stays without.
+
+    Args:
+        parent: the manifest of the version the new one derives from.
+        head: the new version's head.
+        stats: the new version's class statistics, or None.
+
+    Returns:
+        The statistics to write.
+    """
+    return with_ridge_basis_if(carries_ridge_basis(parent), head, stats)

@@ -27,7 +27,7 @@ from edgeadapt.device.bundle import Bundle, write_bundle
 from edgeadapt.device.reference_embeddings import ReferenceEmbeddings
 from edgeadapt.device.delta import Delta, read_delta
 from edgeadapt.device.errors import IncompatibleModelError, InputError
-from edgeadapt.device.incremental import with_ridge_basis
+from edgeadapt.device.merging import with_ridge_basis_like
 from edgeadapt.device.manifest import utc_timestamp
 
 logger = logging.getLogger(__name__)
@@ -352,7 +352,7 @@ def _write_merged(bundle: Bundle, output: str | Path, head: Any, stats: Any, cla
     from edgeadapt.device.unknown import load_unknown
     from edgeadapt.device.version_builder import VersionPlan, build_version
 
-    plan = VersionPlan(head=head, stats=with_ridge_basis(head, stats), classes=classes, change=change,
+    plan = VersionPlan(head=head, stats=with_ridge_basis_like(bundle.manifest, head, stats), classes=classes, change=change,
                        references=references, unknown=load_unknown(bundle), background=bundle.load_background())
     built = build_version(bundle.manifest, plan, version, tool=f"edgeadapt {__version__}", created_by=created_by())
     new_manifest = built.manifest  # a new host version: unsigned until `edgeadapt sign`, derived from nothing

@@ -15,7 +15,7 @@ import numpy as np
 
 from edgeadapt.device.bundle import Bundle, write_bundle
 from edgeadapt.device.head import ClassStats, Head
-from edgeadapt.device.incremental import with_ridge_basis
+from edgeadapt.device.merging import with_ridge_basis_like
 
 
 #: ``write_version(references=KEEP_REFERENCES)`` keeps the parent's update-gate references unchanged.
@@ -65,7 +65,8 @@ def write_version(
     :func:`write_bundle`, which checksums them into the new manifest. Head-section entries
     this module does not manage (e.g. another tool's files) are kept with their files.
     ``references``: the update-gate reference embeddings of the new head (default: the
-    parent's, unchanged; None: none).
+    parent's, unchanged; None: none). The ridge solver state is stored only when the parent
+    version stores it (:func:`edgeadapt.device.merging.with_ridge_basis_like`).
     """
     manifest = parent.manifest
     new_names = [entry["name"] for entry in classes]
@@ -75,7 +76,7 @@ def write_version(
     from edgeadapt.device.unknown import load_unknown
     from edgeadapt.device.version_builder import VersionPlan, build_version  # noqa: I001
 
-    plan = VersionPlan(head=head, stats=with_ridge_basis(head, stats),  # merged statistics have none yet
+    plan = VersionPlan(head=head, stats=with_ridge_basis_like(manifest, head, stats),
                        classes=classes, change=change, references=references,
                        device_examples=_references_for_classes(parent.load_device_examples(), manifest.class_names,
                                                                new_names),
