@@ -2,7 +2,8 @@
 
 The basis makes adding a class to a large head cheap; these tests pin down that it is an
 exact cache (a stored basis gives the very columns a freshly built one gives), that it is
-rebuilt when it must be, and that bundles carry it and share its files between versions.
+rebuilt when it must be, that bundles store it only when asked (a device update builds a missing
+one and its commit stores it), and that bundles carrying it share its files between versions.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from edgeadapt.device.incremental import (
     resolve_all,
     with_ridge_basis,
 )
+from edgeadapt.device.merging import carries_ridge_basis, with_ridge_basis_if, with_ridge_basis_like
 from edgeadapt.device.ridge_basis import RidgeBasis, build_ridge_basis
 from edgeadapt.device.ridge_basis_columns import basis_new_columns
 from edgeadapt.device.ridge_model import new_class_examples
 from edgeadapt.device import HeadUpdater
 
+from ridge_support import rewrite_ridge_state, ridge_files
 from test_head_math import gaussian_classes, trained_head
 
 RIDGE = AddClassOptions(method="ridge")  # the solver state under test is ridge's (the default method is claim)
@@ -125,18 +128,72 @@ def test_a_malformed_stored_basis_is_refused(many):
         RidgeBasis.from_parts(basis.metadata(), arrays)
 
 
+# ----------------------------------------------------------------------------- stored only when asked
+def test_with_ridge_basis_if_stores_the_state_only_when_asked(many):
+    head, stats, _, _, _ = many
+    kept = with_ridge_basis_if(True, head, stats)
+    assert isinstance(kept.ridge_basis, RidgeBasis) and stats.ridge_basis is None
+    dropped = with_ridge_basis_if(False, head, kept)
+    assert dropped.ridge_basis is None and kept.ridge_basis is not None  # a copy: the input keeps its state
+    assert np.array_equal(dropped.sums, stats.sums) and np.array_equal(dropped.gram, stats.gram)
+    assert with_ridge_basis_if(False, head, stats) is stats
+    assert with_ridge_basis_if(True, head, None) is None and with_ridge_basis_if(False, head, None) is None
+    no_gram = ClassStats(sums=stats.sums, counts=stats.counts)
+    assert with_ridge_basis_if(True, head, no_gram).ridge_basis is None  # nothing to build it from
+
+
+def test_host_versions_keep_the_state_as_their_parent(fixture_dir, tmp_path, many):
+    head, stats, _, _, _ = many
+    plain = Bundle.open(fixture_dir / "tiny.eab")
+    stored = Bundle.open(rewrite_ridge_state(fixture_dir / "tiny.eab", tmp_path / "ridge.eab"))
+    assert not carries_ridge_basis(plain.manifest) and carries_ridge_basis(stored.manifest)
+    assert with_ridge_basis_like(plain.manifest, head, with_ridge_basis(head, stats)).ridge_basis is None
+    assert isinstance(with_ridge_basis_like(stored.manifest, head, stats).ridge_basis, RidgeBasis)
+
+
 # ----------------------------------------------------------------------------- in a bundle
-def test_device_update_uses_the_bundle_basis_and_shares_its_files(bundle_copy, fixture_dir):
-    bundle = Bundle.open(bundle_copy)
+def test_default_export_stores_no_solver_state(fixture_dir):
+    """The fixture is a default export: statistics with a Gram matrix, no ridge_*.npy file, none listed."""
+    bundle = Bundle.open(fixture_dir / "tiny.eab")
     statistics = bundle.manifest.data["head"]["statistics"]
-    if "ridge_basis" not in statistics:
-        pytest.skip("fixture bundle was built before bundles carried the ridge basis; rebuild it")
+    assert statistics["gram"] and "ridge_basis" not in statistics
+    assert ridge_files(bundle.path) == []
+    assert not list(bundle.path.rglob("ridge_*.npy"))
+    assert bundle.load_class_stats().ridge_basis is None
+
+
+def test_device_ridge_update_builds_the_missing_state_and_its_commit_stores_it(bundle_copy, fixture_dir):
+    base = Bundle.open(bundle_copy)
+    expected = build_ridge_basis(base.load_head(), base.load_class_stats(), RIDGE)  # what an export would store
+    images, labels = np.load(fixture_dir / "test_images.npy"), np.load(fixture_dir / "test_labels.npy")
+    with Runtime.open(bundle_copy) as runtime:
+        updater = HeadUpdater(runtime, options=RIDGE)
+        updater.add_class("extra", list(images[labels == 0][:4]), force=True)
+        second = Bundle.open(bundle_copy)
+        section = second.manifest.data["head"]["statistics"]["ridge_basis"]
+        assert section["updates"] == 1 and section["classes"] == len(
+            base.manifest.class_names)  # built over the base classes
+        assert all(path.startswith(f"heads/v{second.manifest.version}/") for path in section["files"].values())
+        loaded = second.load_class_stats().ridge_basis
+        assert np.array_equal(loaded.discriminant_inverse, expected.discriminant_inverse)
+        assert np.array_equal(loaded.least_squares_inverse, expected.least_squares_inverse)
+        updater.add_class("extra2", list(images[labels == 1][:4]), force=True)
+    third = Bundle.open(bundle_copy)
+    after = third.manifest.data["head"]["statistics"]["ridge_basis"]
+    assert after["updates"] == 2 and after["files"] == section["files"]  # the next update reuses the stored state
+
+
+def test_device_update_uses_the_bundle_basis_and_shares_its_files(fixture_dir, tmp_path):
+    path = rewrite_ridge_state(fixture_dir / "tiny.eab", tmp_path / "ridge.eab")  # as ridge_solver_state=True writes it
+    bundle = Bundle.open(path)
+    statistics = bundle.manifest.data["head"]["statistics"]
     stored = bundle.load_class_stats().ridge_basis
     assert isinstance(stored, RidgeBasis) and stored.updates == 0
+    assert len(ridge_files(path)) == len(statistics["ridge_basis"]["files"]) > 0
     images = np.load(fixture_dir / "test_images.npy")[:4]
-    runtime = Runtime.open(bundle_copy)
-    HeadUpdater(runtime, options=RIDGE).add_class("extra", list(images), force=True)
-    after = Bundle.open(bundle_copy)
+    with Runtime.open(path) as runtime:
+        HeadUpdater(runtime, options=RIDGE).add_class("extra", list(images), force=True)
+    after = Bundle.open(path)
     section = after.manifest.data["head"]["statistics"]["ridge_basis"]
     assert section["updates"] == 1
     assert section["files"] == statistics["ridge_basis"]["files"]  # shared with version 1, not rewritten
@@ -144,17 +201,15 @@ def test_device_update_uses_the_bundle_basis_and_shares_its_files(bundle_copy, f
     assert np.array_equal(loaded.discriminant_inverse, stored.discriminant_inverse)
 
 
-def test_tampered_basis_file_is_refused(bundle_copy):
-    bundle = Bundle.open(bundle_copy)
-    section = bundle.manifest.data["head"]["statistics"].get("ridge_basis")
-    if not section:
-        pytest.skip("fixture bundle was built before bundles carried the ridge basis; rebuild it")
-    path = bundle_copy / section["files"]["ridge_calibration"]
-    data = bytearray(path.read_bytes())
+def test_tampered_basis_file_is_refused(fixture_dir, tmp_path):
+    path = rewrite_ridge_state(fixture_dir / "tiny.eab", tmp_path / "ridge.eab")
+    section = Bundle.open(path).manifest.data["head"]["statistics"]["ridge_basis"]
+    file = path / section["files"]["ridge_calibration"]
+    data = bytearray(file.read_bytes())
     data[-3] ^= 0x5A
-    path.write_bytes(bytes(data))
+    file.write_bytes(bytes(data))
     with pytest.raises(BundleError):
-        Bundle.open(bundle_copy).load_class_stats()
+        Bundle.open(path).load_class_stats()
 
 
 def test_cached_update_equals_an_explicit_joint_solve():
