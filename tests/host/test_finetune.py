@@ -206,7 +206,7 @@ def test_cli_train_writes_a_bundle_with_the_new_fingerprint(base, dataset, tmp_p
     code = main(["train", "--data", str(folder), "--model", str(model_path), "--strategy", "top_layers:1",
                  "--epochs", "1", "--head-epochs", "4", "--out", str(output), "--formats", "tflite",
                  "--keras-verbose", "0", "--json-out", str(tmp_path / "report.json"), "--save-model",
-                 str(tmp_path / "tuned.keras")])
+                 str(tmp_path / "tuned.keras"), "--ridge-solver-state"])
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     bundle = Bundle.open(output)
@@ -215,6 +215,7 @@ def test_cli_train_writes_a_bundle_with_the_new_fingerprint(base, dataset, tmp_p
     assert bundle.manifest.class_names == sorted(dataset.class_names)  # folder order
     assert "not compatible" in capsys.readouterr().out
     assert (tmp_path / "tuned.keras").is_file()
+    assert bundle.load_class_stats().ridge_basis is not None  # --ridge-solver-state
 
 
 @pytest.mark.slow

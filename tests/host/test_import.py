@@ -275,6 +275,17 @@ def test_onnx_bundle_with_class_statistics(tmp_path, labels_file):
     expected = Runtime.open(tmp_path / "tiny.eab").embed(reread).astype(np.float64).sum(0)
     np.testing.assert_allclose(stats.sums[0], expected, rtol=1e-5, atol=1e-5)
     assert [info.examples for info in bundle.manifest.classes] == [2, None, None, 3, None]
+    # the ridge solver state is stored only when asked (--ridge-solver-state)
+    assert "ridge_basis" not in bundle.manifest.data["head"]["statistics"]
+    assert not [name for name in bundle.manifest.files if "/ridge_" in name]
+    from edgeadapt import cli
+
+    assert cli.main(["import", str(model_path), "--labels", str(labels_file), "--out", str(tmp_path / "ridge.eab"),
+                     "--data", str(data), "--probes", "8", "--ridge-solver-state", "-q"]) == 0
+    ridge = Bundle.open(tmp_path / "ridge.eab")
+    listed = ridge.manifest.data["head"]["statistics"]["ridge_basis"]["files"]
+    assert sorted(listed.values()) == sorted(name for name in ridge.manifest.files if "/ridge_" in name)
+    assert ridge.load_class_stats().ridge_basis.classes == 5
 
 
 # ----------------------------------------------------------------------------- Keras

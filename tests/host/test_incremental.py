@@ -192,6 +192,27 @@ def test_existing_output_is_refused(base_bundle, new_class_folder, tmp_path):
         add_classes(base_bundle, new_class_folder, output, classes=NEW)
 
 
+def test_host_add_classes_keeps_the_ridge_state_only_when_the_parent_has_it(base_bundle, new_class_folder, tmp_path):
+    """The solver state follows the parent: a bundle exported without it stays without, one with it keeps it."""
+    from ridge_support import rewrite_ridge_state, ridge_files
+
+    plain = tmp_path / "plain.eab"
+    add_classes(base_bundle, new_class_folder, plain, classes=NEW, options=AddClassOptions(method="ridge"))
+    assert ridge_files(base_bundle) == ridge_files(plain) == []
+    assert "ridge_basis" not in Bundle.open(plain).manifest.data["head"]["statistics"]
+
+    parent = rewrite_ridge_state(base_bundle, tmp_path / "base-ridge.eab")  # as an export with the state writes it
+    assert ridge_files(parent)
+    kept = tmp_path / "kept.eab"
+    add_classes(parent, new_class_folder, kept, classes=NEW)
+    child = Bundle.open(kept)
+    section = child.manifest.data["head"]["statistics"]["ridge_basis"]
+    assert section["classes"] == 3 and section["updates"] == 2  # the parent's state, having served two classes
+    assert len(ridge_files(kept)) == len(ridge_files(parent))
+    carried, stored = child.load_class_stats().ridge_basis, Bundle.open(parent).load_class_stats().ridge_basis
+    assert np.array_equal(carried.discriminant_inverse, stored.discriminant_inverse)
+
+
 # ----------------------------------------------------------------------------- merge heads
 def test_merge_heads(base_bundle, new_class_folder, test_images, fixture_dir, tmp_path):
     from edgeadapt import ClassStats

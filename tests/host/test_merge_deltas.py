@@ -74,6 +74,21 @@ def test_merge_two_device_deltas_into_a_new_version(base_without_ring, train_ima
     HeadUpdater(runtime).rename_class("cross", "plus")
 
 
+def test_merged_version_keeps_the_ridge_state_only_when_the_base_has_it(fixture_dir, train_images, tmp_path):
+    from ridge_support import rewrite_ridge_state, ridge_files
+
+    images, labels = train_images
+    plain = tmp_path / "plain.eab"
+    shutil.copytree(fixture_dir / "tiny.eab", plain)
+    stored = rewrite_ridge_state(plain, tmp_path / "stored.eab")
+    for base in (plain, stored):
+        delta = device_delta(base, tmp_path / base.stem, "dev", {"extra": images[labels == 4][:5]})
+        merge_deltas(base, [delta], tmp_path / f"merged-{base.stem}.eab", MergeDeltasOptions(force=True))
+    assert ridge_files(tmp_path / "merged-plain.eab") == []
+    merged = Bundle.open(tmp_path / "merged-stored.eab")
+    assert ridge_files(merged.path) and merged.load_class_stats().ridge_basis is not None
+
+
 def test_merge_recomputes_rows_like_the_device_did(base_without_ring, train_images, tmp_path):
     images, labels = train_images
     delta = device_delta(base_without_ring, tmp_path, "dev1", {"ring": images[labels == 4][:5]})
