@@ -38,9 +38,10 @@ class BundleExportOptions:
     ``ridge_solver_state`` also stores the ridge method's cached solver state with the class
     statistics (files ``heads/v1/ridge_*.npy``: two D x D inverses, the D x D second moment,
     the D x C old solution and projection, about 3 D^2 + 2 D x C float32 values: some 30 MB of
-    a 69 MB bundle at 1000 classes x 1280-d). Only ``method="ridge"`` updates read it; without it the first
-    ridge update on a device builds it (about 0.7-1.4 s at 1000 x 1280) and that update's
-    commit stores it. Needs ``class_stats`` with a Gram matrix; ignored otherwise.
+    a 72 MB bundle at 1000 classes x 1280-d). Only ``method="ridge"`` updates read it; without
+    it the first ridge update on a device builds it (about 0.7-1.4 s at 1000 x 1280) and that
+    update's commit stores it. Needs ``class_stats`` with a Gram matrix (else a warning is
+    logged and none is written).
     """
 
     formats: tuple[str, ...] = FORMATS

@@ -75,7 +75,8 @@ class ImportSettings:
         statistics (files ``heads/v1/ridge_*.npy``, about 3 D^2 + 2 D x C float32 values:
         some 30 MB at 1000 classes x 1280-d). Only ``method="ridge"`` updates read it; without it
         the first ridge update on a device builds it (about 0.7-1.4 s at 1000 x 1280) and
-        that update's commit stores it. Needs statistics (``data``); ignored otherwise.
+        that update's commit stores it. Needs statistics (``data``): without them a
+        warning is logged and none is written.
     """
 
     name: str | None = None
