@@ -46,8 +46,9 @@ trained discriminatively on lots of data. The methods (``AddClassOptions.method`
 
     The work that depends only on the classes already in the head (both inverses, the
     calibration) is kept as a :class:`~edgeadapt.device.ridge_basis.RidgeBasis` with the statistics
-    and in the bundle, so a new class costs O(D^2 n) instead of O(D^3 + D^2 C): about 10 ms
-    instead of 0.7 s at 1000 classes x 1280-d. A new class enters the least-squares moment
+    and in the bundle (built by the first ridge update when the bundle was exported without it),
+    so a new class costs O(D^2 n) instead of O(D^3 + D^2 C): about 10 ms instead of 0.7 s at
+    1000 classes x 1280-d. A new class enters the least-squares moment
     matrix with its own second moment; the shared covariance and the calibration stay those
     of the basis classes until the basis is rebuilt (after ``basis_refresh_fraction`` of its
     classes in updates, or when the head or the settings changed).
