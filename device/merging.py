@@ -180,10 +180,10 @@ def with_ridge_basis_if(keep: bool, head: Head, stats: ClassStats | None,
                         options: AddClassOptions = AddClassOptions()) -> ClassStats | None:
     """``stats`` as a host writer stores them: with the ridge solver state when ``keep``, else without it.
 
-    The state (about 3 D^2 + 2 D x C float32 values) serves only ``method="ridge"``; a bundle without it
-    builds it on the device at the first ridge update, whose commit then stores it. Host
-    exports and imports keep it when asked; host updates keep it when the parent carried it
-    (:func:`with_ridge_basis_like`).
+    The state (about 3 D^2 + 2 D x C float32 values) serves only ``method="ridge"``; a bundle
+    without it builds it on the device at the first ridge update, whose commit then stores it.
+    Host exports and imports keep it when asked; host updates keep it when the parent carried
+    it (:func:`with_ridge_basis_like`).
 
     Args:
         keep: store the solver state (built when ``stats`` have none).
