@@ -353,7 +353,8 @@ def _write_merged(bundle: Bundle, output: str | Path, head: Any, stats: Any, cla
     from edgeadapt.device.version_builder import VersionPlan, build_version
 
     plan = VersionPlan(head=head, stats=with_ridge_basis_like(bundle.manifest, head, stats), classes=classes,
-                       change=change, references=references, unknown=load_unknown(bundle), background=bundle.load_background())
+                       change=change, references=references, unknown=load_unknown(bundle),
+                       background=bundle.load_background())
     built = build_version(bundle.manifest, plan, version, tool=f"edgeadapt {__version__}", created_by=created_by())
     new_manifest = built.manifest  # a new host version: unsigned until `edgeadapt sign`, derived from nothing
     files: dict[str, Any] = {name: bundle.path / name for name in new_manifest.files}
