@@ -321,6 +321,28 @@ def _batches(count: int, batch_size: int | None, rng: np.random.Generator | None
 
 
 # ----------------------------------------------------------------------------- checks
+def check_examples(features, labels, count: int, what: str, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """Features (N >= 1, D), finite, as ``dtype`` and integer labels in 0..count-1, as int64.
+
+    Args:
+        features: The examples' features or embeddings.
+        labels: Their class indices.
+        count: The number of classes (columns) the labels may name.
+        what: What they are, for the messages ("training", "validation").
+        dtype: The float type to return the features in.
+
+    Returns:
+        (features, labels), converted.
+
+    Raises:
+        InputError: The shapes do not match, there are no examples, a value is not finite or a
+            label is out of range.
+    """
+    features, labels = _checked_examples(features, labels, np.dtype(dtype), what)
+    _check_labels(labels, count, what)
+    return features, labels
+
+
 def _checked_examples(features, labels, dtype: np.dtype, what: str) -> tuple[np.ndarray, np.ndarray]:
     features = np.asarray(features, dtype=dtype)
     labels = np.asarray(labels)

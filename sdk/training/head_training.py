@@ -20,11 +20,7 @@ import numpy as np
 
 from edgeadapt.device.errors import InputError
 from edgeadapt.device.head import Head
-from edgeadapt.device.head_trainer import (  # noqa: F401 (cross_entropy re-exported: it lived here)
-    HeadFitSettings,
-    cross_entropy,
-    fit_softmax_head,
-)
+from edgeadapt.device.head_trainer import HeadFitSettings, check_examples, fit_softmax_head
 
 logger = logging.getLogger(__name__)
 
@@ -65,20 +61,6 @@ class HeadTrainingOptions:
             raise InputError(f"temperature must be positive, got {self.temperature}")
 
 
-def _check(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    labels = np.asarray(labels, dtype=np.int64)
-    if embeddings.ndim != 2 or labels.shape != (embeddings.shape[0],):
-        raise InputError(f"{what} embeddings {embeddings.shape} and labels {labels.shape} do not match")
-    if embeddings.shape[0] == 0:
-        raise InputError(f"no {what} embeddings; give at least one example per class")
-    if not np.all(np.isfinite(embeddings)):
-        raise InputError(f"{what} embeddings contain NaN or infinite values")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise InputError(f"{what} labels must lie in 0..{num_classes - 1}")
-    return embeddings, labels
-
-
 def train_head(
     embeddings: np.ndarray,
     labels: np.ndarray,
@@ -112,7 +94,7 @@ def train_head(
     Raises:
         InputError: The embeddings, labels or initial head do not fit, or an option is out of range.
     """
-    embeddings, labels = _check(embeddings, labels, num_classes, "training")
+    embeddings, labels = check_examples(embeddings, labels, num_classes, "training")
     dimension = embeddings.shape[1]
     shell = _normalisation_shell(embeddings, options)
     weights, bias = _initial_columns(initial, shell, options, dimension, num_classes)
@@ -163,7 +145,7 @@ def _normalised_validation(validation: tuple[np.ndarray, np.ndarray] | None, she
     """The checked validation split with ``shell``'s feature normalisation applied; None when empty or absent."""
     if validation is None or not len(validation[1]):
         return None
-    validation = _check(validation[0], validation[1], num_classes, "validation")
+    validation = check_examples(validation[0], validation[1], num_classes, "validation")
     if shell.feature_mean is not None or shell.l2_normalize:
         validation = (shell.features(validation[0]), validation[1])
     return validation
